@@ -1,0 +1,329 @@
+"""The latent diffusion workflow: prompt -> CLIP embeddings -> denoised latents -> VAE decode -> images.
+
+`Pipeline.generate` reads as numbered stages, each one named method, like a diffusers pipeline's
+`__call__`; the components (UNet, VAE, CLIP, schedulers) are diffusers' and transformers' own.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldmkit.errors import InvalidRequest
+from ldmkit import loading
+from ldmkit.loading import Components
+from ldmkit.metadata import format_infotext
+from ldmkit.samplers import DEFAULT_SAMPLER, Sampler, get_sampler
+
+MAX_SEED = 2**32 - 1  # AUTOMATIC1111's seed range, so infotexts round-trip between tools
+MAX_STEPS = 1000
+MAX_IMAGES = 64
+MAX_SIDE = 8192
+
+
+@dataclass
+class StepInfo:
+    """What a callback sees after each denoising step (k-diffusion's callback dict, typed)."""
+
+    step: int  # 0-based index of the step just taken
+    total: int  # number of steps in this run
+    timestep: float  # the UNet's timestep for this step
+    sigma: float  # noise level of the step's input, sqrt((1 - alpha_bar) / alpha_bar)
+    latents: torch.Tensor  # (B, C, h, w) latents after the step
+    denoised: torch.Tensor  # (B, C, h, w) predicted clean latents (x0) at this step
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]  # image i used seeds[i] == seed + i
+    infotexts: list[str]  # AUTOMATIC1111-style 'parameters' text, one per image
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' picks CUDA, then MPS, then the CPU."""
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidRequest(f"unknown device {device!r}; use auto, cpu, cuda or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequest("device 'cuda' requested but no CUDA GPU is available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidRequest("device 'mps' requested but MPS is not available")
+    return device
+
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto'/None: fp16 on accelerators, fp32 on the CPU (where fp16 is slow)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if dtype not in _DTYPES:
+        raise InvalidRequest(f"unknown dtype {dtype!r}; use auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+class Pipeline:
+    """Text-to-image and image-to-image with classifier-free guidance over one loaded model."""
+
+    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype):
+        self.components = components
+        self.device = device
+        self.dtype = dtype
+        self.tokenizer = components.tokenizer
+        self.text_encoder = _place(components.text_encoder, device, dtype)
+        self.unet = _place(components.unet, device, dtype)
+        self.vae = _place(components.vae, device, dtype)
+        self.scheduler_config = components.scheduler_config
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_channels = self.unet.config.in_channels
+
+    @classmethod
+    def from_pretrained(cls, source=None, device="cpu", dtype=None, config=None) -> Pipeline:
+        """Load a diffusers folder, a cached Hub repo id, an original single file, or (None) the default model."""
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        return cls(loading.load_components(source, config=config), device, dtype)
+
+    @property
+    def source(self) -> str:
+        return self.components.source
+
+    @property
+    def model_name(self) -> str:
+        return self.components.name
+
+    @property
+    def default_size(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        steps: int = 25,
+        guidance: float = 7.5,
+        sampler: str = DEFAULT_SAMPLER,
+        seed: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_images: int = 1,
+        init_image: Image.Image | None = None,
+        strength: float = 0.75,
+        callback: Callable[[StepInfo], None] | None = None,
+    ) -> GenerationResult:
+        # 1. Validate everything before spending compute.
+        sampler_ = self.check_inputs(prompt, negative_prompt, steps, guidance, sampler, seed, num_images, init_image, strength)
+        width, height = self.resolve_size(width, height, init_image)
+        seed = random.randrange(MAX_SEED + 1 - num_images) if seed is None else seed
+        seeds = [seed + i for i in range(num_images)]
+        # Image i owns a CPU generator seeded seed + i: the same seed gives the same image on any
+        # device and in any batch; it also feeds the VAE posterior sample and ancestral noise.
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        use_guidance = guidance > 1.0
+
+        # 2. Prompt -> CLIP hidden states, unconditional (negative) first as in diffusers.
+        text_embeddings = self.encode_prompt(prompt, negative_prompt, num_images, use_guidance)
+
+        # 3. Timesteps: img2img starts part-way, at the noise level `strength` asks for.
+        scheduler = sampler_.make_scheduler(self.scheduler_config)
+        scheduler.set_timesteps(steps, device=self.device)
+        timesteps = scheduler.timesteps
+        if init_image is not None:
+            timesteps = self.img2img_timesteps(scheduler, steps, strength)
+
+        # 4. Starting latents: noise (txt2img) or the encoded init image noised to `strength`.
+        if init_image is None:
+            latents = self.prepare_latents(generators, height, width) * scheduler.init_noise_sigma
+        else:
+            latents = self.prepare_img2img_latents(init_image, width, height, generators, scheduler, timesteps[:1])
+
+        # 5. Denoising loop with classifier-free guidance.
+        latents = self.denoise(latents, text_embeddings, scheduler, timesteps, guidance, use_guidance, generators if sampler_.stochastic else None, callback)
+
+        # 6. Decode and post-process.
+        images = self.latents_to_images(latents)
+        infotexts = [
+            self.infotext(prompt, negative_prompt, steps, guidance, sampler_.name, s, width, height, init_image, strength)
+            for s in seeds
+        ]
+        return GenerationResult(images=images, seeds=seeds, infotexts=infotexts)
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def check_inputs(self, prompt, negative_prompt, steps, guidance, sampler, seed, num_images, init_image, strength) -> Sampler:
+        if not isinstance(prompt, str):
+            raise InvalidRequest(f"prompt must be text, not {type(prompt).__name__}")
+        if not isinstance(negative_prompt, str):
+            raise InvalidRequest(f"negative prompt must be text, not {type(negative_prompt).__name__}")
+        if not _is_int(steps) or not 1 <= steps <= MAX_STEPS:
+            raise InvalidRequest(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
+            raise InvalidRequest(f"guidance must be a finite number >= 0, got {guidance!r}")
+        if not _is_int(num_images) or not 1 <= num_images <= MAX_IMAGES:
+            raise InvalidRequest(f"number of images must be from 1 to {MAX_IMAGES}, got {num_images!r}")
+        if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED + 1 - num_images):
+            raise InvalidRequest(f"seed must be an integer from 0 to {MAX_SEED + 1 - num_images}, got {seed!r}")
+        if init_image is not None:
+            if not isinstance(init_image, Image.Image):
+                raise InvalidRequest(f"init image must be a PIL image, not {type(init_image).__name__}")
+            if not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+                raise InvalidRequest(f"strength must be between 0 and 1, got {strength!r}")
+            if int(steps * strength) < 1:
+                raise InvalidRequest(f"strength {strength} with {steps} steps leaves no denoising step; raise either")
+        return get_sampler(sampler)
+
+    def resolve_size(self, width, height, init_image) -> tuple[int, int]:
+        """Missing sides come from the init image, else the model's native size; all multiples of 8."""
+        fallback_w, fallback_h = init_image.size if init_image is not None else (self.default_size,) * 2
+        width = fallback_w // 8 * 8 if width is None else width
+        height = fallback_h // 8 * 8 if height is None else height
+        for name, side in (("width", width), ("height", height)):
+            if not _is_int(side) or side < 8 or side % 8 or side > MAX_SIDE:
+                raise InvalidRequest(f"{name} must be a multiple of 8 from 8 to {MAX_SIDE}, got {side!r}")
+        return width, height
+
+    def encode_prompt(self, prompt: str, negative_prompt: str, num_images: int, use_guidance: bool) -> torch.Tensor:
+        """(B or 2B, 77, D) CLIP last hidden states; with guidance the unconditional half comes first."""
+        texts = [negative_prompt, prompt] if use_guidance else [prompt]
+        tokens = self.tokenizer(
+            texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
+        hidden = self.text_encoder(tokens.input_ids.to(self.device))[0]  # (len(texts), 77, D)
+        return hidden.repeat_interleave(num_images, dim=0)
+
+    def prepare_latents(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
+        """(B, C, H/f, W/f) unit Gaussian noise, image i drawn on the CPU from its own generator."""
+        shape = (1, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        noise = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
+        return torch.cat(noise).to(self.device, self.dtype)
+
+    @staticmethod
+    def img2img_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
+        """The tail of the schedule that starts at noise level `strength` (diffusers' get_timesteps)."""
+        t_start = steps - min(int(steps * strength), steps)
+        if hasattr(scheduler, "set_begin_index"):  # index-tracking schedulers; DDIM and PLMS have none
+            scheduler.set_begin_index(t_start * scheduler.order)
+        return scheduler.timesteps[t_start * scheduler.order :]
+
+    def prepare_img2img_latents(self, init_image, width, height, generators, scheduler, first_timestep) -> torch.Tensor:
+        """Encode the init image, sample its posterior, and noise it to the first timestep."""
+        pixels = self.image_to_tensor(init_image, width, height)  # (1, 3, H, W) in [-1, 1]
+        posterior = self.vae.encode(pixels).latent_dist
+        latents, noise = [], []
+        for generator in generators:  # per image: posterior sample, then noise, from its generator
+            latents.append(posterior.sample(generator=generator) * self.vae.config.scaling_factor)
+            noise.append(torch.randn(latents[-1].shape, generator=generator, dtype=torch.float32))
+        latents = torch.cat(latents)
+        noise = torch.cat(noise).to(self.device, self.dtype)
+        return scheduler.add_noise(latents, noise, first_timestep.repeat(len(generators)))
+
+    def denoise(self, latents, text_embeddings, scheduler, timesteps, guidance, use_guidance, generators, callback):
+        """Run the sampler; each step is one batched UNet call over [uncond, cond]."""
+        step_kwargs = {"generator": generators} if generators is not None else {}
+        alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
+        for i, t in enumerate(timesteps):
+            model_input = torch.cat([latents] * 2) if use_guidance else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            model_output = self.unet(model_input, t, encoder_hidden_states=text_embeddings, return_dict=False)[0]
+            if use_guidance:
+                uncond, cond = model_output.chunk(2)
+                model_output = uncond + guidance * (cond - uncond)
+            if callback is not None:
+                scaled_input = model_input[: len(latents)]
+                x0, sigma = self.predict_x0(scaled_input, model_output, t, alphas_cumprod)
+            latents = scheduler.step(model_output, t, latents, **step_kwargs, return_dict=False)[0]
+            if callback is not None:
+                callback(StepInfo(i, len(timesteps), float(t), sigma, latents, x0))
+        return latents
+
+    def predict_x0(self, scaled_input, model_output, t, alphas_cumprod) -> tuple[torch.Tensor, float]:
+        """Predicted clean latents from the UNet output at timestep t (variance-preserving form).
+
+        Every scheduler's `scale_model_input` yields x_t = sqrt(a) x0 + sqrt(1 - a) eps with a the
+        cumulative alpha at t (interpolated for fractional Karras timesteps), so one formula fits all.
+        """
+        t = float(t)
+        lo = int(math.floor(t))
+        hi = min(lo + 1, len(alphas_cumprod) - 1)
+        alpha_bar = torch.lerp(alphas_cumprod[lo], alphas_cumprod[hi], t - lo)
+        a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        x_t, out = scaled_input.float(), model_output.float()
+        prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
+        if prediction_type == "epsilon":
+            x0 = (x_t - s * out) / a
+        elif prediction_type == "v_prediction":
+            x0 = a * x_t - s * out
+        else:  # "sample"
+            x0 = out
+        return x0.to(self.dtype), float(s / a)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images in [0, 1] as float32; an fp16 decode that overflows is redone in fp32."""
+        latents = latents / self.vae.config.scaling_factor
+        image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        if self.vae.dtype == torch.float16 and not torch.isfinite(image).all():
+            # The SD VAE overflows fp16 on some latents and would give a black image.
+            self.vae.to(torch.float32)
+            try:
+                image = self.vae.decode(latents.float(), return_dict=False)[0]
+            finally:
+                self.vae.to(self.dtype)
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def latents_to_images(self, latents: torch.Tensor) -> list[Image.Image]:
+        return tensor_to_pil(self.decode_latents(latents))
+
+    def image_to_tensor(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
+        """PIL -> (1, 3, H, W) in [-1, 1], resized to the generation size."""
+        image = image.convert("RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.LANCZOS)
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
+        return (tensor * 2 - 1).to(self.device, self.dtype)
+
+    def infotext(self, prompt, negative_prompt, steps, guidance, sampler, seed, width, height, init_image, strength) -> str:
+        params = {
+            "Steps": steps,
+            "Sampler": sampler,
+            "CFG scale": guidance,
+            "Seed": seed,
+            "Size": f"{width}x{height}",
+            "Model": self.model_name,
+            "Denoising strength": strength if init_image is not None else None,
+        }
+        return format_infotext(prompt, negative_prompt, params)
+
+
+def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) floats in [0, 1] -> 8-bit RGB PIL images."""
+    array = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in array]
+
+
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    # nn.Module.to, not diffusers' override: that one warns about fp32-pinned submodules on every
+    # cast, and SD's UNet/VAE have none.
+    return torch.nn.Module.to(module, device, dtype).eval()
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
