@@ -1,0 +1,162 @@
+"""`ldm`: the command line. Subcommands: generate, samplers, info (and those that other modules register)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from ldmkit.errors import InvalidRequest, LdmError
+from ldmkit.samplers import DEFAULT_SAMPLER, SAMPLERS
+
+MAX_INIT_IMAGE_PIXELS = 64 * 1024 * 1024  # refuse decompression bombs before decoding them
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so pending temporary files are removed on the way out.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        return args.func(args)
+    except LdmError as exc:
+        print(f"ldm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ldm: interrupted; nothing partial was written", file=sys.stderr)
+        return 130
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldm", description="Latent diffusion text-to-image.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_generate(sub)
+    samplers = sub.add_parser("samplers", help="list sampler names")
+    samplers.set_defaults(func=lambda args: print("\n".join(SAMPLERS)) or 0)
+    info = sub.add_parser("info", help="print the generation parameters stored in a PNG")
+    info.add_argument("image")
+    info.set_defaults(func=run_info)
+    for module in _EXTENSIONS:
+        __import__(module, fromlist=["register"]).register(sub)
+    return parser
+
+
+# Subcommands that live beside their subsystem; each module's register() adds its parsers.
+_EXTENSIONS: list[str] = []
+
+
+def add_generate(sub) -> None:
+    gen = sub.add_parser("generate", help="text (and optionally an init image) to images")
+    gen.add_argument("prompt")
+    gen.add_argument("-n", "--num-images", type=int, default=1, help="images to make (seeds seed, seed+1, ...)")
+    gen.add_argument("--negative", default="", help="negative prompt (the unconditional text)")
+    gen.add_argument("--steps", type=int, default=25)
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables it")
+    gen.add_argument("--sampler", default=DEFAULT_SAMPLER, help="see `ldm samplers`")
+    gen.add_argument("--seed", type=int, default=None, help="default: random (and reported)")
+    gen.add_argument("--size", type=parse_size, default=None, metavar="WxH", help="default: the model's native size")
+    gen.add_argument("--init-image", type=Path, default=None, help="img2img: start from this image")
+    gen.add_argument("--strength", type=float, default=0.75, help="img2img: how much of the init image to repaint")
+    gen.add_argument("--model", default=None, help="diffusers folder, cached repo id or .safetensors file (default: shipped model)")
+    gen.add_argument("--config", default=None, help="diffusers config folder for single files of other architectures")
+    gen.add_argument("-o", "--output-dir", type=Path, default=Path("outputs"))
+    gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    gen.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    gen.add_argument("--save-intermediates", action="store_true", help="save the predicted image every K steps, a grid and an animation")
+    gen.add_argument("--every", type=int, default=1, metavar="K", help="with --save-intermediates: every K steps")
+    gen.add_argument("--preview", default="full", choices=["full", "fast"], help="intermediates: VAE decode or a cheap latent->RGB projection")
+    gen.add_argument("--animation-format", default="gif", choices=["gif", "webp"])
+    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(func=run_generate)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x768, got {text!r}") from None
+    return width, height
+
+
+def run_generate(args) -> int:
+    # Everything that can be checked without the model is checked before loading it.
+    if args.every < 1:
+        raise InvalidRequest(f"--every must be >= 1, got {args.every}")
+    ensure_writable(args.output_dir)
+    init_image = load_init_image(args.init_image) if args.init_image else None
+
+    from ldmkit.job import GenerateJob  # torch and diffusers load only when needed
+    from ldmkit.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=args.config)
+    job = GenerateJob(
+        pipe,
+        output_dir=args.output_dir,
+        intermediates_every=args.every if args.save_intermediates else None,
+        preview_mode=args.preview,
+        animation_format=args.animation_format,
+        progress=not args.quiet,
+    )
+    width, height = args.size if args.size else (None, None)
+    paths = job.run(
+        prompt=args.prompt,
+        negative_prompt=args.negative,
+        steps=args.steps,
+        guidance=args.guidance,
+        sampler=args.sampler,
+        seed=args.seed,
+        width=width,
+        height=height,
+        num_images=args.num_images,
+        init_image=init_image,
+        strength=args.strength,
+    )
+    for path in paths:
+        print(path)
+    return 0
+
+
+def ensure_writable(folder: Path) -> None:
+    """Create the output folder and prove a file can be written there, before any compute."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise LdmError(f"cannot write to output folder {folder}: {exc.strerror or exc}") from None
+
+
+def load_init_image(path: Path):
+    """Open and fully decode an init image, refusing non-images, truncated files and decompression bombs."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise LdmError(f"init image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_INIT_IMAGE_PIXELS:
+                raise LdmError(f"init image {path} is {image.width}x{image.height}, over the {MAX_INIT_IMAGE_PIXELS} pixel limit")
+            image.load()
+            return image.convert("RGB")
+    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
+        raise LdmError(f"cannot read init image {path}: {exc}") from None
+
+
+def run_info(args) -> int:
+    from ldmkit.metadata import read_infotext
+
+    text = read_infotext(args.image)
+    if text is None:
+        raise LdmError(f"{args.image} carries no generation parameters")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
