@@ -55,6 +55,7 @@ COMPONENT_FILES = {
 # Values diffusers assumes when a scheduler config leaves them out, written out so readers need not know.
 SCHEDULER_DEFAULTS = {"prediction_type": "epsilon", "timestep_spacing": "leading", "steps_offset": 0}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+CLIP_END_TOKEN = "<|endoftext|>"
 PASS_A_MODEL = "pass a model: a diffusers folder, a cached Hub repo id or a .safetensors file"
 
 
@@ -71,12 +72,22 @@ class Components:
     name: str  # short model name for metadata ("v1-5-pruned", "default-model")
 
 
-def load_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int = 77) -> CLIPTokenizer:
+def load_tokenizer(pad_token: str = CLIP_END_TOKEN, model_max_length: int = 77) -> CLIPTokenizer:
     """The CLIP BPE tokenizer shipped with the package (SD1.x pads with <|endoftext|>, SD2.x with '!')."""
     folder = CONFIGS_DIR / "clip-tokenizer"
-    return CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=model_max_length
-    )
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length)
+    return _with_pad_token(tokenizer, pad_token)
+
+
+def _with_pad_token(tokenizer: CLIPTokenizer, pad_token: str) -> CLIPTokenizer:
+    """Pad with `pad_token` without making it a special token.
+
+    transformers splits special tokens out of the text, so with pad_token="!" every '!' typed in an
+    SD2 prompt would become a pad (diffusers#4153). Set by id, '!' stays id 256 inside a prompt, as
+    in open_clip's tokenizer, which SD2 was trained with, and only the padding uses id 0.
+    """
+    tokenizer.pad_token_id = tokenizer.convert_tokens_to_ids(pad_token)
+    return tokenizer
 
 
 def load_components(
@@ -214,7 +225,8 @@ def _folder_tokenizer(folder: Path) -> CLIPTokenizer:
     """The folder's tokenizer, or the bundled CLIP vocabulary when it holds only configs (as shipped configs do)."""
     pad_token = _pad_token(folder)
     if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
-        return CLIPTokenizer.from_pretrained(folder, pad_token=pad_token)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, pad_token=CLIP_END_TOKEN)
+        return _with_pad_token(tokenizer, pad_token)
     return load_tokenizer(pad_token=pad_token)
 
 
@@ -224,7 +236,7 @@ def _pad_token(folder: Path) -> str:
         pad = _read_json(folder / name).get("pad_token")
         if pad:
             return pad["content"] if isinstance(pad, dict) else pad
-    return "<|endoftext|>"
+    return CLIP_END_TOKEN
 
 
 def _scheduler_config(folder: Path, prediction_type: str | None) -> dict:
