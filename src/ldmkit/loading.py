@@ -112,7 +112,7 @@ def load_components(
         raise ModelLoadError(f"config= only applies to single-file checkpoints; '{source}' is not a file")
     if path.is_dir():
         return _load_folder(path, prediction_type)
-    return _load_folder(_cached_repo(str(source)), prediction_type)
+    return _load_folder(_cached_repo(str(source)), prediction_type, name=str(source).split("/")[-1])
 
 
 def save_pretrained(components: Components, folder: str | os.PathLike) -> Path:
@@ -165,7 +165,7 @@ def _hub_cache_dir() -> str:
 # ---- diffusers folders ----
 
 
-def _load_folder(folder: Path, prediction_type: str | None) -> Components:
+def _load_folder(folder: Path, prediction_type: str | None, name: str | None = None) -> Components:
     _check_folder(folder, model_index=True)
     with _load_errors(folder):
         unet, info = UNet2DConditionModel.from_pretrained(
@@ -187,7 +187,7 @@ def _load_folder(folder: Path, prediction_type: str | None) -> Components:
         vae=vae.eval(),
         scheduler_config=_scheduler_config(folder / "scheduler", prediction_type),
         source=str(folder.resolve()),
-        name=folder.resolve().name,
+        name=name or folder.resolve().name,
     )
 
 
@@ -214,7 +214,7 @@ def _check_loading_info(info: dict, component: str, folder: Path) -> None:
     missing = info.get("missing_keys") or []
     mismatched = info.get("mismatched_keys") or []
     if missing or mismatched:
-        example = sorted(missing)[0] if missing else mismatched[0][0]
+        example = sorted(missing)[0] if missing else sorted(map(str, mismatched))[0]
         raise ModelLoadError(
             f"{folder / component} has {len(missing)} missing and {len(mismatched)} mis-shaped weights "
             f"(e.g. {example}); the folder is incomplete or its config does not match its weights"
