@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import tempfile
 from pathlib import Path
 
-from ldmkit.errors import InvalidRequest, LdmError
-from ldmkit.samplers import DEFAULT_SAMPLER, SAMPLERS
+# Library chatter (optional-dependency notices, weight-loading bars) is not for CLI users; set
+# before transformers and diffusers are first imported.
+for _var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+    os.environ.setdefault(_var, "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from ldmkit.errors import InvalidRequest, LdmError  # noqa: E402
+from ldmkit.samplers import DEFAULT_SAMPLER, SAMPLERS  # noqa: E402
 
 MAX_INIT_IMAGE_PIXELS = 64 * 1024 * 1024  # refuse decompression bombs before decoding them
 
@@ -90,10 +97,14 @@ def run_generate(args) -> int:
         raise InvalidRequest(f"--every must be >= 1, got {args.every}")
     ensure_writable(args.output_dir)
     init_image = load_init_image(args.init_image) if args.init_image else None
+    width, height = args.size if args.size else (None, None)
 
     from ldmkit.job import GenerateJob  # torch and diffusers load only when needed
-    from ldmkit.pipeline import Pipeline
+    from ldmkit.pipeline import Pipeline, check_inputs, check_size
 
+    check_inputs(args.prompt, args.negative, args.steps, args.guidance, args.sampler, args.seed, args.num_images, init_image, args.strength)
+    if args.size:
+        check_size(width, height)
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=args.config)
     job = GenerateJob(
         pipe,
@@ -103,7 +114,6 @@ def run_generate(args) -> int:
         animation_format=args.animation_format,
         progress=not args.quiet,
     )
-    width, height = args.size if args.size else (None, None)
     paths = job.run(
         prompt=args.prompt,
         negative_prompt=args.negative,

@@ -130,7 +130,7 @@ class Pipeline:
         callback: Callable[[StepInfo], None] | None = None,
     ) -> GenerationResult:
         # 1. Validate everything before spending compute.
-        sampler_ = self.check_inputs(prompt, negative_prompt, steps, guidance, sampler, seed, num_images, init_image, strength)
+        sampler_ = check_inputs(prompt, negative_prompt, steps, guidance, sampler, seed, num_images, init_image, strength)
         width, height = self.resolve_size(width, height, init_image)
         seed = random.randrange(MAX_SEED + 1 - num_images) if seed is None else seed
         seeds = [seed + i for i in range(num_images)]
@@ -168,36 +168,12 @@ class Pipeline:
 
     # -- stages ---------------------------------------------------------------------------------
 
-    def check_inputs(self, prompt, negative_prompt, steps, guidance, sampler, seed, num_images, init_image, strength) -> Sampler:
-        if not isinstance(prompt, str):
-            raise InvalidRequest(f"prompt must be text, not {type(prompt).__name__}")
-        if not isinstance(negative_prompt, str):
-            raise InvalidRequest(f"negative prompt must be text, not {type(negative_prompt).__name__}")
-        if not _is_int(steps) or not 1 <= steps <= MAX_STEPS:
-            raise InvalidRequest(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
-        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
-            raise InvalidRequest(f"guidance must be a finite number >= 0, got {guidance!r}")
-        if not _is_int(num_images) or not 1 <= num_images <= MAX_IMAGES:
-            raise InvalidRequest(f"number of images must be from 1 to {MAX_IMAGES}, got {num_images!r}")
-        if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED + 1 - num_images):
-            raise InvalidRequest(f"seed must be an integer from 0 to {MAX_SEED + 1 - num_images}, got {seed!r}")
-        if init_image is not None:
-            if not isinstance(init_image, Image.Image):
-                raise InvalidRequest(f"init image must be a PIL image, not {type(init_image).__name__}")
-            if not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-                raise InvalidRequest(f"strength must be between 0 and 1, got {strength!r}")
-            if int(steps * strength) < 1:
-                raise InvalidRequest(f"strength {strength} with {steps} steps leaves no denoising step; raise either")
-        return get_sampler(sampler)
-
     def resolve_size(self, width, height, init_image) -> tuple[int, int]:
         """Missing sides come from the init image, else the model's native size; all multiples of 8."""
         fallback_w, fallback_h = init_image.size if init_image is not None else (self.default_size,) * 2
         width = fallback_w // 8 * 8 if width is None else width
         height = fallback_h // 8 * 8 if height is None else height
-        for name, side in (("width", width), ("height", height)):
-            if not _is_int(side) or side < 8 or side % 8 or side > MAX_SIDE:
-                raise InvalidRequest(f"{name} must be a multiple of 8 from 8 to {MAX_SIDE}, got {side!r}")
+        check_size(width, height)
         return width, height
 
     def encode_prompt(self, prompt: str, negative_prompt: str, num_images: int, use_guidance: bool) -> torch.Tensor:
@@ -311,6 +287,36 @@ class Pipeline:
             "Denoising strength": strength if init_image is not None else None,
         }
         return format_infotext(prompt, negative_prompt, params)
+
+
+def check_inputs(prompt, negative_prompt, steps, guidance, sampler, seed, num_images, init_image, strength) -> Sampler:
+    """Validate generation parameters (all but the size) before any compute; returns the sampler."""
+    if not isinstance(prompt, str):
+        raise InvalidRequest(f"prompt must be text, not {type(prompt).__name__}")
+    if not isinstance(negative_prompt, str):
+        raise InvalidRequest(f"negative prompt must be text, not {type(negative_prompt).__name__}")
+    if not _is_int(steps) or not 1 <= steps <= MAX_STEPS:
+        raise InvalidRequest(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
+        raise InvalidRequest(f"guidance must be a finite number >= 0, got {guidance!r}")
+    if not _is_int(num_images) or not 1 <= num_images <= MAX_IMAGES:
+        raise InvalidRequest(f"number of images must be from 1 to {MAX_IMAGES}, got {num_images!r}")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED + 1 - num_images):
+        raise InvalidRequest(f"seed must be an integer from 0 to {MAX_SEED + 1 - num_images}, got {seed!r}")
+    if init_image is not None:
+        if not isinstance(init_image, Image.Image):
+            raise InvalidRequest(f"init image must be a PIL image, not {type(init_image).__name__}")
+        if not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+            raise InvalidRequest(f"strength must be between 0 and 1, got {strength!r}")
+        if int(steps * strength) < 1:
+            raise InvalidRequest(f"strength {strength} with {steps} steps leaves no denoising step; raise either")
+    return get_sampler(sampler)
+
+
+def check_size(width, height) -> None:
+    for name, side in (("width", width), ("height", height)):
+        if not _is_int(side) or side < 8 or side % 8 or side > MAX_SIDE:
+            raise InvalidRequest(f"{name} must be a multiple of 8 from 8 to {MAX_SIDE}, got {side!r}")
 
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
