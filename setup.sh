@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# One-command setup: a virtual environment in .venv with ldmkit and everything its tests need.
+set -euo pipefail
+cd "$(dirname "$0")"
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# The CPU build of torch, pinned: an unpinned torch can pull a multi-GB CUDA build.
+# (The package itself accepts a torch range; install a CUDA build yourself for GPUs.)
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[all,test]"
+echo "ldmkit is installed in .venv: try  .venv/bin/ldm generate \"otter\""
