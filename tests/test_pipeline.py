@@ -1,0 +1,89 @@
+"""Pipeline behaviour beyond parity: guidance batching, seeds, fp16 recovery, validation."""
+
+import numpy as np
+import pytest
+import torch
+
+from ldmkit import Pipeline
+from ldmkit.errors import InvalidRequest
+
+
+@pytest.fixture
+def pipe(tiny_components):
+    return Pipeline(tiny_components, torch.device("cpu"), torch.float32)
+
+
+def unet_batch_sizes(pipe):
+    sizes = []
+    pipe.unet.register_forward_hook(lambda module, args, kwargs_out: sizes.append(args[0].shape[0]))
+    return sizes
+
+
+def test_guidance_runs_cond_and_uncond_in_one_batched_call(pipe):
+    sizes = unet_batch_sizes(pipe)
+    pipe.generate("otter", steps=3, guidance=7.5, num_images=2, seed=0)
+    assert sizes == [4, 4, 4]
+
+
+def test_guidance_at_most_one_skips_the_unconditional_pass(pipe):
+    sizes = unet_batch_sizes(pipe)
+    pipe.generate("otter", steps=3, guidance=1.0, num_images=2, seed=0)
+    assert sizes == [2, 2, 2]
+
+
+def test_negative_prompt_changes_the_image_only_with_guidance(pipe):
+    run = lambda neg, g: np.asarray(pipe.generate("otter", negative_prompt=neg, steps=3, guidance=g, seed=0).images[0], dtype=int)  # noqa: E731
+    assert np.abs(run("", 7.5) - run("blurry, dark", 7.5)).max() > 0
+    assert np.array_equal(run("", 1.0), run("blurry, dark", 1.0))
+
+
+def test_random_seed_is_reported_and_reproduces(pipe):
+    first = pipe.generate("otter", steps=2, num_images=2)
+    assert first.seeds[1] == first.seeds[0] + 1
+    assert f"Seed: {first.seeds[1]}," in first.infotexts[1]
+    again = pipe.generate("otter", steps=2, num_images=2, seed=first.seeds[0])
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first.images, again.images))
+
+
+def test_default_size_is_the_models_native_size(pipe):
+    assert pipe.generate("otter", steps=1, seed=0).images[0].size == (16, 16)
+
+
+def test_fp16_decode_overflow_is_redone_in_fp32(tiny_components):
+    pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float16)
+    real_decode = pipe.vae.decode
+
+    def overflowing_decode(latents, **kwargs):
+        out = real_decode(latents, **kwargs)
+        return (out[0] * float("inf"),) if pipe.vae.dtype == torch.float16 else out
+
+    pipe.vae.decode = overflowing_decode
+    image = pipe.decode_latents(torch.randn(1, 4, 8, 8, dtype=torch.float16))
+    assert torch.isfinite(image).all() and image.dtype == torch.float32
+    assert pipe.vae.dtype == torch.float16  # restored after the fp32 retry
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"prompt": 3}, "prompt must be text"),
+        ({"steps": 0}, "steps must be an integer from 1"),
+        ({"steps": 2.5}, "steps must be an integer"),
+        ({"guidance": float("inf")}, "guidance must be a finite number"),
+        ({"width": 20}, "width must be a multiple of 8"),
+        ({"height": -8}, "height must be a multiple of 8"),
+        ({"sampler": "euler b"}, "unknown sampler"),
+        ({"num_images": 0}, "number of images"),
+        ({"seed": -1}, "seed must be an integer"),
+        ({"init_image": "x.png"}, "init image must be a PIL image"),
+    ],
+)
+def test_invalid_inputs_are_refused_before_compute(pipe, kwargs, message):
+    sizes = unet_batch_sizes(pipe)
+    with pytest.raises(InvalidRequest, match=message):
+        pipe.generate(**{"prompt": "otter", "steps": 2, **kwargs})
+    assert sizes == []
+
+
+def test_sampler_names_ignore_case(pipe):
+    assert "Sampler: Euler a," in pipe.generate("otter", steps=2, sampler=" euler A ", seed=0).infotexts[0]
