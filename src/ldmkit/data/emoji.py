@@ -1,0 +1,233 @@
+"""Emoji dataset: four open emoji sets from the npm registry, rendered to 128x128 RGB on white, captioned by name."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import unicodedata
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ldmkit.errors import LdmError
+
+
+@dataclass(frozen=True)
+class EmojiSource:
+    """One npm package of emoji images and the style phrase its captions carry."""
+
+    package: str  # npm package name, fetched with `npm pack`
+    style: str  # caption phrase that selects this set's look
+    kind: str  # "iconify" (SVG bodies in icons.json) or "webp" (assets/<code points>.webp)
+    license: str  # SPDX id
+    author: str
+
+
+SOURCES = (
+    EmojiSource("@iconify-json/noto", "cartoon emoji", "iconify", "Apache-2.0", "Google Inc (Noto Emoji)"),
+    EmojiSource("@iconify-json/twemoji", "flat icon", "iconify", "CC-BY-4.0", "Twitter, Inc and other contributors (Twemoji)"),
+    EmojiSource("@iconify-json/fluent-emoji-flat", "flat illustration", "iconify", "MIT", "Microsoft Corporation (Fluent Emoji)"),
+    EmojiSource("@lobehub/fluent-emoji-3d", "3d render", "webp", "MIT", "Microsoft Corporation (Fluent Emoji), packaged by LobeHub"),
+)
+
+RESOLUTION = 128
+SKIN_TONES = {"1f3fb", "1f3fc", "1f3fd", "1f3fe", "1f3ff"}
+# Code points that only select a presentation; dropped so "2764-fe0f" and "2764" are the same emoji.
+PRESENTATION_SELECTORS = {"fe0e", "fe0f"}
+
+
+@dataclass
+class EmojiRecord:
+    """One rendered image: which emoji, from which set, and the captions it is trained on."""
+
+    key: str  # normalized code points, "1f9a6" or "1f468-200d-1f373"
+    name: str  # Unicode short name in lower case, "otter"
+    style: str
+    package: str
+
+    def captions(self) -> list[str]:
+        """Name alone (any style answers it) and name with the style phrase (selects the style)."""
+        return [self.name, f"{self.name}, {self.style}", f"{self.style} of {self.name}"]
+
+
+def normalize_key(codepoints: str) -> str:
+    """'2764-FE0F' -> '2764': lower case, hyphen separated, presentation selectors dropped."""
+    parts = [p.lower().lstrip("0") or "0" for p in codepoints.replace("_", "-").split("-") if p]
+    return "-".join(p for p in parts if p not in PRESENTATION_SELECTORS)
+
+
+def fetch_packages(cache_dir: Path, sources=SOURCES) -> dict[str, Path]:
+    """`npm pack` each source package into cache_dir (kept if already there); returns package -> .tgz."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tarballs = {}
+    for source in sources:
+        stem = source.package.lstrip("@").replace("/", "-")
+        found = sorted(cache_dir.glob(f"{stem}-[0-9]*.tgz"))
+        if not found:
+            if shutil.which("npm") is None:
+                raise LdmError(f"npm is needed to fetch {source.package}; install Node.js or put the .tgz in {cache_dir}")
+            result = subprocess.run(
+                ["npm", "pack", source.package, "--pack-destination", str(cache_dir)], capture_output=True, text=True
+            )
+            found = sorted(cache_dir.glob(f"{stem}-[0-9]*.tgz"))
+            if result.returncode != 0 or not found:
+                raise LdmError(f"npm pack {source.package} failed: {result.stderr.strip().splitlines()[-1:]}")
+        tarballs[source.package] = found[-1]
+    return tarballs
+
+
+def _read_member(tar: tarfile.TarFile, name: str) -> bytes:
+    member = tar.extractfile(name)
+    if member is None:
+        raise LdmError(f"{tar.name}: missing {name}")
+    return member.read()
+
+
+def read_iconify(tgz: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """An @iconify-json package -> ({key: standalone SVG}, {key: icon name}); hidden and transformed icons skipped."""
+    with tarfile.open(tgz) as tar:
+        icon_set = json.loads(_read_member(tar, "package/icons.json"))
+        chars = json.loads(_read_member(tar, "package/chars.json"))
+    icons, aliases = icon_set["icons"], icon_set.get("aliases", {})
+    width, height = icon_set.get("width", 16), icon_set.get("height", 16)
+    svgs, names = {}, {}
+    for codepoints, icon_name in chars.items():
+        alias = aliases.get(icon_name, {})
+        if set(alias) - {"parent"}:
+            continue  # rotated or flipped aliases do not show the emoji the code points name
+        icon = icons.get(alias.get("parent", icon_name))
+        if icon is None or icon.get("hidden"):
+            continue
+        left, top = icon.get("left", 0), icon.get("top", 0)
+        w, h = icon.get("width", width), icon.get("height", height)
+        key = normalize_key(codepoints)
+        svgs[key] = f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="{left} {top} {w} {h}">{icon["body"]}</svg>'
+        names[key] = icon_name
+    return svgs, names
+
+
+def read_webp_assets(tgz: Path) -> dict[str, bytes]:
+    """A package of assets/<code points>.webp files -> {key: webp bytes}."""
+    images = {}
+    with tarfile.open(tgz) as tar:
+        for member in tar.getmembers():
+            path = Path(member.name)
+            if path.parent.name == "assets" and path.suffix == ".webp":
+                images[normalize_key(path.stem)] = _read_member(tar, member.name)
+    return images
+
+
+def emoji_name(key: str, icon_names: dict[str, str]) -> str | None:
+    """Unicode short name in lower case: the iconify name (CLDR short names) or unicodedata for one code point."""
+    if key in icon_names:
+        return icon_names[key].replace("-", " ")
+    if "-" not in key:
+        try:
+            return unicodedata.name(chr(int(key, 16))).lower()
+        except ValueError:
+            return None
+    return None
+
+
+def _on_white(rgba: Image.Image) -> np.ndarray:
+    rgba = rgba.convert("RGBA")
+    if rgba.size != (RESOLUTION, RESOLUTION):
+        rgba = rgba.resize((RESOLUTION, RESOLUTION), Image.LANCZOS)
+    canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    canvas.alpha_composite(rgba)
+    return np.asarray(canvas.convert("RGB"), dtype=np.uint8)
+
+
+def render_svg(svg: str) -> np.ndarray:
+    """SVG markup -> (128, 128, 3) uint8 on white, rasterized by resvg."""
+    import resvg_py
+
+    png = resvg_py.svg_to_bytes(svg_string=svg, width=RESOLUTION, height=RESOLUTION, skip_system_fonts=True)
+    return _on_white(Image.open(io.BytesIO(bytes(png))))
+
+
+def render_webp(data: bytes) -> np.ndarray:
+    """WebP bytes (any size, with alpha) -> (128, 128, 3) uint8 on white."""
+    return _on_white(Image.open(io.BytesIO(data)))
+
+
+def _render(item: tuple[str, str | bytes]) -> np.ndarray:
+    kind, payload = item
+    return render_svg(payload) if kind == "svg" else render_webp(payload)
+
+
+def collect(tarballs: dict[str, Path], sources=SOURCES, skin_tones: bool = False):
+    """Read every source -> (records, render jobs): one record per (emoji, set) that has a name."""
+    per_source, icon_names = [], {}
+    for source in sources:
+        if source.kind == "iconify":
+            svgs, names = read_iconify(tarballs[source.package])
+            for key, name in names.items():
+                icon_names.setdefault(key, name)  # first set wins: noto's names come first
+            per_source.append((source, {k: ("svg", v) for k, v in svgs.items()}))
+        else:
+            per_source.append((source, {k: ("webp", v) for k, v in read_webp_assets(tarballs[source.package]).items()}))
+    records, jobs = [], []
+    for source, items in per_source:
+        for key in sorted(items):
+            if not skin_tones and SKIN_TONES & set(key.split("-")):
+                continue
+            name = emoji_name(key, icon_names)
+            if name is None:
+                continue
+            records.append(EmojiRecord(key=key, name=name, style=source.style, package=source.package))
+            jobs.append(items[key])
+    return records, jobs
+
+
+def write_licenses(out_dir: Path, sources=SOURCES) -> None:
+    """Attribution of every emoji set, next to the data (and next to weights trained on it)."""
+    lines = ["Emoji images used to train the ldmkit default model:", ""]
+    for s in sources:
+        lines.append(f"- {s.package} (npm): {s.author}. License: {s.license}. Style phrase: '{s.style}'.")
+    lines += [
+        "",
+        "Apache-2.0: https://www.apache.org/licenses/LICENSE-2.0",
+        "CC-BY-4.0: https://creativecommons.org/licenses/by/4.0/ (Twemoji graphics by Twitter, Inc and other contributors)",
+        "MIT: https://github.com/microsoft/fluentui-emoji/blob/main/LICENSE",
+    ]
+    (out_dir / "LICENSES.md").write_text("\n".join(lines) + "\n")
+
+
+def build(out_dir: Path, cache_dir: Path | None = None, workers: int | None = None, limit: int | None = None,
+          skin_tones: bool = False, sources=SOURCES) -> list[EmojiRecord]:
+    """Fetch, render and caption: writes images.npy (N, 128, 128, 3) uint8, records.json and LICENSES.md."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tarballs = fetch_packages(cache_dir or out_dir / "packages", sources)
+    records, jobs = collect(tarballs, sources, skin_tones)
+    if limit is not None:
+        records, jobs = records[:limit], jobs[:limit]
+    if not records:
+        raise LdmError("no emoji found in the source packages")
+    workers = workers or os.cpu_count() or 1
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            images = list(pool.map(_render, jobs, chunksize=64))
+    else:
+        images = [_render(job) for job in jobs]
+    np.save(out_dir / "images.npy", np.stack(images))
+    (out_dir / "records.json").write_text(json.dumps([r.__dict__ for r in records]))
+    write_licenses(out_dir, sources)
+    return records
+
+
+def load(data_dir: Path) -> tuple[np.ndarray, list[EmojiRecord]]:
+    """images (N, 128, 128, 3) uint8 and their records, as `build` wrote them."""
+    data_dir = Path(data_dir)
+    if not (data_dir / "images.npy").exists():
+        raise LdmError(f"no dataset in {data_dir}: run `ldm data emoji --out {data_dir}` first")
+    images = np.load(data_dir / "images.npy", mmap_mode="r")
+    records = [EmojiRecord(**r) for r in json.loads((data_dir / "records.json").read_text())]
+    return images, records

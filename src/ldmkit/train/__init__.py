@@ -1,0 +1,1 @@
+"""Training the default model in three stages: CLIP (text encoder), VAE, UNet."""

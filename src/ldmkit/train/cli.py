@@ -1,0 +1,143 @@
+"""`ldm data | train | eval`: build the emoji set, train the default model's stages, measure it.
+
+Cheap to import: torch, diffusers and transformers load inside the command functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from ldmkit.errors import LdmError
+
+STAGES = ("clip", "vae", "unet")
+
+
+def register(subparsers) -> None:
+    """Add the `data`, `train` and `eval` subcommands to the `ldm` CLI's subparsers."""
+    data = subparsers.add_parser("data", help="build a training data set")
+    data_sub = data.add_subparsers(dest="dataset", required=True)
+    emoji = data_sub.add_parser("emoji", help="open emoji sets from the npm registry, rendered and captioned")
+    emoji.add_argument("--out", type=Path, default=Path(".data/emoji"), help="output folder")
+    emoji.add_argument("--cache", type=Path, default=None, help="where the npm .tgz files are kept (default OUT/packages)")
+    emoji.add_argument("--workers", type=int, default=None, help="render processes (default: all cores)")
+    emoji.add_argument("--limit", type=int, default=None, help="only the first N images (smoke runs)")
+    emoji.add_argument("--skin-tones", action="store_true", help="keep the skin-tone variants (5x more people)")
+    emoji.set_defaults(func=run_data)
+
+    train = subparsers.add_parser("train", help="train a stage of the default model (accelerate: CPU, GPU, multi-GPU)")
+    train.add_argument("stage", choices=STAGES + ("export",), help="clip, vae, unet; export assembles the model folder")
+    train.add_argument("--data", type=Path, default=Path(".data/emoji"))
+    train.add_argument("--runs", type=Path, default=Path(".runs"), help="stage outputs go to RUNS/<stage>")
+    train.add_argument("--minutes", type=float, default=None, help="wall-time budget (the LR decay ends there)")
+    train.add_argument("--steps", type=int, default=None, help="step budget")
+    train.add_argument("--out", type=Path, default=None, help="export: the model folder to write")
+    train.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                       help="override any field of the stage's config, e.g. --set batch_size=256")
+    train.set_defaults(func=run_train)
+
+    evaluate = subparsers.add_parser("eval", help="prompt adherence (CLIP retrieval) and VAE reconstruction PSNR")
+    evaluate.add_argument("--model", type=Path, default=None, help="model folder (default: the shipped model)")
+    evaluate.add_argument("--clip", type=Path, default=Path(".runs/clip/clip"), help="the trained CLIP (both towers)")
+    evaluate.add_argument("--data", type=Path, default=Path(".data/emoji"))
+    evaluate.add_argument("--prompts", type=int, default=None, help="use only the first N eval prompts")
+    evaluate.add_argument("--steps", type=int, default=25)
+    evaluate.add_argument("--guidance", type=float, default=7.5)
+    evaluate.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
+    evaluate.set_defaults(func=run_eval)
+
+
+def run_data(args) -> int:
+    from ldmkit.data import emoji
+
+    records = emoji.build(args.out, cache_dir=args.cache, workers=args.workers, limit=args.limit,
+                          skin_tones=args.skin_tones)
+    print(f"{len(records)} images, {len({r.name for r in records})} names -> {args.out}")
+    return 0
+
+
+def stage_config(stage: str, args):
+    """The stage's dataclass config with paths from --data/--runs and --set overrides applied."""
+    from ldmkit.train import clip, unet, vae
+
+    runs = args.runs
+    if stage == "clip":
+        cfg = clip.ClipTrainConfig(data_dir=str(args.data), out_dir=str(runs / "clip"))
+    elif stage == "vae":
+        cfg = vae.VaeTrainConfig(data_dir=str(args.data), out_dir=str(runs / "vae"))
+    else:
+        cfg = unet.UnetTrainConfig(data_dir=str(args.data), out_dir=str(runs / "unet"),
+                                   text_encoder_dir=str(runs / "clip" / "text_encoder"), vae_dir=str(runs / "vae" / "vae"))
+    if args.minutes is not None:
+        cfg.max_minutes = args.minutes
+    if args.steps is not None:
+        cfg.max_steps = args.steps
+    return apply_overrides(cfg, args.set)
+
+
+def apply_overrides(cfg, assignments: list[str]):
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for assignment in assignments:
+        name, sep, text = assignment.partition("=")
+        if not sep or name not in fields:
+            raise LdmError(f"--set {assignment}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        if isinstance(value, list):
+            value = tuple(value)
+        setattr(cfg, name, value)
+    return cfg
+
+
+def run_train(args) -> int:
+    if args.stage == "export":
+        from ldmkit.train import export
+
+        out = args.out or Path(".runs/default-model")
+        runs = args.runs
+        licenses = args.data / "LICENSES.md"
+        export.assemble(runs / "clip" / "text_encoder", runs / "vae" / "vae", runs / "unet" / "unet",
+                        runs / "unet" / "scheduler", out, licenses if licenses.exists() else None)
+        print(json.dumps(export.folder_report(out)))
+        return 0
+    import importlib
+
+    cfg = stage_config(args.stage, args)
+    result = importlib.import_module(f"ldmkit.train.{args.stage}").train(cfg)
+    print(json.dumps({"stage": args.stage, "steps": result["steps"], "minutes": round(result["minutes"], 2),
+                      "final_loss": result["history"][-1][1] if result["history"] else None}))
+    return 0
+
+
+def run_eval(args) -> int:
+    from ldmkit.eval import report
+
+    metrics = report.evaluate(model_dir=args.model, clip_dir=args.clip, data_dir=args.data, num_prompts=args.prompts,
+                              steps=args.steps, guidance=args.guidance)
+    text = json.dumps(metrics, indent=1)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (`python -m ldmkit.train.cli train vae`), for machines without the full `ldm` CLI."""
+    parser = argparse.ArgumentParser(prog="ldm")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LdmError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Pieces every training stage shares: the dataset on the device, captions, LR schedule, EMA, checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from ldmkit.data import emoji
+
+EMPTY_CAPTION = ""  # the unconditional caption classifier-free guidance uses
+
+
+def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
+    """bf16 autocast on a GPU, full precision on a CPU (where bf16 is slow and tests must be exact enough)."""
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+@dataclass
+class Dataset:
+    """The whole captioned image set as tensors on one device; batches are random index draws, no DataLoader."""
+
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    captions: list[str]  # unique captions; captions[0] is the empty caption
+    image_captions: torch.Tensor  # (N, 3) int64 ids into captions: name, "name, style", "style of name"
+    name_ids: torch.Tensor  # (N,) int64 id of the emoji name (same name in every style -> same id)
+    style_ids: torch.Tensor  # (N,) int64 id of the style
+    records: list[emoji.EmojiRecord]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, mask: torch.Tensor) -> Dataset:
+        index = mask.nonzero().squeeze(1)
+        return dataclasses.replace(
+            self,
+            images=self.images[index.to(self.images.device)],
+            image_captions=self.image_captions[index.to(self.image_captions.device)],
+            name_ids=self.name_ids[index.to(self.name_ids.device)],
+            style_ids=self.style_ids[index.to(self.style_ids.device)],
+            records=[self.records[i] for i in index.tolist()],
+        )
+
+    def to(self, device) -> Dataset:
+        return dataclasses.replace(
+            self,
+            images=self.images.to(device),
+            image_captions=self.image_captions.to(device),
+            name_ids=self.name_ids.to(device),
+            style_ids=self.style_ids.to(device),
+        )
+
+
+def load_dataset(data_dir: Path, limit: int | None = None) -> Dataset:
+    """Read `ldm data emoji` output into tensors (on the CPU) with a caption table."""
+    images, records = emoji.load(Path(data_dir))
+    if limit is not None:
+        images, records = images[:limit], records[:limit]
+    captions = [EMPTY_CAPTION]
+    caption_index = {EMPTY_CAPTION: 0}
+    names, styles = {}, {}
+    image_captions = []
+    for record in records:
+        ids = []
+        for caption in record.captions():
+            if caption not in caption_index:
+                caption_index[caption] = len(captions)
+                captions.append(caption)
+            ids.append(caption_index[caption])
+        image_captions.append(ids)
+        names.setdefault(record.name, len(names))
+        styles.setdefault(record.style, len(styles))
+    return Dataset(
+        images=torch.from_numpy(images[:]).permute(0, 3, 1, 2).contiguous(),  # (N, 3, H, W)
+        captions=captions,
+        image_captions=torch.tensor(image_captions, dtype=torch.long),
+        name_ids=torch.tensor([names[r.name] for r in records], dtype=torch.long),
+        style_ids=torch.tensor([styles[r.style] for r in records], dtype=torch.long),
+        records=list(records),
+    )
+
+
+def holdout_mask(dataset: Dataset, fraction: float) -> torch.Tensor:
+    """True for held-out images: a stable hash of (emoji, set) so every run holds out the same images."""
+    keys = [f"{r.package}/{r.key}" for r in dataset.records]
+    return torch.tensor([(zlib.crc32(k.encode()) % 10_000) < fraction * 10_000 for k in keys])
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Captions -> (n, 77) token ids, padded the way the pipeline pads prompts."""
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [-1, 1], channels_last."""
+    return (images_uint8.float() / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
+
+
+class Schedule:
+    """Linear warmup then cosine decay to min_lr, driven by progress in steps or wall time, whichever is further."""
+
+    def __init__(self, lr: float, min_lr: float, warmup_steps: int, max_steps: int, max_minutes: float | None):
+        self.lr, self.min_lr, self.warmup_steps = lr, min_lr, warmup_steps
+        self.max_steps, self.max_minutes = max_steps, max_minutes
+
+    def progress(self, step: int, elapsed_s: float) -> float:
+        by_time = elapsed_s / (60 * self.max_minutes) if self.max_minutes else 0.0
+        return min(1.0, max(step / self.max_steps, by_time))
+
+    def lr_at(self, step: int, elapsed_s: float) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        ratio = self.progress(step, elapsed_s)
+        return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (self.lr - self.min_lr)
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (what the UNet ships)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.params = [p.detach().clone().float() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))  # warm up so early weights fade fast
+        torch._foreach_lerp_(self.params, [p.detach().float() for p in model.parameters()], 1 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        for ema_p, p in zip(self.params, model.parameters()):
+            p.copy_(ema_p.to(p.dtype))
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "params": self.params}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        for p, saved in zip(self.params, state["params"]):
+            p.copy_(saved)
+
+
+def save_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, config, step: int, elapsed_s: float,
+                    **extra) -> None:
+    """nanoGPT-style checkpoint: model, optimizer, the config that made it, step, and anything stage-specific."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": accelerator.unwrap_model(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "config": dataclasses.asdict(config),
+        "step": step,
+        "elapsed_s": elapsed_s,
+        **extra,
+    }
+    if accelerator.is_main_process:
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+
+
+class Meter:
+    """Running mean of a loss between log lines, and throughput."""
+
+    def __init__(self):
+        self.total, self.count, self.samples, self.t0 = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, batch_size: int) -> None:
+        self.total = self.total + loss.detach().float()  # stays on the device: no sync per step
+        self.count += 1
+        self.samples += batch_size
+
+    def read(self) -> tuple[float, float]:
+        mean = float(self.total) / max(self.count, 1)
+        rate = self.samples / max(time.perf_counter() - self.t0, 1e-9)
+        self.__init__()
+        return mean, rate

@@ -1,0 +1,149 @@
+"""Stage 2: an AutoencoderKL (f=8, 4 latent channels) trained on reconstruction plus a small KL term."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from ldmkit.train import common
+
+
+@dataclass
+class VaeTrainConfig:
+    data_dir: str = ".data/emoji"
+    out_dir: str = ".runs/vae"
+    # 4 levels -> downsampling 8 (128x128 image -> 16x16x4 latents); 4.4M params, 8.7 MB in fp16
+    block_out_channels: tuple[int, ...] = (48, 96, 128, 128)
+    layers_per_block: int = 1
+    norm_num_groups: int = 16
+    latent_channels: int = 4
+    batch_size: int = 128
+    max_steps: int = 20_000
+    max_minutes: float | None = None  # stop (and finish the LR decay) at this wall time, whichever comes first
+    lr: float = 1e-3
+    min_lr: float = 2e-5
+    warmup_steps: int = 200
+    kl_weight: float = 1e-6  # per latent element, against per-pixel reconstruction: keeps latents near N(0, s^2)
+    mse_weight: float = 1.0  # L1 + MSE: L1 keeps edges sharp, MSE is what PSNR measures
+    holdout_fraction: float = 0.02  # images never trained on, for the PSNR in `ldm eval`
+    log_every: int = 200
+    seed: int = 0
+    limit: int | None = None
+    mixed_precision: str = "auto"
+
+
+def build_model(cfg: VaeTrainConfig) -> AutoencoderKL:
+    levels = len(cfg.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        block_out_channels=list(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        sample_size=128,
+    )
+
+
+def vae_loss(model, images: torch.Tensor, cfg: VaeTrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss, reconstruction MSE) for a batch in [-1, 1]."""
+    posterior = model.encode(images).latent_dist
+    reconstruction = model.decode(posterior.sample()).sample
+    l1 = F.l1_loss(reconstruction.float(), images.float())
+    mse = F.mse_loss(reconstruction.float(), images.float())
+    kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
+    return l1 + cfg.mse_weight * mse + cfg.kl_weight * kl, mse
+
+
+def train(cfg: VaeTrainConfig) -> dict:
+    """Train (resumable), then compute the latent scaling factor and export out_dir/vae (fp16 diffusers folder)."""
+    accelerator = common.make_accelerator(cfg.mixed_precision)
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(cfg.out_dir)
+    dataset = common.load_dataset(Path(cfg.data_dir), cfg.limit)
+    train_set = dataset.subset(~common.holdout_mask(dataset, cfg.holdout_fraction)).to(accelerator.device)
+
+    model = build_model(cfg).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    schedule = common.Schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.max_minutes)
+    step, elapsed = 0, 0.0
+    checkpoint = common.load_checkpoint(out_dir / "ckpt.pt")
+    if checkpoint is not None:
+        accelerator.unwrap_model(model).load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step, elapsed = checkpoint["step"], checkpoint["elapsed_s"]
+        accelerator.print(f"vae: resumed at step {step}")
+
+    n, batch = len(train_set), min(cfg.batch_size, len(train_set))
+    meter, history, start = common.Meter(), [], time.perf_counter() - elapsed
+    generator = torch.Generator(accelerator.device).manual_seed(cfg.seed + step)
+    model.train()
+    while schedule.progress(step, time.perf_counter() - start) < 1.0:
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.lr_at(step, time.perf_counter() - start)
+        index = torch.randint(0, n, (batch,), device=accelerator.device, generator=generator)
+        images = common.to_model_range(train_set.images[index])  # (B, 3, 128, 128)
+        with accelerator.autocast():
+            loss, _ = vae_loss(model, images, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        meter.add(loss, batch)
+        step += 1
+        if step % cfg.log_every == 0:
+            mean, rate = meter.read()
+            history.append((step, mean))
+            accelerator.print(f"vae step {step} loss {mean:.4f} {rate:.0f} img/s {time.perf_counter() - start:.0f}s")
+    if meter.count:
+        history.append((step, meter.read()[0]))
+    elapsed = time.perf_counter() - start
+
+    vae = accelerator.unwrap_model(model)
+    vae.eval()
+    scaling_factor = latent_scaling_factor(vae, train_set.images, accelerator)
+    vae.register_to_config(scaling_factor=scaling_factor)
+    common.save_checkpoint(out_dir / "ckpt.pt", accelerator, model, optimizer, cfg, step, elapsed,
+                           scaling_factor=scaling_factor)
+    if accelerator.is_main_process:
+        export(vae, out_dir)
+        (out_dir / "train.json").write_text(json.dumps({"steps": step, "minutes": elapsed / 60, "history": history}))
+    return {"steps": step, "minutes": elapsed / 60, "history": history, "scaling_factor": scaling_factor}
+
+
+@torch.no_grad()
+def encode_posteriors(vae: AutoencoderKL, images_uint8: torch.Tensor, device,
+                      batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, H, W) uint8 -> posterior mean and std, each (N, 4, H/8, W/8) float32, unscaled."""
+    means, stds = [], []
+    dtype = next(vae.parameters()).dtype
+    for i in range(0, images_uint8.shape[0], batch_size):
+        images = common.to_model_range(images_uint8[i : i + batch_size].to(device)).to(dtype)
+        dist = vae.encode(images).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def latent_scaling_factor(vae: AutoencoderKL, images_uint8: torch.Tensor, accelerator) -> float:
+    """1 / std of sampled latents over (a sample of) the training set, as SD does: unit-variance diffusion inputs."""
+    with accelerator.autocast():
+        mean, std = encode_posteriors(vae, images_uint8[:4096], accelerator.device)
+    return float(1.0 / (mean + std * torch.randn_like(std)).std())
+
+
+def export(vae: AutoencoderKL, out_dir: Path) -> None:
+    """fp16 diffusers folder out_dir/vae; its config carries the scaling factor."""
+    copy = AutoencoderKL.from_config(vae.config)
+    copy.register_to_config(scaling_factor=vae.config.scaling_factor)  # from_config drops it
+    copy.load_state_dict({k: v.detach().float().cpu() for k, v in vae.state_dict().items()})
+    copy.half().save_pretrained(out_dir / "vae")
