@@ -1,0 +1,34 @@
+"""`ldm serve`: load the model once, then serve the APIs and the web UI under uvicorn."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    serve = subparsers.add_parser("serve", help="web UI + AUTOMATIC1111- and OpenAI-compatible HTTP APIs")
+    serve.add_argument("--model", default=None, help="diffusers folder, cached repo id or .safetensors file (default: shipped model)")
+    serve.add_argument("--config", default=None, help="diffusers config folder for single files of other architectures")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    serve.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    serve.add_argument("--queue-size", type=int, default=8, metavar="N", help="requests that may wait while one runs; more get 503")
+    serve.add_argument("--no-ui", action="store_true", help="HTTP APIs only, without the web UI")
+    serve.set_defaults(func=run_serve)
+
+
+def run_serve(args) -> int:
+    from ldmkit.errors import InvalidRequest
+
+    if args.queue_size < 0:
+        raise InvalidRequest(f"--queue-size must be >= 0, got {args.queue_size}")
+    # Heavy imports only now, so `ldm --help` stays fast.
+    import uvicorn
+
+    from ldmkit.pipeline import Pipeline
+    from ldmkit.server.app import create_app
+
+    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=args.config)
+    app = create_app(pipe, queue_size=args.queue_size, ui=not args.no_ui)
+    print(f"ldm serve: {pipe.model_name} on {pipe.device}; web UI http://{args.host}:{args.port}/ , API docs /docs")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

@@ -1,0 +1,53 @@
+"""Images in and out of HTTP: guarded decoding of untrusted bytes, PNG encoding with the parameters chunk."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+from PIL import Image
+
+from ldmkit.errors import InvalidRequest
+from ldmkit.metadata import png_info
+
+MAX_INPUT_PIXELS = 4096 * 4096  # a server limit: larger uploads are refused before decoding
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def decode_image(data: bytes | str, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
+    """Fully decode image bytes (or a file path), checking the pixel count before any pixel is decoded."""
+    try:
+        image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)  # reads the header only
+    except _DECODE_ERRORS as exc:
+        raise InvalidRequest(f"{what} is not a readable image ({exc})") from None
+    if image.width * image.height > max_pixels:
+        raise InvalidRequest(f"{what} is {image.width}x{image.height}, over the server's {max_pixels} pixel limit")
+    try:
+        image.load()
+    except _DECODE_ERRORS as exc:
+        raise InvalidRequest(f"{what} is a damaged image ({exc})") from None
+    return image
+
+
+def decode_base64_image(text: str, what: str = "image") -> Image.Image:
+    """Base64, plain or as a data: URL (AUTOMATIC1111 takes both) -> decoded PIL image."""
+    if text.startswith("data:"):
+        _, _, text = text.partition(",")
+    try:
+        data = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"{what} is not valid base64") from None
+    return decode_image(data, what)
+
+
+def encode_png(image: Image.Image, infotext: str | None = None) -> bytes:
+    """PNG bytes carrying AUTOMATIC1111's 'parameters' text chunk."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=png_info(infotext) if infotext else None)
+    return buffer.getvalue()
+
+
+def encode_png_base64(image: Image.Image, infotext: str | None = None) -> str:
+    return base64.b64encode(encode_png(image, infotext)).decode("ascii")
