@@ -310,4 +310,3 @@ def test_sd21_single_file_loads_without_config(tmp_path):
     assert (loaded.text_encoder.config.hidden_act, loaded.text_encoder.config.num_hidden_layers) == ("gelu", 23)
     assert loaded.tokenizer.pad_token_id == 0
     assert loaded.scheduler_config["prediction_type"] == "v_prediction"
-    assert load_components(path, prediction_type="epsilon").unet.config.upcast_attention is False

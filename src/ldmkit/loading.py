@@ -206,7 +206,9 @@ def _load_errors(folder: Path):
         yield
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ModelLoadError(f"cannot load the model in {folder}: {first_line}") from error
+        raise ModelLoadError(
+            f"cannot load the model in {folder}: {first_line} (is a file truncated or corrupted?)"
+        ) from error
 
 
 def _check_loading_info(info: dict, component: str, folder: Path) -> None:
