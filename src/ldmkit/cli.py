@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import signal
 import sys
 import tempfile
@@ -60,7 +61,8 @@ _EXTENSIONS: list[str] = []
 
 def add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="text (and optionally an init image) to images")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", nargs="?", help="the prompt (or use --prompts)")
+    gen.add_argument("--prompts", type=Path, default=None, metavar="FILE", help="one prompt per line; split across processes under torchrun/accelerate launch")
     gen.add_argument("-n", "--num-images", type=int, default=1, help="images to make (seeds seed, seed+1, ...)")
     gen.add_argument("--negative", default="", help="negative prompt (the unconditional text)")
     gen.add_argument("--steps", type=int, default=25)
@@ -93,19 +95,31 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def run_generate(args) -> int:
     # Everything that can be checked without the model is checked before loading it.
+    prompts = read_prompts(args)
     if args.every < 1:
         raise InvalidRequest(f"--every must be >= 1, got {args.every}")
     ensure_writable(args.output_dir)
     init_image = load_init_image(args.init_image) if args.init_image else None
     width, height = args.size if args.size else (None, None)
 
-    from ldmkit.job import GenerateJob  # torch and diffusers load only when needed
-    from ldmkit.pipeline import Pipeline, check_inputs, check_size
+    from ldmkit.distributed import start_workers  # torch and diffusers load only when needed
+    from ldmkit.job import GenerateJob
+    from ldmkit.metadata import next_free_index
+    from ldmkit.pipeline import MAX_SEED, Pipeline, check_inputs, check_size
 
-    check_inputs(args.prompt, args.negative, args.steps, args.guidance, args.sampler, args.seed, args.num_images, init_image, args.strength)
+    n = args.num_images
+    for j, prompt in enumerate(prompts):
+        seed = None if args.seed is None else args.seed + j * n
+        check_inputs(prompt, args.negative, args.steps, args.guidance, args.sampler, seed, n, init_image, args.strength)
     if args.size:
         check_size(width, height)
-    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=args.config)
+
+    workers = start_workers(args.device)
+    # Prompt j's images get seeds base + j*n + i and indices first + j*n + i, agreed by all ranks,
+    # so a split run fills the folder exactly as one process would.
+    base_seed = workers.share(args.seed if args.seed is not None else random.randrange(MAX_SEED + 2 - n * len(prompts)))
+    first_index = workers.share(next_free_index(args.output_dir))
+    pipe = Pipeline.from_pretrained(args.model, device=workers.device, dtype=args.dtype, config=args.config)
     job = GenerateJob(
         pipe,
         output_dir=args.output_dir,
@@ -114,22 +128,41 @@ def run_generate(args) -> int:
         animation_format=args.animation_format,
         progress=not args.quiet,
     )
-    paths = job.run(
-        prompt=args.prompt,
-        negative_prompt=args.negative,
-        steps=args.steps,
-        guidance=args.guidance,
-        sampler=args.sampler,
-        seed=args.seed,
-        width=width,
-        height=height,
-        num_images=args.num_images,
-        init_image=init_image,
-        strength=args.strength,
-    )
-    for path in paths:
-        print(path)
+    for j in workers.mine(list(range(len(prompts)))):
+        paths = job.run(
+            first_index=first_index + j * n,
+            prompt=prompts[j],
+            negative_prompt=args.negative,
+            steps=args.steps,
+            guidance=args.guidance,
+            sampler=args.sampler,
+            seed=base_seed + j * n,
+            width=width,
+            height=height,
+            num_images=n,
+            init_image=init_image,
+            strength=args.strength,
+        )
+        for path in paths:
+            print(path, flush=True)
+    workers.barrier()
     return 0
+
+
+def read_prompts(args) -> list[str]:
+    """The positional prompt, or the non-empty lines of --prompts FILE (exactly one of the two)."""
+    if (args.prompt is None) == (args.prompts is None):
+        raise InvalidRequest("give either a prompt or --prompts FILE")
+    if args.prompts is None:
+        return [args.prompt]
+    try:
+        lines = args.prompts.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LdmError(f"cannot read prompts file {args.prompts}: {getattr(exc, 'strerror', None) or exc}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise InvalidRequest(f"prompts file {args.prompts} has no prompts")
+    return prompts
 
 
 def ensure_writable(folder: Path) -> None:

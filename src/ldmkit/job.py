@@ -22,8 +22,12 @@ class GenerateJob:
     animation_format: str = "gif"
     progress: bool = True
 
-    def run(self, **generate_kwargs) -> list[Path]:
-        """Generate, then write each image (and its progression) under a fresh A1111-style name."""
+    def run(self, first_index: int | None = None, **generate_kwargs) -> list[Path]:
+        """Generate, then write each image (and its progression) under a fresh A1111-style name.
+
+        Image i is named from index first_index + i when given (so processes that split a prompt
+        list name files as one process would), else from the folder's next free index.
+        """
         frames: list[tuple[int, list[Image.Image]]] = []  # (step number, one preview per image)
         bar = None
 
@@ -42,7 +46,8 @@ class GenerateJob:
                 bar.close()
         paths = []
         for i, (image, seed, infotext) in enumerate(zip(result.images, result.seeds, result.infotexts)):
-            path = save_png(image, self.output_dir, lambda index, s=seed: f"{index:05d}-{s}.png", infotext)
+            start = None if first_index is None else first_index + i
+            path = save_png(image, self.output_dir, lambda index, s=seed: f"{index:05d}-{s}.png", infotext, start)
             paths.append(path)
             if frames:
                 paths.extend(self.save_progression([(n, previews[i]) for n, previews in frames], path))

@@ -70,18 +70,19 @@ def png_info(infotext: str) -> PngImagePlugin.PngInfo:
     return info
 
 
-def save_new_file(write, folder: Path, make_name) -> Path:
+def save_new_file(write, folder: Path, make_name, start_index: int | None = None) -> Path:
     """Write a file atomically under the first free name make_name(index) gives, never overwriting.
 
     `write(tmp_path)` writes the content; the finished file is then hard-linked into place, which
-    fails instead of overwriting when another process took the name first.
+    fails instead of overwriting when another process took the name first. Indices start at
+    `start_index`, or one past the folder's largest.
     """
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
     os.close(fd)
     try:
         write(tmp)
-        index = next_free_index(folder)
+        index = next_free_index(folder) if start_index is None else start_index
         while True:
             path = folder / make_name(index)
             try:
@@ -99,7 +100,7 @@ def next_free_index(folder: Path) -> int:
     return max(indices, default=0) + 1
 
 
-def save_png(image: Image.Image, folder: Path, make_name, infotext: str | None = None) -> Path:
+def save_png(image: Image.Image, folder: Path, make_name, infotext: str | None = None, start_index: int | None = None) -> Path:
     """Save a PNG with its parameters chunk, atomically and without overwriting."""
     pnginfo = png_info(infotext) if infotext else None
-    return save_new_file(lambda tmp: image.save(tmp, format="PNG", pnginfo=pnginfo), folder, make_name)
+    return save_new_file(lambda tmp: image.save(tmp, format="PNG", pnginfo=pnginfo), folder, make_name, start_index)
