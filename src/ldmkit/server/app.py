@@ -41,9 +41,9 @@ def create_app(pipe: Pipeline, queue_size: int = 8, max_body_bytes: int = MAX_BO
     if ui:
         import gradio as gr  # the heaviest import; API-only apps (and their tests) skip it
 
-        from ldmkit.server.ui import build_ui
+        from ldmkit.server.ui import CSS, build_ui
 
-        gr.mount_gradio_app(app, build_ui(queue), path="/", max_file_size=max_body_bytes, ssr_mode=False, footer_links=["api"])
+        gr.mount_gradio_app(app, build_ui(queue), path="/", max_file_size=max_body_bytes, ssr_mode=False, footer_links=["api"], css=CSS)
     return app
 
 

@@ -243,7 +243,7 @@ async def wait_for_result(
     queue: GenerationQueue, job: Job, client_gone: Callable[[], Awaitable[bool]], poll_seconds: float = 0.2
 ) -> GenerationResult:
     """Await a job's result; a client that disconnects first has its job cancelled, freeing its place."""
-    result = asyncio.wrap_future(job.future)
+    result = as_asyncio(job)
     try:
         while True:
             done, _ = await asyncio.wait({result}, timeout=poll_seconds)
@@ -254,4 +254,10 @@ async def wait_for_result(
     finally:
         if not job.done:  # disconnected, or this handler itself was cancelled
             queue.cancel(job)
-            result.add_done_callback(lambda f: f.cancelled() or f.exception())  # no "never retrieved" log
+
+
+def as_asyncio(job: Job) -> asyncio.Future:
+    """The job's result as an asyncio future; one nobody awaits (a cancelled job's) is not logged as an error."""
+    result = asyncio.wrap_future(job.future)
+    result.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return result

@@ -17,9 +17,12 @@ from ldmkit.metadata import PARAMETERS_KEY, parse_infotext
 from ldmkit.previews import make_grid, preview_images
 from ldmkit.samplers import DEFAULT_SAMPLER, SAMPLERS
 from ldmkit.server.imaging import decode_image
-from ldmkit.server.queue import Cancelled, GenerationQueue, GenerationRequest, Job, QueueFull
+from ldmkit.server.queue import Cancelled, GenerationQueue, GenerationRequest, Job, QueueFull, as_asyncio
 
 POLL_SECONDS = 0.1  # how often the page may get a new preview
+
+# Previews fill their box whatever the model's size; latent previews are blocky, so keep them crisp.
+CSS = ".ldm-preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
 
 def build_ui(queue: GenerationQueue) -> gr.Blocks:
@@ -55,7 +58,7 @@ def _generation_tab(queue: GenerationQueue, img2img: bool) -> None:
             with gr.Row():
                 guidance = gr.Slider(0.0, 30.0, value=7.5, step=0.5, label="CFG scale")
                 seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", scale=2)
-                random_seed = gr.Button("🎲 Random", scale=1, min_width=80)
+                random_seed = gr.Button("Random seed", scale=1, min_width=80)
             with gr.Row():
                 batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size")
                 n_iter = gr.Slider(1, 16, value=1, step=1, label="Batch count")
@@ -65,8 +68,8 @@ def _generation_tab(queue: GenerationQueue, img2img: bool) -> None:
                 cancel = gr.Button("Cancel", variant="stop", elem_id=f"{name}-cancel")
             status = gr.Markdown("Ready.", elem_id=f"{name}-status")
             with gr.Row(equal_height=True):
-                preview = gr.Image(label="Live preview", format="png", interactive=False, height=320, elem_id=f"{name}-preview")
-                gallery = gr.Gallery(label="Images", format="png", columns=2, height=320, elem_id=f"{name}-gallery")
+                preview = gr.Image(label="Live preview", format="png", interactive=False, height=320, elem_id=f"{name}-preview", elem_classes=["ldm-preview"])
+                gallery = gr.Gallery(label="Images", format="png", columns=2, height=320, object_fit="contain", elem_id=f"{name}-gallery")
             parameters = gr.Textbox(label="Parameters of the selected image", lines=3, interactive=False, elem_id=f"{name}-parameters")
     infotexts = gr.State([])
 
@@ -122,7 +125,7 @@ def _generation_tab(queue: GenerationQueue, img2img: bool) -> None:
 async def _watch(queue: GenerationQueue, job: Job, progress: gr.Progress):
     """Yield (preview image, status line) for each new step the worker took, until the job ends."""
     shown, last_position = 0, None
-    finished = asyncio.wrap_future(job.future)
+    finished = as_asyncio(job)
     while True:
         await asyncio.wait({finished}, timeout=POLL_SECONDS)
         step = job.step

@@ -1,0 +1,95 @@
+"""The web UI in headless Chromium: type a prompt, press Generate, see intermediates, then the final image.
+
+Uses Debian's chromium (never a downloaded browser) through Playwright. Set LDM_UI_SCREENSHOT=docs/ui.png
+to save the page after the generation.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import time
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio", reason="server extras not installed (pip install -e .[server])")
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed (see .ci/server-deps.sh)")
+
+from e2e.serving import serve_tiny  # noqa: E402
+from ldmkit.metadata import png_info  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+pytestmark = pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason=f"no {CHROMIUM}: apt-get install chromium (CI does)")
+
+
+@pytest.fixture(scope="module")
+def ui():
+    with serve_tiny() as (url, pipe, app):
+        pipe.step_seconds = 0.1  # a step as slow as a real model's, so intermediates can be seen
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(30_000)
+            page.goto(url + "/")
+            yield page, app.state.queue
+            browser.close()
+
+
+def test_generate_shows_intermediates_then_the_final_image_with_its_parameters(ui):
+    page, _ = ui
+    page.fill("#txt2img-prompt textarea", "a red cube")
+    steps = page.locator("input[aria-label='number input for Steps']").first
+    steps.fill("12")
+    steps.press("Enter")
+    page.click("#txt2img-generate")
+
+    page.wait_for_selector("#txt2img-preview img")
+    status = page.inner_text("#txt2img-status")
+    assert status.startswith("Step ") and "/12" in status  # an intermediate, while the image forms...
+    assert page.locator("#txt2img-gallery img").count() == 0  # ...before any final image
+
+    page.wait_for_selector("#txt2img-gallery img")
+    page.wait_for_function("document.querySelector('#txt2img-status').innerText.startsWith('Done')")
+    parameters = page.input_value("#txt2img-parameters textarea")
+    assert parameters.startswith("a red cube\nSteps: 12,") and "Seed: " in parameters
+
+    # The gallery serves PNGs that keep their parameters, as AUTOMATIC1111's do.
+    source = page.locator("#txt2img-gallery img").first.get_attribute("src")
+    image = Image.open(io.BytesIO(page.request.get(source).body()))
+    assert image.info["parameters"] == parameters
+
+    if os.environ.get("LDM_UI_SCREENSHOT"):
+        page.screenshot(path=os.environ["LDM_UI_SCREENSHOT"])
+
+
+def test_cancel_stops_the_generation_and_frees_the_worker(ui):
+    page, queue = ui
+    page.click("button[role='tab']:has-text('txt2img')")
+    steps = page.locator("input[aria-label='number input for Steps']").first
+    steps.fill("150")
+    steps.press("Enter")
+    page.click("#txt2img-generate")
+    page.wait_for_function("document.querySelector('#txt2img-status').innerText.startsWith('Step')")
+    page.click("#txt2img-cancel")
+    page.wait_for_function("document.querySelector('#txt2img-status').innerText.startsWith('Cancelled')")
+    deadline = time.monotonic() + 5
+    while queue.current is not None:  # the job stops at its next step
+        assert time.monotonic() < deadline, "the cancelled job is still running"
+        time.sleep(0.05)
+
+
+def test_png_info_tab_reads_parameters_from_an_upload(ui, tmp_path):
+    page, _ = ui
+    path = tmp_path / "with-parameters.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=png_info("a boat\nSteps: 9, Sampler: Euler, CFG scale: 7, Seed: 11, Size: 8x8"))
+    page.click("button[role='tab']:has-text('PNG info')")
+    page.set_input_files("#png-info-image input[type='file']", str(path))
+    page.wait_for_function("document.querySelector('#png-info-text textarea').value.includes('Seed: 11')")
+    assert page.input_value("#png-info-text textarea").startswith("a boat\n")
