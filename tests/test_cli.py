@@ -104,3 +104,20 @@ def test_not_an_image_and_unwritable_output_fail_before_loading(tmp_path):
     blocker.write_text("x")
     out = ldm("generate", "otter", "--model", "/no/such/model", "-o", blocker / "sub")
     assert out.returncode == 2 and "cannot write to output folder" in out.stderr
+
+
+def test_sigterm_mid_run_exits_cleanly_and_writes_nothing(tiny_model, tmp_path):
+    out_dir = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ldmkit.cli", "generate", "otter", "--steps", "1000", "--sampler", "Euler", "--model", str(tiny_model), "-o", str(out_dir), "--save-intermediates"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    # wait until the denoising loop is running (the progress bar has started)
+    seen = ""
+    while "step" not in seen and proc.poll() is None:
+        seen += proc.stderr.read(1)
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, seen + err
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(out_dir.iterdir()) == []

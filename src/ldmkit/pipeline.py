@@ -236,9 +236,10 @@ class Pipeline:
         Every scheduler's `scale_model_input` yields x_t = sqrt(a) x0 + sqrt(1 - a) eps with a the
         cumulative alpha at t (interpolated for fractional Karras timesteps), so one formula fits all.
         """
-        t = float(t)
+        last = len(alphas_cumprod) - 1
+        t = min(float(t), last)  # "leading" spacing with steps_offset can yield t == num_train_timesteps
         lo = int(math.floor(t))
-        hi = min(lo + 1, len(alphas_cumprod) - 1)
+        hi = min(lo + 1, last)
         alpha_bar = torch.lerp(alphas_cumprod[lo], alphas_cumprod[hi], t - lo)
         a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
         x_t, out = scaled_input.float(), model_output.float()
