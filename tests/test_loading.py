@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_tiny_components
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldmkit import loading
@@ -239,6 +239,15 @@ def test_folder_with_truncated_weights(tiny_folder):
     weights = tiny_folder / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     assert str(tiny_folder) in one_line_error(tiny_folder)
+
+
+@pytest.mark.parametrize("component", ["unet", "text_encoder"])
+def test_folder_with_a_missing_weight(tiny_folder, component):
+    weights = next((tiny_folder / component).glob("*.safetensors"))
+    state_dict = load_file(str(weights))
+    del state_dict[min(state_dict)]
+    save_file(state_dict, str(weights), metadata={"format": "pt"})
+    assert "1 missing" in one_line_error(tiny_folder)
 
 
 def test_truncated_single_file(tiny_components, tiny_folder, tmp_path):

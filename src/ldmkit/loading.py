@@ -216,7 +216,7 @@ def _check_loading_info(info: dict, component: str, folder: Path) -> None:
     missing = info.get("missing_keys") or []
     mismatched = info.get("mismatched_keys") or []
     if missing or mismatched:
-        example = sorted(missing)[0] if missing else sorted(map(str, mismatched))[0]
+        example = min(missing) if missing else min(map(str, mismatched))
         raise ModelLoadError(
             f"{folder / component} has {len(missing)} missing and {len(mismatched)} mis-shaped weights "
             f"(e.g. {example}); the folder is incomplete or its config does not match its weights"
