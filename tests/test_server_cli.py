@@ -1,0 +1,69 @@
+"""`ldm serve` from the command line: options, a cheap import, and a real start on a saved tiny model."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+pytest.importorskip("uvicorn", reason="server extras not installed (pip install -e .[server])")
+
+from ldmkit.errors import InvalidRequest  # noqa: E402
+from ldmkit.loading import save_pretrained  # noqa: E402
+from ldmkit.server.cli import register  # noqa: E402
+
+
+def test_serve_defaults_listen_on_localhost_only():
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve"])
+    assert (args.host, args.port, args.model, args.queue_size, args.device, args.dtype) == ("127.0.0.1", 7860, None, 8, "auto", "auto")
+    assert callable(args.func)
+
+
+def test_registering_the_command_imports_nothing_heavy():
+    code = "import sys, ldmkit.server.cli; print(sorted({'torch', 'fastapi', 'gradio', 'uvicorn'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_negative_queue_size_is_refused_before_loading_anything():
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--queue-size", "-1", "--model", "/nonexistent"])
+    with pytest.raises(InvalidRequest, match="--queue-size must be >= 0"):
+        args.func(args)
+
+
+@pytest.mark.slow
+def test_ldm_serve_loads_the_model_once_and_answers(tiny_components, tmp_path):
+    folder = save_pretrained(tiny_components, tmp_path / "tiny-model")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "ldmkit.cli", "serve", "--model", str(folder), "--port", str(port), "--device", "cpu", "--no-ui"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            assert time.monotonic() < deadline, "ldm serve did not start"
+            try:
+                models = requests.get(f"{url}/sdapi/v1/sd-models", timeout=2).json()
+                break
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        assert models[0]["model_name"] == "tiny-model"
+        response = requests.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "x", "width": 16, "height": 16, "steps": 2}, timeout=60)
+        assert response.status_code == 200
+    finally:
+        server.send_signal(signal.SIGTERM)
+        output = server.communicate(timeout=30)[0]
+    assert server.returncode == 0, output
