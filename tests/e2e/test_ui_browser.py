@@ -85,6 +85,19 @@ def test_cancel_stops_the_generation_and_frees_the_worker(ui):
         time.sleep(0.05)
 
 
+def test_img2img_tab_repaints_an_uploaded_image(ui, tmp_path):
+    page, _ = ui
+    path = tmp_path / "init.png"
+    Image.new("RGB", (32, 24), (200, 40, 40)).save(path)
+    page.click("button[role='tab']:has-text('img2img')")
+    page.set_input_files("#img2img-init input[type='file']", str(path))
+    page.fill("#img2img-prompt textarea", "a blue cube")
+    page.click("#img2img-generate")
+    page.wait_for_function("document.querySelector('#img2img-status').innerText.startsWith('Done')")
+    parameters = page.input_value("#img2img-parameters textarea")
+    assert parameters.startswith("a blue cube\n") and "Denoising strength: 0.75" in parameters
+
+
 def test_png_info_tab_reads_parameters_from_an_upload(ui, tmp_path):
     page, _ = ui
     path = tmp_path / "with-parameters.png"
