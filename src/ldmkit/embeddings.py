@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from pathlib import Path
 
 import safetensors.torch
@@ -60,7 +61,9 @@ def read_embedding(path: str | os.PathLike, expected_size: int | None = None) ->
             data = safetensors.torch.load_file(path, device="cpu")
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a corrupt file, or a pickle holding more than tensors
+    except pickle.UnpicklingError:
+        raise LdmError(f"cannot read embedding {path}: its pickle holds more than tensors, which are never loaded") from None
+    except Exception as error:
         raise LdmError(f"cannot read embedding {path}: {error}") from None
     vectors = _vectors(data, path).detach().float()
     vectors = vectors[None] if vectors.ndim == 1 else vectors
