@@ -142,8 +142,9 @@ def test_progress_shows_a_preview_and_interrupt_returns_the_partial_image(server
     finally:
         pipe.step_seconds = 0.0
     assert response.status_code == 200, response.text
-    assert json.loads(response.json()["info"])["all_seeds"] == [5]
-    assert png_from_b64(response.json()["images"][0]).size == (16, 16)
+    info = json.loads(response.json()["info"])
+    assert info["all_seeds"] == [5] and "Seed: 5," in info["infotexts"][0]
+    assert png_from_b64(response.json()["images"][0]).info["parameters"] == info["infotexts"][0]
 
 
 def _progress_with_image(url):

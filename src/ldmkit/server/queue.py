@@ -217,8 +217,9 @@ class GenerationQueue:
                 )
             except _Interrupted as stop:
                 seeds = [seed + i for i in range(r.batch_size)]
+                extra = {"Denoising strength": r.strength if r.init_image is not None else None}
                 infotexts = [
-                    self.pipe.infotext(r.prompt, r.negative_prompt, r.steps, r.guidance, r.sampler, s, r.width, r.height, r.init_image, r.strength)
+                    self.pipe.infotext(r.prompt, r.negative_prompt, r.steps, r.guidance, r.sampler, s, r.width, r.height, extra)
                     for s in seeds
                 ]
                 part = GenerationResult(images=stop.images, seeds=seeds, infotexts=infotexts)
