@@ -13,9 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ldmkit.errors import InvalidRequest
+from ldmkit.inpainting import Inpainting, check_inpainting, prepare_mask
+from ldmkit.hires import HiresFix
 from ldmkit import loading
 from ldmkit.loading import Components
 from ldmkit.metadata import format_infotext
@@ -92,7 +95,9 @@ class Pipeline:
         self.vae = _place(components.vae, device, dtype)
         self.scheduler_config = components.scheduler_config
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.latent_channels = self.unet.config.in_channels
+        self.latent_channels = self.vae.config.latent_channels
+        # SD inpainting UNets also take the mask and the masked image's latents: 4 + 1 + 4 channels.
+        self.is_inpainting_model = self.unet.config.in_channels == 2 * self.latent_channels + 1
 
     @classmethod
     def from_pretrained(cls, source=None, device="cpu", dtype=None, config=None) -> Pipeline:
@@ -128,14 +133,25 @@ class Pipeline:
         init_image: Image.Image | None = None,
         strength: float = 0.75,
         callback: Callable[[StepInfo], None] | None = None,
+        *,
+        mask_image: Image.Image | None = None,
+        mask_blur: int = 4,
+        hires: HiresFix | None = None,
     ) -> GenerationResult:
         # 1. Validate everything before spending compute.
         sampler_ = check_inputs(prompt, negative_prompt, steps, guidance, sampler, seed, num_images, init_image, strength)
+        check_inpainting(mask_image, mask_blur, init_image)
         width, height = self.resolve_size(width, height, init_image)
+        if hires is not None:
+            if init_image is not None:
+                raise InvalidRequest("hires fix is for text-to-image; with an init image, set the size directly")
+            hires.check(steps, width, height)
+        if self.is_inpainting_model and mask_image is None:
+            raise InvalidRequest("this is an inpainting model: give an init image and a mask")
         seed = random.randrange(MAX_SEED + 1 - num_images) if seed is None else seed
         seeds = [seed + i for i in range(num_images)]
         # Image i owns a CPU generator seeded seed + i: the same seed gives the same image on any
-        # device and in any batch; it also feeds the VAE posterior sample and ancestral noise.
+        # device and in any batch; it also feeds the VAE posterior samples and ancestral noise.
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         use_guidance = guidance > 1.0
 
@@ -150,19 +166,42 @@ class Pipeline:
             timesteps = self.img2img_timesteps(scheduler, steps, strength)
 
         # 4. Starting latents: noise (txt2img) or the encoded init image noised to `strength`.
-        if init_image is None:
+        inpainting = None
+        if mask_image is not None:
+            inpainting = self.prepare_inpainting(init_image, mask_image, mask_blur, width, height, generators, scheduler, timesteps, strength)
+            latents = inpainting.start_latents
+        elif init_image is None:
             latents = self.prepare_latents(generators, height, width) * scheduler.init_noise_sigma
         else:
             latents = self.prepare_img2img_latents(init_image, width, height, generators, scheduler, timesteps[:1])
 
         # 5. Denoising loop with classifier-free guidance.
-        latents = self.denoise(latents, text_embeddings, scheduler, timesteps, guidance, use_guidance, generators if sampler_.stochastic else None, callback)
+        noise_generators = generators if sampler_.stochastic else None
+        denoise = lambda latents, scheduler, timesteps, inpainting=None: self.denoise(  # noqa: E731
+            latents, text_embeddings, scheduler, timesteps, guidance, use_guidance, noise_generators, callback, inpainting
+        )
+        latents = denoise(latents, scheduler, timesteps, inpainting)
+
+        # 5b. Hires fix: upscale, then an img2img pass at the larger size.
+        if hires is not None:
+            latents = hires.upscale(self, latents)
+            scheduler = sampler_.make_scheduler(self.scheduler_config)
+            hires_steps = hires.steps or steps
+            scheduler.set_timesteps(hires_steps, device=self.device)
+            timesteps = self.img2img_timesteps(scheduler, hires_steps, hires.strength)
+            noise = self.prepare_latents(generators, *latents.shape[-2:], in_latent_space=True)
+            latents = scheduler.add_noise(latents, noise, timesteps[:1].repeat(num_images))
+            latents = denoise(latents, scheduler, timesteps)
 
         # 6. Decode and post-process.
         images = self.latents_to_images(latents)
+        params = {"Denoising strength": strength if init_image is not None else None}
+        if mask_image is not None:
+            params["Mask blur"] = mask_blur
+        if hires is not None:
+            params.update(hires.infotext_params(steps))
         infotexts = [
-            self.infotext(prompt, negative_prompt, steps, guidance, sampler_.name, s, width, height, init_image, strength)
-            for s in seeds
+            self.infotext(prompt, negative_prompt, steps, guidance, sampler_.name, s, width, height, params) for s in seeds
         ]
         return GenerationResult(images=images, seeds=seeds, infotexts=infotexts)
 
@@ -185,9 +224,10 @@ class Pipeline:
         hidden = self.text_encoder(tokens.input_ids.to(self.device))[0]  # (len(texts), 77, D)
         return hidden.repeat_interleave(num_images, dim=0)
 
-    def prepare_latents(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
+    def prepare_latents(self, generators: list[torch.Generator], height: int, width: int, in_latent_space: bool = False) -> torch.Tensor:
         """(B, C, H/f, W/f) unit Gaussian noise, image i drawn on the CPU from its own generator."""
-        shape = (1, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        f = 1 if in_latent_space else self.vae_scale_factor
+        shape = (1, self.latent_channels, height // f, width // f)
         noise = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
         return torch.cat(noise).to(self.device, self.dtype)
 
@@ -202,30 +242,61 @@ class Pipeline:
     def prepare_img2img_latents(self, init_image, width, height, generators, scheduler, first_timestep) -> torch.Tensor:
         """Encode the init image, sample its posterior, and noise it to the first timestep."""
         pixels = self.image_to_tensor(init_image, width, height)  # (1, 3, H, W) in [-1, 1]
-        posterior = self.vae.encode(pixels).latent_dist
-        latents, noise = [], []
-        for generator in generators:  # per image: posterior sample, then noise, from its generator
-            latents.append(posterior.sample(generator=generator) * self.vae.config.scaling_factor)
-            noise.append(torch.randn(latents[-1].shape, generator=generator, dtype=torch.float32))
-        latents = torch.cat(latents)
-        noise = torch.cat(noise).to(self.device, self.dtype)
+        latents = self.encode_samples(pixels, generators)  # per image: posterior sample, then noise
+        noise = self.prepare_latents(generators, height, width)
         return scheduler.add_noise(latents, noise, first_timestep.repeat(len(generators)))
 
-    def denoise(self, latents, text_embeddings, scheduler, timesteps, guidance, use_guidance, generators, callback):
+    def encode_samples(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """(B, C, h, w) scaled latents: one posterior sample of the (1, 3, H, W) image per generator."""
+        posterior = self.vae.encode(pixels).latent_dist
+        samples = [posterior.sample(generator=g) for g in generators]
+        return torch.cat(samples) * self.vae.config.scaling_factor
+
+    def prepare_inpainting(self, init_image, mask_image, mask_blur, width, height, generators, scheduler, timesteps, strength) -> Inpainting:
+        """Latents, mask and known-region latents for inpainting, drawing randomness as diffusers does.
+
+        Per image: the init image's posterior sample (needed to blend for regular models, or to start
+        from when strength < 1), then the start noise, then (9-channel models) the masked image's sample.
+        """
+        pixels = self.image_to_tensor(init_image, width, height)
+        soft_mask, binary_mask = prepare_mask(mask_image, width, height, mask_blur)  # (1, 1, H, W) each
+        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        full_strength = strength >= 1.0
+        image_latents = None
+        if not self.is_inpainting_model or not full_strength:
+            image_latents = self.encode_samples(pixels, generators)
+        noise = self.prepare_latents(generators, height, width)
+        if full_strength:
+            start = noise * scheduler.init_noise_sigma
+        else:
+            start = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(len(generators)))
+        if self.is_inpainting_model:
+            masked_latents = self.encode_samples(pixels * (binary_mask < 0.5).to(pixels.dtype), generators)
+            mask = F.interpolate(binary_mask, size=latent_size).to(self.device, self.dtype)
+            return Inpainting(start, noise, image_latents, mask.expand(len(generators), -1, -1, -1), masked_latents)
+        mask = F.interpolate(soft_mask, size=latent_size).to(self.device, self.dtype)
+        return Inpainting(start, noise, image_latents, mask.expand(len(generators), -1, -1, -1), None)
+
+    def denoise(self, latents, text_embeddings, scheduler, timesteps, guidance, use_guidance, generators, callback, inpainting=None):
         """Run the sampler; each step is one batched UNet call over [uncond, cond]."""
         step_kwargs = {"generator": generators} if generators is not None else {}
         alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
+        copies = 2 if use_guidance else 1
         for i, t in enumerate(timesteps):
-            model_input = torch.cat([latents] * 2) if use_guidance else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            model_output = self.unet(model_input, t, encoder_hidden_states=text_embeddings, return_dict=False)[0]
+            scaled_input = scheduler.scale_model_input(torch.cat([latents] * copies), t)
+            unet_input = scaled_input
+            if inpainting is not None and inpainting.masked_latents is not None:  # 9-channel UNet
+                conditioning = torch.cat([inpainting.mask, inpainting.masked_latents], dim=1)
+                unet_input = torch.cat([scaled_input, torch.cat([conditioning] * copies)], dim=1)
+            model_output = self.unet(unet_input, t, encoder_hidden_states=text_embeddings, return_dict=False)[0]
             if use_guidance:
                 uncond, cond = model_output.chunk(2)
                 model_output = uncond + guidance * (cond - uncond)
             if callback is not None:
-                scaled_input = model_input[: len(latents)]
-                x0, sigma = self.predict_x0(scaled_input, model_output, t, alphas_cumprod)
+                x0, sigma = self.predict_x0(scaled_input[: len(latents)], model_output, t, alphas_cumprod)
             latents = scheduler.step(model_output, t, latents, **step_kwargs, return_dict=False)[0]
+            if inpainting is not None and inpainting.masked_latents is None:
+                latents = inpainting.keep_known_region(latents, scheduler, timesteps, i)
             if callback is not None:
                 callback(StepInfo(i, len(timesteps), float(t), sigma, latents, x0))
         return latents
@@ -277,7 +348,7 @@ class Pipeline:
         tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
         return (tensor * 2 - 1).to(self.device, self.dtype)
 
-    def infotext(self, prompt, negative_prompt, steps, guidance, sampler, seed, width, height, init_image, strength) -> str:
+    def infotext(self, prompt, negative_prompt, steps, guidance, sampler, seed, width, height, extra: dict) -> str:
         params = {
             "Steps": steps,
             "Sampler": sampler,
@@ -285,7 +356,7 @@ class Pipeline:
             "Seed": seed,
             "Size": f"{width}x{height}",
             "Model": self.model_name,
-            "Denoising strength": strength if init_image is not None else None,
+            **extra,
         }
         return format_infotext(prompt, negative_prompt, params)
 
