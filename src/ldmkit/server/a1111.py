@@ -15,7 +15,7 @@ from ldmkit.metadata import PARAMETERS_KEY, parse_infotext
 from ldmkit.pipeline import GenerationResult
 from ldmkit.previews import make_grid, preview_images
 from ldmkit.samplers import SAMPLERS
-from ldmkit.server.imaging import decode_base64_image, encode_png_base64
+from ldmkit.server.imaging import decode_base64_image, encode_all, encode_png_base64
 from ldmkit.server.queue import GenerationQueue, GenerationRequest, Job, wait_for_result
 
 
@@ -96,7 +96,7 @@ def create_router(queue: GenerationQueue) -> APIRouter:
             raise InvalidRequest("img2img needs init_images: one base64 image")
         if len(body.init_images) > 1:
             raise InvalidRequest(f"img2img takes one init image, got {len(body.init_images)}")
-        init_image = decode_base64_image(body.init_images[0], "init_images[0]").convert("RGB")
+        init_image = await asyncio.to_thread(lambda: decode_base64_image(body.init_images[0], "init_images[0]").convert("RGB"))
         response = await _generate(queue, body, init_image, request)
         if not body.include_init_images:
             response["parameters"]["init_images"] = None
@@ -110,8 +110,7 @@ def create_router(queue: GenerationQueue) -> APIRouter:
         step = job.step
         current_image = None
         if step is not None and not skip_current_image:
-            previews = await asyncio.to_thread(preview_images, pipe, step, "fast")
-            current_image = encode_png_base64(make_grid(previews))
+            current_image = await asyncio.to_thread(lambda: encode_png_base64(make_grid(preview_images(pipe, step, "fast"))))
         return ProgressResponse(progress=job.progress(), eta_relative=job.eta(), state=_state(job), current_image=current_image)
 
     @router.post("/interrupt")
@@ -130,7 +129,7 @@ def create_router(queue: GenerationQueue) -> APIRouter:
 
     @router.post("/png-info", response_model=PngInfoResponse)
     async def png_info(body: PngInfoRequest):
-        image = decode_base64_image(body.image)
+        image = await asyncio.to_thread(decode_base64_image, body.image)
         items = {key: value for key, value in image.info.items() if isinstance(value, str)}
         info = items.pop(PARAMETERS_KEY, "")
         return PngInfoResponse(info=info, items=items, parameters=parse_infotext(info) if info else {})
@@ -156,7 +155,7 @@ async def _generate(queue: GenerationQueue, body: Txt2ImgRequest, init_image, re
         )
     )
     result = await wait_for_result(queue, job, request.is_disconnected)
-    images = [encode_png_base64(image, text) for image, text in zip(result.images, result.infotexts)]
+    images = await asyncio.to_thread(encode_all, result)
     return {
         "images": images if body.send_images else [],
         "parameters": body.model_dump(),

@@ -10,6 +10,7 @@ from PIL import Image
 
 from ldmkit.errors import InvalidRequest
 from ldmkit.metadata import png_info
+from ldmkit.pipeline import GenerationResult
 
 MAX_INPUT_PIXELS = 4096 * 4096  # a server limit: larger uploads are refused before decoding
 
@@ -51,3 +52,8 @@ def encode_png(image: Image.Image, infotext: str | None = None) -> bytes:
 
 def encode_png_base64(image: Image.Image, infotext: str | None = None) -> str:
     return base64.b64encode(encode_png(image, infotext)).decode("ascii")
+
+
+def encode_all(result: GenerationResult) -> list[str]:
+    """A generation's images as base64 PNGs, each carrying its own parameters."""
+    return [encode_png_base64(image, text) for image, text in zip(result.images, result.infotexts)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from typing import Literal
@@ -10,7 +11,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from ldmkit.errors import InvalidRequest
-from ldmkit.server.imaging import encode_png_base64
+from ldmkit.server.imaging import encode_all
 from ldmkit.server.queue import GenerationQueue, GenerationRequest, wait_for_result
 
 _SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
@@ -49,7 +50,7 @@ def create_router(queue: GenerationQueue) -> APIRouter:
         width, height = parse_size(body.size)
         job = queue.submit(GenerationRequest(prompt=body.prompt, width=width, height=height, batch_size=body.n))
         result = await wait_for_result(queue, job, request.is_disconnected)
-        encoded = [encode_png_base64(image, text) for image, text in zip(result.images, result.infotexts)]
+        encoded = await asyncio.to_thread(encode_all, result)
         if body.response_format == "url":
             data = [ImageData(url=f"data:image/png;base64,{b64}") for b64 in encoded]
         else:

@@ -90,7 +90,7 @@ def _generation_tab(queue: GenerationQueue, img2img: bool) -> None:
             path, request.strength = extra
             if path is None:
                 raise gr.Error("Upload an init image first.")
-            request.init_image = _user_error(lambda: decode_image(path, "init image").convert("RGB"))
+            request.init_image = await asyncio.to_thread(_user_error, lambda: decode_image(path, "init image").convert("RGB"))
         job = _user_error(lambda: queue.submit(request))
         try:
             async for update in _watch(queue, job, progress):
