@@ -61,7 +61,7 @@ def test_each_file_becomes_a_word_named_after_it_with_its_vectors(embeddings_dir
     assert sorted(loaded) == ["StyleThree", "badhands", "cat-toy"]
     ids = tokenizer.convert_tokens_to_ids(["StyleThree", "StyleThree_1", "StyleThree_2", "badhands", "cat-toy"])
     expected = [*vectors(3, seed=1), vectors(1, seed=2)[0], vectors(1, seed=3)[0]]
-    for token_id, vector in zip(ids, expected):
+    for token_id, vector in zip(ids, expected, strict=True):
         assert torch.equal(input_row(text_encoder, token_id), vector)
 
 
@@ -101,7 +101,10 @@ def test_loading_again_keeps_registered_embeddings(embeddings_dir, text_encoder)
     first = load_embeddings(embeddings_dir, tokenizer, text_encoder)
     vocab_size = len(tokenizer)
     safetensors.torch.save_file({"emb_params": vectors(2, seed=4)}, embeddings_dir / "newer.safetensors")
-    assert load_embeddings(embeddings_dir, tokenizer, text_encoder) == {**first, "newer": embeddings_dir / "newer.safetensors"}
+    assert load_embeddings(embeddings_dir, tokenizer, text_encoder) == {
+        **first,
+        "newer": embeddings_dir / "newer.safetensors",
+    }
     assert len(tokenizer) == vocab_size + 2
 
 

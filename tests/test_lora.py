@@ -23,7 +23,7 @@ TEXT_TARGETS = re.compile(r"self_attn\.(q|k|v|out)_proj$")
 
 
 def kohya_lora(path, components, seed=0, rank=2, alpha=1.0, text_encoder=True):
-    """A kohya/A1111 LoRA file for the tiny models; returns {module name: delta} for weight 1 (alpha / rank * up @ down)."""
+    """A kohya/A1111 LoRA file for the tiny models; returns {module: weight-1 delta, alpha / rank * up @ down}."""
     generator = torch.Generator().manual_seed(seed)
     tensors, deltas = {}, {}
     targets = [("unet.", "lora_unet_", components.unet, UNET_TARGETS)]
@@ -35,7 +35,11 @@ def kohya_lora(path, components, seed=0, rank=2, alpha=1.0, text_encoder=True):
                 key = prefix + name.removeprefix("text_model.").replace(".", "_")
                 down = torch.randn(rank, module.in_features, generator=generator) * 0.3
                 up = torch.randn(module.out_features, rank, generator=generator) * 0.3
-                tensors |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)}
+                tensors |= {
+                    f"{key}.lora_down.weight": down,
+                    f"{key}.lora_up.weight": up,
+                    f"{key}.alpha": torch.tensor(alpha),
+                }
                 deltas[owner + name] = alpha / rank * up @ down
     safetensors.torch.save_file(tensors, path)
     return deltas
@@ -48,7 +52,9 @@ def peft_lora(folder, weight_name, seed=1):
     config = dict(r=2, lora_alpha=4, init_lora_weights=False)  # random A and B: a LoRA that changes something
     parts.unet.add_adapter(LoraConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"], **config))
     # peft's own injection: transformers' add_adapter wants a newer peft than diffusers needs
-    inject_adapter_in_model(LoraConfig(target_modules=["q_proj", "k_proj", "v_proj", "out_proj"], **config), parts.text_encoder)
+    inject_adapter_in_model(
+        LoraConfig(target_modules=["q_proj", "k_proj", "v_proj", "out_proj"], **config), parts.text_encoder
+    )
     StableDiffusionPipeline.save_lora_weights(
         folder,
         unet_lora_layers=get_peft_model_state_dict(parts.unet),
@@ -76,7 +82,11 @@ def outputs(components):
 
 
 def state(components):
-    return {f"{owner}.{k}": v.clone() for owner in ("unet", "text_encoder") for k, v in getattr(components, owner).state_dict().items()}
+    return {
+        f"{owner}.{k}": v.clone()
+        for owner in ("unet", "text_encoder")
+        for k, v in getattr(components, owner).state_dict().items()
+    }
 
 
 def assert_same_state(before, after):
@@ -144,14 +154,16 @@ def test_resolve_lora_refuses_two_files_of_the_same_name(tmp_path):
 def test_kohya_lora_adds_weight_times_alpha_over_rank_times_up_down(tmp_path, components):
     deltas = kohya_lora(tmp_path / "k.safetensors", components, alpha=1.0, rank=2)
     merged = copy.deepcopy(components)  # independent reference: A1111's merge of the update into the weights
-    modules = {f"{owner}.{n}": m for owner in ("unet", "text_encoder") for n, m in getattr(merged, owner).named_modules()}
+    modules = {
+        f"{owner}.{n}": m for owner in ("unet", "text_encoder") for n, m in getattr(merged, owner).named_modules()
+    }
     with torch.no_grad():
         for name, delta in deltas.items():
             modules[name].weight += 0.7 * delta
     expected = outputs(merged)
     with applied_loras(components, [(tmp_path / "k.safetensors", 0.7)]):
         actual = outputs(components)
-    for got, want in zip(actual, expected):
+    for got, want in zip(actual, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(actual[1], outputs(components)[1])  # the LoRA did change the prediction
 
@@ -160,12 +172,16 @@ def test_several_loras_match_diffusers_with_the_same_weights(tmp_path, component
     loras = [
         (kohya_lora(tmp_path / "k.safetensors", components, seed=2, alpha=4.0) and tmp_path / "k.safetensors", 0.8),
         (peft_lora(tmp_path, "p.safetensors"), -0.5),
-        (kohya_lora(tmp_path / "u.safetensors", components, seed=3, text_encoder=False) and tmp_path / "u.safetensors", 1.2),
+        (
+            kohya_lora(tmp_path / "u.safetensors", components, seed=3, text_encoder=False)
+            and tmp_path / "u.safetensors",
+            1.2,
+        ),
     ]
     expected = diffusers_reference(components, loras)
     with applied_loras(components, loras):
         actual = outputs(components)
-    for got, want in zip(actual, expected):
+    for got, want in zip(actual, expected, strict=True):
         assert torch.equal(got, want)
 
 
@@ -182,15 +198,17 @@ def test_removal_restores_exact_weights_and_outputs(tmp_path, components):
     with applied_loras(components, [(tmp_path / "k.safetensors", 1.0), (peft_lora(tmp_path, "p.safetensors"), 0.5)]):
         pass
     assert_same_state(before, state(components))
-    assert all(torch.equal(a, b) for a, b in zip(plain, outputs(components)))
+    assert all(torch.equal(a, b) for a, b in zip(plain, outputs(components), strict=True))
 
 
 def test_removal_happens_when_the_request_fails(tmp_path, components):
     before = state(components)
     kohya_lora(tmp_path / "k.safetensors", components)
-    with pytest.raises(RuntimeError, match="sampler broke"):
-        with applied_loras(components, [(tmp_path / "k.safetensors", 1.0)]):
-            raise RuntimeError("sampler broke")
+    with (
+        pytest.raises(RuntimeError, match="sampler broke"),
+        applied_loras(components, [(tmp_path / "k.safetensors", 1.0)]),
+    ):
+        raise RuntimeError("sampler broke")
     assert_same_state(before, state(components))
 
 
@@ -198,9 +216,9 @@ def test_a_file_that_is_not_a_lora_is_refused_and_nothing_stays_applied(tmp_path
     before = state(components)
     kohya_lora(tmp_path / "k.safetensors", components)
     safetensors.torch.save_file({"model.weight": torch.zeros(2, 2)}, tmp_path / "checkpoint.safetensors")
-    with pytest.raises(LdmError, match="cannot apply LoRA checkpoint.safetensors"):
-        with applied_loras(components, [(tmp_path / "k.safetensors", 1.0), (tmp_path / "checkpoint.safetensors", 1.0)]):
-            pass
+    loras = [(tmp_path / "k.safetensors", 1.0), (tmp_path / "checkpoint.safetensors", 1.0)]
+    with pytest.raises(LdmError, match="cannot apply LoRA checkpoint.safetensors"), applied_loras(components, loras):
+        pass
     assert_same_state(before, state(components))
 
 
@@ -211,7 +229,9 @@ def test_lora_hash_is_the_tensor_data_hash_and_ignores_metadata(tmp_path):
     tensors = {"lora_unet_x.lora_down.weight": torch.ones(2, 4)}
     safetensors.torch.save_file(tensors, tmp_path / "a.safetensors", metadata={"ss_output_name": "a"})
     safetensors.torch.save_file(tensors, tmp_path / "b.safetensors", metadata={"ss_output_name": "bee", "note": "x"})
-    full_a, full_b = (hashlib.sha256((tmp_path / f).read_bytes()).hexdigest() for f in ("a.safetensors", "b.safetensors"))
+    full_a, full_b = (
+        hashlib.sha256((tmp_path / f).read_bytes()).hexdigest() for f in ("a.safetensors", "b.safetensors")
+    )
     assert full_a != full_b
     assert lora_shorthash(tmp_path / "a.safetensors") == lora_shorthash(tmp_path / "b.safetensors")
     assert re.fullmatch(r"[0-9a-f]{12}", lora_shorthash(tmp_path / "a.safetensors"))
@@ -225,7 +245,9 @@ def test_lora_hash_prefers_the_hash_kohya_stored(tmp_path):
 
 def test_lora_hashes_infotext_lists_names_as_written(tmp_path):
     stored = "fedcba9876543210" * 4
-    safetensors.torch.save_file({"x": torch.ones(1)}, tmp_path / "ink.safetensors", metadata={"sshs_model_hash": stored})
+    safetensors.torch.save_file(
+        {"x": torch.ones(1)}, tmp_path / "ink.safetensors", metadata={"sshs_model_hash": stored}
+    )
     entries = lora_hashes_infotext([("ink", tmp_path / "ink.safetensors"), ("in:k,2", tmp_path / "ink.safetensors")])
     assert entries == {"Lora hashes": "ink: fedcba987654, ink2: fedcba987654"}
     assert lora_hashes_infotext([]) == {}

@@ -1,4 +1,4 @@
-"""A1111 prompt syntax: emphasis parsing, 75-token chunks, BREAK, comma backtracking, clip skip; plain prompts stay exact."""
+"""A1111 prompt syntax: emphasis, 75-token chunks, BREAK, comma backtracking, clip skip; plain prompts stay exact."""
 
 import copy
 
@@ -107,7 +107,9 @@ def test_shorter_prompts_are_padded_with_empty_chunks(text_encoder):
 def test_break_starts_a_new_chunk(text_encoder):
     tokenizer = load_tokenizer()
     hidden = encode_prompts(tokenizer, text_encoder, ["a red car BREAK in the rain"])
-    expected = torch.cat([reference(tokenizer, text_encoder, ["a red car"]), reference(tokenizer, text_encoder, ["in the rain"])], 1)
+    expected = torch.cat(
+        [reference(tokenizer, text_encoder, ["a red car"]), reference(tokenizer, text_encoder, ["in the rain"])], 1
+    )
     assert torch.equal(hidden, expected)
 
 
@@ -116,7 +118,9 @@ def test_chunk_ends_at_a_comma_within_20_tokens_of_the_limit(text_encoder):
     tokenizer = load_tokenizer()
     cats, dogs = " ".join(["cat"] * 70), " ".join(["dog"] * 10)
     hidden = encode_prompts(tokenizer, text_encoder, [f"{cats}, {dogs}"])
-    expected = torch.cat([reference(tokenizer, text_encoder, [f"{cats},"]), reference(tokenizer, text_encoder, [dogs])], 1)
+    expected = torch.cat(
+        [reference(tokenizer, text_encoder, [f"{cats},"]), reference(tokenizer, text_encoder, [dogs])], 1
+    )
     assert torch.equal(hidden, expected)
     assert prompt_token_count(tokenizer, f"{cats}, {dogs}") == (85, 150)  # the chunk cut early counts as full
 
@@ -130,7 +134,9 @@ def test_comma_further_back_than_20_tokens_does_not_move_the_chunk_break(text_en
     assert torch.equal(hidden[:, :77], encode_ids(text_encoder, [49406, *first_75, 49407]))
 
 
-@pytest.mark.parametrize(("prompt", "weight"), [("a (cat:1.5) dog", 1.5), ("a [cat] dog", 1 / 1.1), ("a ((cat)) dog", 1.1 * 1.1)])
+@pytest.mark.parametrize(
+    ("prompt", "weight"), [("a (cat:1.5) dog", 1.5), ("a [cat] dog", 1 / 1.1), ("a ((cat)) dog", 1.1 * 1.1)]
+)
 @torch.no_grad()
 def test_emphasis_scales_the_token_then_restores_the_mean(text_encoder, prompt, weight):
     tokenizer = load_tokenizer()
@@ -155,8 +161,12 @@ def test_each_prompt_keeps_its_own_mean_so_a_plain_neighbour_stays_exact(text_en
 @torch.no_grad()
 def test_weight_one_and_escaped_brackets_give_the_plain_embedding(text_encoder):
     tokenizer = load_tokenizer()
-    assert torch.equal(encode_prompts(tokenizer, text_encoder, ["a (cat:1.0)"]), reference(tokenizer, text_encoder, ["a cat"]))
-    assert torch.equal(encode_prompts(tokenizer, text_encoder, ["\\(cat\\)"]), reference(tokenizer, text_encoder, ["(cat)"]))
+    assert torch.equal(
+        encode_prompts(tokenizer, text_encoder, ["a (cat:1.0)"]), reference(tokenizer, text_encoder, ["a cat"])
+    )
+    assert torch.equal(
+        encode_prompts(tokenizer, text_encoder, ["\\(cat\\)"]), reference(tokenizer, text_encoder, ["(cat)"])
+    )
 
 
 @torch.no_grad()
@@ -179,7 +189,13 @@ def test_clip_skip_outside_the_encoder_layers_is_refused(text_encoder, clip_skip
 
 @pytest.mark.parametrize(
     ("prompt", "count"),
-    [("a cat", (2, 75)), ("", (0, 75)), (" ".join(["cat"] * 100), (100, 150)), ("a BREAK b", (76, 150)), ("(a:1.2)", (1, 75))],
+    [
+        ("a cat", (2, 75)),
+        ("", (0, 75)),
+        (" ".join(["cat"] * 100), (100, 150)),
+        ("a BREAK b", (76, 150)),
+        ("(a:1.2)", (1, 75)),
+    ],
 )
 def test_prompt_token_count_is_what_a1111_shows(prompt, count):
     assert prompt_token_count(load_tokenizer(), prompt) == count

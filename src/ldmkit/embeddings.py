@@ -62,7 +62,9 @@ def read_embedding(path: str | os.PathLike, expected_size: int | None = None) ->
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise LdmError(f"cannot read embedding {path}: its pickle holds more than tensors, which are never loaded") from None
+        raise LdmError(
+            f"cannot read embedding {path}: its pickle holds more than tensors, which are never loaded"
+        ) from None
     except Exception as error:
         raise LdmError(f"cannot read embedding {path}: {error}") from None
     vectors = _vectors(data, path).detach().float()
@@ -100,7 +102,9 @@ class _EmbeddingLoader(TextualInversionLoaderMixin):
     components: dict = {}
 
 
-def _register(name: str, vectors: torch.Tensor, tokenizer: PreTrainedTokenizerBase, text_encoder: CLIPTextModel) -> None:
+def _register(
+    name: str, vectors: torch.Tensor, tokenizer: PreTrainedTokenizerBase, text_encoder: CLIPTextModel
+) -> None:
     if name in tokenizer.get_vocab():
         raise LdmError(f"embedding name '{name}' is already a word of the CLIP vocabulary; rename its file")
     _EmbeddingLoader().load_textual_inversion(vectors, token=name, tokenizer=tokenizer, text_encoder=text_encoder)

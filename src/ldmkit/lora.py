@@ -77,7 +77,7 @@ def applied_loras(target: LoraTarget, loras: list[tuple[str | os.PathLike, float
     host = _diffusers_host(target)
     names = [f"ldmkit_lora_{i}" for i in range(len(loras))]
     try:
-        for name, (path, _) in zip(names, loras):
+        for name, (path, _) in zip(names, loras, strict=True):
             _load(host, Path(path), name)
         host.set_adapters(names, adapter_weights=[weight for _, weight in loras])
         yield

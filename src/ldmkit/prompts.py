@@ -121,7 +121,7 @@ def _split_into_chunks(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple
         chunks.append(chunk)
         chunk, last_comma = _Chunk(), -1
 
-    for ids, (text, weight) in zip(tokenized.input_ids, parsed):
+    for ids, (text, weight) in zip(tokenized.input_ids, parsed, strict=True):
         if text == BREAK and weight == -1:
             close_chunk()
             continue
@@ -193,7 +193,7 @@ def check_clip_skip(clip_skip: int, text_encoder: CLIPTextModel) -> None:
 
 
 def _encode(text_encoder: CLIPTextModel, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
-    """(B, 77, D): the last layer's hidden states, or with clip_skip=N those N-1 layers earlier, layer-normed (A1111)."""
+    """(B, 77, D) last hidden states, or with clip_skip=N those of N-1 layers earlier, layer-normed (A1111)."""
     if clip_skip == 1:
         return text_encoder(ids)[0]
     hidden_states = text_encoder(ids, output_hidden_states=True).hidden_states
