@@ -121,3 +121,15 @@ def test_sigterm_mid_run_exits_cleanly_and_writes_nothing(tiny_model, tmp_path):
     assert proc.returncode == 130, seen + err
     assert "interrupted" in err and "Traceback" not in err
     assert list(out_dir.iterdir()) == []
+
+
+def test_inpainting_and_hires_from_the_command_line(tiny_model, tmp_path):
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    Image.new("RGB", (24, 16), "orange").save(init)
+    Image.new("L", (24, 16), 0).save(mask)
+    assert main(["generate", "apple", "--init-image", str(init), "--mask", str(mask), "--mask-blur", "2", "--steps", "3", "--seed", "1", "--model", str(tiny_model), "-o", str(tmp_path / "a"), "-q"]) == 0
+    assert parse_infotext(read_infotext(tmp_path / "a" / "00001-1.png"))["Mask blur"] == "2"
+    assert main(["generate", "apple", "--size", "24x16", "--hires-scale", "2", "--hires-steps", "2", "--steps", "3", "--seed", "1", "--model", str(tiny_model), "-o", str(tmp_path / "h"), "-q"]) == 0
+    with Image.open(tmp_path / "h" / "00001-1.png") as image:
+        assert image.size == (48, 32)
+        assert parse_infotext(image.info["parameters"])["Hires upscale"] == "2.0"

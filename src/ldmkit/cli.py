@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 from ldmkit.errors import InvalidRequest, LdmError  # noqa: E402
 from ldmkit.samplers import DEFAULT_SAMPLER, SAMPLERS  # noqa: E402
 
-MAX_INIT_IMAGE_PIXELS = 64 * 1024 * 1024  # refuse decompression bombs before decoding them
+MAX_INPUT_PIXELS = 64 * 1024 * 1024  # refuse decompression bombs before decoding them
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +72,12 @@ def add_generate(sub) -> None:
     gen.add_argument("--size", type=parse_size, default=None, metavar="WxH", help="default: the model's native size")
     gen.add_argument("--init-image", type=Path, default=None, help="img2img: start from this image")
     gen.add_argument("--strength", type=float, default=0.75, help="img2img: how much of the init image to repaint")
+    gen.add_argument("--mask", type=Path, default=None, help="inpainting: white = repaint (needs --init-image)")
+    gen.add_argument("--mask-blur", type=int, default=4, help="inpainting: Gaussian blur of the mask, in pixels")
+    gen.add_argument("--hires-scale", type=float, default=None, help="hires fix: upscale factor of a second, img2img pass")
+    gen.add_argument("--hires-strength", type=float, default=0.5, help="hires fix: denoising strength of the second pass")
+    gen.add_argument("--hires-steps", type=int, default=None, help="hires fix: steps of the second pass (default: --steps)")
+    gen.add_argument("--hires-upscaler", default="latent", choices=["latent", "pixel"])
     gen.add_argument("--model", default=None, help="diffusers folder, cached repo id or .safetensors file (default: shipped model)")
     gen.add_argument("--config", default=None, help="diffusers config folder for single files of other architectures")
     gen.add_argument("-o", "--output-dir", type=Path, default=Path("outputs"))
@@ -99,10 +105,13 @@ def run_generate(args) -> int:
     if args.every < 1:
         raise InvalidRequest(f"--every must be >= 1, got {args.every}")
     ensure_writable(args.output_dir)
-    init_image = load_init_image(args.init_image) if args.init_image else None
+    init_image = load_image(args.init_image, "init image") if args.init_image else None
+    mask_image = load_image(args.mask, "mask") if args.mask else None
     width, height = args.size if args.size else (None, None)
 
     from ldmkit.distributed import start_workers  # torch and diffusers load only when needed
+    from ldmkit.hires import HiresFix
+    from ldmkit.inpainting import check_inpainting
     from ldmkit.job import GenerateJob
     from ldmkit.metadata import next_free_index
     from ldmkit.pipeline import MAX_SEED, Pipeline, check_inputs, check_size
@@ -113,6 +122,12 @@ def run_generate(args) -> int:
         check_inputs(prompt, args.negative, args.steps, args.guidance, args.sampler, seed, n, init_image, args.strength)
     if args.size:
         check_size(width, height)
+    check_inpainting(mask_image, args.mask_blur, init_image)
+    hires = None
+    if args.hires_scale is not None:
+        hires = HiresFix(args.hires_scale, args.hires_strength, args.hires_steps, args.hires_upscaler)
+        if args.size:
+            hires.check(args.steps, width, height)
 
     workers = start_workers(args.device)
     # Prompt j's images get seeds base + j*n + i and indices first + j*n + i, agreed by all ranks,
@@ -142,6 +157,9 @@ def run_generate(args) -> int:
             num_images=n,
             init_image=init_image,
             strength=args.strength,
+            mask_image=mask_image,
+            mask_blur=args.mask_blur,
+            hires=hires,
         )
         for path in paths:
             print(path, flush=True)
@@ -175,20 +193,20 @@ def ensure_writable(folder: Path) -> None:
         raise LdmError(f"cannot write to output folder {folder}: {exc.strerror or exc}") from None
 
 
-def load_init_image(path: Path):
-    """Open and fully decode an init image, refusing non-images, truncated files and decompression bombs."""
+def load_image(path: Path, what: str):
+    """Open and fully decode an input image, refusing non-images, truncated files and decompression bombs."""
     from PIL import Image
 
     if not path.is_file():
-        raise LdmError(f"init image not found: {path}")
+        raise LdmError(f"{what} not found: {path}")
     try:
         with Image.open(path) as image:
-            if image.width * image.height > MAX_INIT_IMAGE_PIXELS:
-                raise LdmError(f"init image {path} is {image.width}x{image.height}, over the {MAX_INIT_IMAGE_PIXELS} pixel limit")
+            if image.width * image.height > MAX_INPUT_PIXELS:
+                raise LdmError(f"{what} {path} is {image.width}x{image.height}, over the {MAX_INPUT_PIXELS} pixel limit")
             image.load()
             return image.convert("RGB")
     except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
-        raise LdmError(f"cannot read init image {path}: {exc}") from None
+        raise LdmError(f"cannot read {what} {path}: {exc}") from None
 
 
 def run_info(args) -> int:
