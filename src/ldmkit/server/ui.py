@@ -105,7 +105,7 @@ def _generation_tab(queue: GenerationQueue, img2img: bool) -> None:
             image.info[PARAMETERS_KEY] = text  # Gradio writes PNG text info into the files it serves
         seeds = ", ".join(map(str, result.seeds))
         yield {
-            preview: result.images[0],
+            preview: make_grid(result.images),
             gallery: [(image, f"seed {s}") for image, s in zip(result.images, result.seeds)],
             parameters: result.infotexts[0],
             infotexts: result.infotexts,
@@ -116,7 +116,6 @@ def _generation_tab(queue: GenerationQueue, img2img: bool) -> None:
     outputs = [preview, status, gallery, parameters, infotexts]
     # Our queue (not Gradio's) decides who waits: Gradio may run every session's handler at once.
     event = generate.click(run, inputs, outputs, concurrency_limit=None, show_progress_on=[gallery])
-    prompt.submit(run, inputs, outputs, concurrency_limit=None, show_progress_on=[gallery])
     cancel.click(lambda: "Cancelled.", None, status, cancels=[event])
     random_seed.click(lambda: -1, None, seed)
     gallery.select(_selected_infotext, infotexts, parameters)
