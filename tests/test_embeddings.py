@@ -108,10 +108,12 @@ def test_loading_again_keeps_registered_embeddings(embeddings_dir, text_encoder)
     assert len(tokenizer) == vocab_size + 2
 
 
-def test_vectors_of_another_size_are_refused(tmp_path, text_encoder):
-    safetensors.torch.save_file({"emb_params": vectors(1, size=1024)}, tmp_path / "sd2style.safetensors")
+def test_vectors_of_another_size_are_refused_before_anything_is_registered(embeddings_dir, text_encoder):
+    safetensors.torch.save_file({"emb_params": vectors(1, size=1024)}, embeddings_dir / "sd2style.safetensors")
+    tokenizer = load_tokenizer()
     with pytest.raises(LdmError, match="sd2style.safetensors has vectors of size 1024.*uses 8"):
-        load_embeddings(tmp_path, load_tokenizer(), text_encoder)
+        load_embeddings(embeddings_dir, tokenizer, text_encoder)
+    assert len(tokenizer) == 49408 and text_encoder.get_input_embeddings().weight.shape == (49408, 8)
 
 
 @dataclass

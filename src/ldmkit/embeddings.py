@@ -27,18 +27,21 @@ def load_embeddings(
 ) -> dict[str, Path]:
     """Register every embedding file under `embeddings_dir` as a prompt word; returns {name: file}.
 
-    The name is the file's stem (a diffusers concept folder's name for its learned_embeds file). Names
+    The name is the file's stem (a diffusers concept folder's name for its learned_embeds file). Every new file
+    is read and checked before any is registered, so a refused file leaves the model as it was. Names
     registered by an earlier call are kept, so calling again after files were added loads only the new ones.
     """
-    loaded: dict[str, Path] = {}
+    files: dict[str, Path] = {}
     for path in _embedding_files(Path(embeddings_dir)):
         name = embedding_name(path)
-        if name in loaded:
-            raise LdmError(f"two embeddings are named '{name}': {loaded[name]} and {path}; rename one")
-        loaded[name] = path
-        if name not in tokenizer.added_tokens_encoder:
-            _register(name, read_embedding(path, expected_size=_vector_size(text_encoder)), tokenizer, text_encoder)
-    return loaded
+        if name in files:
+            raise LdmError(f"two embeddings are named '{name}': {files[name]} and {path}; rename one")
+        files[name] = path
+    new = {name: path for name, path in files.items() if name not in tokenizer.added_tokens_encoder}
+    vectors = {name: read_embedding(path, expected_size=_vector_size(text_encoder)) for name, path in new.items()}
+    for name, name_vectors in vectors.items():
+        _register(name, name_vectors, tokenizer, text_encoder)
+    return files
 
 
 def _embedding_files(embeddings_dir: Path) -> list[Path]:
