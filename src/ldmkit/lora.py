@@ -69,7 +69,8 @@ def applied_loras(target: LoraTarget, loras: list[tuple[str | os.PathLike, float
     """Apply LoRA files with their weights to the target's UNet and text encoder, and remove them on exit.
 
     The weight scales the file's update as in A1111 (weight * alpha / rank * up @ down). Requests must not
-    overlap on the same modules: the adapters live in them while the context is open.
+    overlap on the same modules: the adapters live in them while the context is open, and on exit every
+    LoRA layer leaves them, so a LoRA loaded in some other way would go too.
     """
     if not loras:
         yield
