@@ -79,8 +79,25 @@ def test_cancel_stops_the_generation_and_frees_the_worker(ui):
     page.wait_for_function("document.querySelector('#txt2img-status').innerText.startsWith('Step')")
     page.click("#txt2img-cancel")
     page.wait_for_function("document.querySelector('#txt2img-status').innerText.startsWith('Cancelled')")
-    deadline = time.monotonic() + 5
-    while queue.current is not None:  # the job stops at its next step
+    wait_until_idle(queue)
+
+
+def test_closing_the_page_frees_the_worker(ui):
+    page, queue = ui
+    other = page.context.browser.new_page()
+    other.goto(page.url)
+    steps = other.locator("input[aria-label='number input for Steps']").first
+    steps.fill("150")
+    steps.press("Enter")
+    other.click("#txt2img-generate")
+    other.wait_for_function("document.querySelector('#txt2img-status').innerText.startsWith('Step')")
+    other.close()
+    wait_until_idle(queue)
+
+
+def wait_until_idle(queue, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while queue.current is not None:  # a cancelled job stops at its next step
         assert time.monotonic() < deadline, "the cancelled job is still running"
         time.sleep(0.05)
 
