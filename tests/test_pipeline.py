@@ -87,3 +87,20 @@ def test_invalid_inputs_are_refused_before_compute(pipe, kwargs, message):
 
 def test_sampler_names_ignore_case(pipe):
     assert "Sampler: Euler a," in pipe.generate("otter", steps=2, sampler=" euler A ", seed=0).infotexts[0]
+
+
+def test_a_size_that_cannot_fit_is_refused_before_allocating(pipe, monkeypatch):
+    monkeypatch.setattr("ldmkit.memory.available_bytes", lambda device: 50 * 2**20)
+    sizes = unet_batch_sizes(pipe)
+    with pytest.raises(InvalidRequest, match=r"need about .* GiB on cpu, but only 0.0 GiB is free; use a smaller size"):
+        pipe.generate("otter", steps=2, width=4096, height=4096)
+    assert sizes == []
+    pipe.generate("otter", steps=2, width=64, height=64)  # a small one still fits
+
+
+def test_memory_estimate_grows_with_pixels_and_batch(pipe):
+    from ldmkit.memory import estimate_peak_bytes
+
+    base = estimate_peak_bytes(pipe, 64, 64, 1, True)
+    assert estimate_peak_bytes(pipe, 128, 128, 1, True) == 4 * base
+    assert estimate_peak_bytes(pipe, 64, 64, 2, True) == 2 * base

@@ -21,6 +21,7 @@ from ldmkit.inpainting import Inpainting, check_inpainting, prepare_mask
 from ldmkit.hires import HiresFix
 from ldmkit import loading
 from ldmkit.loading import Components
+from ldmkit.memory import check_memory
 from ldmkit.metadata import format_infotext
 from ldmkit.samplers import DEFAULT_SAMPLER, Sampler, get_sampler
 
@@ -148,12 +149,14 @@ class Pipeline:
             hires.check(steps, width, height)
         if self.is_inpainting_model and mask_image is None:
             raise InvalidRequest("this is an inpainting model: give an init image and a mask")
+        use_guidance = guidance > 1.0
+        final_width, final_height = hires.target_size(width, height) if hires is not None else (width, height)
+        check_memory(self, final_width, final_height, num_images, use_guidance)
         seed = random.randrange(MAX_SEED + 1 - num_images) if seed is None else seed
         seeds = [seed + i for i in range(num_images)]
         # Image i owns a CPU generator seeded seed + i: the same seed gives the same image on any
         # device and in any batch; it also feeds the VAE posterior samples and ancestral noise.
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        use_guidance = guidance > 1.0
 
         # 2. Prompt -> CLIP hidden states, unconditional (negative) first as in diffusers.
         text_embeddings = self.encode_prompt(prompt, negative_prompt, num_images, use_guidance)

