@@ -111,6 +111,13 @@ def test_samplers_and_models_lists(url):
     assert [m["model_name"] for m in models] == ["tiny"] and models[0]["title"] == "tiny"
 
 
+def test_options_name_the_loaded_model_and_refuse_another(url):
+    assert requests.get(f"{url}/sdapi/v1/options", timeout=10).json()["sd_model_checkpoint"] == "tiny"
+    assert requests.post(f"{url}/sdapi/v1/options", json={"sd_model_checkpoint": "tiny", "CLIP_stop_at_last_layers": 2}, timeout=10).status_code == 200
+    refused = requests.post(f"{url}/sdapi/v1/options", json={"sd_model_checkpoint": "other.safetensors"}, timeout=10)
+    assert refused.status_code == 400 and "not loaded" in refused.json()["detail"]
+
+
 def test_png_info_reads_back_what_txt2img_wrote(url):
     image_b64 = txt2img(url, seed=42, steps=2).json()["images"][0]
     response = requests.post(f"{url}/sdapi/v1/png-info", json={"image": image_b64}, timeout=10)

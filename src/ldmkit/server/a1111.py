@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
@@ -126,6 +127,17 @@ def create_router(queue: GenerationQueue) -> APIRouter:
     async def sd_models():
         name = pipe.model_name
         return [SDModelItem(title=name, model_name=name, hash=None, sha256=None, filename=pipe.source, config=None)]
+
+    # Clients (Open WebUI, webuiapi) read and set the model through the options.
+    @router.get("/options")
+    async def get_options() -> dict:
+        return {"sd_model_checkpoint": pipe.model_name}
+
+    @router.post("/options")
+    async def set_options(options: dict[str, Any]) -> None:
+        wanted = options.get("sd_model_checkpoint", pipe.model_name)
+        if wanted != pipe.model_name:
+            raise InvalidRequest(f"model {wanted!r} is not loaded; this server serves {pipe.model_name!r} only")
 
     @router.post("/png-info", response_model=PngInfoResponse)
     async def png_info(body: PngInfoRequest):
