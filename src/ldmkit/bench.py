@@ -1,0 +1,416 @@
+"""`ldm bench`: diffusers' StableDiffusionPipeline against ours, eager and fast, in one process.
+
+Every row starts from the same weights (SD1.5-shaped random ones by default: speed does not depend
+on the values) and the same starting noise per seed, and reports speed, first-image time (compile
+included), peak GPU memory and PSNR against diffusers' eager images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+PROMPT = "a photograph of an astronaut riding a horse on the moon"
+GUIDANCE = 7.5
+# Rows in the order they run. Compiled rows after the first find inductor's on-disk cache warm,
+# so ours-fast runs before diffusers-compiled: our first-image time is the cold one.
+DEFAULT_ROWS = ("diffusers", "ours", "ours-fast", "diffusers-compiled")
+# One speed-up at a time on top of ours, for docs/benchmarks.md: what each buys.
+ABLATION_ROWS = ("ours+channels_last", "ours+fused_qkv", "ours+compile_default")
+
+
+@dataclasses.dataclass
+class Settings:
+    size: int
+    steps: int
+    sampler: str
+    batch: int
+    warmup: int
+    repeats: int
+    seed: int
+
+
+@dataclasses.dataclass
+class RowResult:
+    name: str
+    its: float = math.nan  # steps / median end-to-end latency
+    latency_s: float = math.nan  # median end-to-end latency: prompt to 8-bit images, decode included
+    first_image_s: float = math.nan  # setup (compile included) plus the first call
+    peak_mem_gib: float | None = None  # torch.cuda.max_memory_allocated, weights included
+    psnr_eager: float | None = None  # dB against the diffusers row's images, same seeds
+    psnr_compiled: float | None = None  # dB against the diffusers-compiled row's images
+    error: str | None = None
+
+
+def register(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="time diffusers against ldmkit (eager and fast) on this machine")
+    add_arguments(bench)
+    bench.set_defaults(func=run_bench)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model to load (a folder, cached repo id, single file, or 'default'); default: SD1.5-shaped random weights")
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--sampler", default="DDIM")
+    parser.add_argument("--batch", type=int, default=1, help="images per call")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls after the first image")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls (seeds seed, seed+1, ...); the median is reported")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-diffusers", action="store_true", help="only our rows (PSNR columns stay empty)")
+    parser.add_argument("--rows", default=None, help=f"comma-separated rows; default {','.join(DEFAULT_ROWS)}; also {','.join(ABLATION_ROWS)}")
+    parser.add_argument("--ablations", action="store_true", help="add the one-speed-up-at-a-time rows")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on GPUs, fp32 on the CPU")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here, after every row")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ldmkit.bench`: the same command without the rest of the CLI."""
+    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(var, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    parser = argparse.ArgumentParser(prog="ldm bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run_bench(parser.parse_args(argv))
+
+
+def run_bench(args) -> int:
+    import torch
+
+    from ldmkit.errors import InvalidRequest
+    from ldmkit.pipeline import check_size, resolve_device, resolve_dtype
+    from ldmkit.samplers import get_sampler
+
+    device = resolve_device(args.device)
+    rows = select_rows(args, device)
+    settings = Settings(args.size, args.steps, get_sampler(args.sampler).name, args.batch, args.warmup, args.repeats, args.seed)
+    check_size(settings.size, settings.size)
+    if settings.steps < 1 or settings.batch < 1 or settings.repeats < 1 or settings.warmup < 0:
+        raise InvalidRequest("--steps, --batch and --repeats must be at least 1, --warmup at least 0")
+    dtype = resolve_dtype(args.dtype, device)
+
+    log(f"bench: {describe_device(device)}, torch {torch.__version__}, {dtype}, rows {', '.join(rows)}")
+    master = load_master(args.model, device, dtype)
+    header = f"{master.name}, {settings.size}x{settings.size}, {settings.steps} {settings.sampler} steps, batch {settings.batch}, guidance {GUIDANCE}, {describe_device(device)}, {str(dtype).removeprefix('torch.')}"
+    results: list[RowResult] = []
+    images: dict[str, list] = {}
+    for name in rows:
+        log(f"bench: row {name} ...")
+        result, row_images = bench_row(name, master, device, dtype, settings)
+        results.append(result)
+        if row_images is not None:
+            images[name] = row_images
+        fill_psnr(results, images)
+        log(f"bench: {format_row(result)}")
+        if args.out:
+            args.out.write_text(format_table(header, results))
+        if args.json:
+            args.json.write_text(json.dumps({"setup": header, "rows": [dataclasses.asdict(r) for r in results]}, indent=1))
+    print(format_table(header, results), end="")
+    return 1 if any(r.error for r in results) else 0
+
+
+def select_rows(args, device) -> list[str]:
+    from ldmkit.errors import InvalidRequest
+
+    if args.rows is None:
+        rows = list(DEFAULT_ROWS)
+        if device.type != "cuda":
+            # Compiling SD's UNet takes minutes on a CPU and was measured to pay on CUDA only.
+            rows.remove("diffusers-compiled")
+    else:
+        rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if args.ablations:
+        rows += [r for r in ABLATION_ROWS if r not in rows]
+    if args.no_diffusers:
+        rows = [r for r in rows if not r.startswith("diffusers")]
+    unknown = [r for r in rows if r not in RUNNERS]
+    if unknown or not rows:
+        raise InvalidRequest(f"unknown rows {unknown}; choose from {', '.join(RUNNERS)}")
+    return rows
+
+
+# ---- weights ----
+
+
+def load_master(model: str | None, device, dtype):
+    """The weights every row copies, on the CPU in the run's dtype."""
+    import torch
+
+    from ldmkit import loading
+
+    if model is None:
+        components = random_sd15(device)
+    else:
+        components = loading.load_components(None if model == "default" else model)
+    for module in (components.text_encoder, components.unet, components.vae):
+        torch.nn.Module.to(module, "cpu", dtype)
+    return components
+
+
+def random_sd15(device, seed: int = 0):
+    """SD1.5-shaped components (bundled configs) with random weights, initialised on `device` for speed."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldmkit import loading
+
+    folder = loading.SD1_CONFIG
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+    return loading.Components(
+        tokenizer=loading.load_tokenizer(),
+        text_encoder=text_encoder.eval(),
+        unet=unet.eval(),
+        vae=vae.eval(),
+        scheduler_config=loading._scheduler_config(folder / "scheduler", None),
+        source=str(folder),
+        name="sd15-random",
+    )
+
+
+def place(master, device, dtype):
+    """A fresh copy of the models on the device: rows change their models (fusion, layout, compile)."""
+    import torch
+
+    def copied(module):
+        return torch.nn.Module.to(copy.deepcopy(module), device, dtype).eval()
+
+    return dataclasses.replace(
+        master, text_encoder=copied(master.text_encoder), unet=copied(master.unet), vae=copied(master.vae)
+    )
+
+
+# ---- rows ----
+
+
+def bench_row(name: str, master, device, dtype, settings: Settings):
+    """Time one row; a row that fails is reported in the table and the others still run."""
+    import torch
+
+    result = RowResult(name)
+    on_cuda = device.type == "cuda"
+    row_images = None
+    try:
+        components = place(master, device, dtype)
+        if on_cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        generate = RUNNERS[name](components, device, dtype, settings)
+        generate(settings.seed)
+        result.first_image_s = time.perf_counter() - start
+        for _ in range(settings.warmup):
+            generate(settings.seed)
+        latencies, row_images = [], []
+        for k in range(settings.repeats):
+            start = time.perf_counter()
+            row_images.append(generate(settings.seed + k))
+            latencies.append(time.perf_counter() - start)
+        log(f"bench: {name} images: mean {row_images[0].mean():.1f}, std {row_images[0].std():.1f} (8-bit)")
+        result.latency_s = statistics.median(latencies)
+        result.its = settings.steps / result.latency_s
+        if on_cuda:
+            result.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
+    except Exception as error:  # noqa: BLE001 - one broken row must not lose the others' numbers
+        traceback.print_exc()
+        result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        row_images = None
+    finally:
+        components = generate = None
+        release(device)
+    return result, row_images
+
+
+def release(device) -> None:
+    """Free the row's models, compiled graphs and CUDA graph pools before the next row."""
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch._dynamo.reset()
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def ours(fast_options: dict | None = None) -> Callable:
+    """A runner for ldmkit's Pipeline; with options (even empty), make_fast(pipe, **options) first."""
+
+    def runner(components, device, dtype, settings: Settings):
+        import numpy as np
+
+        from ldmkit.fast import make_fast
+        from ldmkit.pipeline import Pipeline
+
+        pipe = Pipeline(components, device, dtype)
+        if fast_options is not None:
+            make_fast(pipe, **fast_options)
+
+        def generate(seed: int):
+            result = pipe.generate(
+                PROMPT,
+                steps=settings.steps,
+                guidance=GUIDANCE,
+                sampler=settings.sampler,
+                seed=seed,
+                width=settings.size,
+                height=settings.size,
+                num_images=settings.batch,
+            )
+            return np.stack([np.asarray(image) for image in result.images])
+
+        return generate
+
+    return runner
+
+
+def diffusers_pipeline(compiled: bool) -> Callable:
+    """A runner for diffusers' StableDiffusionPipeline; compiled as diffusers' docs recommend."""
+
+    def runner(components, device, dtype, settings: Settings):
+        import numpy as np
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        from ldmkit.samplers import get_sampler
+
+        sampler = get_sampler(settings.sampler)
+        pipe = StableDiffusionPipeline(
+            vae=components.vae,
+            text_encoder=components.text_encoder,
+            tokenizer=components.tokenizer,
+            unet=components.unet,
+            scheduler=sampler.make_scheduler(components.scheduler_config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        if compiled:
+            pipe.fuse_qkv_projections()
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+            pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+            pipe.vae.decode = torch.compile(pipe.vae.decode, mode="reduce-overhead", fullgraph=True)
+        factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
+
+        def generate(seed: int):
+            seeds = [seed + i for i in range(settings.batch)]
+            # Our starting noise, drawn as ldmkit's Pipeline.prepare_latents draws it, so the rows
+            # compare the same computation.
+            shape = (1, components.unet.config.in_channels, settings.size // factor, settings.size // factor)
+            noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in seeds]
+            # Only stochastic samplers need generators; passing them would also reach vae.decode.
+            generator = [torch.Generator("cpu").manual_seed(s) for s in seeds] if sampler.stochastic else None
+            images = pipe(
+                PROMPT,
+                num_inference_steps=settings.steps,
+                guidance_scale=GUIDANCE,
+                height=settings.size,
+                width=settings.size,
+                num_images_per_prompt=settings.batch,
+                latents=torch.cat(noise).to(device, dtype),
+                generator=generator,
+                output_type="pil",
+            ).images
+            return np.stack([np.asarray(image) for image in images])
+
+        return generate
+
+    return runner
+
+
+RUNNERS: dict[str, Callable] = {
+    "diffusers": diffusers_pipeline(compiled=False),
+    "diffusers-compiled": diffusers_pipeline(compiled=True),
+    "ours": ours(),
+    "ours-fast": ours({}),
+    "ours+channels_last": ours({"fuse_qkv": False, "compile": False}),
+    "ours+fused_qkv": ours({"compile": False}),
+    "ours+compile_default": ours({"mode": "default"}),
+}
+
+
+# ---- numbers ----
+
+
+def psnr(images, reference) -> float:
+    """Peak signal-to-noise ratio (dB) of 8-bit images against a reference; inf when identical."""
+    import numpy as np
+
+    a, b = np.concatenate(images).astype(np.float64), np.concatenate(reference).astype(np.float64)
+    mse = float(np.mean((a - b) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def fill_psnr(results: list[RowResult], images: dict[str, list]) -> None:
+    for result in results:
+        if result.name not in images:
+            continue
+        if "diffusers" in images:
+            result.psnr_eager = psnr(images[result.name], images["diffusers"])
+        if "diffusers-compiled" in images:
+            result.psnr_compiled = psnr(images[result.name], images["diffusers-compiled"])
+
+
+def format_table(header: str, results: list[RowResult]) -> str:
+    lines = [
+        f"{header}",
+        "",
+        "| row | it/s | latency (s) | first image (s) | peak GPU mem (GiB) | PSNR vs diffusers eager (dB) | PSNR vs diffusers compiled (dB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r.error:
+            lines.append(f"| {r.name} | failed: {r.error} | | | | | |")
+            continue
+        lines.append(
+            f"| {r.name} | {r.its:.2f} | {r.latency_s:.3f} | {r.first_image_s:.1f} | {_num(r.peak_mem_gib, '.2f')} "
+            f"| {_num(r.psnr_eager, '.1f')} | {_num(r.psnr_compiled, '.1f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def format_row(r: RowResult) -> str:
+    if r.error:
+        return f"{r.name}: failed: {r.error}"
+    return f"{r.name}: {r.its:.2f} it/s, {r.latency_s:.3f} s, first image {r.first_image_s:.1f} s, peak {_num(r.peak_mem_gib, '.2f')} GiB"
+
+
+def _num(value, spec: str) -> str:
+    if value is None:
+        return "-"
+    return "inf" if value == math.inf else format(value, spec)
+
+
+def describe_device(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
