@@ -50,7 +50,10 @@ class RowResult:
     peak_mem_gib: float | None = None  # torch.cuda.max_memory_allocated, weights included
     psnr_eager: float | None = None  # dB against the diffusers row's images, same seeds
     psnr_compiled: float | None = None  # dB against the diffusers-compiled row's images
+    unet_ms: float | None = None  # one UNet call alone (CUDA events, median), the guidance batch
+    decode_ms: float | None = None  # one VAE decode alone
     error: str | None = None
+    steps: int = 0
 
 
 def register(subparsers) -> None:
@@ -205,7 +208,7 @@ def bench_row(name: str, master, device, dtype, settings: Settings):
     """Time one row; a row that fails is reported in the table and the others still run."""
     import torch
 
-    result = RowResult(name)
+    result = RowResult(name, steps=settings.steps)
     on_cuda = device.type == "cuda"
     row_images = None
     try:
@@ -229,6 +232,7 @@ def bench_row(name: str, master, device, dtype, settings: Settings):
         result.its = settings.steps / result.latency_s
         if on_cuda:
             result.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
+            result.unet_ms, result.decode_ms = time_parts(generate, components, device, dtype, settings)
     except Exception as error:  # noqa: BLE001 - one broken row must not lose the others' numbers
         traceback.print_exc()
         result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
@@ -237,6 +241,46 @@ def bench_row(name: str, master, device, dtype, settings: Settings):
         components = generate = None
         release(device)
     return result, row_images
+
+
+def time_parts(generate, components, device, dtype, settings: Settings, calls: int = 20):
+    """Median ms of one UNet call and one VAE decode, called as the row's pipeline calls them.
+
+    With the whole run's latency this says how much of a step is not the UNet: the sampler's small
+    kernels, host syncs and Python.
+    """
+    import torch
+
+    try:
+        factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
+        side = settings.size // factor
+        latents = torch.randn(settings.batch, components.unet.config.in_channels, side, side, device=device, dtype=dtype)
+        model_input = torch.cat([latents] * 2)
+        hidden = torch.randn(2 * settings.batch, 77, components.text_encoder.config.hidden_size, device=device, dtype=dtype)
+        timestep = torch.tensor(500, device=device)  # int64 on the device, as the schedulers' timesteps
+        with generate.grad_mode():
+            unet_ms = _median_cuda_ms(lambda: generate.unet(model_input, timestep, encoder_hidden_states=hidden, return_dict=False)[0], calls)
+            decode_ms = _median_cuda_ms(lambda: generate.decode(latents, return_dict=False)[0], calls)
+        return unet_ms, decode_ms
+    except Exception:  # noqa: BLE001 - the breakdown is extra; the row's numbers stand without it
+        traceback.print_exc()
+        return None, None
+
+
+def _median_cuda_ms(call, calls: int) -> float:
+    import torch
+
+    for _ in range(3):  # compiled modules warm up, then record their CUDA graph
+        call()
+    times = []
+    for _ in range(calls):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def release(device) -> None:
@@ -255,6 +299,7 @@ def ours(fast_options: dict | None = None) -> Callable:
 
     def runner(components, device, dtype, settings: Settings):
         import numpy as np
+        import torch
 
         from ldmkit.fast import make_fast
         from ldmkit.pipeline import Pipeline
@@ -276,6 +321,7 @@ def ours(fast_options: dict | None = None) -> Callable:
             )
             return np.stack([np.asarray(image) for image in result.images])
 
+        generate.unet, generate.decode, generate.grad_mode = pipe.unet, pipe.vae.decode, torch.inference_mode
         return generate
 
     return runner
@@ -332,6 +378,7 @@ def diffusers_pipeline(compiled: bool) -> Callable:
             ).images
             return np.stack([np.asarray(image) for image in images])
 
+        generate.unet, generate.decode, generate.grad_mode = pipe.unet, pipe.vae.decode, torch.no_grad
         return generate
 
     return runner
@@ -374,18 +421,27 @@ def format_table(header: str, results: list[RowResult]) -> str:
     lines = [
         f"{header}",
         "",
-        "| row | it/s | latency (s) | first image (s) | peak GPU mem (GiB) | PSNR vs diffusers eager (dB) | PSNR vs diffusers compiled (dB) |",
-        "|---|---|---|---|---|---|---|",
+        "| row | it/s | latency (s) | first image (s) | peak GPU mem (GiB) | PSNR vs diffusers eager (dB) "
+        "| PSNR vs diffusers compiled (dB) | UNet call (ms) | VAE decode (ms) | rest per step (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r.error:
-            lines.append(f"| {r.name} | failed: {r.error} | | | | | |")
+            lines.append(f"| {r.name} | failed: {r.error} | | | | | | | | |")
             continue
         lines.append(
             f"| {r.name} | {r.its:.2f} | {r.latency_s:.3f} | {r.first_image_s:.1f} | {_num(r.peak_mem_gib, '.2f')} "
-            f"| {_num(r.psnr_eager, '.1f')} | {_num(r.psnr_compiled, '.1f')} |"
+            f"| {_num(r.psnr_eager, '.1f')} | {_num(r.psnr_compiled, '.1f')} "
+            f"| {_num(r.unet_ms, '.2f')} | {_num(r.decode_ms, '.1f')} | {_num(rest_per_step_ms(r), '.2f')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def rest_per_step_ms(r: RowResult) -> float | None:
+    """What a step costs beyond its UNet call: (latency - decode) / steps - UNet (text encoding included)."""
+    if r.unet_ms is None or r.decode_ms is None:
+        return None
+    return (r.latency_s * 1000 - r.decode_ms) / r.steps - r.unet_ms
 
 
 def format_row(r: RowResult) -> str:
