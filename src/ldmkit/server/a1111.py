@@ -89,7 +89,7 @@ def create_router(queue: GenerationQueue) -> APIRouter:
 
     @router.post("/txt2img", response_model=ImagesResponse)
     async def txt2img(body: Txt2ImgRequest, request: Request):
-        return await _generate(queue, body, None, request)
+        return await _generate(queue, body, request)
 
     @router.post("/img2img", response_model=ImagesResponse)
     async def img2img(body: Img2ImgRequest, request: Request):
@@ -98,7 +98,7 @@ def create_router(queue: GenerationQueue) -> APIRouter:
         if len(body.init_images) > 1:
             raise InvalidRequest(f"img2img takes one init image, got {len(body.init_images)}")
         init_image = await asyncio.to_thread(lambda: decode_base64_image(body.init_images[0], "init_images[0]").convert("RGB"))
-        response = await _generate(queue, body, init_image, request)
+        response = await _generate(queue, body, request, init_image, body.denoising_strength)
         if not body.include_init_images:
             response["parameters"]["init_images"] = None
         return response
@@ -149,7 +149,7 @@ def create_router(queue: GenerationQueue) -> APIRouter:
     return router
 
 
-async def _generate(queue: GenerationQueue, body: Txt2ImgRequest, init_image, request: Request) -> dict:
+async def _generate(queue: GenerationQueue, body: Txt2ImgRequest, request: Request, init_image=None, strength=0.75) -> dict:
     job = queue.submit(
         GenerationRequest(
             prompt=body.prompt,
@@ -163,7 +163,7 @@ async def _generate(queue: GenerationQueue, body: Txt2ImgRequest, init_image, re
             batch_size=body.batch_size,
             n_iter=body.n_iter,
             init_image=init_image,
-            strength=body.denoising_strength if init_image is not None else 0.75,
+            strength=strength,
         )
     )
     result = await wait_for_result(queue, job, request.is_disconnected)

@@ -30,5 +30,6 @@ def run_serve(args) -> int:
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=args.config)
     app = create_app(pipe, queue_size=args.queue_size, ui=not args.no_ui)
     print(f"ldm serve: {pipe.model_name} on {pipe.device}; web UI http://{args.host}:{args.port}/ , API docs /docs")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    # On Ctrl-C, requests get a few seconds to finish; then they are cancelled, which stops the worker.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     return 0
