@@ -1,0 +1,1 @@
+"""Evaluation of the default model: prompt adherence (CLIP retrieval) and VAE reconstruction."""

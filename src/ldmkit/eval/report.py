@@ -1,0 +1,67 @@
+"""`ldm eval`: prompt adherence of generated images next to real ones, and VAE reconstruction PSNR."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ldmkit.data.emoji import SOURCES
+from ldmkit.eval import metrics
+from ldmkit.eval.generate import generate, load_model
+from ldmkit.loading import DEFAULT_MODEL_DIR
+from ldmkit.train.common import holdout_mask, load_dataset
+
+PROMPTS_FILE = Path(__file__).parent / "prompts.txt"
+
+
+def eval_prompts() -> list[str]:
+    """The fixed evaluation prompts: 256 emoji names (seeded draw from names shown in >= 3 of the 4 sets)."""
+    return [line for line in PROMPTS_FILE.read_text().splitlines() if line]
+
+
+def evaluate(model_dir: Path | None, clip_dir: Path, data_dir: Path, num_prompts: int | None = None, steps: int = 25,
+             guidance: float = 7.5, seed: int = 0, holdout_fraction: float = 0.02, device=None) -> dict:
+    from transformers import CLIPModel
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(Path(model_dir or DEFAULT_MODEL_DIR), device)
+    clip = CLIPModel.from_pretrained(clip_dir, torch_dtype=torch.float32).to(device).eval()
+    dataset = load_dataset(Path(data_dir))
+    results: dict = {"model": str(model_dir or DEFAULT_MODEL_DIR), "device": str(device), "steps": steps,
+                     "guidance": guidance, "sampler": "DPM++ 2M Karras"}
+
+    held_out = dataset.subset(holdout_mask(dataset, holdout_fraction))
+    results["vae_psnr_heldout_db"] = metrics.reconstruction_psnr(model.vae, held_out.images, device)
+    results["vae_heldout_images"] = len(held_out)
+
+    # Prompt adherence: which of all the data set's names does CLIP pick for an image of prompt p?
+    prompts = eval_prompts()[:num_prompts]
+    names = sorted({r.name for r in dataset.records})
+    name_index = {name: i for i, name in enumerate(names)}
+    name_feats = metrics.text_features(clip, names, device)
+    start = time.perf_counter()
+    generated = generate(model, prompts, [seed] * len(prompts), steps=steps, guidance=guidance)
+    results["generation_seconds"] = time.perf_counter() - start
+    targets = torch.tensor([name_index[p] for p in prompts])
+    gen = metrics.retrieval_accuracy(metrics.image_features(clip, generated, device), name_feats, targets)
+    real_rows = [i for i, r in enumerate(dataset.records) if r.name in set(prompts)]
+    real_targets = torch.tensor([name_index[dataset.records[i].name] for i in real_rows])
+    real = metrics.retrieval_accuracy(metrics.image_features(clip, dataset.images[real_rows], device), name_feats, real_targets)
+    results.update(prompts=len(prompts), candidates=len(names), generated=gen, real=real, real_images=len(real_rows))
+
+    # Style adherence: "name, style" prompts; CLIP picks among the same name in each of the 4 styles.
+    styles = [s.style for s in SOURCES]
+    available = {}
+    for r in dataset.records:
+        available.setdefault(r.name, []).append(r.style)
+    styled = [(p, sorted(available[p])[i % len(available[p])]) for i, p in enumerate(prompts)]
+    styled_images = generate(model, [f"{p}, {s}" for p, s in styled], [seed] * len(styled), steps=steps, guidance=guidance)
+    styled_feats = metrics.image_features(clip, styled_images, device)
+    hits = []
+    for i, (p, s) in enumerate(styled):
+        options = metrics.text_features(clip, [f"{p}, {o}" for o in styles], device)  # (4, D)
+        hits.append(int((styled_feats[i] @ options.T).argmax()) == styles.index(s))
+    results["style_top1_generated"] = sum(hits) / len(hits)
+    return results
