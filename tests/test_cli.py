@@ -133,3 +133,13 @@ def test_inpainting_and_hires_from_the_command_line(tiny_model, tmp_path):
     with Image.open(tmp_path / "h" / "00001-1.png") as image:
         assert image.size == (48, 32)
         assert parse_infotext(image.info["parameters"])["Hires upscale"] == "2.0"
+
+
+def test_lora_tags_and_clip_skip_from_the_command_line(tiny_model, tmp_path):
+    from test_lora import kohya_lora
+
+    kohya_lora(tmp_path / "ink.safetensors", make_tiny_components())
+    code = main(["generate", "otter <lora:ink:0.7>", "--lora-dir", str(tmp_path), "--clip-skip", "2", "--steps", "2", "--seed", "4", "--model", str(tiny_model), "-o", str(tmp_path / "o"), "-q"])
+    assert code == 0
+    params = parse_infotext(read_infotext(tmp_path / "o" / "00001-4.png"))
+    assert params["Clip skip"] == "2" and params["Lora hashes"].startswith("ink: ")

@@ -78,6 +78,9 @@ def add_generate(sub) -> None:
     gen.add_argument("--hires-strength", type=float, default=0.5, help="hires fix: denoising strength of the second pass")
     gen.add_argument("--hires-steps", type=int, default=None, help="hires fix: steps of the second pass (default: --steps)")
     gen.add_argument("--hires-upscaler", default="latent", choices=["latent", "pixel"])
+    gen.add_argument("--clip-skip", type=int, default=1, help="use the text encoder's N-th last layer (A1111's clip skip)")
+    gen.add_argument("--lora-dir", type=Path, default=None, help="folder where <lora:NAME:WEIGHT> prompt tags are looked up")
+    gen.add_argument("--embeddings-dir", type=Path, default=None, help="textual inversion embeddings, used by writing their names")
     gen.add_argument("--model", default=None, help="diffusers folder, cached repo id or .safetensors file (default: shipped model)")
     gen.add_argument("--config", default=None, help="diffusers config folder for single files of other architectures")
     gen.add_argument("-o", "--output-dir", type=Path, default=Path("outputs"))
@@ -134,7 +137,12 @@ def run_generate(args) -> int:
     # so a split run fills the folder exactly as one process would.
     base_seed = workers.share(args.seed if args.seed is not None else random.randrange(MAX_SEED + 2 - n * len(prompts)))
     first_index = workers.share(next_free_index(args.output_dir))
-    pipe = Pipeline.from_pretrained(args.model, device=workers.device, dtype=args.dtype, config=args.config)
+    for folder, what in ((args.lora_dir, "LoRA folder"), (args.embeddings_dir, "embeddings folder")):
+        if folder is not None and not folder.is_dir():
+            raise LdmError(f"{what} not found: {folder}")
+    pipe = Pipeline.from_pretrained(
+        args.model, device=workers.device, dtype=args.dtype, config=args.config, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir
+    )
     job = GenerateJob(
         pipe,
         output_dir=args.output_dir,
@@ -160,6 +168,7 @@ def run_generate(args) -> int:
             mask_image=mask_image,
             mask_blur=args.mask_blur,
             hires=hires,
+            clip_skip=args.clip_skip,
         )
         for path in paths:
             print(path, flush=True)

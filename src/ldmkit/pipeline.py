@@ -10,6 +10,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +22,10 @@ from ldmkit.inpainting import Inpainting, check_inpainting, prepare_mask
 from ldmkit.hires import HiresFix
 from ldmkit import loading
 from ldmkit.loading import Components
+from ldmkit.embeddings import load_embeddings, ti_hashes_infotext
+from ldmkit.lora import applied_loras, extract_lora_tags, lora_hashes_infotext, resolve_lora
 from ldmkit.memory import check_memory
+from ldmkit.prompts import check_clip_skip, clip_skip_infotext, encode_prompts
 from ldmkit.metadata import format_infotext
 from ldmkit.samplers import DEFAULT_SAMPLER, Sampler, get_sampler
 
@@ -48,6 +52,43 @@ class GenerationResult:
     images: list[Image.Image]
     seeds: list[int]  # image i used seeds[i] == seed + i
     infotexts: list[str]  # AUTOMATIC1111-style 'parameters' text, one per image
+
+
+@dataclass
+class Request:
+    """One validated generation request, as the sampling stages need it."""
+
+    prompt: str  # without <lora:...> tags
+    negative_prompt: str
+    steps: int
+    guidance: float
+    sampler: Sampler
+    width: int
+    height: int
+    init_image: Image.Image | None
+    strength: float
+    mask_image: Image.Image | None
+    mask_blur: int
+    hires: HiresFix | None
+    clip_skip: int
+
+    @property
+    def use_guidance(self) -> bool:
+        return self.guidance > 1.0
+
+    @property
+    def final_size(self) -> tuple[int, int]:
+        return self.hires.target_size(self.width, self.height) if self.hires else (self.width, self.height)
+
+    def infotext_params(self) -> dict:
+        """The A1111 parameters beyond the basic ones, as A1111 names them."""
+        params = {"Denoising strength": self.strength if self.init_image is not None else None}
+        if self.mask_image is not None:
+            params["Mask blur"] = self.mask_blur
+        if self.hires is not None:
+            params.update(self.hires.infotext_params(self.steps))
+        params.update(clip_skip_infotext(self.clip_skip))
+        return params
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -86,7 +127,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 class Pipeline:
     """Text-to-image and image-to-image with classifier-free guidance over one loaded model."""
 
-    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype):
+    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype, lora_dir=None, embeddings_dir=None):
         self.components = components
         self.device = device
         self.dtype = dtype
@@ -99,13 +140,17 @@ class Pipeline:
         self.latent_channels = self.vae.config.latent_channels
         # SD inpainting UNets also take the mask and the masked image's latents: 4 + 1 + 4 channels.
         self.is_inpainting_model = self.unet.config.in_channels == 2 * self.latent_channels + 1
+        self.lora_dir = lora_dir  # where <lora:NAME:W> prompt tags are looked up
+        self.embeddings = {}  # textual inversion name -> file, usable as words in prompts
+        if embeddings_dir is not None:
+            self.embeddings = load_embeddings(embeddings_dir, self.tokenizer, self.text_encoder)
 
     @classmethod
-    def from_pretrained(cls, source=None, device="cpu", dtype=None, config=None) -> Pipeline:
+    def from_pretrained(cls, source=None, device="cpu", dtype=None, config=None, *, lora_dir=None, embeddings_dir=None) -> Pipeline:
         """Load a diffusers folder, a cached Hub repo id, an original single file, or (None) the default model."""
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        return cls(loading.load_components(source, config=config), device, dtype)
+        return cls(loading.load_components(source, config=config), device, dtype, lora_dir, embeddings_dir)
 
     @property
     def source(self) -> str:
@@ -138,75 +183,97 @@ class Pipeline:
         mask_image: Image.Image | None = None,
         mask_blur: int = 4,
         hires: HiresFix | None = None,
+        clip_skip: int = 1,
+        loras: list[tuple[str, float]] | None = None,
     ) -> GenerationResult:
         # 1. Validate everything before spending compute.
         sampler_ = check_inputs(prompt, negative_prompt, steps, guidance, sampler, seed, num_images, init_image, strength)
+        check_clip_skip(clip_skip, self.text_encoder)
         check_inpainting(mask_image, mask_blur, init_image)
+        if self.is_inpainting_model and mask_image is None:
+            raise InvalidRequest("this is an inpainting model: give an init image and a mask")
+        text_prompt, lora_files = self.resolve_loras(prompt, loras or [])
         width, height = self.resolve_size(width, height, init_image)
         if hires is not None:
             if init_image is not None:
                 raise InvalidRequest("hires fix is for text-to-image; with an init image, set the size directly")
             hires.check(steps, width, height)
-        if self.is_inpainting_model and mask_image is None:
-            raise InvalidRequest("this is an inpainting model: give an init image and a mask")
-        use_guidance = guidance > 1.0
-        final_width, final_height = hires.target_size(width, height) if hires is not None else (width, height)
-        check_memory(self, final_width, final_height, num_images, use_guidance)
+        request = Request(text_prompt, negative_prompt, steps, guidance, sampler_, width, height, init_image, strength, mask_image, mask_blur, hires, clip_skip)
+        check_memory(self, *request.final_size, num_images, request.use_guidance)
         seed = random.randrange(MAX_SEED + 1 - num_images) if seed is None else seed
         seeds = [seed + i for i in range(num_images)]
         # Image i owns a CPU generator seeded seed + i: the same seed gives the same image on any
         # device and in any batch; it also feeds the VAE posterior samples and ancestral noise.
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
-        # 2. Prompt -> CLIP hidden states, unconditional (negative) first as in diffusers.
-        text_embeddings = self.encode_prompt(prompt, negative_prompt, num_images, use_guidance)
+        # 2-5. Prompt -> embeddings -> latents, with any LoRAs applied only for this request.
+        with applied_loras(self, [(path, weight) for _, path, weight in lora_files]):
+            latents = self.sample(request, generators, callback)
 
-        # 3. Timesteps: img2img starts part-way, at the noise level `strength` asks for.
-        scheduler = sampler_.make_scheduler(self.scheduler_config)
-        scheduler.set_timesteps(steps, device=self.device)
-        timesteps = scheduler.timesteps
-        if init_image is not None:
-            timesteps = self.img2img_timesteps(scheduler, steps, strength)
-
-        # 4. Starting latents: noise (txt2img) or the encoded init image noised to `strength`.
-        inpainting = None
-        if mask_image is not None:
-            inpainting = self.prepare_inpainting(init_image, mask_image, mask_blur, width, height, generators, scheduler, timesteps, strength)
-            latents = inpainting.start_latents
-        elif init_image is None:
-            latents = self.prepare_latents(generators, height, width) * scheduler.init_noise_sigma
-        else:
-            latents = self.prepare_img2img_latents(init_image, width, height, generators, scheduler, timesteps[:1])
-
-        # 5. Denoising loop with classifier-free guidance.
-        noise_generators = generators if sampler_.stochastic else None
-        denoise = lambda latents, scheduler, timesteps, inpainting=None: self.denoise(  # noqa: E731
-            latents, text_embeddings, scheduler, timesteps, guidance, use_guidance, noise_generators, callback, inpainting
-        )
-        latents = denoise(latents, scheduler, timesteps, inpainting)
-
-        # 5b. Hires fix: upscale, then an img2img pass at the larger size.
-        if hires is not None:
-            latents = hires.upscale(self, latents)
-            scheduler = sampler_.make_scheduler(self.scheduler_config)
-            hires_steps = hires.steps or steps
-            scheduler.set_timesteps(hires_steps, device=self.device)
-            timesteps = self.img2img_timesteps(scheduler, hires_steps, hires.strength)
-            noise = self.prepare_latents(generators, *latents.shape[-2:], in_latent_space=True)
-            latents = scheduler.add_noise(latents, noise, timesteps[:1].repeat(num_images))
-            latents = denoise(latents, scheduler, timesteps)
-
-        # 6. Decode and post-process.
+        # 6. Decode, post-process, describe.
         images = self.latents_to_images(latents)
-        params = {"Denoising strength": strength if init_image is not None else None}
-        if mask_image is not None:
-            params["Mask blur"] = mask_blur
-        if hires is not None:
-            params.update(hires.infotext_params(steps))
+        params = request.infotext_params()
+        params.update(ti_hashes_infotext(self.tokenizer, [text_prompt, negative_prompt], self.embeddings))
+        params.update(lora_hashes_infotext([(name, path) for name, path, _ in lora_files]))
         infotexts = [
             self.infotext(prompt, negative_prompt, steps, guidance, sampler_.name, s, width, height, params) for s in seeds
         ]
         return GenerationResult(images=images, seeds=seeds, infotexts=infotexts)
+
+    def sample(self, request: Request, generators: list[torch.Generator], callback) -> torch.Tensor:
+        """Stages 2-5: from the prompt to the final latents."""
+        r = request
+        # 2. Prompt -> CLIP hidden states, unconditional (negative) first as in diffusers.
+        text_embeddings = self.encode_prompt(r.prompt, r.negative_prompt, len(generators), r.use_guidance, r.clip_skip)
+
+        # 3. Timesteps: img2img starts part-way, at the noise level `strength` asks for.
+        scheduler = r.sampler.make_scheduler(self.scheduler_config)
+        scheduler.set_timesteps(r.steps, device=self.device)
+        timesteps = scheduler.timesteps
+        if r.init_image is not None:
+            timesteps = self.img2img_timesteps(scheduler, r.steps, r.strength)
+
+        # 4. Starting latents: noise (txt2img) or the encoded init image noised to `strength`.
+        inpainting = None
+        if r.mask_image is not None:
+            inpainting = self.prepare_inpainting(r.init_image, r.mask_image, r.mask_blur, r.width, r.height, generators, scheduler, timesteps, r.strength)
+            latents = inpainting.start_latents
+        elif r.init_image is None:
+            latents = self.prepare_latents(generators, r.height, r.width) * scheduler.init_noise_sigma
+        else:
+            latents = self.prepare_img2img_latents(r.init_image, r.width, r.height, generators, scheduler, timesteps[:1])
+
+        # 5. Denoising loop with classifier-free guidance.
+        noise_generators = generators if r.sampler.stochastic else None
+        latents = self.denoise(latents, text_embeddings, scheduler, timesteps, r.guidance, r.use_guidance, noise_generators, callback, inpainting)
+
+        # 5b. Hires fix: upscale, then an img2img pass at the larger size.
+        if r.hires is not None:
+            latents = r.hires.upscale(self, latents)
+            scheduler = r.sampler.make_scheduler(self.scheduler_config)
+            hires_steps = r.hires.steps or r.steps
+            scheduler.set_timesteps(hires_steps, device=self.device)
+            timesteps = self.img2img_timesteps(scheduler, hires_steps, r.hires.strength)
+            noise = self.prepare_latents(generators, *latents.shape[-2:], in_latent_space=True)
+            latents = scheduler.add_noise(latents, noise, timesteps[:1].repeat(len(generators)))
+            latents = self.denoise(latents, text_embeddings, scheduler, timesteps, r.guidance, r.use_guidance, noise_generators, callback)
+        return latents
+
+    def resolve_loras(self, prompt: str, loras: list[tuple[str, float]]) -> tuple[str, list[tuple[str, Path, float]]]:
+        """The prompt without <lora:...> tags, and (name, file, weight) for its tags and the `loras` argument."""
+        text_prompt, tags = extract_lora_tags(prompt)
+        if tags and self.lora_dir is None:
+            raise InvalidRequest("the prompt has <lora:...> tags but no LoRA folder is set (--lora-dir)")
+        files = [(name, resolve_lora(name, self.lora_dir), weight) for name, weight in tags]
+        for path, weight in loras:
+            path = Path(path)
+            if not path.is_file():
+                raise InvalidRequest(f"LoRA file not found: {path}")
+            files.append((path.stem, path, weight))
+        for name, _, weight in files:
+            if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise InvalidRequest(f"LoRA {name!r} weight must be a finite number, got {weight!r}")
+        return text_prompt, files
 
     # -- stages ---------------------------------------------------------------------------------
 
@@ -218,13 +285,13 @@ class Pipeline:
         check_size(width, height)
         return width, height
 
-    def encode_prompt(self, prompt: str, negative_prompt: str, num_images: int, use_guidance: bool) -> torch.Tensor:
-        """(B or 2B, 77, D) CLIP last hidden states; with guidance the unconditional half comes first."""
+    def encode_prompt(self, prompt: str, negative_prompt: str, num_images: int, use_guidance: bool, clip_skip: int = 1) -> torch.Tensor:
+        """(B or 2B, 77k, D) CLIP hidden states; with guidance the unconditional half comes first.
+
+        A1111 prompt syntax: (emphasis:1.2), [de-emphasis], BREAK, and 75-token chunks for long prompts.
+        """
         texts = [negative_prompt, prompt] if use_guidance else [prompt]
-        tokens = self.tokenizer(
-            texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        )
-        hidden = self.text_encoder(tokens.input_ids.to(self.device))[0]  # (len(texts), 77, D)
+        hidden = encode_prompts(self.tokenizer, self.text_encoder, texts, clip_skip)  # (len(texts), 77k, D)
         return hidden.repeat_interleave(num_images, dim=0)
 
     def prepare_latents(self, generators: list[torch.Generator], height: int, width: int, in_latent_space: bool = False) -> torch.Tensor:

@@ -212,8 +212,12 @@ def _apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
     z = hidden.float()  # an fp16/bf16 mean would be rounded
     original_mean = z.mean(dim=(1, 2), keepdim=True)
     z = z * weights[:, :, None]
-    z = z * (original_mean / z.mean(dim=(1, 2), keepdim=True))
-    return z.to(hidden.dtype)
+    new_mean = z.mean(dim=(1, 2), keepdim=True)
+    # A zero mean (a LayerNorm without bias, as in untrained models) has nothing to restore; A1111 would
+    # divide by it and give NaN.
+    z = z * torch.where(new_mean == 0, 1.0, original_mean / new_mean)
+    plain_rows = torch.all(weights == 1, dim=1)[:, None, None]  # rows without emphasis stay bit for bit
+    return torch.where(plain_rows, hidden, z.to(hidden.dtype))
 
 
 def clip_skip_infotext(clip_skip: int) -> dict:
