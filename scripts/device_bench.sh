@@ -4,6 +4,7 @@
 # Run through the device tool from the repo root, with diffusers' wheel carried in .whl/:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:src || exit; bash scripts/device_bench.sh
+# Arguments, if any, replace the bench's (default: the full table below); TIME_LIMIT (s) caps the bench.
 # Writes table.md, bench.json and log.txt to $OUT (or ./bench-out) and prints the table last.
 set -uo pipefail
 OUT=${OUT:-bench-out}
@@ -17,8 +18,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-src}
 } 2>&1 | tee "$OUT/env.txt"
 
 # Ordered so that a kill at the time limit still leaves the main rows in table.md.
-timeout 530 python3 -m ldmkit.bench --size 512 --steps 50 --sampler DDIM --batch 1 --warmup 2 --repeats 5 \
-  --ablations --out "$OUT/table.md" --json "$OUT/bench.json" 2>&1 | tee "$OUT/log.txt"
+ARGS=("$@")
+[ ${#ARGS[@]} -gt 0 ] || ARGS=(--size 512 --steps 50 --sampler DDIM --batch 1 --warmup 2 --repeats 5 --ablations)
+timeout "${TIME_LIMIT:-530}" python3 -m ldmkit.bench "${ARGS[@]}" --out "$OUT/table.md" --json "$OUT/bench.json" 2>&1 | tee "$OUT/log.txt"
 echo "bench exit: ${PIPESTATUS[0]}"
 echo
 cat "$OUT/env.txt" "$OUT/table.md"

@@ -28,6 +28,13 @@ GUIDANCE = 7.5
 DEFAULT_ROWS = ("diffusers", "ours", "ours-fast", "diffusers-compiled")
 # One speed-up at a time on top of ours, for docs/benchmarks.md: what each buys.
 ABLATION_ROWS = ("ours+channels_last", "ours+fused_qkv", "ours+compile_default")
+# make_fast with one piece left out or one more added, for what each buys under compile.
+COMPILE_ABLATION_ROWS = (
+    "ours-fast-no_channels_last",
+    "ours-fast-no_fused_qkv",
+    "ours-fast+cudnn_benchmark",
+    "ours-fast+inductor_tuning",
+)
 
 
 @dataclasses.dataclass
@@ -50,7 +57,7 @@ class RowResult:
     peak_mem_gib: float | None = None  # torch.cuda.max_memory_allocated, weights included
     psnr_eager: float | None = None  # dB against the diffusers row's images, same seeds
     psnr_compiled: float | None = None  # dB against the diffusers-compiled row's images
-    unet_ms: float | None = None  # one UNet call alone (CUDA events, median), the guidance batch
+    unet_ms: float | None = None  # one UNet call alone (CUDA events, mean of back-to-back calls), the guidance batch
     decode_ms: float | None = None  # one VAE decode alone
     error: str | None = None
     steps: int = 0
@@ -72,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (seeds seed, seed+1, ...); the median is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-diffusers", action="store_true", help="only our rows (PSNR columns stay empty)")
-    parser.add_argument("--rows", default=None, help=f"comma-separated rows; default {','.join(DEFAULT_ROWS)}; also {','.join(ABLATION_ROWS)}")
+    parser.add_argument("--rows", default=None, help=f"comma-separated rows; default {','.join(DEFAULT_ROWS)}; also {','.join(ABLATION_ROWS + COMPILE_ABLATION_ROWS)}")
     parser.add_argument("--ablations", action="store_true", help="add the one-speed-up-at-a-time rows")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on GPUs, fp32 on the CPU")
@@ -211,6 +218,7 @@ def bench_row(name: str, master, device, dtype, settings: Settings):
     result = RowResult(name, steps=settings.steps)
     on_cuda = device.type == "cuda"
     row_images = None
+    cudnn_benchmark = torch.backends.cudnn.benchmark  # a row may set it; the next starts as this one did
     try:
         components = place(master, device, dtype)
         if on_cuda:
@@ -239,12 +247,13 @@ def bench_row(name: str, master, device, dtype, settings: Settings):
         row_images = None
     finally:
         components = generate = None
+        torch.backends.cudnn.benchmark = cudnn_benchmark
         release(device)
     return result, row_images
 
 
 def time_parts(generate, components, device, dtype, settings: Settings, calls: int = 20):
-    """Median ms of one UNet call and one VAE decode, called as the row's pipeline calls them.
+    """Mean ms of one UNet call and one VAE decode, called as the row's pipeline calls them.
 
     With the whole run's latency this says how much of a step is not the UNet: the sampler's small
     kernels, host syncs and Python.
@@ -259,28 +268,27 @@ def time_parts(generate, components, device, dtype, settings: Settings, calls: i
         hidden = torch.randn(2 * settings.batch, 77, components.text_encoder.config.hidden_size, device=device, dtype=dtype)
         timestep = torch.tensor(500, device=device)  # int64 on the device, as the schedulers' timesteps
         with generate.grad_mode():
-            unet_ms = _median_cuda_ms(lambda: generate.unet(model_input, timestep, encoder_hidden_states=hidden, return_dict=False)[0], calls)
-            decode_ms = _median_cuda_ms(lambda: generate.decode(latents, return_dict=False)[0], calls)
+            unet_ms = _mean_cuda_ms(lambda: generate.unet(model_input, timestep, encoder_hidden_states=hidden, return_dict=False)[0], calls)
+            decode_ms = _mean_cuda_ms(lambda: generate.decode(latents, return_dict=False)[0], calls)
         return unet_ms, decode_ms
     except Exception:  # noqa: BLE001 - the breakdown is extra; the row's numbers stand without it
         traceback.print_exc()
         return None, None
 
 
-def _median_cuda_ms(call, calls: int) -> float:
+def _mean_cuda_ms(call, calls: int) -> float:
+    """Back to back, as in the loop: where launching is slower than running (eager), this is the launch rate."""
     import torch
 
     for _ in range(3):  # compiled modules warm up, then record their CUDA graph
         call()
-    times = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
     for _ in range(calls):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
         call()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
 
 
 def release(device) -> None:
@@ -301,12 +309,15 @@ def ours(fast_options: dict | None = None) -> Callable:
         import numpy as np
         import torch
 
-        from ldmkit.fast import make_fast
+        from ldmkit.fast import DIFFUSERS_TUTORIAL_INDUCTOR, make_fast
         from ldmkit.pipeline import Pipeline
 
         pipe = Pipeline(components, device, dtype)
         if fast_options is not None:
-            make_fast(pipe, **fast_options)
+            options = dict(fast_options)
+            if options.get("inductor_options") == "diffusers-tutorial":
+                options["inductor_options"] = DIFFUSERS_TUTORIAL_INDUCTOR
+            make_fast(pipe, **options)
 
         def generate(seed: int):
             result = pipe.generate(
@@ -392,6 +403,10 @@ RUNNERS: dict[str, Callable] = {
     "ours+channels_last": ours({"fuse_qkv": False, "compile": False}),
     "ours+fused_qkv": ours({"compile": False}),
     "ours+compile_default": ours({"mode": "default"}),
+    "ours-fast-no_channels_last": ours({"channels_last": False}),
+    "ours-fast-no_fused_qkv": ours({"fuse_qkv": False}),
+    "ours-fast+cudnn_benchmark": ours({"cudnn_benchmark": True}),
+    "ours-fast+inductor_tuning": ours({"inductor_options": "diffusers-tutorial"}),
 }
 
 
