@@ -212,8 +212,18 @@ class GenerationQueue:
             seed = r.seed + batch * r.batch_size
             try:
                 part = self.pipe.generate(
-                    r.prompt, r.negative_prompt, r.steps, r.guidance, r.sampler, seed, r.width, r.height,
-                    r.batch_size, r.init_image, r.strength, callback=partial(self._on_step, job),
+                    prompt=r.prompt,
+                    negative_prompt=r.negative_prompt,
+                    steps=r.steps,
+                    guidance=r.guidance,
+                    sampler=r.sampler,
+                    seed=seed,
+                    width=r.width,
+                    height=r.height,
+                    num_images=r.batch_size,
+                    init_image=r.init_image,
+                    strength=r.strength,
+                    callback=partial(self._on_step, job),
                 )
             except _Interrupted as stop:
                 seeds = [seed + i for i in range(r.batch_size)]
