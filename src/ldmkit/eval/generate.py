@@ -81,3 +81,17 @@ def grid(images: torch.Tensor, columns: int) -> "PIL.Image.Image":
         r, c = divmod(i, columns)
         canvas[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = images[i]
     return Image.fromarray(canvas.permute(1, 2, 0).numpy())
+
+
+GRID_PROMPTS = (
+    "otter", "red apple", "smiling face with sunglasses", "rocket", "pizza",
+    "otter, 3d render", "red apple, flat icon", "cat face, flat illustration", "ghost, cartoon emoji",
+)
+
+
+def sample_grid(model: Model, prompts=GRID_PROMPTS, seeds=(0, 1, 2, 3, 4, 5), steps: int = 25,
+                guidance: float = 7.5) -> "PIL.Image.Image":
+    """One row per prompt, one column per seed."""
+    pairs = [(p, s) for p in prompts for s in seeds]
+    images = generate(model, [p for p, _ in pairs], [s for _, s in pairs], steps=steps, guidance=guidance)
+    return grid(images, columns=len(seeds))

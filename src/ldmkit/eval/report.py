@@ -13,20 +13,52 @@ from ldmkit.eval.generate import generate, load_model
 from ldmkit.loading import DEFAULT_MODEL_DIR
 from ldmkit.train.common import holdout_mask, load_dataset
 
-PROMPTS_FILE = Path(__file__).parent / "prompts.txt"
+# The fixed evaluation prompts: 256 emoji names (a seeded draw from the names present in >= 3 of the 4 sets),
+# each with the styles it exists in, tab separated.
+PROMPTS_FILE = Path(__file__).parent / "prompts.tsv"
+
+
+def style_table() -> dict[str, list[str]]:
+    table = {}
+    for line in PROMPTS_FILE.read_text().splitlines():
+        name, _, styles = line.partition("\t")
+        table[name] = styles.split(",")
+    return table
 
 
 def eval_prompts() -> list[str]:
-    """The fixed evaluation prompts: 256 emoji names (seeded draw from names shown in >= 3 of the 4 sets)."""
-    return [line for line in PROMPTS_FILE.read_text().splitlines() if line]
+    return list(style_table())
+
+
+def styled_prompts(prompts: list[str], available: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """Each eval prompt with one style it exists in, cycling through the styles."""
+    return [(p, sorted(available[p])[i % len(available[p])]) for i, p in enumerate(prompts)]
+
+
+def generate_eval_images(model_dir: Path | None, num_prompts: int | None = None, steps: int = 25,
+                         guidance: float = 7.5, seed: int = 0, device=None) -> dict[str, torch.Tensor]:
+    """The images `evaluate` scores (no data set or CLIP needed): plain prompts and "name, style" prompts."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(Path(model_dir or DEFAULT_MODEL_DIR), device)
+    prompts = eval_prompts()[:num_prompts]
+    styled = styled_prompts(prompts, style_table())
+    start = time.perf_counter()
+    plain = generate(model, prompts, [seed] * len(prompts), steps=steps, guidance=guidance)
+    with_style = generate(model, [f"{p}, {s}" for p, s in styled], [seed] * len(styled), steps=steps, guidance=guidance)
+    seconds = torch.tensor(time.perf_counter() - start)
+    return {"plain": plain, "styled": with_style, "seconds": seconds}
 
 
 def evaluate(model_dir: Path | None, clip_dir: Path, data_dir: Path, num_prompts: int | None = None, steps: int = 25,
-             guidance: float = 7.5, seed: int = 0, holdout_fraction: float = 0.02, device=None) -> dict:
+             guidance: float = 7.5, seed: int = 0, holdout_fraction: float = 0.02, device=None,
+             images: dict | None = None) -> dict:
+    """All metrics; `images` (from generate_eval_images, e.g. made on a GPU) skips generation here."""
     from transformers import CLIPModel
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(Path(model_dir or DEFAULT_MODEL_DIR), device)
+    if images is None:
+        images = generate_eval_images(model_dir, num_prompts, steps, guidance, seed, device)
     clip = CLIPModel.from_pretrained(clip_dir, torch_dtype=torch.float32).to(device).eval()
     dataset = load_dataset(Path(data_dir))
     results: dict = {"model": str(model_dir or DEFAULT_MODEL_DIR), "device": str(device), "steps": steps,
@@ -41,9 +73,8 @@ def evaluate(model_dir: Path | None, clip_dir: Path, data_dir: Path, num_prompts
     names = sorted({r.name for r in dataset.records})
     name_index = {name: i for i, name in enumerate(names)}
     name_feats = metrics.text_features(clip, names, device)
-    start = time.perf_counter()
-    generated = generate(model, prompts, [seed] * len(prompts), steps=steps, guidance=guidance)
-    results["generation_seconds"] = time.perf_counter() - start
+    generated = images["plain"][: len(prompts)]
+    results["generation_seconds"] = float(images["seconds"])
     targets = torch.tensor([name_index[p] for p in prompts])
     gen = metrics.retrieval_accuracy(metrics.image_features(clip, generated, device), name_feats, targets)
     real_rows = [i for i, r in enumerate(dataset.records) if r.name in set(prompts)]
@@ -53,12 +84,8 @@ def evaluate(model_dir: Path | None, clip_dir: Path, data_dir: Path, num_prompts
 
     # Style adherence: "name, style" prompts; CLIP picks among the same name in each of the 4 styles.
     styles = [s.style for s in SOURCES]
-    available = {}
-    for r in dataset.records:
-        available.setdefault(r.name, []).append(r.style)
-    styled = [(p, sorted(available[p])[i % len(available[p])]) for i, p in enumerate(prompts)]
-    styled_images = generate(model, [f"{p}, {s}" for p, s in styled], [seed] * len(styled), steps=steps, guidance=guidance)
-    styled_feats = metrics.image_features(clip, styled_images, device)
+    styled = styled_prompts(prompts, style_table())
+    styled_feats = metrics.image_features(clip, images["styled"][: len(prompts)], device)
     hits = []
     for i, (p, s) in enumerate(styled):
         options = metrics.text_features(clip, [f"{p}, {o}" for o in styles], device)  # (4, D)

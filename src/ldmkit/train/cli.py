@@ -47,6 +47,10 @@ def register(subparsers) -> None:
     evaluate.add_argument("--steps", type=int, default=25)
     evaluate.add_argument("--guidance", type=float, default=7.5)
     evaluate.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
+    evaluate.add_argument("--generate-only", type=Path, default=None, metavar="DIR",
+                          help="only generate the eval images into DIR (e.g. on a GPU machine without the data set)")
+    evaluate.add_argument("--images", type=Path, default=None, metavar="DIR",
+                          help="score the images a --generate-only run wrote instead of generating them")
     evaluate.set_defaults(func=run_eval)
 
 
@@ -115,10 +119,22 @@ def run_train(args) -> int:
 
 
 def run_eval(args) -> int:
+    import torch
+
     from ldmkit.eval import report
 
+    if args.generate_only:
+        images = report.generate_eval_images(args.model, args.prompts, args.steps, args.guidance)
+        args.generate_only.mkdir(parents=True, exist_ok=True)
+        for key, value in images.items():
+            torch.save(value, args.generate_only / f"{key}.pt")
+        print(f"{len(images['plain'])} + {len(images['styled'])} images in {float(images['seconds']):.1f}s -> {args.generate_only}")
+        return 0
+    images = None
+    if args.images:
+        images = {key: torch.load(args.images / f"{key}.pt") for key in ("plain", "styled", "seconds")}
     metrics = report.evaluate(model_dir=args.model, clip_dir=args.clip, data_dir=args.data, num_prompts=args.prompts,
-                              steps=args.steps, guidance=args.guidance)
+                              steps=args.steps, guidance=args.guidance, images=images)
     text = json.dumps(metrics, indent=1)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
