@@ -132,6 +132,9 @@ def run_generate(args) -> int:
         if args.size:
             hires.check(args.steps, width, height)
 
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # shard-loading bars; ours is the one over steps
     workers = start_workers(args.device)
     # Prompt j's images get seeds base + j*n + i and indices first + j*n + i, agreed by all ranks,
     # so a split run fills the folder exactly as one process would.
