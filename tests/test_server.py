@@ -111,6 +111,13 @@ def test_samplers_and_models_lists(url):
     assert [m["model_name"] for m in models] == ["tiny"] and models[0]["title"] == "tiny"
 
 
+def test_sampler_and_karras_scheduler_pair_as_a1111_1_9_sends_it(url):
+    info = json.loads(txt2img(url, sampler_name="DPM++ 2M", scheduler="Karras").json()["info"])
+    assert info["sampler_name"] == "DPM++ 2M Karras"
+    assert json.loads(txt2img(url, sampler_name="Euler", scheduler="Automatic").json()["info"])["sampler_name"] == "Euler"
+    assert [s["label"] for s in requests.get(f"{url}/sdapi/v1/schedulers", timeout=10).json()] == ["Automatic", "Karras"]
+
+
 def test_options_name_the_loaded_model_and_refuse_another(url):
     assert requests.get(f"{url}/sdapi/v1/options", timeout=10).json()["sd_model_checkpoint"] == "tiny"
     assert requests.post(f"{url}/sdapi/v1/options", json={"sd_model_checkpoint": "tiny", "CLIP_stop_at_last_layers": 2}, timeout=10).status_code == 200
@@ -165,6 +172,8 @@ def _progress_with_image(url):
         ("txt2img", {"width": 20}, 400, "width must be a multiple of 8"),
         ("txt2img", {"steps": 0}, 400, "steps must be an integer"),
         ("txt2img", {"sampler_name": "Nope"}, 400, "unknown sampler"),
+        ("txt2img", {"sampler_name": "Euler a", "scheduler": "Karras"}, 400, "unknown sampler 'Euler a Karras'"),
+        ("txt2img", {"scheduler": "Exponential"}, 400, "unknown scheduler"),
         ("txt2img", {"batch_size": 0}, 400, "batch size must be a positive integer"),
         ("txt2img", {"width": 4096, "height": 4096}, 400, "over this server's limit"),
         ("txt2img", {"seed": -5}, 400, "seed must be an integer"),

@@ -28,6 +28,7 @@ class Txt2ImgRequest(BaseModel):
     seed: int = Field(-1, description="-1: random; image i of the request uses seed + i")
     sampler_name: str | None = None
     sampler_index: str = "Euler"
+    scheduler: str | None = Field(None, description="A1111 1.9+: 'Automatic' or 'Karras' (as in 'DPM++ 2M' + 'Karras')")
     batch_size: int = 1
     n_iter: int = Field(1, description="batches; they continue the seed sequence")
     steps: int = 50
@@ -72,6 +73,22 @@ class SamplerItem(BaseModel):
     name: str
     aliases: list[str]
     options: dict
+
+
+class SchedulerItem(BaseModel):
+    name: str
+    label: str
+    aliases: list[str] | None
+    default_rho: float | None
+    need_inner_model: bool | None
+
+
+# AUTOMATIC1111 1.9+ names the noise schedule apart from the sampler; ldmkit's registry names them
+# together ("DPM++ 2M Karras"), as older AUTOMATIC1111 did. Automatic: the sampler's own schedule.
+SCHEDULERS = [
+    SchedulerItem(name="automatic", label="Automatic", aliases=None, default_rho=None, need_inner_model=None),
+    SchedulerItem(name="karras", label="Karras", aliases=None, default_rho=7.0, need_inner_model=None),
+]
 
 
 class SDModelItem(BaseModel):
@@ -123,6 +140,10 @@ def create_router(queue: GenerationQueue) -> APIRouter:
     async def samplers():
         return [SamplerItem(name=name, aliases=[], options={}) for name in SAMPLERS]
 
+    @router.get("/schedulers", response_model=list[SchedulerItem])
+    async def schedulers():
+        return SCHEDULERS
+
     @router.get("/sd-models", response_model=list[SDModelItem])
     async def sd_models():
         name = pipe.model_name
@@ -156,7 +177,7 @@ async def _generate(queue: GenerationQueue, body: Txt2ImgRequest, request: Reque
             negative_prompt=body.negative_prompt,
             steps=body.steps,
             guidance=body.cfg_scale,
-            sampler=body.sampler_name or body.sampler_index,
+            sampler=_sampler(body.sampler_name or body.sampler_index, body.scheduler),
             seed=None if body.seed == -1 else body.seed,
             width=body.width,
             height=body.height,
@@ -173,6 +194,16 @@ async def _generate(queue: GenerationQueue, body: Txt2ImgRequest, request: Reque
         "parameters": body.model_dump(),
         "info": json.dumps(_info(job, result, queue.pipe.model_name)),
     }
+
+
+def _sampler(name: str, scheduler: str | None) -> str:
+    """A1111 1.9+'s sampler + scheduler pair -> a name of ldmkit's registry."""
+    if scheduler is None or scheduler.lower() == "automatic":
+        return name
+    if scheduler.lower() == "karras":
+        return name if name.lower().endswith(" karras") else f"{name} Karras"
+    labels = ", ".join(item.label for item in SCHEDULERS)
+    raise InvalidRequest(f"unknown scheduler {scheduler!r}; this server has: {labels}")
 
 
 def _info(job: Job, result: GenerationResult, model_name: str) -> dict:
