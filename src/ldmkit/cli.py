@@ -86,6 +86,7 @@ def add_generate(sub) -> None:
     gen.add_argument("-o", "--output-dir", type=Path, default=Path("outputs"))
     gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     gen.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    gen.add_argument("--fast", action="store_true", help="GPU fast path: fp16, channels_last, fused QKV, torch.compile (first image compiles)")
     gen.add_argument("--save-intermediates", action="store_true", help="save the predicted image every K steps, a grid and an animation")
     gen.add_argument("--every", type=int, default=1, metavar="K", help="with --save-intermediates: every K steps")
     gen.add_argument("--preview", default="full", choices=["full", "fast"], help="intermediates: VAE decode or a cheap latent->RGB projection")
@@ -144,7 +145,7 @@ def run_generate(args) -> int:
         if folder is not None and not folder.is_dir():
             raise LdmError(f"{what} not found: {folder}")
     pipe = Pipeline.from_pretrained(
-        args.model, device=workers.device, dtype=args.dtype, config=args.config, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir
+        args.model, device=workers.device, dtype=args.dtype, config=args.config, fast=args.fast, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir
     )
     job = GenerateJob(
         pipe,
