@@ -23,6 +23,7 @@ openai = pytest.importorskip("openai", reason="server test extras not installed"
 
 from e2e.serving import serve_tiny  # noqa: E402
 from ldmkit.samplers import SAMPLERS  # noqa: E402
+from ldmkit.server.queue import Cancelled  # noqa: E402
 
 FAST = {"width": 16, "height": 16, "steps": 3}  # the tiny model's native size; milliseconds per image
 
@@ -293,6 +294,19 @@ def test_a_client_that_disconnects_frees_its_place(held_server):
         queue.pipe.gate.set()
         assert running.result(timeout=30).status_code == 200
         assert late.result(timeout=30).status_code == 200
+
+
+def test_a_running_request_whose_client_disconnects_is_cancelled(held_server):
+    url, queue = held_server
+    with released(queue):
+        with pytest.raises(requests.Timeout):
+            requests.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "x", **FAST}, timeout=1.0)
+        job = wait_for(lambda: queue.current)
+        wait_for(lambda: job.stop == "cancel")
+        queue.pipe.gate.set()
+        with pytest.raises(Cancelled):
+            job.future.result(timeout=30)
+        wait_for(lambda: queue.current is None)
 
 
 @contextlib.contextmanager
