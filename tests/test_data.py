@@ -1,0 +1,106 @@
+"""Emoji data set builder on tiny fake npm packages: names, captions, rendering, the files it writes."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldmkit.data import emoji
+
+RED_SQUARE = '<rect x="4" y="4" width="8" height="8" fill="#ff0000"/>'
+FAKE_SOURCES = (
+    emoji.EmojiSource("@iconify-json/fake", "flat icon", "iconify", "MIT", "Test"),
+    emoji.EmojiSource("@fake/emoji-3d", "3d render", "webp", "MIT", "Test"),
+)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_iconify(path, icons, chars, aliases=None):
+    with tarfile.open(path, "w:gz") as tar:
+        _add(tar, "package/icons.json", json.dumps({"prefix": "fake", "icons": icons, "aliases": aliases or {},
+                                                    "width": 16, "height": 16}).encode())
+        _add(tar, "package/chars.json", json.dumps(chars).encode())
+
+
+def write_webp_package(path, files):
+    with tarfile.open(path, "w:gz") as tar:
+        for name, color in files.items():
+            buffer = io.BytesIO()
+            Image.new("RGBA", (256, 256), color).save(buffer, "WEBP")
+            _add(tar, f"package/assets/{name}.webp", buffer.getvalue())
+
+
+@pytest.fixture
+def packages(tmp_path):
+    cache = tmp_path / "packages"
+    cache.mkdir()
+    write_iconify(
+        cache / "iconify-json-fake-1.0.0.tgz",
+        icons={"otter": {"body": RED_SQUARE}, "red-heart": {"body": RED_SQUARE}, "gone": {"body": RED_SQUARE, "hidden": True},
+               "man-cook": {"body": RED_SQUARE}, "man-cook-dark-skin-tone": {"body": RED_SQUARE}},
+        chars={"1f9a6": "otter", "2764-fe0f": "red-heart", "1f47b": "gone", "1f468-200d-1f373": "man-cook",
+               "1f468-1f3ff-200d-1f373": "man-cook-dark-skin-tone", "1f600": "flipped"},
+        aliases={"flipped": {"parent": "otter", "hFlip": True}},
+    )
+    # transparent pixels must come out white; 2764 has no name in the iconify set but unicodedata knows it
+    write_webp_package(cache / "fake-emoji-3d-2.0.0.tgz", {"1f9a6": (0, 0, 255, 255), "2764-fe0f": (0, 0, 0, 0),
+                                                           "1f9d1-200d-1f9af": (0, 255, 0, 255)})
+    return cache
+
+
+def test_normalize_key_drops_presentation_selectors_and_zeros():
+    assert emoji.normalize_key("2764-FE0F") == "2764"
+    assert emoji.normalize_key("0023-fe0f-20e3") == "23-20e3"
+    assert emoji.normalize_key("1f468-200d-1f373") == "1f468-200d-1f373"
+
+
+def test_names_come_from_iconify_then_unicodedata():
+    names = {"1f468-200d-1f373": "man-cook"}
+    assert emoji.emoji_name("1f468-200d-1f373", names) == "man cook"
+    assert emoji.emoji_name("1f9a6", {}) == "otter"
+    assert emoji.emoji_name("1f60e", {}) == "smiling face with sunglasses"
+    assert emoji.emoji_name("1f9d1-200d-1f9af", {}) is None  # a sequence without a known name is skipped
+
+
+def test_captions_with_and_without_style():
+    record = emoji.EmojiRecord(key="1f9a6", name="otter", style="3d render", package="x")
+    assert record.captions() == ["otter", "otter, 3d render", "3d render of otter"]
+
+
+def test_collect_skips_hidden_transformed_skin_tones_and_unnamed(packages):
+    tarballs = emoji.fetch_packages(packages, FAKE_SOURCES)  # found in the cache: npm is not called
+    records, jobs = emoji.collect(tarballs, FAKE_SOURCES)
+    got = sorted((r.name, r.style) for r in records)
+    assert got == [("man cook", "flat icon"), ("otter", "3d render"), ("otter", "flat icon"),
+                   ("red heart", "3d render"), ("red heart", "flat icon")]
+    assert len(jobs) == len(records)
+
+
+def test_build_renders_on_white_and_writes_files(packages, tmp_path):
+    out = tmp_path / "data"
+    records = emoji.build(out, cache_dir=packages, workers=1, sources=FAKE_SOURCES)
+    images, loaded = emoji.load(out)
+    assert images.shape == (len(records), 128, 128, 3) and images.dtype == np.uint8
+    assert [r.name for r in loaded] == [r.name for r in records]
+    by_key = {(r.key, r.style): images[i] for i, r in enumerate(loaded)}
+    square = by_key[("1f9a6", "flat icon")]
+    assert tuple(square[64, 64]) == (255, 0, 0)  # the SVG's red square, scaled from 16 to 128 px
+    assert tuple(square[2, 2]) == (255, 255, 255)  # transparent -> white
+    assert tuple(by_key[("1f9a6", "3d render")][64, 64]) == (0, 0, 255)
+    assert (by_key[("2764", "3d render")] == 255).all()
+    assert "MIT" in (out / "LICENSES.md").read_text()
+
+
+def test_missing_dataset_is_a_one_line_error(tmp_path):
+    from ldmkit.errors import LdmError
+
+    with pytest.raises(LdmError, match="ldm data emoji"):
+        emoji.load(tmp_path)

@@ -1,0 +1,144 @@
+"""Tiny CPU training runs of each stage on a handful of 32x32 images: the loss goes down, checkpoints resume."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ldmkit.data.emoji import EmojiRecord
+from ldmkit.train import clip, common, export, unet, vae
+
+SIZE = 32
+NAMES = ["red square", "green circle", "blue bar", "yellow cross"]
+STYLES = ["flat icon", "3d render"]
+
+
+def make_images(name: str, style: str) -> np.ndarray:
+    image = np.full((SIZE, SIZE, 3), 255, np.uint8)
+    color = {"red square": (220, 30, 30), "green circle": (30, 200, 60), "blue bar": (30, 60, 220),
+             "yellow cross": (240, 220, 20)}[name]
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    shape = {"red square": (abs(yy - 16) < 9) & (abs(xx - 16) < 9), "green circle": (yy - 16) ** 2 + (xx - 16) ** 2 < 81,
+             "blue bar": abs(xx - 16) < 4, "yellow cross": (abs(xx - 16) < 3) | (abs(yy - 16) < 3)}[name]
+    image[shape] = color
+    if style == "3d render":
+        image[shape] = (image[shape] * 0.7).astype(np.uint8)
+    return image
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    records = [EmojiRecord(key=f"{i:x}", name=n, style=s, package="test") for i, n in enumerate(NAMES) for s in STYLES]
+    np.save(folder / "images.npy", np.stack([make_images(r.name, r.style) for r in records]))
+    (folder / "records.json").write_text(json.dumps([r.__dict__ for r in records]))
+    (folder / "LICENSES.md").write_text("test shapes\n")
+    return folder
+
+
+TINY_CLIP = dict(text_hidden=32, text_layers=1, text_heads=2, image_size=16, patch_size=8, vision_hidden=32,
+                 vision_layers=1, vision_heads=2, projection_dim=16, batch_size=8, lr=3e-3, warmup_steps=2, log_every=5)
+TINY_VAE = dict(block_out_channels=(8, 8, 16, 16), norm_num_groups=4, batch_size=8, lr=3e-3, warmup_steps=2,
+                log_every=5, holdout_fraction=0.0)
+TINY_UNET = dict(block_out_channels=(16, 32), attention_heads=(2, 2), norm_num_groups=8, layers_per_block=1,
+                 batch_size=8, lr=2e-3, warmup_steps=2, log_every=5)
+
+
+def losses(result):
+    return [loss for _, loss in result["history"]]
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """One tiny run of each stage, in order: CLIP -> VAE -> UNet (which reads the first two)."""
+    torch.manual_seed(0)
+    runs = tmp_path_factory.mktemp("runs")
+    results = {
+        "clip": clip.train(clip.ClipTrainConfig(data_dir=str(data_dir), out_dir=str(runs / "clip"), max_steps=40, **TINY_CLIP)),
+        "vae": vae.train(vae.VaeTrainConfig(data_dir=str(data_dir), out_dir=str(runs / "vae"), max_steps=30, **TINY_VAE)),
+    }
+    results["unet"] = unet.train(unet.UnetTrainConfig(
+        data_dir=str(data_dir), out_dir=str(runs / "unet"), text_encoder_dir=str(runs / "clip" / "text_encoder"),
+        vae_dir=str(runs / "vae" / "vae"), max_steps=40, **TINY_UNET))
+    return runs, results
+
+
+@pytest.mark.parametrize("stage", ["clip", "vae", "unet"])
+def test_stage_lowers_its_loss(trained, stage):
+    history = losses(trained[1][stage])
+    assert len(history) >= 3
+    assert history[-1] < history[0], history
+
+
+def test_outputs_are_fp16_diffusers_folders(trained):
+    runs, results = trained
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel.from_pretrained(runs / "clip" / "text_encoder")
+    assert text_encoder.config.hidden_size == 32 and text_encoder.config.max_position_embeddings == 77
+    assert next(text_encoder.parameters()).dtype == torch.float16
+    vae_model = AutoencoderKL.from_pretrained(runs / "vae" / "vae")
+    assert vae_model.config.scaling_factor == pytest.approx(results["vae"]["scaling_factor"])
+    unet_model = UNet2DConditionModel.from_pretrained(runs / "unet" / "unet")
+    assert unet_model.config.cross_attention_dim == 32
+    assert json.loads((runs / "unet" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+
+
+def test_checkpoint_records_config_and_resumes(trained, data_dir):
+    runs, _ = trained
+    checkpoint = torch.load(runs / "vae" / "ckpt.pt", weights_only=False)
+    assert checkpoint["step"] == 30 and checkpoint["config"]["block_out_channels"] == (8, 8, 16, 16)
+    assert {"model", "optimizer", "config", "step"} <= set(checkpoint)
+    resumed = vae.train(vae.VaeTrainConfig(data_dir=str(data_dir), out_dir=str(runs / "vae"), max_steps=35, **TINY_VAE))
+    assert resumed["steps"] == 35
+
+
+def test_export_assembles_the_pipeline_folder(trained, data_dir, tmp_path):
+    runs, _ = trained
+    folder = export.assemble(runs / "clip" / "text_encoder", runs / "vae" / "vae", runs / "unet" / "unet",
+                             runs / "unet" / "scheduler", tmp_path / "model", data_dir / "LICENSES.md")
+    for part in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer/vocab.json", "scheduler", "LICENSES.md"):
+        assert (folder / part).exists(), part
+    assert not (folder / "tokenizer" / "tokenizer.json").exists()
+    from ldmkit.loading import load_components
+
+    components = load_components(folder)
+    assert components.scheduler_config["prediction_type"] == "v_prediction"
+    ids = components.tokenizer("red square", padding="max_length", max_length=77).input_ids
+    assert len(ids) == 77 and ids[0] == 49406
+
+
+def test_contrastive_loss_counts_every_matching_caption():
+    image = torch.eye(2)
+    text = torch.eye(2)
+    both = torch.ones(2, 2, dtype=torch.bool)
+    diagonal = torch.eye(2, dtype=torch.bool)
+    scale = torch.tensor(2.0)
+    assert clip.contrastive_loss(image, text, scale, diagonal) < clip.contrastive_loss(image, text, scale, both)
+
+
+def test_schedule_warms_up_then_decays_by_steps_or_time():
+    schedule = common.Schedule(lr=1.0, min_lr=0.0, warmup_steps=10, max_steps=100, max_minutes=1.0)
+    assert schedule.lr_at(0, 0) == pytest.approx(0.1)
+    assert schedule.lr_at(50, 0) == pytest.approx(0.5)
+    assert schedule.lr_at(20, 30.0) == pytest.approx(0.5)  # half the time budget spent
+    assert schedule.progress(20, 60.0) == 1.0
+
+
+def test_cli_registers_data_train_eval_and_overrides(data_dir):
+    from ldmkit.errors import LdmError
+    from ldmkit.train import cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "vae", "--data", str(data_dir), "--minutes", "2", "--set", "batch_size=4",
+                              "--set", "block_out_channels=[8,16]"])
+    cfg = cli.stage_config("vae", args)
+    assert (cfg.batch_size, cfg.block_out_channels, cfg.max_minutes) == (4, (8, 16), 2.0)
+    with pytest.raises(LdmError):
+        cli.apply_overrides(cfg, ["nope=1"])
+    assert parser.parse_args(["data", "emoji", "--out", "x"]).func is cli.run_data
+    assert parser.parse_args(["eval"]).func is cli.run_eval
