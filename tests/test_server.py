@@ -202,11 +202,12 @@ def test_a1111_wrong_types_get_fastapis_422(url):
 
 def test_bodies_over_the_limit_get_413_whether_declared_or_streamed(url):
     big = json.dumps({"prompt": "x" * (2 * 1024 * 1024)}).encode()
-    declared = requests.post(f"{url}/sdapi/v1/txt2img", data=big, headers={"Content-Type": "application/json"}, timeout=30)
-    assert declared.status_code == 413 and "limit" in declared.json()["detail"]
-    chunks = (big[i : i + 65536] for i in range(0, len(big), 65536))  # no Content-Length: chunked
-    streamed = requests.post(f"{url}/sdapi/v1/txt2img", data=chunks, headers={"Content-Type": "application/json"}, timeout=30)
-    assert streamed.status_code == 413
+    for path, error in (("/sdapi/v1/txt2img", lambda body: body["detail"]), ("/v1/images/generations", lambda body: body["error"]["message"])):
+        declared = requests.post(url + path, data=big, headers={"Content-Type": "application/json"}, timeout=30)
+        assert declared.status_code == 413 and "limit" in error(declared.json())
+        chunks = (big[i : i + 65536] for i in range(0, len(big), 65536))  # no Content-Length: chunked
+        streamed = requests.post(url + path, data=chunks, headers={"Content-Type": "application/json"}, timeout=30)
+        assert streamed.status_code == 413 and "limit" in error(streamed.json())
     assert txt2img(url).status_code == 200  # and the server carries on
 
 

@@ -1,4 +1,8 @@
-"""Request body size limit, as ASGI middleware: checked from Content-Length, and counted for chunked bodies."""
+"""Request body size limit, as ASGI middleware: checked from Content-Length, and counted for chunked bodies.
+
+Not FastAPI's own max_body_size: that answers an oversized declared body in plain text, and each
+API's clients parse their own error shape (OpenAI's under /v1).
+"""
 
 from __future__ import annotations
 
