@@ -46,7 +46,8 @@ def generate(model: Model, prompts: list[str], seeds: list[int], steps: int = 25
     tokenizer = load_tokenizer()
     dtype = next(model.unet.parameters()).dtype
     uncond = model.text_encoder(tokenize(tokenizer, [EMPTY_CAPTION]).to(model.device)).last_hidden_state
-    shape = (4, height // 8, width // 8)
+    factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    shape = (model.unet.config.in_channels, height // factor, width // factor)
     images = []
     for start in range(0, len(prompts), batch_size):
         batch_prompts, batch_seeds = prompts[start : start + batch_size], seeds[start : start + batch_size]
