@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU call: generate the eval images (256 name prompts + 256 "name, style" prompts) and the sample grid with the
-# shipped model. Carried: .whl/diffusers-*.whl only (the tree already holds the 57 MB model). Score them on any
+# shipped model. Carried: .slim/diffusers-slim.zip only (diffusers without its other pipelines: the tree already
+# holds the 58 MB model and the tree + carry limit is 64 MiB). Score the images on any
 # machine with the data set and the CLIP: `ldm eval --images DIR --clip .runs/clip/clip`.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
