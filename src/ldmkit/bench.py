@@ -29,12 +29,14 @@ DEFAULT_ROWS = ("diffusers", "ours", "ours-fast", "diffusers-compiled")
 # One speed-up at a time on top of ours, for docs/benchmarks.md: what each buys.
 ABLATION_ROWS = ("ours+channels_last", "ours+fused_qkv", "ours+compile_default")
 # make_fast with one piece left out or one more added, for what each buys under compile.
-COMPILE_ABLATION_ROWS = (
-    "ours-fast-no_channels_last",
-    "ours-fast-no_fused_qkv",
-    "ours-fast+cudnn_benchmark",
-    "ours-fast+inductor_tuning",
-)
+COMPILE_ABLATION_ROWS = ("ours-fast-no_channels_last", "ours-fast-no_fused_qkv", "ours-fast+inductor_tuning")
+# The inductor settings of diffusers' "accelerate inference of text-to-image diffusion models" tutorial.
+DIFFUSERS_TUTORIAL_INDUCTOR = {
+    "conv_1x1_as_mm": True,
+    "coordinate_descent_tuning": True,
+    "epilogue_fusion": False,
+    "coordinate_descent_check_all_directions": True,
+}
 
 
 @dataclasses.dataclass
@@ -218,7 +220,6 @@ def bench_row(name: str, master, device, dtype, settings: Settings):
     result = RowResult(name, steps=settings.steps)
     on_cuda = device.type == "cuda"
     row_images = None
-    cudnn_benchmark = torch.backends.cudnn.benchmark  # a row may set it; the next starts as this one did
     try:
         components = place(master, device, dtype)
         if on_cuda:
@@ -247,7 +248,6 @@ def bench_row(name: str, master, device, dtype, settings: Settings):
         row_images = None
     finally:
         components = generate = None
-        torch.backends.cudnn.benchmark = cudnn_benchmark
         release(device)
     return result, row_images
 
@@ -309,15 +309,12 @@ def ours(fast_options: dict | None = None) -> Callable:
         import numpy as np
         import torch
 
-        from ldmkit.fast import DIFFUSERS_TUTORIAL_INDUCTOR, make_fast
+        from ldmkit.fast import make_fast
         from ldmkit.pipeline import Pipeline
 
         pipe = Pipeline(components, device, dtype)
         if fast_options is not None:
-            options = dict(fast_options)
-            if options.get("inductor_options") == "diffusers-tutorial":
-                options["inductor_options"] = DIFFUSERS_TUTORIAL_INDUCTOR
-            make_fast(pipe, **options)
+            make_fast(pipe, **fast_options)
 
         def generate(seed: int):
             result = pipe.generate(
@@ -405,8 +402,7 @@ RUNNERS: dict[str, Callable] = {
     "ours+compile_default": ours({"mode": "default"}),
     "ours-fast-no_channels_last": ours({"channels_last": False}),
     "ours-fast-no_fused_qkv": ours({"fuse_qkv": False}),
-    "ours-fast+cudnn_benchmark": ours({"cudnn_benchmark": True}),
-    "ours-fast+inductor_tuning": ours({"inductor_options": "diffusers-tutorial"}),
+    "ours-fast+inductor_tuning": ours({"inductor_options": DIFFUSERS_TUTORIAL_INDUCTOR}),
 }
 
 

@@ -17,13 +17,6 @@ from __future__ import annotations
 import torch
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-# The inductor settings of diffusers' "accelerate inference of text-to-image diffusion models" tutorial.
-DIFFUSERS_TUTORIAL_INDUCTOR = {
-    "conv_1x1_as_mm": True,
-    "coordinate_descent_tuning": True,
-    "epilogue_fusion": False,
-    "coordinate_descent_check_all_directions": True,
-}
 
 
 def make_fast(
@@ -34,7 +27,6 @@ def make_fast(
     compile: bool | None = None,
     mode: str = "reduce-overhead",
     inductor_options: dict | None = None,
-    cudnn_benchmark: bool = False,
 ) -> None:
     """Apply the exact speed-ups to `pipe` (an ldmkit.Pipeline) in place.
 
@@ -54,8 +46,6 @@ def make_fast(
     if channels_last:
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
-    if cudnn_benchmark:
-        torch.backends.cudnn.benchmark = True
     if compile if compile is not None else on_cuda:
         compile_models(pipe, mode, inductor_options)
 
