@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def register(subparsers) -> None:
     serve = subparsers.add_parser("serve", help="web UI + AUTOMATIC1111- and OpenAI-compatible HTTP APIs")
     serve.add_argument("--model", default=None, help="diffusers folder, cached repo id or .safetensors file (default: shipped model)")
     serve.add_argument("--config", default=None, help="diffusers config folder for single files of other architectures")
+    serve.add_argument("--lora-dir", type=Path, default=None, help="folder where <lora:NAME:WEIGHT> prompt tags are looked up")
+    serve.add_argument("--embeddings-dir", type=Path, default=None, help="textual inversion embeddings, used by writing their names")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     serve.add_argument("--port", type=int, default=7860)
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -21,13 +25,23 @@ def run_serve(args) -> int:
 
     if args.queue_size < 0:
         raise InvalidRequest(f"--queue-size must be >= 0, got {args.queue_size}")
+    for folder, option in ((args.lora_dir, "--lora-dir"), (args.embeddings_dir, "--embeddings-dir")):
+        if folder is not None and not folder.is_dir():
+            raise InvalidRequest(f"{option}: folder not found: {folder}")
     # Heavy imports only now, so `ldm --help` stays fast.
     import uvicorn
 
     from ldmkit.pipeline import Pipeline
     from ldmkit.server.app import create_app
 
-    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=args.config)
+    pipe = Pipeline.from_pretrained(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        config=args.config,
+        lora_dir=args.lora_dir,
+        embeddings_dir=args.embeddings_dir,
+    )
     app = create_app(pipe, queue_size=args.queue_size, ui=not args.no_ui)
     print(f"ldm serve: {pipe.model_name} on {pipe.device}; web UI http://{args.host}:{args.port}/ , API docs /docs")
     # On Ctrl-C, requests get a few seconds to finish; then they are cancelled, which stops the worker.
