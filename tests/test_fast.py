@@ -15,18 +15,25 @@ def pixels(pipe):
     return np.stack([np.asarray(image, dtype=int) for image in pipe.generate(**KWARGS).images])
 
 
-def test_make_fast_fuses_qkv_and_uses_channels_last_without_changing_images(tiny_components):
-    eager = pixels(Pipeline(tiny_components, torch.device("cpu"), torch.float32))
+def test_make_fast_on_cpu_changes_nothing(tiny_components):
+    # Compile, fp16 and the layouts that serve the compiled UNet were measured to pay on CUDA only.
     pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
     make_fast(pipe)
+    assert not isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert pipe.dtype == torch.float32
+    assert not any(isinstance(p, FusedAttnProcessor2_0) for p in pipe.unet.attn_processors.values())
+    assert not pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fused_qkv_and_channels_last_keep_the_images(tiny_components):
+    eager = pixels(Pipeline(tiny_components, torch.device("cpu"), torch.float32))
+    pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
+    make_fast(pipe, channels_last=True, fuse_qkv=True, compile=False)
     for model in (pipe.unet, pipe.vae):
         processors = model.attn_processors.values()
         assert processors and all(isinstance(p, FusedAttnProcessor2_0) for p in processors)
     assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    # On the CPU nothing is compiled and the dtype stays: compile and fp16 were measured to pay on CUDA.
-    assert not isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
-    assert pipe.dtype == torch.float32
     assert np.abs(pixels(pipe) - eager).max() <= 1
 
 

@@ -22,8 +22,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 def make_fast(
     pipe,
     *,
-    channels_last: bool = True,
-    fuse_qkv: bool = True,
+    channels_last: bool | None = None,
+    fuse_qkv: bool | None = None,
     compile: bool | None = None,
     mode: str = "reduce-overhead",
     inductor_options: dict | None = None,
@@ -31,11 +31,16 @@ def make_fast(
     """Apply the exact speed-ups to `pipe` (an ldmkit.Pipeline) in place.
 
     `compile=None` compiles on CUDA only: that is where it was measured to pay; on the CPU the
-    compile time (minutes) outweighs what it saves on a few images.
+    compile time (minutes) outweighs what it saves on a few images. `channels_last` and `fuse_qkv`
+    (None) follow `compile`: on an H100 both together made the eager UNet slower; under compile,
+    fused QKV made it 2% faster and channels_last is diffusers' advice (docs/benchmarks.md).
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
     on_cuda = pipe.device.type == "cuda"
+    compile = on_cuda if compile is None else compile
+    channels_last = compile if channels_last is None else channels_last
+    fuse_qkv = compile if fuse_qkv is None else fuse_qkv
     if on_cuda and pipe.dtype == torch.float32:
         use_fp16(pipe)
     unet, vae = _original(pipe.unet), pipe.vae
@@ -46,7 +51,7 @@ def make_fast(
     if channels_last:
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
-    if compile if compile is not None else on_cuda:
+    if compile:
         compile_models(pipe, mode, inductor_options)
 
 
