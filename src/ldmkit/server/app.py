@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
@@ -14,15 +15,24 @@ import ldmkit
 from ldmkit.errors import LdmError
 from ldmkit.pipeline import Pipeline
 from ldmkit.server import a1111, openai_api
-from ldmkit.server.limits import BodySizeLimit
-from ldmkit.server.queue import Cancelled, GenerationQueue, QueueFull
-
-MAX_BODY_BYTES = 32 * 1024 * 1024  # a few large base64 PNGs; anything bigger is refused (413)
+from ldmkit.server.limits import BodySizeLimit, ServerLimits
+from ldmkit.server.queue import Cancelled, GenerationQueue, OutOfMemory, QueueFull
 
 
-def create_app(pipe: Pipeline, queue_size: int = 8, max_body_bytes: int = MAX_BODY_BYTES, ui: bool = True) -> FastAPI:
-    """The app over an already loaded pipeline; its worker starts and stops with the app's lifespan."""
-    queue = GenerationQueue(pipe, max_waiting=queue_size)
+def create_app(
+    pipe: Pipeline,
+    queue_size: int = 8,
+    max_body_bytes: int | None = None,
+    ui: bool = True,
+    limits: ServerLimits = ServerLimits(),
+) -> FastAPI:
+    """The app over an already loaded pipeline; its worker starts and stops with the app's lifespan.
+
+    `limits` bounds what one request may ask for; `max_body_bytes`, when given, replaces its max_body_bytes.
+    """
+    if max_body_bytes is not None:
+        limits = dataclasses.replace(limits, max_body_bytes=max_body_bytes)
+    queue = GenerationQueue(pipe, max_waiting=queue_size, limits=limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -34,7 +44,8 @@ def create_app(pipe: Pipeline, queue_size: int = 8, max_body_bytes: int = MAX_BO
 
     app = FastAPI(title="ldmkit", version=ldmkit.__version__, lifespan=lifespan, description=_DESCRIPTION)
     app.state.queue = queue
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, error=error_response)
+    app.state.limits = limits
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, error=error_response)
     _add_error_handlers(app)
     app.include_router(a1111.create_router(queue))
     app.include_router(openai_api.create_router(queue))
@@ -43,7 +54,7 @@ def create_app(pipe: Pipeline, queue_size: int = 8, max_body_bytes: int = MAX_BO
 
         from ldmkit.server.ui import CSS, build_ui
 
-        gr.mount_gradio_app(app, build_ui(queue), path="/", max_file_size=max_body_bytes, ssr_mode=False, footer_links=["api"], css=CSS)
+        gr.mount_gradio_app(app, build_ui(queue), path="/", max_file_size=limits.max_body_bytes, ssr_mode=False, footer_links=["api"], css=CSS)
     return app
 
 
@@ -75,6 +86,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Cancelled)
     async def cancelled(request: Request, exc: Cancelled):
         return error_response(request.url.path, 503, f"request cancelled: {exc}", "Cancelled")
+
+    @app.exception_handler(OutOfMemory)
+    async def out_of_memory(request: Request, exc: OutOfMemory):
+        # The worker has already freed the failed job's memory: the next request may well fit.
+        return error_response(request.url.path, 503, str(exc), "OutOfMemory", {"Retry-After": "1"})
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):

@@ -11,36 +11,42 @@ from PIL import Image
 from ldmkit.errors import InvalidRequest
 from ldmkit.metadata import png_info
 from ldmkit.pipeline import GenerationResult
+from ldmkit.server.limits import ServerLimits
 
-MAX_INPUT_PIXELS = 4096 * 4096  # a server limit: larger uploads are refused before decoding
+MAX_INPUT_PIXELS = ServerLimits.max_input_pixels
 
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+# Raster formats clients send. Not every format Pillow knows: EPS, for one, would run Ghostscript.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 def decode_image(data: bytes | str, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
     """Fully decode image bytes (or a file path), checking the pixel count before any pixel is decoded."""
+    # Any failure of a decoder on untrusted bytes is the image's fault (Pillow raises OSError, ValueError,
+    # SyntaxError, EOFError, struct.error, zlib.error... depending on the format and the damage).
     try:
-        image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)  # reads the header only
-    except _DECODE_ERRORS as exc:
+        image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data, formats=FORMATS)  # header only
+    except Exception as exc:
         raise InvalidRequest(f"{what} is not a readable image ({exc})") from None
     if image.width * image.height > max_pixels:
-        raise InvalidRequest(f"{what} is {image.width}x{image.height}, over the server's {max_pixels} pixel limit")
+        raise InvalidRequest(
+            f"{what} is {image.width}x{image.height}, over this server's pixel limit max_input_pixels = {max_pixels}"
+        )
     try:
         image.load()
-    except _DECODE_ERRORS as exc:
+    except Exception as exc:
         raise InvalidRequest(f"{what} is a damaged image ({exc})") from None
     return image
 
 
-def decode_base64_image(text: str, what: str = "image") -> Image.Image:
-    """Base64, plain or as a data: URL (AUTOMATIC1111 takes both) -> decoded PIL image."""
+def decode_base64_image(text: str, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
+    """Base64, plain or as a data: URL (AUTOMATIC1111 takes both) -> decoded PIL image. Never a file path."""
     if text.startswith("data:"):
         _, _, text = text.partition(",")
     try:
         data = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest(f"{what} is not valid base64") from None
-    return decode_image(data, what)
+    return decode_image(data, what, max_pixels)
 
 
 def encode_png(image: Image.Image, infotext: str | None = None) -> bytes:

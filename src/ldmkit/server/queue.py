@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import gc
+import logging
 import math
 import random
 import threading
@@ -19,14 +21,19 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 
+import torch
 from PIL import Image
 
 from ldmkit.errors import InvalidRequest
+from ldmkit.hires import HiresFix
+from ldmkit.inpainting import check_inpainting
 from ldmkit.pipeline import MAX_SEED, GenerationResult, Pipeline, StepInfo, check_inputs
 from ldmkit.previews import latent_rgb_projection
+from ldmkit.prompts import check_clip_skip
 from ldmkit.samplers import DEFAULT_SAMPLER
+from ldmkit.server.limits import ServerLimits
 
-MAX_OUTPUT_PIXELS = 2048 * 2048  # per image: a server's limit, well below the pipeline's own
+logger = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
@@ -39,6 +46,13 @@ class QueueFull(Exception):
 
 class Cancelled(Exception):
     """The job was cancelled before it finished."""
+
+
+class OutOfMemory(Exception):
+    """The device ran out of memory during this job; the worker freed what it could and goes on."""
+
+    def __init__(self):
+        super().__init__("out of GPU memory; try a smaller size or batch")
 
 
 class _Interrupted(Exception):
@@ -62,6 +76,10 @@ class GenerationRequest:
     n_iter: int = 1
     init_image: Image.Image | None = None
     strength: float = 0.75
+    mask_image: Image.Image | None = None  # inpainting: white = repaint
+    mask_blur: int = 4
+    hires: HiresFix | None = None
+    clip_skip: int = 1
 
 
 class Job:
@@ -97,10 +115,10 @@ class Job:
 
 
 class GenerationQueue:
-    def __init__(self, pipe: Pipeline, max_waiting: int = 8, max_pixels: int = MAX_OUTPUT_PIXELS):
+    def __init__(self, pipe: Pipeline, max_waiting: int = 8, limits: ServerLimits = ServerLimits()):
         self.pipe = pipe
         self.max_waiting = max_waiting  # requests that may wait while one runs
-        self.max_pixels = max_pixels
+        self.limits = limits
         self.current: Job | None = None
         self._waiting: collections.deque[Job] = collections.deque()
         self._lock = threading.Condition()
@@ -174,10 +192,18 @@ class GenerationQueue:
             if not isinstance(value, int) or value < 1:
                 raise InvalidRequest(f"{name} must be a positive integer, got {value!r}")
         total = r.batch_size * r.n_iter  # check_inputs bounds the request's whole image count and seed range
+        self.limits.check(r.prompt, r.negative_prompt, r.steps, total)
         sampler = check_inputs(r.prompt, r.negative_prompt, r.steps, r.guidance, r.sampler, r.seed, total, r.init_image, r.strength)
+        check_clip_skip(r.clip_skip, pipe.text_encoder)
+        check_inpainting(r.mask_image, r.mask_blur, r.init_image)
         width, height = pipe.resolve_size(r.width, r.height, r.init_image)
-        if width * height > self.max_pixels:
-            raise InvalidRequest(f"size {width}x{height} is over this server's limit of {self.max_pixels} pixels per image")
+        self.limits.check_size(width, height)
+        if r.hires is not None:
+            if r.init_image is not None:
+                raise InvalidRequest("hires fix is for text-to-image; with an init image, set the size directly")
+            r.hires.check(r.steps, width, height)
+            self.limits.check(r.prompt, r.negative_prompt, r.hires.steps or r.steps, total)
+            self.limits.check_size(*r.hires.target_size(width, height))
         seed = random.randrange(MAX_SEED + 2 - total) if r.seed is None else r.seed
         return dataclasses.replace(r, sampler=sampler.name, width=width, height=height, seed=seed)
 
@@ -193,14 +219,27 @@ class GenerationQueue:
                     return
                 job = self.current = self._waiting.popleft()
             job.started_at = time.monotonic()
+            out_of_memory = False
             try:
                 job.future.set_result(self._generate(job))
+            except (torch.OutOfMemoryError, MemoryError):
+                out_of_memory = True
+                job.future.set_exception(OutOfMemory())
             except Exception as exc:  # the waiting handler turns it into an HTTP answer
                 job.future.set_exception(exc)
             finally:
                 with self._lock:
                     self.current = None
                     self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.monotonic() - job.started_at)
+            if out_of_memory:
+                self._free_memory()
+
+    def _free_memory(self) -> None:
+        """After an out-of-memory error: drop the failed job's tensors (its traceback held them) and the allocator's cache."""
+        logger.warning("generation ran out of memory; freeing the device cache")
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _generate(self, job: Job) -> GenerationResult:
         r = job.request
@@ -224,6 +263,10 @@ class GenerationQueue:
                     init_image=r.init_image,
                     strength=r.strength,
                     callback=partial(self._on_step, job),
+                    mask_image=r.mask_image,
+                    mask_blur=r.mask_blur,
+                    hires=r.hires,
+                    clip_skip=r.clip_skip,
                 )
             except _Interrupted as stop:
                 seeds = [seed + i for i in range(r.batch_size)]
@@ -262,6 +305,11 @@ async def wait_for_result(
                 return result.result()
             if await client_gone():
                 raise Cancelled("the client disconnected")
+    except asyncio.CancelledError:
+        # uvicorn cancels the requests still running when its shutdown grace period ends: answer
+        # those 503 (Cancelled) rather than let the cancellation become a logged 500.
+        asyncio.current_task().uncancel()
+        raise Cancelled("the server is shutting down") from None
     finally:
         if not job.done:  # disconnected, or this handler itself was cancelled
             queue.cancel(job)
