@@ -15,7 +15,7 @@ import ldmkit
 from ldmkit.errors import LdmError
 from ldmkit.pipeline import Pipeline
 from ldmkit.server import a1111, openai_api
-from ldmkit.server.limits import BodySizeLimit, ServerLimits
+from ldmkit.server.limits import DEFAULT_LIMITS, BodySizeLimit, ServerLimits
 from ldmkit.server.queue import Cancelled, GenerationQueue, OutOfMemory, QueueFull
 
 
@@ -24,7 +24,7 @@ def create_app(
     queue_size: int = 8,
     max_body_bytes: int | None = None,
     ui: bool = True,
-    limits: ServerLimits = ServerLimits(),
+    limits: ServerLimits = DEFAULT_LIMITS,
 ) -> FastAPI:
     """The app over an already loaded pipeline; its worker starts and stops with the app's lifespan.
 
@@ -54,7 +54,15 @@ def create_app(
 
         from ldmkit.server.ui import CSS, build_ui
 
-        gr.mount_gradio_app(app, build_ui(queue), path="/", max_file_size=limits.max_body_bytes, ssr_mode=False, footer_links=["api"], css=CSS)
+        gr.mount_gradio_app(
+            app,
+            build_ui(queue),
+            path="/",
+            max_file_size=limits.max_body_bytes,
+            ssr_mode=False,
+            footer_links=["api"],
+            css=CSS,
+        )
     return app
 
 

@@ -25,7 +25,7 @@ def decode_image(data: bytes | str, what: str = "image", max_pixels: int = MAX_I
     # SyntaxError, EOFError, struct.error, zlib.error... depending on the format and the damage).
     try:
         image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data, formats=FORMATS)  # header only
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001
         raise InvalidRequest(f"{what} is not a readable image ({exc})") from None
     if image.width * image.height > max_pixels:
         raise InvalidRequest(
@@ -33,7 +33,7 @@ def decode_image(data: bytes | str, what: str = "image", max_pixels: int = MAX_I
         )
     try:
         image.load()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001
         raise InvalidRequest(f"{what} is a damaged image ({exc})") from None
     return image
 

@@ -41,7 +41,12 @@ class ServerLimits:
 
     def check_size(self, width: int, height: int) -> None:
         if width * height > self.max_pixels:
-            raise LimitExceeded(f"size {width}x{height} ({width * height} pixels)", "max_pixels", self.max_pixels, "pixels per image")
+            raise LimitExceeded(
+                f"size {width}x{height} ({width * height} pixels)", "max_pixels", self.max_pixels, "pixels per image"
+            )
+
+
+DEFAULT_LIMITS = ServerLimits()
 
 
 class LimitExceeded(InvalidRequest):

@@ -24,7 +24,9 @@ class ImageGenerationRequest(BaseModel):
     model: str | None = Field(None, description="any name; the loaded model answers")
     n: int = Field(1, ge=1, le=10)
     size: str | None = Field("auto", description="'auto' (the model's native size) or WIDTHxHEIGHT, multiples of 8")
-    response_format: Literal["b64_json", "url"] | None = Field(None, description="default b64_json; 'url' gives a data: URL")
+    response_format: Literal["b64_json", "url"] | None = Field(
+        None, description="default b64_json; 'url' gives a data: URL"
+    )
     output_format: Literal["png"] | None = None
     stream: Literal[False] | None = None
 

@@ -31,7 +31,7 @@ from ldmkit.pipeline import MAX_SEED, GenerationResult, Pipeline, StepInfo, chec
 from ldmkit.previews import latent_rgb_projection
 from ldmkit.prompts import check_clip_skip
 from ldmkit.samplers import DEFAULT_SAMPLER
-from ldmkit.server.limits import ServerLimits
+from ldmkit.server.limits import DEFAULT_LIMITS, ServerLimits
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class Job:
 
 
 class GenerationQueue:
-    def __init__(self, pipe: Pipeline, max_waiting: int = 8, limits: ServerLimits = ServerLimits()):
+    def __init__(self, pipe: Pipeline, max_waiting: int = 8, limits: ServerLimits = DEFAULT_LIMITS):
         self.pipe = pipe
         self.max_waiting = max_waiting  # requests that may wait while one runs
         self.limits = limits
@@ -193,7 +193,9 @@ class GenerationQueue:
                 raise InvalidRequest(f"{name} must be a positive integer, got {value!r}")
         total = r.batch_size * r.n_iter  # check_inputs bounds the request's whole image count and seed range
         self.limits.check(r.prompt, r.negative_prompt, r.steps, total)
-        sampler = check_inputs(r.prompt, r.negative_prompt, r.steps, r.guidance, r.sampler, r.seed, total, r.init_image, r.strength)
+        sampler = check_inputs(
+            r.prompt, r.negative_prompt, r.steps, r.guidance, r.sampler, r.seed, total, r.init_image, r.strength
+        )
         check_clip_skip(r.clip_skip, pipe.text_encoder)
         check_inpainting(r.mask_image, r.mask_blur, r.init_image)
         width, height = pipe.resolve_size(r.width, r.height, r.init_image)
@@ -272,7 +274,9 @@ class GenerationQueue:
                 seeds = [seed + i for i in range(r.batch_size)]
                 extra = {"Denoising strength": r.strength if r.init_image is not None else None}
                 infotexts = [
-                    self.pipe.infotext(r.prompt, r.negative_prompt, r.steps, r.guidance, r.sampler, s, r.width, r.height, extra)
+                    self.pipe.infotext(
+                        r.prompt, r.negative_prompt, r.steps, r.guidance, r.sampler, s, r.width, r.height, extra
+                    )
                     for s in seeds
                 ]
                 part = GenerationResult(images=stop.images, seeds=seeds, infotexts=infotexts)
