@@ -34,6 +34,8 @@ def make_fast(
     compile time (minutes) outweighs what it saves on a few images. `channels_last` and `fuse_qkv`
     (None) follow `compile`: on an H100 both together made the eager UNet slower; under compile,
     fused QKV made it 2% faster and channels_last is diffusers' advice (docs/benchmarks.md).
+    Fused attention reads `to_qkv`/`to_kv`, so LoRA adapters put on to_q/to_k/to_v afterwards are
+    silently unused: unfuse (`unet.unfuse_qkv_projections()`) while such a LoRA is applied.
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
