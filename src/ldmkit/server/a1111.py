@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
+from PIL import Image, ImageOps
 from pydantic import BaseModel, Field
+from safetensors import SafetensorError, safe_open
 
 import ldmkit
-from ldmkit.errors import InvalidRequest
+from ldmkit.embeddings import read_embedding
+from ldmkit.errors import InvalidRequest, LdmError
+from ldmkit.hires import HiresFix
+from ldmkit.lora import LORA_SUFFIX
 from ldmkit.metadata import PARAMETERS_KEY, parse_infotext
 from ldmkit.pipeline import GenerationResult
 from ldmkit.previews import make_grid, preview_images
@@ -19,10 +26,25 @@ from ldmkit.samplers import SAMPLERS
 from ldmkit.server.imaging import decode_base64_image, encode_all, encode_png_base64
 from ldmkit.server.queue import GenerationQueue, GenerationRequest, Job, wait_for_result
 
+DEFAULT_HR_STRENGTH = 0.7  # A1111's default denoising strength for the hires fix
+# A1111's hires upscaler names -> ldmkit's two upscalers. Every latent mode is bilinear here; the
+# pixel upscalers (GANs included) are Lanczos here, which the image's parameters say.
+HR_UPSCALERS = {
+    **dict.fromkeys(
+        ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)"],
+        "latent",
+    ),
+    **dict.fromkeys(
+        ["None", "Lanczos", "Nearest", "ESRGAN_4x", "LDSR", "R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B", "ScuNET", "ScuNET PSNR", "SwinIR 4x", "DAT x2", "DAT x3", "DAT x4"],
+        "pixel",
+    ),
+}
+CLIP_SKIP_SETTING = "CLIP_stop_at_last_layers"  # A1111's name for clip skip
+
 
 # Field names and defaults are AUTOMATIC1111's (modules/api/models.py, StableDiffusionProcessing);
-# fields of A1111 features ldmkit lacks (hires fix, scripts, styles...) are accepted and ignored.
-class Txt2ImgRequest(BaseModel):
+# fields of A1111 features ldmkit lacks (scripts, styles, face restoration...) are accepted and ignored.
+class ProcessingRequest(BaseModel):
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = Field(-1, description="-1: random; image i of the request uses seed + i")
@@ -35,13 +57,28 @@ class Txt2ImgRequest(BaseModel):
     cfg_scale: float = 7.0
     width: int = 512
     height: int = 512
-    denoising_strength: float | None = None
+    override_settings: dict[str, Any] = Field(
+        default_factory=dict, description="read: CLIP_stop_at_last_layers (clip skip), sd_model_checkpoint; others are ignored"
+    )
     send_images: bool = True
 
 
-class Img2ImgRequest(Txt2ImgRequest):
+class Txt2ImgRequest(ProcessingRequest):
+    denoising_strength: float | None = Field(None, description=f"of the hires fix's second pass (default {DEFAULT_HR_STRENGTH})")
+    enable_hr: bool = Field(False, description="hires fix: generate at width x height, upscale, repaint with img2img")
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = Field(None, description="Latent (any 'Latent (...)' mode) or a pixel upscaler, done with Lanczos")
+    hr_second_pass_steps: int = Field(0, description="0: as many as steps")
+    hr_resize_x: int = Field(0, description="target width instead of hr_scale (0: from hr_resize_y or hr_scale)")
+    hr_resize_y: int = 0
+
+
+class Img2ImgRequest(ProcessingRequest):
     init_images: list[str] | None = Field(None, description="one base64 image, with or without a data: prefix")
     denoising_strength: float = 0.75
+    mask: str | None = Field(None, description="inpainting: base64 image, white = repaint (an RGBA one with transparency: its opaque part)")
+    mask_blur: int = 4
+    inpainting_mask_invert: int = Field(0, description="1: repaint the black part instead")
     include_init_images: bool = False
 
 
@@ -91,6 +128,34 @@ SCHEDULERS = [
 ]
 
 
+class LoraItem(BaseModel):
+    name: str
+    alias: str
+    path: str
+    metadata: dict = Field(description="the file's safetensors metadata (kohya's ss_* training fields)")
+
+
+class EmbeddingItem(BaseModel):
+    step: int | None = None
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
+    shape: int = Field(description="size of one vector")
+    vectors: int
+
+
+class EmbeddingsResponse(BaseModel):
+    loaded: dict[str, EmbeddingItem]
+    skipped: dict[str, EmbeddingItem]
+
+
+class UpscalerItem(BaseModel):
+    name: str
+    model_name: str | None = None
+    model_path: str | None = None
+    model_url: str | None = None
+    scale: float | None = None
+
+
 class SDModelItem(BaseModel):
     title: str
     model_name: str
@@ -106,7 +171,9 @@ def create_router(queue: GenerationQueue) -> APIRouter:
 
     @router.post("/txt2img", response_model=ImagesResponse)
     async def txt2img(body: Txt2ImgRequest, request: Request):
-        return await _generate(queue, body, request)
+        generation = _generation_request(body, pipe.model_name)
+        generation.hires = _hires(body) if body.enable_hr else None
+        return await _generate(queue, body, request, generation)
 
     @router.post("/img2img", response_model=ImagesResponse)
     async def img2img(body: Img2ImgRequest, request: Request):
@@ -114,8 +181,14 @@ def create_router(queue: GenerationQueue) -> APIRouter:
             raise InvalidRequest("img2img needs init_images: one base64 image")
         if len(body.init_images) > 1:
             raise InvalidRequest(f"img2img takes one init image, got {len(body.init_images)}")
-        init_image = await asyncio.to_thread(lambda: decode_base64_image(body.init_images[0], "init_images[0]").convert("RGB"))
-        response = await _generate(queue, body, request, init_image, body.denoising_strength)
+        if body.inpainting_mask_invert not in (0, 1):
+            raise InvalidRequest(f"inpainting_mask_invert must be 0 or 1, got {body.inpainting_mask_invert}")
+        generation = _generation_request(body, pipe.model_name)
+        generation.strength, generation.mask_blur = body.denoising_strength, body.mask_blur
+        generation.init_image = await asyncio.to_thread(lambda: decode_base64_image(body.init_images[0], "init_images[0]").convert("RGB"))
+        if body.mask:
+            generation.mask_image = await asyncio.to_thread(_decode_mask, body.mask, bool(body.inpainting_mask_invert))
+        response = await _generate(queue, body, request, generation)
         if not body.include_init_images:
             response["parameters"]["init_images"] = None
         return response
@@ -144,6 +217,27 @@ def create_router(queue: GenerationQueue) -> APIRouter:
     async def schedulers():
         return SCHEDULERS
 
+    @router.get("/upscalers", response_model=list[UpscalerItem])
+    async def upscalers():
+        return [UpscalerItem(name=name) for name, kind in HR_UPSCALERS.items() if kind == "pixel"]
+
+    @router.get("/latent-upscale-modes")
+    async def latent_upscale_modes() -> list[dict]:
+        return [{"name": name} for name, kind in HR_UPSCALERS.items() if kind == "latent"]
+
+    @router.get("/loras", response_model=list[LoraItem])
+    async def loras():
+        return await asyncio.to_thread(list_loras, pipe.lora_dir)
+
+    @router.post("/refresh-loras")
+    async def refresh_loras() -> None:
+        """Nothing to refresh: <lora:...> tags are looked up in the folder at each request."""
+
+    @router.get("/embeddings", response_model=EmbeddingsResponse)
+    async def embeddings():
+        loaded = await asyncio.to_thread(lambda: {name: _embedding_item(path) for name, path in pipe.embeddings.items()})
+        return EmbeddingsResponse(loaded=loaded, skipped={})
+
     @router.get("/sd-models", response_model=list[SDModelItem])
     async def sd_models():
         name = pipe.model_name
@@ -170,23 +264,25 @@ def create_router(queue: GenerationQueue) -> APIRouter:
     return router
 
 
-async def _generate(queue: GenerationQueue, body: Txt2ImgRequest, request: Request, init_image=None, strength=0.75) -> dict:
-    job = queue.submit(
-        GenerationRequest(
-            prompt=body.prompt,
-            negative_prompt=body.negative_prompt,
-            steps=body.steps,
-            guidance=body.cfg_scale,
-            sampler=_sampler(body.sampler_name or body.sampler_index, body.scheduler),
-            seed=None if body.seed == -1 else body.seed,
-            width=body.width,
-            height=body.height,
-            batch_size=body.batch_size,
-            n_iter=body.n_iter,
-            init_image=init_image,
-            strength=strength,
-        )
+def _generation_request(body: ProcessingRequest, model_name: str) -> GenerationRequest:
+    """The fields txt2img and img2img share."""
+    return GenerationRequest(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        steps=body.steps,
+        guidance=body.cfg_scale,
+        sampler=_sampler(body.sampler_name or body.sampler_index, body.scheduler),
+        seed=None if body.seed == -1 else body.seed,
+        width=body.width,
+        height=body.height,
+        batch_size=body.batch_size,
+        n_iter=body.n_iter,
+        clip_skip=_clip_skip(body.override_settings, model_name),
     )
+
+
+async def _generate(queue: GenerationQueue, body: ProcessingRequest, request: Request, generation: GenerationRequest) -> dict:
+    job = queue.submit(generation)
     result = await wait_for_result(queue, job, request.is_disconnected)
     images = await asyncio.to_thread(encode_all, result)
     return {
@@ -204,6 +300,78 @@ def _sampler(name: str, scheduler: str | None) -> str:
         return name if name.lower().endswith(" karras") else f"{name} Karras"
     labels = ", ".join(item.label for item in SCHEDULERS)
     raise InvalidRequest(f"unknown scheduler {scheduler!r}; this server has: {labels}")
+
+
+def _clip_skip(override_settings: dict[str, Any], model_name: str) -> int:
+    """Clip skip from A1111's per-request settings; a request for another model is refused, not ignored."""
+    wanted = override_settings.get("sd_model_checkpoint", model_name)
+    if wanted != model_name:
+        raise InvalidRequest(f"model {wanted!r} is not loaded; this server serves {model_name!r} only")
+    clip_skip = override_settings.get(CLIP_SKIP_SETTING, 1)
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int):
+        raise InvalidRequest(f"override_settings.{CLIP_SKIP_SETTING} must be an integer, got {clip_skip!r}")
+    return clip_skip
+
+
+def _hires(body: Txt2ImgRequest) -> HiresFix:
+    """A1111's hires fields -> ldmkit's HiresFix; hr_resize_x/y, when given, set the scale."""
+    upscaler_name = body.hr_upscaler or "Latent"
+    if upscaler_name not in HR_UPSCALERS:
+        raise InvalidRequest(f"unknown hr_upscaler {upscaler_name!r}; this server has: {', '.join(HR_UPSCALERS)}")
+    strength = DEFAULT_HR_STRENGTH if body.denoising_strength is None else body.denoising_strength
+    hires = HiresFix(body.hr_scale, strength, body.hr_second_pass_steps or None, HR_UPSCALERS[upscaler_name])
+    if body.hr_resize_x or body.hr_resize_y:
+        hires.scale = _resize_scale(body.width, body.height, body.hr_resize_x, body.hr_resize_y)
+    return hires
+
+
+def _resize_scale(width: int, height: int, target_width: int, target_height: int) -> float:
+    """The scale that takes width x height to the target; a missing side keeps the aspect ratio (ldmkit never crops)."""
+    if target_width < 0 or target_height < 0 or width < 1 or height < 1:
+        raise InvalidRequest(f"hr_resize_x/y and the size must be positive, got {target_width}x{target_height} from {width}x{height}")
+    ratio = target_width / width if target_width else target_height / height
+    scale = math.ceil(ratio * 1e6) / 1e6  # just above the ratio, so HiresFix's rounding down lands on the target
+    wanted = (target_width or int(width * scale) // 8 * 8, target_height or int(height * scale) // 8 * 8)
+    if HiresFix(scale).target_size(width, height) != wanted:
+        raise InvalidRequest(
+            f"hr_resize {target_width}x{target_height} from {width}x{height}: give sides that are multiples of 8 "
+            "and keep the aspect ratio (or give one side only)"
+        )
+    return scale
+
+
+def _decode_mask(text: str, invert: bool) -> Image.Image:
+    """A1111's mask reading: an RGBA mask with transparency is its alpha channel, rounded to 0/255; else its grey."""
+    image = decode_base64_image(text, "mask")
+    if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
+        mask = image.getchannel("A").point(lambda a: 255 if a > 128 else 0)
+    else:
+        mask = image.convert("L")
+    return ImageOps.invert(mask) if invert else mask
+
+
+def list_loras(lora_dir: str | Path | None) -> list[LoraItem]:
+    """A1111's /loras entries: every LoRA file a <lora:NAME> tag can name."""
+    if lora_dir is None:
+        return []
+    files = sorted(p for p in Path(lora_dir).rglob(f"*{LORA_SUFFIX}") if p.is_file())
+    return [LoraItem(name=p.stem, alias=p.stem, path=str(p), metadata=_safetensors_metadata(p)) for p in files]
+
+
+def _safetensors_metadata(path: Path) -> dict:
+    try:
+        with safe_open(path, "pt") as file:
+            return file.metadata() or {}
+    except (OSError, SafetensorError):
+        return {}  # listed anyway: the request that names it gets the reason
+
+
+def _embedding_item(path: Path) -> EmbeddingItem:
+    try:
+        vectors = read_embedding(path)  # (vectors, D)
+    except LdmError:
+        return EmbeddingItem(shape=0, vectors=0)
+    return EmbeddingItem(shape=vectors.shape[-1], vectors=vectors.shape[0])
 
 
 def _info(job: Job, result: GenerationResult, model_name: str) -> dict:
@@ -233,13 +401,13 @@ def _info(job: Job, result: GenerationResult, model_name: str) -> dict:
         "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": r.strength if r.init_image is not None else None,
+        "denoising_strength": r.hires.strength if r.hires else r.strength if r.init_image is not None else None,
         "extra_generation_params": {},
         "index_of_first_image": 0,
         "infotexts": result.infotexts,
         "styles": [],
         "job_timestamp": _timestamp(job.created),
-        "clip_skip": 1,
+        "clip_skip": r.clip_skip,
         "is_using_inpainting_conditioning": False,
         "version": ldmkit.__version__,
     }
