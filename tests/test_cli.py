@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import make_tiny_components
 from PIL import Image
 
 from ldmkit.cli import main
@@ -11,11 +12,11 @@ from ldmkit.loading import save_pretrained
 from ldmkit.metadata import parse_infotext, read_infotext
 from ldmkit.samplers import SAMPLERS
 
-from conftest import make_tiny_components
-
 
 def ldm(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "ldmkit.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "ldmkit.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,29 @@ def test_samplers_lists_every_registered_name():
 
 def test_generate_writes_images_with_parameters_and_intermediates(tiny_model, tmp_path):
     out = ldm(
-        "generate", "an otter", "-n", 2, "--negative", "blurry", "--steps", 4, "--sampler", "Euler a", "--seed", 7,
-        "--size", "24x16", "--model", tiny_model, "-o", tmp_path, "--save-intermediates", "--every", 3, "--preview", "fast",
+        "generate",
+        "an otter",
+        "-n",
+        2,
+        "--negative",
+        "blurry",
+        "--steps",
+        4,
+        "--sampler",
+        "Euler a",
+        "--seed",
+        7,
+        "--size",
+        "24x16",
+        "--model",
+        tiny_model,
+        "-o",
+        tmp_path,
+        "--save-intermediates",
+        "--every",
+        3,
+        "--preview",
+        "fast",
     )
     assert out.returncode == 0, out.stderr
     printed = out.stdout.splitlines()
@@ -45,7 +67,13 @@ def test_generate_writes_images_with_parameters_and_intermediates(tiny_model, tm
             assert im.size == (24, 16)
     params = parse_infotext(read_infotext(images[1]))
     assert params["Prompt"] == "an otter" and params["Negative prompt"] == "blurry"
-    assert (params["Steps"], params["Sampler"], params["Seed"], params["Size"], params["Model"]) == ("4", "Euler a", "8", "24x16", "tiny-model")
+    assert (params["Steps"], params["Sampler"], params["Seed"], params["Size"], params["Model"]) == (
+        "4",
+        "Euler a",
+        "8",
+        "24x16",
+        "tiny-model",
+    )
     # every 3 steps of 4: previews after step 3 and the last step
     assert sorted(p.name for p in (tmp_path / "00001-7-steps").iterdir()) == ["step-003.png", "step-004.png"]
     with Image.open(tmp_path / "00001-7-progress.png") as grid:
@@ -54,15 +82,47 @@ def test_generate_writes_images_with_parameters_and_intermediates(tiny_model, tm
         assert anim.n_frames == 2
     # `ldm info` reads the parameters back; a second run never overwrites
     info = ldm("info", images[0])
-    assert info.returncode == 0 and info.stdout.startswith("an otter\nNegative prompt: blurry\nSteps: 4, Sampler: Euler a")
-    again = ldm("generate", "an otter", "--steps", 2, "--seed", 7, "--size", "16x16", "--model", tiny_model, "-o", tmp_path, "-q")
+    assert info.returncode == 0 and info.stdout.startswith(
+        "an otter\nNegative prompt: blurry\nSteps: 4, Sampler: Euler a"
+    )
+    again = ldm(
+        "generate",
+        "an otter",
+        "--steps",
+        2,
+        "--seed",
+        7,
+        "--size",
+        "16x16",
+        "--model",
+        tiny_model,
+        "-o",
+        tmp_path,
+        "-q",
+    )
     assert again.returncode == 0 and again.stdout.strip() == str(tmp_path / "00003-7.png")
 
 
 def test_img2img_from_the_command_line(tiny_model, tmp_path):
     init = tmp_path / "init.png"
     Image.new("RGB", (32, 24), "orange").save(init)
-    out = ldm("generate", "apple", "--init-image", init, "--strength", 0.5, "--steps", 4, "--seed", 1, "--model", tiny_model, "-o", tmp_path / "out", "-q")
+    out = ldm(
+        "generate",
+        "apple",
+        "--init-image",
+        init,
+        "--strength",
+        0.5,
+        "--steps",
+        4,
+        "--seed",
+        1,
+        "--model",
+        tiny_model,
+        "-o",
+        tmp_path / "out",
+        "-q",
+    )
     assert out.returncode == 0, out.stderr
     params = parse_infotext(read_infotext(tmp_path / "out" / "00001-1.png"))
     assert params["Size"] == "32x24" and params["Denoising strength"] == "0.5"
@@ -109,8 +169,25 @@ def test_not_an_image_and_unwritable_output_fail_before_loading(tmp_path):
 def test_sigterm_mid_run_exits_cleanly_and_writes_nothing(tiny_model, tmp_path):
     out_dir = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ldmkit.cli", "generate", "otter", "--steps", "1000", "--sampler", "Euler", "--model", str(tiny_model), "-o", str(out_dir), "--save-intermediates"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ldmkit.cli",
+            "generate",
+            "otter",
+            "--steps",
+            "1000",
+            "--sampler",
+            "Euler",
+            "--model",
+            str(tiny_model),
+            "-o",
+            str(out_dir),
+            "--save-intermediates",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     # wait until the denoising loop is running (the progress bar has started)
     seen = ""
@@ -127,9 +204,55 @@ def test_inpainting_and_hires_from_the_command_line(tiny_model, tmp_path):
     init, mask = tmp_path / "init.png", tmp_path / "mask.png"
     Image.new("RGB", (24, 16), "orange").save(init)
     Image.new("L", (24, 16), 0).save(mask)
-    assert main(["generate", "apple", "--init-image", str(init), "--mask", str(mask), "--mask-blur", "2", "--steps", "3", "--seed", "1", "--model", str(tiny_model), "-o", str(tmp_path / "a"), "-q"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "apple",
+                "--init-image",
+                str(init),
+                "--mask",
+                str(mask),
+                "--mask-blur",
+                "2",
+                "--steps",
+                "3",
+                "--seed",
+                "1",
+                "--model",
+                str(tiny_model),
+                "-o",
+                str(tmp_path / "a"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert parse_infotext(read_infotext(tmp_path / "a" / "00001-1.png"))["Mask blur"] == "2"
-    assert main(["generate", "apple", "--size", "24x16", "--hires-scale", "2", "--hires-steps", "2", "--steps", "3", "--seed", "1", "--model", str(tiny_model), "-o", str(tmp_path / "h"), "-q"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "apple",
+                "--size",
+                "24x16",
+                "--hires-scale",
+                "2",
+                "--hires-steps",
+                "2",
+                "--steps",
+                "3",
+                "--seed",
+                "1",
+                "--model",
+                str(tiny_model),
+                "-o",
+                str(tmp_path / "h"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     with Image.open(tmp_path / "h" / "00001-1.png") as image:
         assert image.size == (48, 32)
         assert parse_infotext(image.info["parameters"])["Hires upscale"] == "2.0"
@@ -139,7 +262,25 @@ def test_lora_tags_and_clip_skip_from_the_command_line(tiny_model, tmp_path):
     from test_lora import kohya_lora
 
     kohya_lora(tmp_path / "ink.safetensors", make_tiny_components())
-    code = main(["generate", "otter <lora:ink:0.7>", "--lora-dir", str(tmp_path), "--clip-skip", "2", "--steps", "2", "--seed", "4", "--model", str(tiny_model), "-o", str(tmp_path / "o"), "-q"])
+    code = main(
+        [
+            "generate",
+            "otter <lora:ink:0.7>",
+            "--lora-dir",
+            str(tmp_path),
+            "--clip-skip",
+            "2",
+            "--steps",
+            "2",
+            "--seed",
+            "4",
+            "--model",
+            str(tiny_model),
+            "-o",
+            str(tmp_path / "o"),
+            "-q",
+        ]
+    )
     assert code == 0
     params = parse_infotext(read_infotext(tmp_path / "o" / "00001-4.png"))
     assert params["Clip skip"] == "2" and params["Lora hashes"].startswith("ink: ")

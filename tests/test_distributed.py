@@ -5,13 +5,29 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import make_tiny_components
 from PIL import Image
 
 from ldmkit.loading import save_pretrained
 
-from conftest import make_tiny_components
-
-GENERATE = ["generate", "--prompts", "{prompts}", "-n", "2", "--steps", "3", "--sampler", "Euler a", "--seed", "100", "--size", "16x16", "--device", "cpu", "-q"]
+GENERATE = [
+    "generate",
+    "--prompts",
+    "{prompts}",
+    "-n",
+    "2",
+    "--steps",
+    "3",
+    "--sampler",
+    "Euler a",
+    "--seed",
+    "100",
+    "--size",
+    "16x16",
+    "--device",
+    "cpu",
+    "-q",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +51,20 @@ def folder_contents(folder):
 
 LAUNCHERS = {
     "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"],
-    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+    "accelerate": [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--cpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ],
 }
 
 

@@ -3,16 +3,15 @@
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_components
 from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
 from PIL import Image
+from test_parity import assert_parity, diffusers_kwargs, ours_as_float
 
 from ldmkit import Pipeline
 from ldmkit.errors import InvalidRequest
 from ldmkit.hires import HiresFix
 from ldmkit.metadata import parse_infotext
-
-from conftest import make_tiny_components
-from test_parity import assert_parity, diffusers_kwargs, ours_as_float
 
 WIDTH, HEIGHT = 24, 16
 
@@ -41,12 +40,29 @@ def test_inpainting_matches_diffusers(make_components, sampler, strength):
     ref = StableDiffusionInpaintPipeline(**diffusers_kwargs(components, sampler))
     ref.set_progress_bar_config(disable=True)
     theirs = ref(
-        "a red apple", image=init, mask_image=mask, strength=strength, num_inference_steps=8, guidance_scale=6.0,
-        width=WIDTH, height=HEIGHT, generator=[torch.Generator("cpu").manual_seed(3)], output_type="np",
+        "a red apple",
+        image=init,
+        mask_image=mask,
+        strength=strength,
+        num_inference_steps=8,
+        guidance_scale=6.0,
+        width=WIDTH,
+        height=HEIGHT,
+        generator=[torch.Generator("cpu").manual_seed(3)],
+        output_type="np",
     ).images
     pipe = Pipeline(components, torch.device("cpu"), torch.float32)
     ours_float, ours_uint8 = ours_as_float(
-        pipe, prompt="a red apple", init_image=init, mask_image=mask, mask_blur=0, strength=strength, steps=8, guidance=6.0, sampler=sampler, seed=3
+        pipe,
+        prompt="a red apple",
+        init_image=init,
+        mask_image=mask,
+        mask_blur=0,
+        strength=strength,
+        steps=8,
+        guidance=6.0,
+        sampler=sampler,
+        seed=3,
     )
     assert_parity(ours_float, ours_uint8, theirs)
 
@@ -56,7 +72,9 @@ def test_regular_model_ends_with_the_original_latents_outside_the_mask():
     init, mask = init_and_mask()
     final = {}
     keep_last = lambda step: final.update(latents=step.latents)  # noqa: E731
-    pipe.generate("otter", init_image=init, mask_image=mask, mask_blur=0, strength=1.0, steps=6, seed=0, callback=keep_last)
+    pipe.generate(
+        "otter", init_image=init, mask_image=mask, mask_blur=0, strength=1.0, steps=6, seed=0, callback=keep_last
+    )
     inpainted = final["latents"]
     pipe.generate("otter", init_image=init, strength=1.0, steps=6, seed=0, callback=keep_last)
     img2img = final["latents"]
@@ -93,7 +111,9 @@ def test_hires_fix_upscales_and_records_parameters(upscaler):
     assert np.array_equal(np.asarray(first.images[0]), np.asarray(again.images[0]))
     params = parse_infotext(first.infotexts[0])
     assert params["Size"] == "24x16" and params["Hires upscale"] == "2" and params["Hires steps"] == "4"
-    assert params["Denoising strength"] == "0.5" and params["Hires upscaler"] == ("Latent" if upscaler == "latent" else "Lanczos")
+    assert params["Denoising strength"] == "0.5" and params["Hires upscaler"] == (
+        "Latent" if upscaler == "latent" else "Lanczos"
+    )
 
 
 @pytest.mark.parametrize(
@@ -108,4 +128,6 @@ def test_hires_fix_upscales_and_records_parameters(upscaler):
 def test_hires_fix_validation(hires, message):
     pipe = Pipeline(make_tiny_components(), torch.device("cpu"), torch.float32)
     with pytest.raises(InvalidRequest, match=message):
-        pipe.generate("otter", steps=2, width=4096, height=16, hires=hires) if hires.scale == 4.0 else pipe.generate("otter", steps=2, hires=hires)
+        pipe.generate("otter", steps=2, width=4096, height=16, hires=hires) if hires.scale == 4.0 else pipe.generate(
+            "otter", steps=2, hires=hires
+        )

@@ -18,7 +18,10 @@ def test_format_matches_automatic1111_layout():
 
 def test_no_negative_line_when_empty_and_none_values_dropped():
     text = format_infotext("otter", "", {**PARAMS, "Denoising strength": None})
-    assert text.splitlines() == ["otter", "Steps: 25, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 512x768, Model: v1-5"]
+    assert text.splitlines() == [
+        "otter",
+        "Steps: 25, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 512x768, Model: v1-5",
+    ]
 
 
 def test_parse_round_trip_with_multiline_prompt_and_quoted_value():

@@ -98,7 +98,15 @@ def test_img2img_matches_diffusers(tiny_components, sampler):
     ).images
     pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
     ours_float, ours_uint8 = ours_as_float(
-        pipe, prompt="a red apple", init_image=init, strength=0.6, steps=10, guidance=5.0, sampler=sampler, seed=seed, num_images=n
+        pipe,
+        prompt="a red apple",
+        init_image=init,
+        strength=0.6,
+        steps=10,
+        guidance=5.0,
+        sampler=sampler,
+        seed=seed,
+        num_images=n,
     )
     assert_parity(ours_float, ours_uint8, theirs)
 
@@ -106,7 +114,13 @@ def test_img2img_matches_diffusers(tiny_components, sampler):
 def test_no_guidance_matches_diffusers(tiny_components):
     ref = StableDiffusionPipeline(**diffusers_kwargs(tiny_components, "Euler"))
     ref.set_progress_bar_config(disable=True)
-    theirs = ref("otter", num_inference_steps=4, guidance_scale=1.0, generator=[torch.Generator("cpu").manual_seed(5)], output_type="np").images
+    theirs = ref(
+        "otter",
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        generator=[torch.Generator("cpu").manual_seed(5)],
+        output_type="np",
+    ).images
     pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
     ours_float, ours_uint8 = ours_as_float(pipe, prompt="otter", steps=4, guidance=1.0, sampler="Euler", seed=5)
     assert_parity(ours_float, ours_uint8, theirs)
@@ -115,7 +129,9 @@ def test_no_guidance_matches_diffusers(tiny_components):
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_every_sampler_is_reproducible_and_seed_dependent(tiny_components, sampler):
     pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
-    run = lambda seed: np.stack([np.asarray(im) for im in pipe.generate("otter", steps=4, sampler=sampler, seed=seed, num_images=2).images])  # noqa: E731
+    run = lambda seed: np.stack(
+        [np.asarray(im) for im in pipe.generate("otter", steps=4, sampler=sampler, seed=seed, num_images=2).images]
+    )  # noqa: E731
     first, again, other = run(3), run(3), run(4)
     assert np.array_equal(first, again)
     assert not np.array_equal(first, other)
@@ -135,7 +151,13 @@ def test_parity_tolerance_detects_a_small_guidance_change(tiny_components):
     """The 1e-3 bound is tight enough to catch a wrong guidance scale on these tiny weights."""
     ref = StableDiffusionPipeline(**diffusers_kwargs(tiny_components, "DDIM"))
     ref.set_progress_bar_config(disable=True)
-    theirs = ref("otter", num_inference_steps=6, guidance_scale=6.5, generator=[torch.Generator("cpu").manual_seed(1)], output_type="np").images
+    theirs = ref(
+        "otter",
+        num_inference_steps=6,
+        guidance_scale=6.5,
+        generator=[torch.Generator("cpu").manual_seed(1)],
+        output_type="np",
+    ).images
     pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
     ours_float, _ = ours_as_float(pipe, prompt="otter", steps=6, guidance=7.5, sampler="DDIM", seed=1)
     assert np.abs(ours_float - theirs).max() > 1e-3

@@ -3,14 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_components
+from test_embeddings import save_a1111_pt, vectors
+from test_lora import kohya_lora
 
 from ldmkit import Pipeline
 from ldmkit.errors import InvalidRequest
 from ldmkit.metadata import parse_infotext
-
-from conftest import make_tiny_components
-from test_embeddings import save_a1111_pt, vectors
-from test_lora import kohya_lora
 
 
 def pixels(result):

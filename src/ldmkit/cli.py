@@ -62,7 +62,13 @@ _EXTENSIONS = ["ldmkit.server.cli", "ldmkit.train.cli"]
 def add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="text (and optionally an init image) to images")
     gen.add_argument("prompt", nargs="?", help="the prompt (or use --prompts)")
-    gen.add_argument("--prompts", type=Path, default=None, metavar="FILE", help="one prompt per line; split across processes under torchrun/accelerate launch")
+    gen.add_argument(
+        "--prompts",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="one prompt per line; split across processes under torchrun/accelerate launch",
+    )
     gen.add_argument("-n", "--num-images", type=int, default=1, help="images to make (seeds seed, seed+1, ...)")
     gen.add_argument("--negative", default="", help="negative prompt (the unconditional text)")
     gen.add_argument("--steps", type=int, default=25)
@@ -74,22 +80,49 @@ def add_generate(sub) -> None:
     gen.add_argument("--strength", type=float, default=0.75, help="img2img: how much of the init image to repaint")
     gen.add_argument("--mask", type=Path, default=None, help="inpainting: white = repaint (needs --init-image)")
     gen.add_argument("--mask-blur", type=int, default=4, help="inpainting: Gaussian blur of the mask, in pixels")
-    gen.add_argument("--hires-scale", type=float, default=None, help="hires fix: upscale factor of a second, img2img pass")
-    gen.add_argument("--hires-strength", type=float, default=0.5, help="hires fix: denoising strength of the second pass")
-    gen.add_argument("--hires-steps", type=int, default=None, help="hires fix: steps of the second pass (default: --steps)")
+    gen.add_argument(
+        "--hires-scale", type=float, default=None, help="hires fix: upscale factor of a second, img2img pass"
+    )
+    gen.add_argument(
+        "--hires-strength", type=float, default=0.5, help="hires fix: denoising strength of the second pass"
+    )
+    gen.add_argument(
+        "--hires-steps", type=int, default=None, help="hires fix: steps of the second pass (default: --steps)"
+    )
     gen.add_argument("--hires-upscaler", default="latent", choices=["latent", "pixel"])
-    gen.add_argument("--clip-skip", type=int, default=1, help="use the text encoder's N-th last layer (A1111's clip skip)")
-    gen.add_argument("--lora-dir", type=Path, default=None, help="folder where <lora:NAME:WEIGHT> prompt tags are looked up")
-    gen.add_argument("--embeddings-dir", type=Path, default=None, help="textual inversion embeddings, used by writing their names")
-    gen.add_argument("--model", default=None, help="diffusers folder, cached repo id or .safetensors file (default: shipped model)")
+    gen.add_argument(
+        "--clip-skip", type=int, default=1, help="use the text encoder's N-th last layer (A1111's clip skip)"
+    )
+    gen.add_argument(
+        "--lora-dir", type=Path, default=None, help="folder where <lora:NAME:WEIGHT> prompt tags are looked up"
+    )
+    gen.add_argument(
+        "--embeddings-dir", type=Path, default=None, help="textual inversion embeddings, used by writing their names"
+    )
+    gen.add_argument(
+        "--model", default=None, help="diffusers folder, cached repo id or .safetensors file (default: shipped model)"
+    )
     gen.add_argument("--config", default=None, help="diffusers config folder for single files of other architectures")
     gen.add_argument("-o", "--output-dir", type=Path, default=Path("outputs"))
     gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     gen.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    gen.add_argument("--fast", action="store_true", help="GPU fast path: fp16, channels_last, fused QKV, torch.compile (first image compiles)")
-    gen.add_argument("--save-intermediates", action="store_true", help="save the predicted image every K steps, a grid and an animation")
+    gen.add_argument(
+        "--fast",
+        action="store_true",
+        help="GPU fast path: fp16, channels_last, fused QKV, torch.compile (first image compiles)",
+    )
+    gen.add_argument(
+        "--save-intermediates",
+        action="store_true",
+        help="save the predicted image every K steps, a grid and an animation",
+    )
     gen.add_argument("--every", type=int, default=1, metavar="K", help="with --save-intermediates: every K steps")
-    gen.add_argument("--preview", default="full", choices=["full", "fast"], help="intermediates: VAE decode or a cheap latent->RGB projection")
+    gen.add_argument(
+        "--preview",
+        default="full",
+        choices=["full", "fast"],
+        help="intermediates: VAE decode or a cheap latent->RGB projection",
+    )
     gen.add_argument("--animation-format", default="gif", choices=["gif", "webp"])
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=run_generate)
@@ -145,7 +178,13 @@ def run_generate(args) -> int:
         if folder is not None and not folder.is_dir():
             raise LdmError(f"{what} not found: {folder}")
     pipe = Pipeline.from_pretrained(
-        args.model, device=workers.device, dtype=args.dtype, config=args.config, fast=args.fast, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir
+        args.model,
+        device=workers.device,
+        dtype=args.dtype,
+        config=args.config,
+        fast=args.fast,
+        lora_dir=args.lora_dir,
+        embeddings_dir=args.embeddings_dir,
     )
     job = GenerateJob(
         pipe,
@@ -215,7 +254,9 @@ def load_image(path: Path, what: str):
     try:
         with Image.open(path) as image:
             if image.width * image.height > MAX_INPUT_PIXELS:
-                raise LdmError(f"{what} {path} is {image.width}x{image.height}, over the {MAX_INPUT_PIXELS} pixel limit")
+                raise LdmError(
+                    f"{what} {path} is {image.width}x{image.height}, over the {MAX_INPUT_PIXELS} pixel limit"
+                )
             image.load()
             return image.convert("RGB")
     except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:

@@ -36,7 +36,9 @@ class GenerateJob:
             if self.progress:
                 bar = bar or tqdm(total=step.total, unit="step", leave=False)
                 bar.update(1)
-            if self.intermediates_every and ((step.step + 1) % self.intermediates_every == 0 or step.step + 1 == step.total):
+            if self.intermediates_every and (
+                (step.step + 1) % self.intermediates_every == 0 or step.step + 1 == step.total
+            ):
                 frames.append((step.step + 1, preview_images(self.pipe, step, self.preview_mode)))
 
         try:
@@ -61,7 +63,13 @@ class GenerateJob:
         for number, frame in numbered_frames:
             save_png(frame, steps_dir, lambda index, n=number: f"step-{n:03d}.png")
         frames = [frame for _, frame in numbered_frames]
-        grid = save_png(make_grid(frames, columns=min(len(frames), 8)), self.output_dir, lambda index: f"{stem}-progress.png")
+        grid = save_png(
+            make_grid(frames, columns=min(len(frames), 8)), self.output_dir, lambda index: f"{stem}-progress.png"
+        )
         suffix = self.animation_format
-        animation = save_new_file(lambda tmp: save_animation(frames, tmp, fmt=suffix), self.output_dir, lambda index: f"{stem}-progress.{suffix}")
+        animation = save_new_file(
+            lambda tmp: save_animation(frames, tmp, fmt=suffix),
+            self.output_dir,
+            lambda index: f"{stem}-progress.{suffix}",
+        )
         return [steps_dir, grid, animation]

@@ -28,7 +28,7 @@ def format_infotext(prompt: str, negative_prompt: str, params: dict) -> str:
 
 def _quote(value) -> str:
     text = str(value)
-    if any(ch in text for ch in ",:\n\""):
+    if any(ch in text for ch in ',:\n"'):
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     return text
 
@@ -100,7 +100,9 @@ def next_free_index(folder: Path) -> int:
     return max(indices, default=0) + 1
 
 
-def save_png(image: Image.Image, folder: Path, make_name, infotext: str | None = None, start_index: int | None = None) -> Path:
+def save_png(
+    image: Image.Image, folder: Path, make_name, infotext: str | None = None, start_index: int | None = None
+) -> Path:
     """Save a PNG with its parameters chunk, atomically and without overwriting."""
     pnginfo = png_info(infotext) if infotext else None
     return save_new_file(lambda tmp: image.save(tmp, format="PNG", pnginfo=pnginfo), folder, make_name, start_index)

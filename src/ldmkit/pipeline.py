@@ -17,16 +17,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldmkit.errors import InvalidRequest
-from ldmkit.inpainting import Inpainting, check_inpainting, prepare_mask
-from ldmkit.hires import HiresFix
 from ldmkit import loading
-from ldmkit.loading import Components
 from ldmkit.embeddings import load_embeddings, ti_hashes_infotext
+from ldmkit.errors import InvalidRequest
+from ldmkit.hires import HiresFix
+from ldmkit.inpainting import Inpainting, check_inpainting, prepare_mask
+from ldmkit.loading import Components
 from ldmkit.lora import applied_loras, extract_lora_tags, lora_hashes_infotext, resolve_lora
 from ldmkit.memory import check_memory
-from ldmkit.prompts import check_clip_skip, clip_skip_infotext, encode_prompts
 from ldmkit.metadata import format_infotext
+from ldmkit.prompts import check_clip_skip, clip_skip_infotext, encode_prompts
 from ldmkit.samplers import DEFAULT_SAMPLER, Sampler, get_sampler
 
 MAX_SEED = 2**32 - 1  # AUTOMATIC1111's seed range, so infotexts round-trip between tools
@@ -127,7 +127,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 class Pipeline:
     """Text-to-image and image-to-image with classifier-free guidance over one loaded model."""
 
-    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype, lora_dir=None, embeddings_dir=None):
+    def __init__(
+        self, components: Components, device: torch.device, dtype: torch.dtype, lora_dir=None, embeddings_dir=None
+    ):
         self.components = components
         self.device = device
         self.dtype = dtype
@@ -146,7 +148,9 @@ class Pipeline:
             self.embeddings = load_embeddings(embeddings_dir, self.tokenizer, self.text_encoder)
 
     @classmethod
-    def from_pretrained(cls, source=None, device="cpu", dtype=None, config=None, *, fast=False, lora_dir=None, embeddings_dir=None) -> Pipeline:
+    def from_pretrained(
+        cls, source=None, device="cpu", dtype=None, config=None, *, fast=False, lora_dir=None, embeddings_dir=None
+    ) -> Pipeline:
         """Load a diffusers folder, a cached Hub repo id, an original single file, or (None) the default model.
 
         fast=True applies the measured exact GPU speed-ups of ldmkit.fast (fp16, channels_last, fused
@@ -196,7 +200,9 @@ class Pipeline:
         loras: list[tuple[str, float]] | None = None,
     ) -> GenerationResult:
         # 1. Validate everything before spending compute.
-        sampler_ = check_inputs(prompt, negative_prompt, steps, guidance, sampler, seed, num_images, init_image, strength)
+        sampler_ = check_inputs(
+            prompt, negative_prompt, steps, guidance, sampler, seed, num_images, init_image, strength
+        )
         check_clip_skip(clip_skip, self.text_encoder)
         check_inpainting(mask_image, mask_blur, init_image)
         if self.is_inpainting_model and mask_image is None:
@@ -207,7 +213,21 @@ class Pipeline:
             if init_image is not None:
                 raise InvalidRequest("hires fix is for text-to-image; with an init image, set the size directly")
             hires.check(steps, width, height)
-        request = Request(text_prompt, negative_prompt, steps, guidance, sampler_, width, height, init_image, strength, mask_image, mask_blur, hires, clip_skip)
+        request = Request(
+            text_prompt,
+            negative_prompt,
+            steps,
+            guidance,
+            sampler_,
+            width,
+            height,
+            init_image,
+            strength,
+            mask_image,
+            mask_blur,
+            hires,
+            clip_skip,
+        )
         check_memory(self, *request.final_size, num_images, request.use_guidance)
         seed = random.randrange(MAX_SEED + 1 - num_images) if seed is None else seed
         seeds = [seed + i for i in range(num_images)]
@@ -225,7 +245,8 @@ class Pipeline:
         params.update(ti_hashes_infotext(self.tokenizer, [text_prompt, negative_prompt], self.embeddings))
         params.update(lora_hashes_infotext([(name, path) for name, path, _ in lora_files]))
         infotexts = [
-            self.infotext(prompt, negative_prompt, steps, guidance, sampler_.name, s, width, height, params) for s in seeds
+            self.infotext(prompt, negative_prompt, steps, guidance, sampler_.name, s, width, height, params)
+            for s in seeds
         ]
         return GenerationResult(images=images, seeds=seeds, infotexts=infotexts)
 
@@ -245,16 +266,30 @@ class Pipeline:
         # 4. Starting latents: noise (txt2img) or the encoded init image noised to `strength`.
         inpainting = None
         if r.mask_image is not None:
-            inpainting = self.prepare_inpainting(r.init_image, r.mask_image, r.mask_blur, r.width, r.height, generators, scheduler, timesteps, r.strength)
+            inpainting = self.prepare_inpainting(
+                r.init_image, r.mask_image, r.mask_blur, r.width, r.height, generators, scheduler, timesteps, r.strength
+            )
             latents = inpainting.start_latents
         elif r.init_image is None:
             latents = self.prepare_latents(generators, r.height, r.width) * scheduler.init_noise_sigma
         else:
-            latents = self.prepare_img2img_latents(r.init_image, r.width, r.height, generators, scheduler, timesteps[:1])
+            latents = self.prepare_img2img_latents(
+                r.init_image, r.width, r.height, generators, scheduler, timesteps[:1]
+            )
 
         # 5. Denoising loop with classifier-free guidance.
         noise_generators = generators if r.sampler.stochastic else None
-        latents = self.denoise(latents, text_embeddings, scheduler, timesteps, r.guidance, r.use_guidance, noise_generators, callback, inpainting)
+        latents = self.denoise(
+            latents,
+            text_embeddings,
+            scheduler,
+            timesteps,
+            r.guidance,
+            r.use_guidance,
+            noise_generators,
+            callback,
+            inpainting,
+        )
 
         # 5b. Hires fix: upscale, then an img2img pass at the larger size.
         if r.hires is not None:
@@ -265,7 +300,9 @@ class Pipeline:
             timesteps = self.img2img_timesteps(scheduler, hires_steps, r.hires.strength)
             noise = self.prepare_latents(generators, *latents.shape[-2:], in_latent_space=True)
             latents = scheduler.add_noise(latents, noise, timesteps[:1].repeat(len(generators)))
-            latents = self.denoise(latents, text_embeddings, scheduler, timesteps, r.guidance, r.use_guidance, noise_generators, callback)
+            latents = self.denoise(
+                latents, text_embeddings, scheduler, timesteps, r.guidance, r.use_guidance, noise_generators, callback
+            )
         return latents
 
     def resolve_loras(self, prompt: str, loras: list[tuple[str, float]]) -> tuple[str, list[tuple[str, Path, float]]]:
@@ -294,7 +331,9 @@ class Pipeline:
         check_size(width, height)
         return width, height
 
-    def encode_prompt(self, prompt: str, negative_prompt: str, num_images: int, use_guidance: bool, clip_skip: int = 1) -> torch.Tensor:
+    def encode_prompt(
+        self, prompt: str, negative_prompt: str, num_images: int, use_guidance: bool, clip_skip: int = 1
+    ) -> torch.Tensor:
         """(B or 2B, 77k, D) CLIP hidden states; with guidance the unconditional half comes first.
 
         A1111 prompt syntax: (emphasis:1.2), [de-emphasis], BREAK, and 75-token chunks for long prompts.
@@ -303,7 +342,9 @@ class Pipeline:
         hidden = encode_prompts(self.tokenizer, self.text_encoder, texts, clip_skip)  # (len(texts), 77k, D)
         return hidden.repeat_interleave(num_images, dim=0)
 
-    def prepare_latents(self, generators: list[torch.Generator], height: int, width: int, in_latent_space: bool = False) -> torch.Tensor:
+    def prepare_latents(
+        self, generators: list[torch.Generator], height: int, width: int, in_latent_space: bool = False
+    ) -> torch.Tensor:
         """(B, C, H/f, W/f) unit Gaussian noise, image i drawn on the CPU from its own generator."""
         f = 1 if in_latent_space else self.vae_scale_factor
         shape = (1, self.latent_channels, height // f, width // f)
@@ -331,7 +372,9 @@ class Pipeline:
         samples = [posterior.sample(generator=g) for g in generators]
         return torch.cat(samples) * self.vae.config.scaling_factor
 
-    def prepare_inpainting(self, init_image, mask_image, mask_blur, width, height, generators, scheduler, timesteps, strength) -> Inpainting:
+    def prepare_inpainting(
+        self, init_image, mask_image, mask_blur, width, height, generators, scheduler, timesteps, strength
+    ) -> Inpainting:
         """Latents, mask and known-region latents for inpainting, drawing randomness as diffusers does.
 
         Per image: the init image's posterior sample (needed to blend for regular models, or to start
@@ -356,7 +399,18 @@ class Pipeline:
         mask = F.interpolate(soft_mask, size=latent_size).to(self.device, self.dtype)
         return Inpainting(start, noise, image_latents, mask.expand(len(generators), -1, -1, -1), None)
 
-    def denoise(self, latents, text_embeddings, scheduler, timesteps, guidance, use_guidance, generators, callback, inpainting=None):
+    def denoise(
+        self,
+        latents,
+        text_embeddings,
+        scheduler,
+        timesteps,
+        guidance,
+        use_guidance,
+        generators,
+        callback,
+        inpainting=None,
+    ):
         """Run the sampler; each step is one batched UNet call over [uncond, cond]."""
         step_kwargs = {"generator": generators} if generators is not None else {}
         alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)

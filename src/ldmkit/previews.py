@@ -36,7 +36,10 @@ def preview_images(pipe: Pipeline, step: StepInfo, mode: str = "full") -> list[I
 def fast_preview(pipe: Pipeline, latents: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) latents -> (B, 3, H, W) in [0, 1] through a linear map, upsampled to image size."""
     weight, bias = latent_rgb_projection(pipe)
-    rgb = torch.einsum("bchw,cr->brhw", latents.float(), weight.to(latents.device)) + bias.to(latents.device)[:, None, None]
+    rgb = (
+        torch.einsum("bchw,cr->brhw", latents.float(), weight.to(latents.device))
+        + bias.to(latents.device)[:, None, None]
+    )
     rgb = F.interpolate(rgb, scale_factor=pipe.vae_scale_factor, mode="nearest")
     return ((rgb + 1) / 2).clamp(0, 1)
 
@@ -78,7 +81,9 @@ def make_grid(images: list[Image.Image], columns: int | None = None) -> Image.Im
     return grid
 
 
-def save_animation(frames: list[Image.Image], path, fmt: str = "gif", frame_ms: int = 150, last_frame_ms: int = 1500) -> None:
+def save_animation(
+    frames: list[Image.Image], path, fmt: str = "gif", frame_ms: int = 150, last_frame_ms: int = 1500
+) -> None:
     """An animated GIF or WebP of the progression, holding on the final image."""
     durations = [frame_ms] * (len(frames) - 1) + [last_frame_ms]
     frames[0].save(path, format=fmt.upper(), save_all=True, append_images=frames[1:], duration=durations, loop=0)
