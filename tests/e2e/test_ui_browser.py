@@ -115,6 +115,41 @@ def test_img2img_tab_repaints_an_uploaded_image(ui, tmp_path):
     assert parameters.startswith("a blue cube\n") and "Denoising strength: 0.75" in parameters
 
 
+def test_hires_fix_controls_upscale_the_txt2img_image(ui):
+    page, _ = ui
+    page.click("button[role='tab']:has-text('txt2img')")
+    steps = page.locator("input[aria-label='number input for Steps']").first
+    steps.fill("3")
+    steps.press("Enter")
+    page.click("#txt2img-hires button")  # the accordion opens
+    page.check("#txt2img-hires-enable input[type='checkbox']")
+    page.click("#txt2img-generate")
+    page.wait_for_function("document.querySelector('#txt2img-status').innerText.startsWith('Done')")
+    parameters = page.input_value("#txt2img-parameters textarea")
+    assert "Hires upscale: 2.0" in parameters and "Hires upscaler: Latent" in parameters
+    source = page.locator("#txt2img-gallery img").first.get_attribute("src")
+    assert Image.open(io.BytesIO(page.request.get(source).body())).size == (32, 32)  # the tiny model's 16, twice
+    page.uncheck("#txt2img-hires-enable input[type='checkbox']")
+
+
+def test_inpaint_tab_repaints_under_an_uploaded_mask(ui, tmp_path):
+    page, _ = ui
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    Image.new("RGB", (24, 16), (40, 40, 200)).save(init)
+    Image.new("L", (24, 16), 255).save(mask)
+    page.click("button[role='tab']:has-text('inpaint')")
+    page.fill("#inpaint-prompt textarea", "a green cube")
+    page.click("#inpaint-generate")
+    page.wait_for_selector(".toast-body:has-text('Upload an init image first')")  # nothing uploaded yet
+    page.set_input_files("#inpaint-init input[type='file']", str(init))
+    page.set_input_files("#inpaint-mask input[type='file']", str(mask))
+    page.wait_for_function("document.querySelector(\"#inpaint-width input[type='number']\").value === '24'")  # from the upload
+    page.click("#inpaint-generate")
+    page.wait_for_function("document.querySelector('#inpaint-status').innerText.startsWith('Done')")
+    parameters = page.input_value("#inpaint-parameters textarea")
+    assert parameters.startswith("a green cube\n") and "Mask blur: 4" in parameters and "Size: 24x16" in parameters
+
+
 def test_png_info_tab_reads_parameters_from_an_upload(ui, tmp_path):
     page, _ = ui
     path = tmp_path / "with-parameters.png"

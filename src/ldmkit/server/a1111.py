@@ -341,13 +341,15 @@ def _resize_scale(width: int, height: int, target_width: int, target_height: int
 
 
 def _decode_mask(text: str, invert: bool) -> Image.Image:
-    """A1111's mask reading: an RGBA mask with transparency is its alpha channel, rounded to 0/255; else its grey."""
-    image = decode_base64_image(text, "mask")
-    if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
-        mask = image.getchannel("A").point(lambda a: 255 if a > 128 else 0)
-    else:
-        mask = image.convert("L")
+    mask = mask_from_image(decode_base64_image(text, "mask"))
     return ImageOps.invert(mask) if invert else mask
+
+
+def mask_from_image(image: Image.Image) -> Image.Image:
+    """A1111's reading of a mask: an RGBA one with transparency is its alpha channel, rounded to 0/255; else its grey."""
+    if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
+        return image.getchannel("A").point(lambda a: 255 if a > 128 else 0)
+    return image.convert("L")
 
 
 def list_loras(lora_dir: str | Path | None) -> list[LoraItem]:

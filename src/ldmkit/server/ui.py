@@ -1,4 +1,4 @@
-"""The web UI (Gradio): txt2img and img2img tabs with live intermediates, a gallery that keeps parameters, PNG info.
+"""The web UI (Gradio): txt2img (with hires fix), img2img and inpaint tabs with live intermediates, a gallery that keeps parameters, PNG info.
 
 Generation goes through the same queue as the HTTP APIs. The event handler is an async generator:
 it submits a job, then yields a cheap preview of the predicted clean image whenever the worker has
@@ -13,9 +13,12 @@ import asyncio
 import gradio as gr
 
 from ldmkit.errors import LdmError
+from ldmkit.hires import MAX_HIRES_SCALE, HiresFix
+from ldmkit.inpainting import MAX_MASK_BLUR
 from ldmkit.metadata import PARAMETERS_KEY, parse_infotext
 from ldmkit.previews import make_grid, preview_images
 from ldmkit.samplers import DEFAULT_SAMPLER, SAMPLERS
+from ldmkit.server.a1111 import mask_from_image
 from ldmkit.server.imaging import decode_image
 from ldmkit.server.queue import Cancelled, GenerationQueue, GenerationRequest, Job, QueueFull, as_asyncio
 
@@ -28,69 +31,72 @@ CSS = ".ldm-preview img { width: 100%; height: 100%; object-fit: contain; image-
 def build_ui(queue: GenerationQueue) -> gr.Blocks:
     with gr.Blocks(title="ldmkit", analytics_enabled=False) as demo:
         gr.Markdown(f"### ldmkit · model: `{queue.pipe.model_name}`")
-        with gr.Tab("txt2img", id="txt2img"):
-            _generation_tab(queue, img2img=False)
-        with gr.Tab("img2img", id="img2img"):
-            _generation_tab(queue, img2img=True)
+        for mode in MODES:
+            with gr.Tab(mode, id=mode):
+                _generation_tab(queue, mode)
         with gr.Tab("PNG info", id="png-info"):
             _png_info_tab()
     return demo
 
 
-def _generation_tab(queue: GenerationQueue, img2img: bool) -> None:
-    name = "img2img" if img2img else "txt2img"
+MODES = ("txt2img", "img2img", "inpaint")
+HIRES_UPSCALERS = {"Latent": "latent", "Lanczos": "pixel"}  # A1111's names for ldmkit's two upscalers
+
+
+def _generation_tab(queue: GenerationQueue, mode: str) -> None:
     size = queue.pipe.default_size
+    fields: dict[str, gr.components.Component] = {}  # the handler's inputs, by name
     with gr.Row():
         with gr.Column(scale=2):
-            prompt = gr.Textbox(label="Prompt", lines=3, elem_id=f"{name}-prompt")
-            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{name}-negative")
-            extra = []
-            if img2img:
-                init_image = gr.Image(label="Init image", type="filepath", image_mode=None, sources=["upload", "clipboard"], height=256, elem_id="img2img-init")
-                strength = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength", elem_id="img2img-strength")
-                extra = [init_image, strength]
+            fields["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id=f"{mode}-prompt")
+            fields["negative"] = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{mode}-negative")
+            if mode != "txt2img":
+                with gr.Row():
+                    fields["init_image"] = _upload("Init image", f"{mode}-init")
+                    if mode == "inpaint":
+                        fields["mask"] = _upload("Mask (white = repaint)", "inpaint-mask")
+                with gr.Row():
+                    strength = 1.0 if mode == "inpaint" else 0.75
+                    fields["strength"] = gr.Slider(0.0, 1.0, value=strength, step=0.01, label="Denoising strength", elem_id=f"{mode}-strength")
+                    if mode == "inpaint":
+                        fields["mask_blur"] = gr.Slider(0, MAX_MASK_BLUR, value=4, step=1, label="Mask blur", elem_id="inpaint-mask-blur")
             with gr.Row():
-                sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
-                steps = gr.Slider(1, 150, value=25, step=1, label="Steps")
+                fields["sampler"] = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
+                fields["steps"] = gr.Slider(1, 150, value=25, step=1, label="Steps")
             with gr.Row():
-                width = gr.Slider(8, 2048, value=size, step=8, label="Width")
-                height = gr.Slider(8, 2048, value=size, step=8, label="Height")
+                fields["width"] = gr.Slider(8, 2048, value=size, step=8, label="Width", elem_id=f"{mode}-width")
+                fields["height"] = gr.Slider(8, 2048, value=size, step=8, label="Height", elem_id=f"{mode}-height")
             with gr.Row():
-                guidance = gr.Slider(0.0, 30.0, value=7.5, step=0.5, label="CFG scale")
-                seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", scale=2)
+                fields["guidance"] = gr.Slider(0.0, 30.0, value=7.5, step=0.5, label="CFG scale")
+                fields["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", scale=2)
                 random_seed = gr.Button("Random seed", scale=1, min_width=80)
             with gr.Row():
-                batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size")
-                n_iter = gr.Slider(1, 16, value=1, step=1, label="Batch count")
+                fields["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size")
+                fields["n_iter"] = gr.Slider(1, 16, value=1, step=1, label="Batch count")
+                layers = queue.pipe.text_encoder.config.num_hidden_layers
+                fields["clip_skip"] = gr.Slider(1, layers, value=1, step=1, label="Clip skip", elem_id=f"{mode}-clip-skip")
+            if mode == "txt2img":
+                with gr.Accordion("Hires fix", open=False, elem_id="txt2img-hires"):
+                    fields["hires"] = gr.Checkbox(label="Enable: generate at the size above, upscale, then repaint details", elem_id="txt2img-hires-enable")
+                    with gr.Row():
+                        fields["hires_scale"] = gr.Slider(1.05, MAX_HIRES_SCALE, value=2.0, step=0.05, label="Upscale by", elem_id="txt2img-hires-scale")
+                        fields["hires_strength"] = gr.Slider(0.01, 1.0, value=0.7, step=0.01, label="Denoising strength", elem_id="txt2img-hires-strength")
+                    with gr.Row():
+                        fields["hires_steps"] = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0: same as Steps)")
+                        fields["hires_upscaler"] = gr.Dropdown(list(HIRES_UPSCALERS), value="Latent", label="Upscaler")
         with gr.Column(scale=3):
             with gr.Row():
-                generate = gr.Button("Generate", variant="primary", elem_id=f"{name}-generate")
-                cancel = gr.Button("Cancel", variant="stop", elem_id=f"{name}-cancel")
-            status = gr.Markdown("Ready.", elem_id=f"{name}-status")
+                generate = gr.Button("Generate", variant="primary", elem_id=f"{mode}-generate")
+                cancel = gr.Button("Cancel", variant="stop", elem_id=f"{mode}-cancel")
+            status = gr.Markdown("Ready.", elem_id=f"{mode}-status")
             with gr.Row(equal_height=True):
-                preview = gr.Image(label="Live preview", format="png", interactive=False, height=320, elem_id=f"{name}-preview", elem_classes=["ldm-preview"])
-                gallery = gr.Gallery(label="Images", format="png", columns=2, height=320, object_fit="contain", elem_id=f"{name}-gallery")
-            parameters = gr.Textbox(label="Parameters of the selected image", lines=3, interactive=False, elem_id=f"{name}-parameters")
+                preview = gr.Image(label="Live preview", format="png", interactive=False, height=320, elem_id=f"{mode}-preview", elem_classes=["ldm-preview"])
+                gallery = gr.Gallery(label="Images", format="png", columns=2, height=320, object_fit="contain", elem_id=f"{mode}-gallery")
+            parameters = gr.Textbox(label="Parameters of the selected image", lines=3, interactive=False, elem_id=f"{mode}-parameters")
     infotexts = gr.State([])
 
-    async def run(prompt, negative, sampler, steps, guidance, seed, width, height, batch_size, n_iter, *extra, progress=gr.Progress()):
-        request = GenerationRequest(
-            prompt=prompt,
-            negative_prompt=negative,
-            steps=int(steps),
-            guidance=float(guidance),
-            sampler=sampler,
-            seed=None if seed in (None, -1) else int(seed),
-            width=int(width),
-            height=int(height),
-            batch_size=int(batch_size),
-            n_iter=int(n_iter),
-        )
-        if img2img:
-            path, request.strength = extra
-            if path is None:
-                raise gr.Error("Upload an init image first.")
-            request.init_image = await asyncio.to_thread(_user_error, lambda: decode_image(path, "init image").convert("RGB"))
+    async def run(*values, progress=gr.Progress()):  # noqa: B008 (how Gradio asks for a progress bar)
+        request = await asyncio.to_thread(_user_error, lambda: _request(dict(zip(fields, values))))
         job = _user_error(lambda: queue.submit(request))
         try:
             async for update in _watch(queue, job, progress):
@@ -112,13 +118,56 @@ def _generation_tab(queue: GenerationQueue, img2img: bool) -> None:
             status: f"Done: {len(result.images)} image(s), seed(s) {seeds}.",
         }
 
-    inputs = [prompt, negative, sampler, steps, guidance, seed, width, height, batch_size, n_iter, *extra]
     outputs = [preview, status, gallery, parameters, infotexts]
     # Our queue (not Gradio's) decides who waits: Gradio may run every session's handler at once.
-    event = generate.click(run, inputs, outputs, concurrency_limit=None, show_progress_on=[gallery])
+    event = generate.click(run, list(fields.values()), outputs, concurrency_limit=None, show_progress_on=[gallery])
     cancel.click(lambda: "Cancelled.", None, status, cancels=[event])
-    random_seed.click(lambda: -1, None, seed)
+    random_seed.click(lambda: -1, None, fields["seed"])
+    if "init_image" in fields:  # the uploaded image's size becomes the generation size, as the APIs default
+        fields["init_image"].upload(_image_size, fields["init_image"], [fields["width"], fields["height"]])
     gallery.select(_selected_infotext, infotexts, parameters)
+
+
+def _upload(label: str, elem_id: str) -> gr.Image:
+    return gr.Image(label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"], height=256, elem_id=elem_id)
+
+
+def _image_size(path: str | None):
+    if path is None:
+        return gr.skip(), gr.skip()
+    width, height = _user_error(lambda: decode_image(path, "init image")).size
+    return max(8, min(2048, width // 8 * 8)), max(8, min(2048, height // 8 * 8))
+
+
+def _request(v: dict) -> GenerationRequest:
+    """The tab's input values -> a queue request; uploads are decoded here (off the event loop)."""
+    request = GenerationRequest(
+        prompt=v["prompt"],
+        negative_prompt=v["negative"],
+        steps=int(v["steps"]),
+        guidance=float(v["guidance"]),
+        sampler=v["sampler"],
+        seed=None if v["seed"] in (None, -1) else int(v["seed"]),
+        width=int(v["width"]),
+        height=int(v["height"]),
+        batch_size=int(v["batch_size"]),
+        n_iter=int(v["n_iter"]),
+        clip_skip=int(v["clip_skip"]),
+    )
+    if "init_image" in v:
+        if v["init_image"] is None:
+            raise gr.Error("Upload an init image first.")
+        request.init_image = decode_image(v["init_image"], "init image").convert("RGB")
+        request.strength = float(v["strength"])
+    if "mask" in v:
+        if v["mask"] is None:
+            raise gr.Error("Upload a mask too: white where the image is to be repainted.")
+        request.mask_image = mask_from_image(decode_image(v["mask"], "mask"))
+        request.mask_blur = int(v["mask_blur"])
+    if v.get("hires"):
+        scale, strength, steps = float(v["hires_scale"]), float(v["hires_strength"]), int(v["hires_steps"])
+        request.hires = HiresFix(scale, strength, steps or None, HIRES_UPSCALERS[v["hires_upscaler"]])
+    return request
 
 
 async def _watch(queue: GenerationQueue, job: Job, progress: gr.Progress):
