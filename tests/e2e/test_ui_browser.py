@@ -17,8 +17,9 @@ from PIL import Image
 pytest.importorskip("gradio", reason="server extras not installed (pip install -e .[server])")
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed (see .ci/server-deps.sh)")
 
-from e2e.serving import serve_tiny  # noqa: E402
-from ldmkit.metadata import png_info  # noqa: E402
+from e2e.serving import serve_tiny
+
+from ldmkit.metadata import png_info
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
