@@ -14,7 +14,7 @@ from ldmkit.errors import InvalidRequest
 from ldmkit.server.imaging import encode_all
 from ldmkit.server.queue import GenerationQueue, GenerationRequest, wait_for_result
 
-_SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
+_SIZE_RE = re.compile(r"(\d{1,6})x(\d{1,6})")  # bounded: int() refuses numbers of 4300+ digits
 
 
 # OpenAI's parameters this server cannot honour differently (quality, style, background,
@@ -66,7 +66,7 @@ def create_router(queue: GenerationQueue) -> APIRouter:
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
     if size in (None, "auto"):
         return None, None
-    match = _SIZE_RE.match(size)
+    match = _SIZE_RE.fullmatch(size)
     if match is None:
         raise InvalidRequest(f"size must be 'auto' or WIDTHxHEIGHT such as 512x512, got {size!r}")
     return int(match[1]), int(match[2])
