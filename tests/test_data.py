@@ -25,8 +25,13 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_iconify(path, icons, chars, aliases=None):
     with tarfile.open(path, "w:gz") as tar:
-        _add(tar, "package/icons.json", json.dumps({"prefix": "fake", "icons": icons, "aliases": aliases or {},
-                                                    "width": 16, "height": 16}).encode())
+        _add(
+            tar,
+            "package/icons.json",
+            json.dumps(
+                {"prefix": "fake", "icons": icons, "aliases": aliases or {}, "width": 16, "height": 16}
+            ).encode(),
+        )
         _add(tar, "package/chars.json", json.dumps(chars).encode())
 
 
@@ -44,15 +49,28 @@ def packages(tmp_path):
     cache.mkdir()
     write_iconify(
         cache / "iconify-json-fake-1.0.0.tgz",
-        icons={"otter": {"body": RED_SQUARE}, "red-heart": {"body": RED_SQUARE}, "gone": {"body": RED_SQUARE, "hidden": True},
-               "man-cook": {"body": RED_SQUARE}, "man-cook-dark-skin-tone": {"body": RED_SQUARE}},
-        chars={"1f9a6": "otter", "2764-fe0f": "red-heart", "1f47b": "gone", "1f468-200d-1f373": "man-cook",
-               "1f468-1f3ff-200d-1f373": "man-cook-dark-skin-tone", "1f600": "flipped"},
+        icons={
+            "otter": {"body": RED_SQUARE},
+            "red-heart": {"body": RED_SQUARE},
+            "gone": {"body": RED_SQUARE, "hidden": True},
+            "man-cook": {"body": RED_SQUARE},
+            "man-cook-dark-skin-tone": {"body": RED_SQUARE},
+        },
+        chars={
+            "1f9a6": "otter",
+            "2764-fe0f": "red-heart",
+            "1f47b": "gone",
+            "1f468-200d-1f373": "man-cook",
+            "1f468-1f3ff-200d-1f373": "man-cook-dark-skin-tone",
+            "1f600": "flipped",
+        },
         aliases={"flipped": {"parent": "otter", "hFlip": True}},
     )
     # transparent pixels must come out white; 2764 has no name in the iconify set but unicodedata knows it
-    write_webp_package(cache / "fake-emoji-3d-2.0.0.tgz", {"1f9a6": (0, 0, 255, 255), "2764-fe0f": (0, 0, 0, 0),
-                                                           "1f9d1-200d-1f9af": (0, 255, 0, 255)})
+    write_webp_package(
+        cache / "fake-emoji-3d-2.0.0.tgz",
+        {"1f9a6": (0, 0, 255, 255), "2764-fe0f": (0, 0, 0, 0), "1f9d1-200d-1f9af": (0, 255, 0, 255)},
+    )
     return cache
 
 
@@ -79,8 +97,13 @@ def test_collect_skips_hidden_transformed_skin_tones_and_unnamed(packages):
     tarballs = emoji.fetch_packages(packages, FAKE_SOURCES)  # found in the cache: npm is not called
     records, jobs = emoji.collect(tarballs, FAKE_SOURCES)
     got = sorted((r.name, r.style) for r in records)
-    assert got == [("man cook", "flat icon"), ("otter", "3d render"), ("otter", "flat icon"),
-                   ("red heart", "3d render"), ("red heart", "flat icon")]
+    assert got == [
+        ("man cook", "flat icon"),
+        ("otter", "3d render"),
+        ("otter", "flat icon"),
+        ("red heart", "3d render"),
+        ("red heart", "flat icon"),
+    ]
     assert len(jobs) == len(records)
 
 

@@ -20,7 +20,7 @@ def test_folder_layout_and_size_limits():
         assert (DEFAULT_MODEL_DIR / part).exists(), part
     for weights in DEFAULT_MODEL_DIR.rglob("*.safetensors"):
         with safe_open(str(weights), "np") as f:
-            assert all(str(f.get_slice(k).get_dtype()) == "F16" for k in f.keys()), weights
+            assert all(str(f.get_slice(k).get_dtype()) == "F16" for k in f.keys()), weights  # noqa: SIM118 (not iterable)
     vae_config = json.loads((DEFAULT_MODEL_DIR / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] != 0.18215  # measured from the data, not SD's
 
@@ -31,7 +31,9 @@ def pipe():
 
 
 def generate(pipe, prompt, seed):
-    result = pipe.generate(prompt, steps=STEPS, guidance=7.5, sampler="DPM++ 2M Karras", seed=seed, width=128, height=128)
+    result = pipe.generate(
+        prompt, steps=STEPS, guidance=7.5, sampler="DPM++ 2M Karras", seed=seed, width=128, height=128
+    )
     return np.asarray(result.images[0], dtype=np.float32)
 
 

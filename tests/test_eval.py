@@ -10,9 +10,13 @@ from ldmkit.eval.generate import Model, generate, grid
 
 def test_retrieval_accuracy_ranks_the_target_caption():
     candidates = torch.eye(6)
-    images = torch.tensor([[1.0, 0, 0, 0, 0, 0],  # best match: caption 0 (its target)
-                           [0.9, 0.8, 0.1, 0, 0, 0],  # target 1 ranks second
-                           [0.1, 0.2, 0.0, 0.3, 0.4, 0.5]])  # target 2 ranks last
+    images = torch.tensor(
+        [
+            [1.0, 0, 0, 0, 0, 0],  # best match: caption 0 (its target)
+            [0.9, 0.8, 0.1, 0, 0, 0],  # target 1 ranks second
+            [0.1, 0.2, 0.0, 0.3, 0.4, 0.5],
+        ]
+    )  # target 2 ranks last
     scores = metrics.retrieval_accuracy(images, candidates, torch.tensor([0, 1, 2]))
     assert scores["top1"] == pytest.approx(1 / 3)
     assert scores["top5"] == pytest.approx(2 / 3)
@@ -49,8 +53,13 @@ def test_eval_prompts_are_fixed_and_numerous():
 @pytest.fixture
 def tiny_model(tiny_components):
     c = tiny_components
-    return Model(unet=c.unet, vae=c.vae, text_encoder=c.text_encoder, scheduler_config=c.scheduler_config,
-                 device=torch.device("cpu"))
+    return Model(
+        unet=c.unet,
+        vae=c.vae,
+        text_encoder=c.text_encoder,
+        scheduler_config=c.scheduler_config,
+        device=torch.device("cpu"),
+    )
 
 
 def test_generate_is_seeded_and_batch_independent(tiny_model):
@@ -64,12 +73,29 @@ def test_generate_is_seeded_and_batch_independent(tiny_model):
 def test_image_features_are_unit_vectors():
     from transformers import CLIPConfig, CLIPModel
 
-    clip = CLIPModel(CLIPConfig(
-        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         max_position_embeddings=77, vocab_size=49408, eos_token_id=49407, pad_token_id=49407),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=16, patch_size=8),
-        projection_dim=8)).eval()
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config={
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "max_position_embeddings": 77,
+                "vocab_size": 49408,
+                "eos_token_id": 49407,
+                "pad_token_id": 49407,
+            },
+            vision_config={
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "image_size": 16,
+                "patch_size": 8,
+            },
+            projection_dim=8,
+        )
+    ).eval()
     feats = metrics.image_features(clip, torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8), "cpu")
     text = metrics.text_features(clip, ["otter", "red apple"], "cpu")
     assert feats.shape == (3, 8) and text.shape == (2, 8)
@@ -77,8 +103,13 @@ def test_image_features_are_unit_vectors():
 
 
 def test_vae_helper_shapes():
-    vae = AutoencoderKL(block_out_channels=[4, 8], down_block_types=["DownEncoderBlock2D"] * 2,
-                        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=2)
+    vae = AutoencoderKL(
+        block_out_channels=[4, 8],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=2,
+    )
     from ldmkit.train.vae import encode_posteriors
 
     mean, std = encode_posteriors(vae, torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8), "cpu", batch_size=2)

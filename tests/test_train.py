@@ -17,11 +17,19 @@ STYLES = ["flat icon", "3d render"]
 
 def make_images(name: str, style: str) -> np.ndarray:
     image = np.full((SIZE, SIZE, 3), 255, np.uint8)
-    color = {"red square": (220, 30, 30), "green circle": (30, 200, 60), "blue bar": (30, 60, 220),
-             "yellow cross": (240, 220, 20)}[name]
+    color = {
+        "red square": (220, 30, 30),
+        "green circle": (30, 200, 60),
+        "blue bar": (30, 60, 220),
+        "yellow cross": (240, 220, 20),
+    }[name]
     yy, xx = np.mgrid[:SIZE, :SIZE]
-    shape = {"red square": (abs(yy - 16) < 9) & (abs(xx - 16) < 9), "green circle": (yy - 16) ** 2 + (xx - 16) ** 2 < 81,
-             "blue bar": abs(xx - 16) < 4, "yellow cross": (abs(xx - 16) < 3) | (abs(yy - 16) < 3)}[name]
+    shape = {
+        "red square": (abs(yy - 16) < 9) & (abs(xx - 16) < 9),
+        "green circle": (yy - 16) ** 2 + (xx - 16) ** 2 < 81,
+        "blue bar": abs(xx - 16) < 4,
+        "yellow cross": (abs(xx - 16) < 3) | (abs(yy - 16) < 3),
+    }[name]
     image[shape] = color
     if style == "3d render":
         image[shape] = (image[shape] * 0.7).astype(np.uint8)
@@ -38,12 +46,40 @@ def data_dir(tmp_path_factory):
     return folder
 
 
-TINY_CLIP = dict(text_hidden=32, text_layers=1, text_heads=2, image_size=16, patch_size=8, vision_hidden=32,
-                 vision_layers=1, vision_heads=2, projection_dim=16, batch_size=8, lr=3e-3, warmup_steps=2, log_every=5)
-TINY_VAE = dict(block_out_channels=(8, 8, 16, 16), norm_num_groups=4, batch_size=8, lr=3e-3, warmup_steps=2,
-                log_every=5, holdout_fraction=0.0)
-TINY_UNET = dict(block_out_channels=(16, 32), attention_heads=(2, 2), norm_num_groups=8, layers_per_block=1,
-                 batch_size=8, lr=2e-3, warmup_steps=2, log_every=5)
+TINY_CLIP = {
+    "text_hidden": 32,
+    "text_layers": 1,
+    "text_heads": 2,
+    "image_size": 16,
+    "patch_size": 8,
+    "vision_hidden": 32,
+    "vision_layers": 1,
+    "vision_heads": 2,
+    "projection_dim": 16,
+    "batch_size": 8,
+    "lr": 3e-3,
+    "warmup_steps": 2,
+    "log_every": 5,
+}
+TINY_VAE = {
+    "block_out_channels": (8, 8, 16, 16),
+    "norm_num_groups": 4,
+    "batch_size": 8,
+    "lr": 3e-3,
+    "warmup_steps": 2,
+    "log_every": 5,
+    "holdout_fraction": 0.0,
+}
+TINY_UNET = {
+    "block_out_channels": (16, 32),
+    "attention_heads": (2, 2),
+    "norm_num_groups": 8,
+    "layers_per_block": 1,
+    "batch_size": 8,
+    "lr": 2e-3,
+    "warmup_steps": 2,
+    "log_every": 5,
+}
 
 
 def losses(result):
@@ -56,12 +92,23 @@ def trained(data_dir, tmp_path_factory):
     torch.manual_seed(0)
     runs = tmp_path_factory.mktemp("runs")
     results = {
-        "clip": clip.train(clip.ClipTrainConfig(data_dir=str(data_dir), out_dir=str(runs / "clip"), max_steps=40, **TINY_CLIP)),
-        "vae": vae.train(vae.VaeTrainConfig(data_dir=str(data_dir), out_dir=str(runs / "vae"), max_steps=30, **TINY_VAE)),
+        "clip": clip.train(
+            clip.ClipTrainConfig(data_dir=str(data_dir), out_dir=str(runs / "clip"), max_steps=40, **TINY_CLIP)
+        ),
+        "vae": vae.train(
+            vae.VaeTrainConfig(data_dir=str(data_dir), out_dir=str(runs / "vae"), max_steps=30, **TINY_VAE)
+        ),
     }
-    results["unet"] = unet.train(unet.UnetTrainConfig(
-        data_dir=str(data_dir), out_dir=str(runs / "unet"), text_encoder_dir=str(runs / "clip" / "text_encoder"),
-        vae_dir=str(runs / "vae" / "vae"), max_steps=40, **TINY_UNET))
+    results["unet"] = unet.train(
+        unet.UnetTrainConfig(
+            data_dir=str(data_dir),
+            out_dir=str(runs / "unet"),
+            text_encoder_dir=str(runs / "clip" / "text_encoder"),
+            vae_dir=str(runs / "vae" / "vae"),
+            max_steps=40,
+            **TINY_UNET,
+        )
+    )
     return runs, results
 
 
@@ -84,7 +131,10 @@ def test_outputs_are_fp16_diffusers_folders(trained):
     assert vae_model.config.scaling_factor == pytest.approx(results["vae"]["scaling_factor"])
     unet_model = UNet2DConditionModel.from_pretrained(runs / "unet" / "unet")
     assert unet_model.config.cross_attention_dim == 32
-    assert json.loads((runs / "unet" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    assert (
+        json.loads((runs / "unet" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"]
+        == "v_prediction"
+    )
 
 
 def test_checkpoint_records_config_and_resumes(trained, data_dir):
@@ -98,8 +148,14 @@ def test_checkpoint_records_config_and_resumes(trained, data_dir):
 
 def test_export_assembles_the_pipeline_folder(trained, data_dir, tmp_path):
     runs, _ = trained
-    folder = export.assemble(runs / "clip" / "text_encoder", runs / "vae" / "vae", runs / "unet" / "unet",
-                             runs / "unet" / "scheduler", tmp_path / "model", data_dir / "LICENSES.md")
+    folder = export.assemble(
+        runs / "clip" / "text_encoder",
+        runs / "vae" / "vae",
+        runs / "unet" / "unet",
+        runs / "unet" / "scheduler",
+        tmp_path / "model",
+        data_dir / "LICENSES.md",
+    )
     for part in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer/vocab.json", "scheduler", "LICENSES.md"):
         assert (folder / part).exists(), part
     assert not (folder / "tokenizer" / "tokenizer.json").exists()
@@ -134,8 +190,20 @@ def test_cli_registers_data_train_eval_and_overrides(data_dir):
 
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["train", "vae", "--data", str(data_dir), "--minutes", "2", "--set", "batch_size=4",
-                              "--set", "block_out_channels=[8,16]"])
+    args = parser.parse_args(
+        [
+            "train",
+            "vae",
+            "--data",
+            str(data_dir),
+            "--minutes",
+            "2",
+            "--set",
+            "batch_size=4",
+            "--set",
+            "block_out_channels=[8,16]",
+        ]
+    )
     cfg = cli.stage_config("vae", args)
     assert (cfg.batch_size, cfg.block_out_channels, cfg.max_minutes) == (4, (8, 16), 2.0)
     with pytest.raises(LdmError):

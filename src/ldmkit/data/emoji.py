@@ -32,9 +32,19 @@ class EmojiSource:
 
 SOURCES = (
     EmojiSource("@iconify-json/noto", "cartoon emoji", "iconify", "Apache-2.0", "Google Inc (Noto Emoji)"),
-    EmojiSource("@iconify-json/twemoji", "flat icon", "iconify", "CC-BY-4.0", "Twitter, Inc and other contributors (Twemoji)"),
-    EmojiSource("@iconify-json/fluent-emoji-flat", "flat illustration", "iconify", "MIT", "Microsoft Corporation (Fluent Emoji)"),
-    EmojiSource("@lobehub/fluent-emoji-3d", "3d render", "webp", "MIT", "Microsoft Corporation (Fluent Emoji), packaged by LobeHub"),
+    EmojiSource(
+        "@iconify-json/twemoji", "flat icon", "iconify", "CC-BY-4.0", "Twitter, Inc and other contributors (Twemoji)"
+    ),
+    EmojiSource(
+        "@iconify-json/fluent-emoji-flat", "flat illustration", "iconify", "MIT", "Microsoft Corporation (Fluent Emoji)"
+    ),
+    EmojiSource(
+        "@lobehub/fluent-emoji-3d",
+        "3d render",
+        "webp",
+        "MIT",
+        "Microsoft Corporation (Fluent Emoji), packaged by LobeHub",
+    ),
 )
 
 RESOLUTION = 128
@@ -72,9 +82,14 @@ def fetch_packages(cache_dir: Path, sources=SOURCES) -> dict[str, Path]:
         found = sorted(cache_dir.glob(f"{stem}-[0-9]*.tgz"))
         if not found:
             if shutil.which("npm") is None:
-                raise LdmError(f"npm is needed to fetch {source.package}; install Node.js or put the .tgz in {cache_dir}")
+                raise LdmError(
+                    f"npm is needed to fetch {source.package}; install Node.js or put the .tgz in {cache_dir}"
+                )
             result = subprocess.run(
-                ["npm", "pack", source.package, "--pack-destination", str(cache_dir)], capture_output=True, text=True
+                ["npm", "pack", source.package, "--pack-destination", str(cache_dir)],
+                capture_output=True,
+                text=True,
+                check=False,
             )
             found = sorted(cache_dir.glob(f"{stem}-[0-9]*.tgz"))
             if result.returncode != 0 or not found:
@@ -201,8 +216,14 @@ def write_licenses(out_dir: Path, sources=SOURCES) -> None:
     (out_dir / "LICENSES.md").write_text("\n".join(lines) + "\n")
 
 
-def build(out_dir: Path, cache_dir: Path | None = None, workers: int | None = None, limit: int | None = None,
-          skin_tones: bool = False, sources=SOURCES) -> list[EmojiRecord]:
+def build(
+    out_dir: Path,
+    cache_dir: Path | None = None,
+    workers: int | None = None,
+    limit: int | None = None,
+    skin_tones: bool = False,
+    sources=SOURCES,
+) -> list[EmojiRecord]:
     """Fetch, render and caption: writes images.npy (N, 128, 128, 3) uint8, records.json and LICENSES.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tarballs = fetch_packages(cache_dir or out_dir / "packages", sources)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ldmkit.loading import load_tokenizer
 from ldmkit.train.common import EMPTY_CAPTION, tokenize
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 
 @dataclass
@@ -38,8 +42,16 @@ def load_model(folder: Path, device: str | torch.device = "cpu", dtype: torch.dt
 
 
 @torch.no_grad()
-def generate(model: Model, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 7.5,
-             batch_size: int = 128, height: int = 128, width: int = 128) -> torch.Tensor:
+def generate(
+    model: Model,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int = 25,
+    guidance: float = 7.5,
+    batch_size: int = 128,
+    height: int = 128,
+    width: int = 128,
+) -> torch.Tensor:
     """One image per (prompt, seed) pair -> (N, 3, H, W) uint8 on the CPU; noise drawn per seed on the CPU."""
     from diffusers import DPMSolverMultistepScheduler
 
@@ -71,7 +83,7 @@ def generate(model: Model, prompts: list[str], seeds: list[int], steps: int = 25
     return torch.cat(images)
 
 
-def grid(images: torch.Tensor, columns: int) -> "PIL.Image.Image":
+def grid(images: torch.Tensor, columns: int) -> PIL.Image.Image:
     """(N, 3, H, W) uint8 -> one PIL image, row-major, `columns` wide."""
     from PIL import Image
 
@@ -85,13 +97,21 @@ def grid(images: torch.Tensor, columns: int) -> "PIL.Image.Image":
 
 
 GRID_PROMPTS = (
-    "otter", "red apple", "smiling face with sunglasses", "rocket", "pizza",
-    "otter, 3d render", "red apple, flat icon", "cat face, flat illustration", "ghost, cartoon emoji",
+    "otter",
+    "red apple",
+    "smiling face with sunglasses",
+    "rocket",
+    "pizza",
+    "otter, 3d render",
+    "red apple, flat icon",
+    "cat face, flat illustration",
+    "ghost, cartoon emoji",
 )
 
 
-def sample_grid(model: Model, prompts=GRID_PROMPTS, seeds=(0, 1, 2, 3, 4, 5), steps: int = 25,
-                guidance: float = 7.5) -> "PIL.Image.Image":
+def sample_grid(
+    model: Model, prompts=GRID_PROMPTS, seeds=(0, 1, 2, 3, 4, 5), steps: int = 25, guidance: float = 7.5
+) -> PIL.Image.Image:
     """One row per prompt, one column per seed."""
     pairs = [(p, s) for p in prompts for s in seeds]
     images = generate(model, [p for p, _ in pairs], [s for _, s in pairs], steps=steps, guidance=guidance)

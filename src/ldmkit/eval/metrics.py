@@ -32,8 +32,10 @@ def _features(output) -> torch.Tensor:
 @torch.no_grad()
 def text_features(clip, captions: list[str], device, batch_size: int = 1024) -> torch.Tensor:
     tokens = tokenize(load_tokenizer(), captions)
-    feats = [_features(clip.get_text_features(input_ids=tokens[i : i + batch_size].to(device)))
-             for i in range(0, len(tokens), batch_size)]
+    feats = [
+        _features(clip.get_text_features(input_ids=tokens[i : i + batch_size].to(device)))
+        for i in range(0, len(tokens), batch_size)
+    ]
     return F.normalize(torch.cat(feats).float(), dim=-1)
 
 
@@ -41,13 +43,20 @@ def text_features(clip, captions: list[str], device, batch_size: int = 1024) -> 
 def image_features(clip, images_uint8: torch.Tensor, device, batch_size: int = 512) -> torch.Tensor:
     size = clip.config.vision_config.image_size
     dtype = next(clip.parameters()).dtype
-    feats = [_features(clip.get_image_features(pixel_values=prepare_images(images_uint8[i : i + batch_size].to(device), size).to(dtype)))
-             for i in range(0, images_uint8.shape[0], batch_size)]
+    feats = [
+        _features(
+            clip.get_image_features(
+                pixel_values=prepare_images(images_uint8[i : i + batch_size].to(device), size).to(dtype)
+            )
+        )
+        for i in range(0, images_uint8.shape[0], batch_size)
+    ]
     return F.normalize(torch.cat(feats).float(), dim=-1)
 
 
-def retrieval_accuracy(image_feats: torch.Tensor, candidate_feats: torch.Tensor, targets: torch.Tensor,
-                       ks=(1, 5)) -> dict[str, float]:
+def retrieval_accuracy(
+    image_feats: torch.Tensor, candidate_feats: torch.Tensor, targets: torch.Tensor, ks=(1, 5)
+) -> dict[str, float]:
     """Fraction of images whose own caption (targets: index into candidates) ranks within the top k."""
     similarity = image_feats @ candidate_feats.T  # (N, C)
     target_score = similarity.gather(1, targets.view(-1, 1).to(similarity.device))

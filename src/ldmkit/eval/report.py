@@ -35,8 +35,14 @@ def styled_prompts(prompts: list[str], available: dict[str, list[str]]) -> list[
     return [(p, sorted(available[p])[i % len(available[p])]) for i, p in enumerate(prompts)]
 
 
-def generate_eval_images(model_dir: Path | None, num_prompts: int | None = None, steps: int = 25,
-                         guidance: float = 7.5, seed: int = 0, device=None) -> dict[str, torch.Tensor]:
+def generate_eval_images(
+    model_dir: Path | None,
+    num_prompts: int | None = None,
+    steps: int = 25,
+    guidance: float = 7.5,
+    seed: int = 0,
+    device=None,
+) -> dict[str, torch.Tensor]:
     """The images `evaluate` scores (no data set or CLIP needed): plain prompts and "name, style" prompts."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(Path(model_dir or DEFAULT_MODEL_DIR), device)
@@ -49,9 +55,18 @@ def generate_eval_images(model_dir: Path | None, num_prompts: int | None = None,
     return {"plain": plain, "styled": with_style, "seconds": seconds}
 
 
-def evaluate(model_dir: Path | None, clip_dir: Path, data_dir: Path, num_prompts: int | None = None, steps: int = 25,
-             guidance: float = 7.5, seed: int = 0, holdout_fraction: float = 0.02, device=None,
-             images: dict | None = None) -> dict:
+def evaluate(
+    model_dir: Path | None,
+    clip_dir: Path,
+    data_dir: Path,
+    num_prompts: int | None = None,
+    steps: int = 25,
+    guidance: float = 7.5,
+    seed: int = 0,
+    holdout_fraction: float = 0.02,
+    device=None,
+    images: dict | None = None,
+) -> dict:
     """All metrics; `images` (from generate_eval_images, e.g. made on a GPU) skips generation here."""
     from transformers import CLIPModel
 
@@ -61,8 +76,13 @@ def evaluate(model_dir: Path | None, clip_dir: Path, data_dir: Path, num_prompts
         images = generate_eval_images(model_dir, num_prompts, steps, guidance, seed, device)
     clip = CLIPModel.from_pretrained(clip_dir, torch_dtype=torch.float32).to(device).eval()
     dataset = load_dataset(Path(data_dir))
-    results: dict = {"model": str(model_dir or DEFAULT_MODEL_DIR), "device": str(device), "steps": steps,
-                     "guidance": guidance, "sampler": "DPM++ 2M Karras"}
+    results: dict = {
+        "model": str(model_dir or DEFAULT_MODEL_DIR),
+        "device": str(device),
+        "steps": steps,
+        "guidance": guidance,
+        "sampler": "DPM++ 2M Karras",
+    }
 
     held_out = dataset.subset(holdout_mask(dataset, holdout_fraction))
     results["vae_psnr_heldout_db"] = metrics.reconstruction_psnr(model.vae, held_out.images, device)
@@ -79,7 +99,9 @@ def evaluate(model_dir: Path | None, clip_dir: Path, data_dir: Path, num_prompts
     gen = metrics.retrieval_accuracy(metrics.image_features(clip, generated, device), name_feats, targets)
     real_rows = [i for i, r in enumerate(dataset.records) if r.name in set(prompts)]
     real_targets = torch.tensor([name_index[dataset.records[i].name] for i in real_rows])
-    real = metrics.retrieval_accuracy(metrics.image_features(clip, dataset.images[real_rows], device), name_feats, real_targets)
+    real = metrics.retrieval_accuracy(
+        metrics.image_features(clip, dataset.images[real_rows], device), name_feats, real_targets
+    )
     results.update(prompts=len(prompts), candidates=len(names), generated=gen, real=real, real_images=len(real_rows))
 
     # Style adherence: "name, style" prompts; CLIP picks among the same name in each of the 4 styles.

@@ -22,7 +22,9 @@ def register(subparsers) -> None:
     data_sub = data.add_subparsers(dest="dataset", required=True)
     emoji = data_sub.add_parser("emoji", help="open emoji sets from the npm registry, rendered and captioned")
     emoji.add_argument("--out", type=Path, default=Path(".data/emoji"), help="output folder")
-    emoji.add_argument("--cache", type=Path, default=None, help="where the npm .tgz files are kept (default OUT/packages)")
+    emoji.add_argument(
+        "--cache", type=Path, default=None, help="where the npm .tgz files are kept (default OUT/packages)"
+    )
     emoji.add_argument("--workers", type=int, default=None, help="render processes (default: all cores)")
     emoji.add_argument("--limit", type=int, default=None, help="only the first N images (smoke runs)")
     emoji.add_argument("--skin-tones", action="store_true", help="keep the skin-tone variants (5x more people)")
@@ -35,8 +37,13 @@ def register(subparsers) -> None:
     train.add_argument("--minutes", type=float, default=None, help="wall-time budget (the LR decay ends there)")
     train.add_argument("--steps", type=int, default=None, help="step budget")
     train.add_argument("--out", type=Path, default=None, help="export: the model folder to write")
-    train.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                       help="override any field of the stage's config, e.g. --set batch_size=256")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override any field of the stage's config, e.g. --set batch_size=256",
+    )
     train.set_defaults(func=run_train)
 
     evaluate = subparsers.add_parser("eval", help="prompt adherence (CLIP retrieval) and VAE reconstruction PSNR")
@@ -47,18 +54,29 @@ def register(subparsers) -> None:
     evaluate.add_argument("--steps", type=int, default=25)
     evaluate.add_argument("--guidance", type=float, default=7.5)
     evaluate.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
-    evaluate.add_argument("--generate-only", type=Path, default=None, metavar="DIR",
-                          help="only generate the eval images into DIR (e.g. on a GPU machine without the data set)")
-    evaluate.add_argument("--images", type=Path, default=None, metavar="DIR",
-                          help="score the images a --generate-only run wrote instead of generating them")
+    evaluate.add_argument(
+        "--generate-only",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="only generate the eval images into DIR (e.g. on a GPU machine without the data set)",
+    )
+    evaluate.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="score the images a --generate-only run wrote instead of generating them",
+    )
     evaluate.set_defaults(func=run_eval)
 
 
 def run_data(args) -> int:
     from ldmkit.data import emoji
 
-    records = emoji.build(args.out, cache_dir=args.cache, workers=args.workers, limit=args.limit,
-                          skin_tones=args.skin_tones)
+    records = emoji.build(
+        args.out, cache_dir=args.cache, workers=args.workers, limit=args.limit, skin_tones=args.skin_tones
+    )
     print(f"{len(records)} images, {len({r.name for r in records})} names -> {args.out}")
     return 0
 
@@ -73,8 +91,12 @@ def stage_config(stage: str, args):
     elif stage == "vae":
         cfg = vae.VaeTrainConfig(data_dir=str(args.data), out_dir=str(runs / "vae"))
     else:
-        cfg = unet.UnetTrainConfig(data_dir=str(args.data), out_dir=str(runs / "unet"),
-                                   text_encoder_dir=str(runs / "clip" / "text_encoder"), vae_dir=str(runs / "vae" / "vae"))
+        cfg = unet.UnetTrainConfig(
+            data_dir=str(args.data),
+            out_dir=str(runs / "unet"),
+            text_encoder_dir=str(runs / "clip" / "text_encoder"),
+            vae_dir=str(runs / "vae" / "vae"),
+        )
     if args.minutes is not None:
         cfg.max_minutes = args.minutes
     if args.steps is not None:
@@ -105,16 +127,30 @@ def run_train(args) -> int:
         out = args.out or Path(".runs/default-model")
         runs = args.runs
         licenses = args.data / "LICENSES.md"
-        export.assemble(runs / "clip" / "text_encoder", runs / "vae" / "vae", runs / "unet" / "unet",
-                        runs / "unet" / "scheduler", out, licenses if licenses.exists() else None)
+        export.assemble(
+            runs / "clip" / "text_encoder",
+            runs / "vae" / "vae",
+            runs / "unet" / "unet",
+            runs / "unet" / "scheduler",
+            out,
+            licenses if licenses.exists() else None,
+        )
         print(json.dumps(export.folder_report(out)))
         return 0
     import importlib
 
     cfg = stage_config(args.stage, args)
     result = importlib.import_module(f"ldmkit.train.{args.stage}").train(cfg)
-    print(json.dumps({"stage": args.stage, "steps": result["steps"], "minutes": round(result["minutes"], 2),
-                      "final_loss": result["history"][-1][1] if result["history"] else None}))
+    print(
+        json.dumps(
+            {
+                "stage": args.stage,
+                "steps": result["steps"],
+                "minutes": round(result["minutes"], 2),
+                "final_loss": result["history"][-1][1] if result["history"] else None,
+            }
+        )
+    )
     return 0
 
 
@@ -128,13 +164,22 @@ def run_eval(args) -> int:
         args.generate_only.mkdir(parents=True, exist_ok=True)
         for key, value in images.items():
             torch.save(value, args.generate_only / f"{key}.pt")
-        print(f"{len(images['plain'])} + {len(images['styled'])} images in {float(images['seconds']):.1f}s -> {args.generate_only}")
+        print(
+            f"{len(images['plain'])} + {len(images['styled'])} images in {float(images['seconds']):.1f}s -> {args.generate_only}"
+        )
         return 0
     images = None
     if args.images:
         images = {key: torch.load(args.images / f"{key}.pt") for key in ("plain", "styled", "seconds")}
-    metrics = report.evaluate(model_dir=args.model, clip_dir=args.clip, data_dir=args.data, num_prompts=args.prompts,
-                              steps=args.steps, guidance=args.guidance, images=images)
+    metrics = report.evaluate(
+        model_dir=args.model,
+        clip_dir=args.clip,
+        data_dir=args.data,
+        num_prompts=args.prompts,
+        steps=args.steps,
+        guidance=args.guidance,
+        images=images,
+    )
     text = json.dumps(metrics, indent=1)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,16 +43,26 @@ class ClipTrainConfig:
 
 
 def build_model(cfg: ClipTrainConfig) -> CLIPModel:
-    text = dict(
-        vocab_size=49408, hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
-        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads, max_position_embeddings=77,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    )
-    vision = dict(
-        image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_hidden,
-        intermediate_size=4 * cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=cfg.vision_heads, num_channels=3,
-    )
+    text = {
+        "vocab_size": 49408,
+        "hidden_size": cfg.text_hidden,
+        "intermediate_size": 4 * cfg.text_hidden,
+        "num_hidden_layers": cfg.text_layers,
+        "num_attention_heads": cfg.text_heads,
+        "max_position_embeddings": 77,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407,
+    }
+    vision = {
+        "image_size": cfg.image_size,
+        "patch_size": cfg.patch_size,
+        "hidden_size": cfg.vision_hidden,
+        "intermediate_size": 4 * cfg.vision_hidden,
+        "num_hidden_layers": cfg.vision_layers,
+        "num_attention_heads": cfg.vision_heads,
+        "num_channels": 3,
+    }
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim))
 
 
@@ -109,8 +119,12 @@ def train(cfg: ClipTrainConfig) -> dict:
         # text j describes image i if it is one of image i's captions: a name-only caption fits every style
         positives = dataset.image_captions[index][:, :, None].eq(caption_ids[None, None, :]).any(1)  # (B, B)
         with accelerator.autocast():
-            out = model(input_ids=tokens[caption_ids], pixel_values=prepare_images(dataset.images[index], cfg.image_size))
-            loss = contrastive_loss(out.image_embeds, out.text_embeds, accelerator.unwrap_model(model).logit_scale, positives)
+            out = model(
+                input_ids=tokens[caption_ids], pixel_values=prepare_images(dataset.images[index], cfg.image_size)
+            )
+            loss = contrastive_loss(
+                out.image_embeds, out.text_embeds, accelerator.unwrap_model(model).logit_scale, positives
+            )
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()

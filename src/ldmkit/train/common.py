@@ -154,8 +154,9 @@ class EMA:
             p.copy_(saved)
 
 
-def save_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, config, step: int, elapsed_s: float,
-                    **extra) -> None:
+def save_checkpoint(
+    path: Path, accelerator: Accelerator, model, optimizer, config, step: int, elapsed_s: float, **extra
+) -> None:
     """nanoGPT-style checkpoint: model, optimizer, the config that made it, step, and anything stage-specific."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {

@@ -13,8 +13,14 @@ from ldmkit.loading import CONFIGS_DIR, load_tokenizer
 MAX_SHARD = "10MB"  # no shipped file over 15 MB; a tensor larger than a shard gets its own file
 
 
-def assemble(text_encoder_dir: Path, vae_dir: Path, unet_dir: Path, scheduler_dir: Path, out_dir: Path,
-             licenses: Path | None = None) -> Path:
+def assemble(
+    text_encoder_dir: Path,
+    vae_dir: Path,
+    unet_dir: Path,
+    scheduler_dir: Path,
+    out_dir: Path,
+    licenses: Path | None = None,
+) -> Path:
     """Write model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/ as save_pretrained does."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel

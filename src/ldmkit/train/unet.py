@@ -79,7 +79,9 @@ def build_model(cfg: UnetTrainConfig, cross_attention_dim: int, sample_size: int
 def encode_captions(text_encoder: CLIPTextModel, captions: list[str], device, batch_size: int = 1024) -> torch.Tensor:
     """Every unique caption -> (C, 77, hidden) last hidden states, once, with the frozen text encoder."""
     tokens = common.tokenize(load_tokenizer(), captions)
-    states = [text_encoder(tokens[i : i + batch_size].to(device)).last_hidden_state for i in range(0, len(tokens), batch_size)]
+    states = [
+        text_encoder(tokens[i : i + batch_size].to(device)).last_hidden_state for i in range(0, len(tokens), batch_size)
+    ]
     return torch.cat(states)
 
 
@@ -162,7 +164,9 @@ def train(cfg: UnetTrainConfig) -> dict:
         if step % cfg.log_every == 0:
             mean, rate = meter.read()
             history.append((step, mean))
-            accelerator.print(f"unet step {step} loss {mean:.4f} {rate:.0f} samples/s {time.perf_counter() - start:.0f}s")
+            accelerator.print(
+                f"unet step {step} loss {mean:.4f} {rate:.0f} samples/s {time.perf_counter() - start:.0f}s"
+            )
     if meter.count:
         history.append((step, meter.read()[0]))
     elapsed = time.perf_counter() - start

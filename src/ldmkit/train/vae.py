@@ -112,8 +112,9 @@ def train(cfg: VaeTrainConfig) -> dict:
     vae.eval()
     scaling_factor = latent_scaling_factor(vae, train_set.images, accelerator)
     vae.register_to_config(scaling_factor=scaling_factor)
-    common.save_checkpoint(out_dir / "ckpt.pt", accelerator, model, optimizer, cfg, step, elapsed,
-                           scaling_factor=scaling_factor)
+    common.save_checkpoint(
+        out_dir / "ckpt.pt", accelerator, model, optimizer, cfg, step, elapsed, scaling_factor=scaling_factor
+    )
     if accelerator.is_main_process:
         export(vae, out_dir)
         (out_dir / "train.json").write_text(json.dumps({"steps": step, "minutes": elapsed / 60, "history": history}))
@@ -121,8 +122,9 @@ def train(cfg: VaeTrainConfig) -> dict:
 
 
 @torch.no_grad()
-def encode_posteriors(vae: AutoencoderKL, images_uint8: torch.Tensor, device,
-                      batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_posteriors(
+    vae: AutoencoderKL, images_uint8: torch.Tensor, device, batch_size: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 3, H, W) uint8 -> posterior mean and std, each (N, 4, H/8, W/8) float32, unscaled."""
     means, stds = [], []
     dtype = next(vae.parameters()).dtype
