@@ -78,7 +78,7 @@ def evaluate(
     dataset = load_dataset(Path(data_dir))
     results: dict = {
         "model": str(model_dir or DEFAULT_MODEL_DIR),
-        "device": str(device),
+        "scored_on": str(device),
         "steps": steps,
         "guidance": guidance,
         "sampler": "DPM++ 2M Karras",
