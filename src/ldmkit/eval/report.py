@@ -15,7 +15,7 @@ from ldmkit.train.common import holdout_mask, load_dataset
 
 # The fixed evaluation prompts: 256 emoji names (a seeded draw from the names present in >= 3 of the 4 sets),
 # each with the styles it exists in, tab separated.
-PROMPTS_FILE = Path(__file__).parent / "prompts.tsv"
+PROMPTS_FILE = Path(__file__).parent.parent / "assets" / "eval-prompts.tsv"  # assets/ ships in the wheel
 
 
 def style_table() -> dict[str, list[str]]:
