@@ -5,11 +5,11 @@ import json
 import math
 
 import pytest
+from conftest import make_tiny_components
 
 from ldmkit import bench
 from ldmkit.errors import InvalidRequest
 from ldmkit.loading import save_pretrained
-from conftest import make_tiny_components
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,16 @@ from diffusers.models.attention_processor import FusedAttnProcessor2_0
 from ldmkit import Pipeline
 from ldmkit.fast import compile_models, make_fast, use_fp16
 
-KWARGS = dict(prompt="an otter in a river", negative_prompt="blurry", steps=4, sampler="DDIM", seed=7, width=16, height=16, num_images=2)
+KWARGS = {
+    "prompt": "an otter in a river",
+    "negative_prompt": "blurry",
+    "steps": 4,
+    "sampler": "DDIM",
+    "seed": 7,
+    "width": 16,
+    "height": 16,
+    "num_images": 2,
+}
 
 
 def pixels(pipe):

@@ -432,8 +432,10 @@ def format_table(header: str, results: list[RowResult]) -> str:
     lines = [
         f"{header}",
         "",
-        "| row | it/s | latency (s) | first image (s) | peak GPU mem (GiB) | PSNR vs diffusers eager (dB) "
-        "| PSNR vs diffusers compiled (dB) | UNet call (ms) | VAE decode (ms) | rest per step (ms) |",
+        (
+            "| row | it/s | latency (s) | first image (s) | peak GPU mem (GiB) | PSNR vs diffusers eager (dB) "
+            "| PSNR vs diffusers compiled (dB) | UNet call (ms) | VAE decode (ms) | rest per step (ms) |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
