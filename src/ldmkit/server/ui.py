@@ -68,10 +68,10 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
                 fields["height"] = gr.Slider(8, 2048, value=size, step=8, label="Height", elem_id=f"{mode}-height")
             with gr.Row():
                 fields["guidance"] = gr.Slider(0.0, 30.0, value=7.5, step=0.5, label="CFG scale")
-                fields["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", scale=2)
+                fields["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", scale=2, elem_id=f"{mode}-seed")
                 random_seed = gr.Button("Random seed", scale=1, min_width=80)
             with gr.Row():
-                fields["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size")
+                fields["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{mode}-batch-size")
                 fields["n_iter"] = gr.Slider(1, 16, value=1, step=1, label="Batch count")
                 layers = queue.pipe.text_encoder.config.num_hidden_layers
                 fields["clip_skip"] = gr.Slider(1, layers, value=1, step=1, label="Clip skip", elem_id=f"{mode}-clip-skip")
