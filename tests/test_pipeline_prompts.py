@@ -82,3 +82,12 @@ def test_emphasis_next_to_a_plain_negative_prompt_stays_finite(pipe):
     mixed = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["", "an (otter:1.6)"])
     assert torch.isfinite(mixed).all()
     assert torch.equal(mixed[0], plain[0])  # the plain row is untouched
+
+
+def test_loras_are_refused_on_the_fused_fast_path(tmp_path):
+    components = make_tiny_components()
+    kohya_lora(tmp_path / "ink.safetensors", components)
+    pipe = Pipeline(components, torch.device("cpu"), torch.float32, lora_dir=tmp_path)
+    pipe.unet.fuse_qkv_projections()
+    with pytest.raises(InvalidRequest, match="not supported on the fast path"):
+        pipe.generate("otter <lora:ink:1>", steps=2)

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Subcommands that live beside their subsystem; each module's register() adds its parsers.
-_EXTENSIONS = ["ldmkit.server.cli", "ldmkit.train.cli"]
+_EXTENSIONS = ["ldmkit.server.cli", "ldmkit.train.cli", "ldmkit.bench"]
 
 
 def add_generate(sub) -> None:

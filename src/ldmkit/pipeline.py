@@ -316,6 +316,9 @@ class Pipeline:
             if not path.is_file():
                 raise InvalidRequest(f"LoRA file not found: {path}")
             files.append((path.stem, path, weight))
+        if files and getattr(self.unet, "original_attn_processors", None) is not None:
+            # fast.make_fast fused q/k/v into one projection, which a LoRA's q/k/v layers would bypass.
+            raise InvalidRequest("LoRAs are not supported on the fast path (fused QKV); load the model without --fast")
         for name, _, weight in files:
             if not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 raise InvalidRequest(f"LoRA {name!r} weight must be a finite number, got {weight!r}")
