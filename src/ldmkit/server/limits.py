@@ -39,6 +39,12 @@ class ServerLimits:
         if _is_int(num_images) and num_images > self.max_images:
             raise LimitExceeded(f"{num_images} images in one request", "max_images", self.max_images)
 
+    def check_input(self, image, what: str) -> None:
+        """An uploaded image already decoded (imaging.decode_image refuses larger ones before decoding)."""
+        if image is not None and image.width * image.height > self.max_input_pixels:
+            size = f"{image.width}x{image.height}"
+            raise LimitExceeded(f"{what} of {size} pixels", "max_input_pixels", self.max_input_pixels, "pixels")
+
     def check_size(self, width: int, height: int) -> None:
         if width * height > self.max_pixels:
             raise LimitExceeded(

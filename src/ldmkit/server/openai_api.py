@@ -50,7 +50,10 @@ def create_router(queue: GenerationQueue) -> APIRouter:
     @router.post("/images/generations", response_model=ImagesResponse, response_model_exclude_none=True)
     async def generate_images(body: ImageGenerationRequest, request: Request):
         width, height = parse_size(body.size)
-        job = queue.submit(GenerationRequest(prompt=body.prompt, width=width, height=height, batch_size=body.n))
+        # OpenAI's clients cannot choose the steps: ldmkit's default, or fewer where the server allows fewer.
+        steps = min(GenerationRequest.steps, queue.limits.max_steps)
+        generation = GenerationRequest(prompt=body.prompt, steps=steps, width=width, height=height, batch_size=body.n)
+        job = queue.submit(generation)
         result = await wait_for_result(queue, job, request.is_disconnected)
         encoded = await asyncio.to_thread(encode_all, result)
         if body.response_format == "url":

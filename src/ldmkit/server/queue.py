@@ -198,6 +198,8 @@ class GenerationQueue:
         )
         check_clip_skip(r.clip_skip, pipe.text_encoder)
         check_inpainting(r.mask_image, r.mask_blur, r.init_image)
+        self.limits.check_input(r.init_image, "init image")
+        self.limits.check_input(r.mask_image, "mask")
         width, height = pipe.resolve_size(r.width, r.height, r.init_image)
         self.limits.check_size(width, height)
         if r.hires is not None:
@@ -221,23 +223,26 @@ class GenerationQueue:
                     return
                 job = self.current = self._waiting.popleft()
             job.started_at = time.monotonic()
-            out_of_memory = False
+            result, error = None, None
             try:
-                job.future.set_result(self._generate(job))
+                result = self._generate(job)
             except (torch.OutOfMemoryError, MemoryError):
-                out_of_memory = True
-                job.future.set_exception(OutOfMemory())
+                error = OutOfMemory()
             except Exception as exc:  # the waiting handler turns it into an HTTP answer
-                job.future.set_exception(exc)
-            finally:
-                with self._lock:
-                    self.current = None
-                    self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.monotonic() - job.started_at)
-            if out_of_memory:
-                self._free_memory()
+                error = exc
+            if isinstance(error, OutOfMemory):
+                self._free_memory()  # before answering, so the next request finds the memory free
+            with self._lock:
+                self.current = None
+                self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.monotonic() - job.started_at)
+            if error is None:
+                job.future.set_result(result)
+            else:
+                job.future.set_exception(error)
+            del result, error  # a finished job's images and tensors go with its answer, not with the idle worker
 
     def _free_memory(self) -> None:
-        """After an out-of-memory error: drop the failed job's tensors (its traceback held them) and the allocator's cache."""
+        """After an out-of-memory error: collect the failed job's tensors (its traceback held them), empty the allocator's cache."""
         logger.warning("generation ran out of memory; freeing the device cache")
         gc.collect()
         if torch.cuda.is_available():
