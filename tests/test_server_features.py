@@ -104,11 +104,14 @@ def test_hires_resize_to_an_odd_size_keeps_the_aspect_ratio(url):
         ({"hr_scale": 9}, "hires scale must be above 1 and at most 4"),
         ({"denoising_strength": 0}, "hires strength must be in (0, 1]"),
         ({"denoising_strength": 1.5}, "hires strength must be in (0, 1]"),
-        ({"hr_second_pass_steps": -2}, "hires steps -2"),
-        ({"hr_second_pass_steps": 100_000}, "max_steps"),
+        ({"hr_second_pass_steps": -2}, "hr_second_pass_steps must be from 0"),
+        ({"hr_second_pass_steps": 10**400}, "hr_second_pass_steps must be from 0"),
+        ({"hr_second_pass_steps": 500}, "max_steps"),  # the server's limit, below the pipeline's
+        ({"hr_second_pass_steps": 1, "denoising_strength": 0.5}, "leave no denoising step"),
         ({"hr_resize_x": 40, "hr_resize_y": 24}, "keep the aspect ratio"),
         ({"hr_resize_x": 20}, "multiples of 8"),
-        ({"hr_resize_x": -16}, "must be positive"),
+        ({"hr_resize_x": -16}, "must be from 1 to"),
+        ({"hr_resize_y": 10**400}, "must be from 1 to"),
         ({"hr_scale": 4, "width": 1024, "height": 1024}, "max_pixels"),
     ],
 )
@@ -116,6 +119,13 @@ def test_bad_hires_values_are_refused_with_a_reason(url, fields, reason):
     response = post(url, "txt2img", enable_hr=True, **fields)
     assert response.status_code == 400, response.text
     assert reason in response.json()["detail"]
+
+
+@pytest.mark.parametrize("scale", ["NaN", "Infinity"])
+def test_non_finite_hires_scale_is_refused(url, scale):
+    body = f'{{"prompt": "a cube", "width": 16, "height": 16, "steps": 3, "enable_hr": true, "hr_scale": {scale}}}'
+    response = requests.post(f"{url}/sdapi/v1/txt2img", data=body, headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code in (400, 422), response.text
 
 
 def test_upscaler_lists_name_what_hr_upscaler_takes(url):
@@ -177,6 +187,7 @@ def huge_png_b64() -> str:
         ({"mask_blur": -1}, "mask blur must be an integer from 0 to 64"),
         ({"mask_blur": 65}, "mask blur must be an integer from 0 to 64"),
         ({"inpainting_mask_invert": 2}, "inpainting_mask_invert must be 0 or 1"),
+        ({"mask_blur": 10**400}, "mask blur must be an integer from 0 to 64"),
     ],
 )
 def test_bad_inpainting_values_are_refused_with_a_reason(url, fields, reason):
@@ -214,6 +225,7 @@ def test_clip_skip_comes_from_a1111s_override_setting(url):
         ({"CLIP_stop_at_last_layers": 0}, "clip_skip must be an integer from 1 to 2"),
         ({"CLIP_stop_at_last_layers": "2"}, "CLIP_stop_at_last_layers must be an integer"),
         ({"CLIP_stop_at_last_layers": 1.5}, "CLIP_stop_at_last_layers must be an integer"),
+        ({"CLIP_stop_at_last_layers": 10**400}, "clip_skip must be an integer from 1 to 2"),
         ({"sd_model_checkpoint": "v1-5-pruned.safetensors"}, "is not loaded"),
     ],
 )

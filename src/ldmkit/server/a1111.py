@@ -20,7 +20,7 @@ from ldmkit.errors import InvalidRequest, LdmError
 from ldmkit.hires import HiresFix
 from ldmkit.lora import LORA_SUFFIX
 from ldmkit.metadata import PARAMETERS_KEY, parse_infotext
-from ldmkit.pipeline import GenerationResult
+from ldmkit.pipeline import MAX_SIDE, MAX_STEPS, GenerationResult
 from ldmkit.previews import make_grid, preview_images
 from ldmkit.samplers import SAMPLERS
 from ldmkit.server.imaging import decode_base64_image, encode_all, encode_png_base64
@@ -318,6 +318,8 @@ def _hires(body: Txt2ImgRequest) -> HiresFix:
     upscaler_name = body.hr_upscaler or "Latent"
     if upscaler_name not in HR_UPSCALERS:
         raise InvalidRequest(f"unknown hr_upscaler {upscaler_name!r}; this server has: {', '.join(HR_UPSCALERS)}")
+    if not 0 <= body.hr_second_pass_steps <= MAX_STEPS:
+        raise InvalidRequest(f"hr_second_pass_steps must be from 0 (as steps) to {MAX_STEPS}, got {body.hr_second_pass_steps}")
     strength = DEFAULT_HR_STRENGTH if body.denoising_strength is None else body.denoising_strength
     hires = HiresFix(body.hr_scale, strength, body.hr_second_pass_steps or None, HR_UPSCALERS[upscaler_name])
     if body.hr_resize_x or body.hr_resize_y:
@@ -327,8 +329,8 @@ def _hires(body: Txt2ImgRequest) -> HiresFix:
 
 def _resize_scale(width: int, height: int, target_width: int, target_height: int) -> float:
     """The scale that takes width x height to the target; a missing side keeps the aspect ratio (ldmkit never crops)."""
-    if target_width < 0 or target_height < 0 or width < 1 or height < 1:
-        raise InvalidRequest(f"hr_resize_x/y and the size must be positive, got {target_width}x{target_height} from {width}x{height}")
+    if not (0 <= target_width <= MAX_SIDE and 0 <= target_height <= MAX_SIDE and 0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+        raise InvalidRequest(f"hr_resize_x/y and the size must be from 1 to {MAX_SIDE}, got {target_width}x{target_height} from {width}x{height}")
     ratio = target_width / width if target_width else target_height / height
     scale = math.ceil(ratio * 1e6) / 1e6  # just above the ratio, so HiresFix's rounding down lands on the target
     wanted = (target_width or int(width * scale) // 8 * 8, target_height or int(height * scale) // 8 * 8)
