@@ -107,12 +107,12 @@ def train(cfg: ClipTrainConfig) -> dict:
         accelerator.print(f"clip: resumed at step {step}")
 
     n, batch = len(dataset), min(cfg.batch_size, len(dataset))
-    meter, history, start = common.Meter(), [], time.perf_counter() - elapsed
-    generator = torch.Generator(accelerator.device).manual_seed(cfg.seed + step)
+    meter, history, clock = common.Meter(), [], common.SharedClock(accelerator, elapsed)
+    generator = common.process_generator(accelerator, cfg.seed, step)
     model.train()
-    while schedule.progress(step, time.perf_counter() - start) < 1.0:
+    while schedule.progress(step, elapsed := clock.elapsed(step)) < 1.0:
         for group in optimizer.param_groups:
-            group["lr"] = schedule.lr_at(step, time.perf_counter() - start)
+            group["lr"] = schedule.lr_at(step, elapsed)
         index = torch.randperm(n, device=accelerator.device, generator=generator)[:batch]
         variant = torch.randint(0, 3, (batch,), device=accelerator.device, generator=generator)
         caption_ids = dataset.image_captions[index, variant]  # (B,)
@@ -130,15 +130,15 @@ def train(cfg: ClipTrainConfig) -> dict:
         optimizer.step()
         with torch.no_grad():
             accelerator.unwrap_model(model).logit_scale.clamp_(0, 4.6052)  # temperature >= 0.01, as in CLIP
-        meter.add(loss, batch)
+        meter.add(loss, batch * accelerator.num_processes)  # global samples
         step += 1
         if step % cfg.log_every == 0:
             mean, rate = meter.read()
             history.append((step, mean))
-            accelerator.print(f"clip step {step} loss {mean:.4f} {rate:.0f} img/s {time.perf_counter() - start:.0f}s")
+            accelerator.print(f"clip step {step} loss {mean:.4f} {rate:.0f} img/s {elapsed:.0f}s")
     if meter.count:
         history.append((step, meter.read()[0]))
-    elapsed = time.perf_counter() - start
+    elapsed = clock.agree()
     common.save_checkpoint(out_dir / "ckpt.pt", accelerator, model, optimizer, cfg, step, elapsed)
     if accelerator.is_main_process:
         export(accelerator.unwrap_model(model), out_dir)

@@ -110,6 +110,36 @@ def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
     return (images_uint8.float() / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
 
 
+class SharedClock:
+    """Training seconds that every process agrees on, so LR and the time-based stop match across DDP ranks.
+
+    Ranks whose clocks differ by a millisecond would otherwise step with different learning rates (their
+    weights drift apart) or stop at different steps (the others hang in the next all-reduce). The clock is
+    re-agreed (max over ranks) every `every` steps, which costs one small all-reduce and one host sync.
+    """
+
+    def __init__(self, accelerator: Accelerator, elapsed_s: float = 0.0, every: int = 10):
+        self.accelerator, self.every = accelerator, every
+        self.start = time.perf_counter() - elapsed_s
+        self.agreed = elapsed_s
+
+    def elapsed(self, step: int) -> float:
+        """The agreed seconds, refreshed every `every` steps (call once per step, on every rank)."""
+        if step % self.every == 0:
+            self.agree()
+        return self.agreed
+
+    def agree(self) -> float:
+        local = torch.tensor([time.perf_counter() - self.start], device=self.accelerator.device, dtype=torch.float64)
+        self.agreed = float(self.accelerator.reduce(local, reduction="max"))
+        return self.agreed
+
+
+def process_generator(accelerator: Accelerator, seed: int, step: int) -> torch.Generator:
+    """This process's random stream: each DDP rank must draw its own batches, or they average identical gradients."""
+    return torch.Generator(accelerator.device).manual_seed(seed + step + 1_000_003 * accelerator.process_index)
+
+
 class Schedule:
     """Linear warmup then cosine decay to min_lr, driven by progress in steps or wall time, whichever is further."""
 
@@ -174,7 +204,7 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path) -> dict | None:
-    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
 
 
 class Meter:

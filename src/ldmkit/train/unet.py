@@ -139,12 +139,12 @@ def train(cfg: UnetTrainConfig) -> dict:
         accelerator.print(f"unet: resumed at step {step}")
 
     n, batch = len(dataset), min(cfg.batch_size, len(dataset))
-    meter, history, start = common.Meter(), [], time.perf_counter() - elapsed
-    generator = torch.Generator(device).manual_seed(cfg.seed + step)
+    meter, history, clock = common.Meter(), [], common.SharedClock(accelerator, elapsed)
+    generator = common.process_generator(accelerator, cfg.seed, step)
     model.train()
-    while schedule.progress(step, time.perf_counter() - start) < 1.0:
+    while schedule.progress(step, elapsed := clock.elapsed(step)) < 1.0:
         for group in optimizer.param_groups:
-            group["lr"] = schedule.lr_at(step, time.perf_counter() - start)
+            group["lr"] = schedule.lr_at(step, elapsed)
         index = torch.randint(0, n, (batch,), device=device, generator=generator)
         variant = torch.randint(0, 3, (batch,), device=device, generator=generator)
         caption_ids = image_captions[index, variant]
@@ -159,17 +159,17 @@ def train(cfg: UnetTrainConfig) -> dict:
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         ema.update(accelerator.unwrap_model(model), step)
-        meter.add(loss, batch)
+        meter.add(loss, batch * accelerator.num_processes)  # global samples
         step += 1
         if step % cfg.log_every == 0:
             mean, rate = meter.read()
             history.append((step, mean))
             accelerator.print(
-                f"unet step {step} loss {mean:.4f} {rate:.0f} samples/s {time.perf_counter() - start:.0f}s"
+                f"unet step {step} loss {mean:.4f} {rate:.0f} samples/s {elapsed:.0f}s"
             )
     if meter.count:
         history.append((step, meter.read()[0]))
-    elapsed = time.perf_counter() - start
+    elapsed = clock.agree()
     common.save_checkpoint(out_dir / "ckpt.pt", accelerator, model, optimizer, cfg, step, elapsed, ema=ema.state_dict())
     if accelerator.is_main_process:
         unet = accelerator.unwrap_model(model)

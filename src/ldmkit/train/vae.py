@@ -84,12 +84,12 @@ def train(cfg: VaeTrainConfig) -> dict:
         accelerator.print(f"vae: resumed at step {step}")
 
     n, batch = len(train_set), min(cfg.batch_size, len(train_set))
-    meter, history, start = common.Meter(), [], time.perf_counter() - elapsed
-    generator = torch.Generator(accelerator.device).manual_seed(cfg.seed + step)
+    meter, history, clock = common.Meter(), [], common.SharedClock(accelerator, elapsed)
+    generator = common.process_generator(accelerator, cfg.seed, step)
     model.train()
-    while schedule.progress(step, time.perf_counter() - start) < 1.0:
+    while schedule.progress(step, elapsed := clock.elapsed(step)) < 1.0:
         for group in optimizer.param_groups:
-            group["lr"] = schedule.lr_at(step, time.perf_counter() - start)
+            group["lr"] = schedule.lr_at(step, elapsed)
         index = torch.randint(0, n, (batch,), device=accelerator.device, generator=generator)
         images = common.to_model_range(train_set.images[index])  # (B, 3, 128, 128)
         with accelerator.autocast():
@@ -98,15 +98,15 @@ def train(cfg: VaeTrainConfig) -> dict:
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        meter.add(loss, batch)
+        meter.add(loss, batch * accelerator.num_processes)  # global samples
         step += 1
         if step % cfg.log_every == 0:
             mean, rate = meter.read()
             history.append((step, mean))
-            accelerator.print(f"vae step {step} loss {mean:.4f} {rate:.0f} img/s {time.perf_counter() - start:.0f}s")
+            accelerator.print(f"vae step {step} loss {mean:.4f} {rate:.0f} img/s {elapsed:.0f}s")
     if meter.count:
         history.append((step, meter.read()[0]))
-    elapsed = time.perf_counter() - start
+    elapsed = clock.agree()
 
     vae = accelerator.unwrap_model(model)
     vae.eval()
