@@ -20,6 +20,7 @@ from e2e.serving import serve_tiny, tiny_pipeline
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from ldmkit.server.app import create_app
@@ -63,8 +64,8 @@ def small_png() -> str:
 
 @st.composite
 def cases(draw, operation):
-    """The schema's cases; for generation, half of them within the limits, so the fuzzer reaches the model."""
-    case = draw(operation.as_strategy())
+    """The schema's cases, valid and not; for generation, half within the limits, so the fuzzer reaches the model."""
+    case = draw(operation.as_strategy(draw(st.sampled_from(list(GenerationMode)))))
     if (
         operation.path in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
         and isinstance(case.body, dict)

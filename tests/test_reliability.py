@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 import sys
 import threading
@@ -186,6 +187,13 @@ def test_default_limits_are_sane_and_bad_ones_are_refused():
     for bad in ({"max_steps": 0}, {"max_pixels": -1}, {"max_images": 2.5}, {"max_body_bytes": True}):
         with pytest.raises(InvalidRequest, match=next(iter(bad))):
             ServerLimits(**bad)
+
+
+@pytest.mark.parametrize("path, body", [("/sdapi/v1/txt2img", {**FAST}), ("/v1/images/generations", {"size": "16x16"})])
+def test_a_prompt_that_is_no_unicode_text_gets_400(server, path, body):
+    data = '{"prompt": "a \\ud800 b", ' + json.dumps(body)[1:]  # a lone surrogate: valid JSON, not text
+    response = requests.post(server[0] + path, data=data, headers={"Content-Type": "application/json"}, timeout=30)
+    assert response.status_code == 400 and "not valid Unicode text" in response.text
 
 
 # -- no path from a request reaches the file system -------------------------------------------------------

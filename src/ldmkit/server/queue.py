@@ -193,6 +193,8 @@ class GenerationQueue:
                 raise InvalidRequest(f"{name} must be a positive integer, got {value!r}")
         total = r.batch_size * r.n_iter  # check_inputs bounds the request's whole image count and seed range
         self.limits.check(r.prompt, r.negative_prompt, r.steps, total)
+        for name, text in (("prompt", r.prompt), ("negative prompt", r.negative_prompt)):
+            check_unicode(name, text)
         sampler = check_inputs(
             r.prompt, r.negative_prompt, r.steps, r.guidance, r.sampler, r.seed, total, r.init_image, r.strength
         )
@@ -228,7 +230,7 @@ class GenerationQueue:
                 result = self._generate(job)
             except (torch.OutOfMemoryError, MemoryError):
                 error = OutOfMemory()
-            except Exception as exc:  # the waiting handler turns it into an HTTP answer
+            except Exception as exc:  # noqa: BLE001 (the waiting handler turns it into an HTTP answer)
                 error = exc
             if isinstance(error, OutOfMemory):
                 self._free_memory()  # before answering, so the next request finds the memory free
@@ -300,6 +302,15 @@ class GenerationQueue:
         if job.stop == "interrupt":
             # Like AUTOMATIC1111's interrupt: the answer is what the image looks like now.
             raise _Interrupted(self.pipe.latents_to_images(step.denoised))
+
+
+def check_unicode(name: str, text) -> None:
+    """JSON's "\\ud800" escape decodes to a lone surrogate: a str that is no text, which the tokenizer refuses."""
+    if isinstance(text, str) and not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequest(f"{name} is not valid Unicode text ({exc.reason} at {exc.start})") from None
 
 
 async def wait_for_result(
