@@ -14,7 +14,7 @@ from ldmkit.errors import InvalidRequest
 from ldmkit.server.imaging import encode_all
 from ldmkit.server.queue import GenerationQueue, GenerationRequest, wait_for_result
 
-_SIZE_RE = re.compile(r"(\d{1,6})x(\d{1,6})")  # bounded: int() refuses numbers of 4300+ digits
+_SIZE_RE = re.compile(r"([0-9]{1,6})x([0-9]{1,6})")  # bounded: int() refuses numbers of 4300+ digits
 
 
 # OpenAI's parameters this server cannot honour differently (quality, style, background,
