@@ -62,12 +62,13 @@ class LoadResult:
     def errors(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.kind not in ("200", "503", "disconnected")]
 
-    def latency(self, kind: str = "200") -> tuple[float, float]:
-        """(p50, p99) seconds of the outcomes of this kind."""
+    def latency(self, kind: str = "200") -> str:
+        """p50 / p99 seconds of the outcomes of this kind."""
         times = sorted(o.seconds for o in self.outcomes if o.kind == kind)
         if not times:
-            return float("nan"), float("nan")
-        return statistics.median(times), times[min(len(times) - 1, round(0.99 * (len(times) - 1)))]
+            return "n/a"
+        p99 = times[round(0.99 * (len(times) - 1))]
+        return f"{statistics.median(times):.3f} s / {p99:.3f} s"
 
 
 # -- the requests ---------------------------------------------------------------------------------
@@ -268,16 +269,14 @@ def serve_tiny(port: int, queue_size: int) -> None:
 
 
 def summary(result: LoadResult) -> str:
-    p50, p99 = result.latency("200")
-    p50_503, p99_503 = result.latency("503")
     mib = lambda b: "n/a" if b is None else f"{b / 2**20:.0f} MiB"
     rows = [
         ("requests", len(result.outcomes)),
         ("concurrency", result.concurrency),
         ("wall time", f"{result.wall_seconds:.1f} s"),
         ("answers by kind", ", ".join(f"{k}: {n}" for k, n in result.counts().items())),
-        ("latency of 200s, p50 / p99", f"{p50:.2f} s / {p99:.2f} s"),
-        ("latency of 503s, p50 / p99", f"{p50_503:.3f} s / {p99_503:.3f} s"),
+        ("latency of 200s, p50 / p99", result.latency("200")),
+        ("latency of 503s, p50 / p99", result.latency("503")),
         ("errors", len(result.errors())),
         (
             "server RSS before / peak / after",

@@ -8,6 +8,7 @@ result are in docs/reliability.md.
 from __future__ import annotations
 
 import base64
+import collections
 import io
 import os
 from datetime import timedelta
@@ -38,6 +39,9 @@ FUZZ_LIMITS = ServerLimits(
 MAX_EXAMPLES = int(os.environ.get("LDM_FUZZ_EXAMPLES", "15"))  # per operation; docs/reliability.md's run used more
 
 
+STATUSES: collections.Counter[int] = collections.Counter()  # of every fuzzed request; printed at the end (pytest -s)
+
+
 @pytest.fixture(scope="module")
 def fuzzed_url():
     threads = torch.get_num_threads()
@@ -47,6 +51,7 @@ def fuzzed_url():
             yield url
     finally:
         torch.set_num_threads(threads)
+        print(f"\nfuzzed requests: {sum(STATUSES.values())}, by status: {dict(sorted(STATUSES.items()))}")
 
 
 def operations():
@@ -85,6 +90,7 @@ def test_no_request_gets_a_server_error(fuzzed_url, operation):
     @given(case=cases(operation))
     @settings(max_examples=MAX_EXAMPLES, deadline=timedelta(seconds=20), suppress_health_check=list(HealthCheck))
     def fuzz(case):
-        case.call_and_validate(base_url=fuzzed_url, checks=[not_a_server_error], timeout=30)
+        response = case.call_and_validate(base_url=fuzzed_url, checks=[not_a_server_error], timeout=30)
+        STATUSES[response.status_code] += 1
 
     fuzz()
