@@ -194,7 +194,10 @@ def run_generate(args) -> int:
         animation_format=args.animation_format,
         progress=not args.quiet,
     )
-    for j in workers.mine(list(range(len(prompts)))):
+    mine = workers.mine(list(range(len(prompts))))
+    if workers.world_size > 1:
+        print(f"ldm: process {workers.rank + 1}/{workers.world_size}: {len(mine)} of {len(prompts)} prompts", file=sys.stderr)
+    for j in mine:
         paths = job.run(
             first_index=first_index + j * n,
             prompt=prompts[j],

@@ -25,7 +25,8 @@ def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    return Accelerator(mixed_precision=mixed_precision)
+    # cpu=True lets a torchrun launch on CPUs form a gloo process group (accelerate would run it undistributed)
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 @dataclass

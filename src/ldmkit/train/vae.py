@@ -53,13 +53,25 @@ def build_model(cfg: VaeTrainConfig) -> AutoencoderKL:
     )
 
 
-def vae_loss(model, images: torch.Tensor, cfg: VaeTrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+class Autoencode(torch.nn.Module):
+    """encode -> posterior sample -> decode as one forward: DDP synchronises gradients through forward calls."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(images).latent_dist
+        return self.vae.decode(posterior.sample()).sample, posterior.mean, posterior.logvar
+
+
+def vae_loss(model: Autoencode, images: torch.Tensor, cfg: VaeTrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(total loss, reconstruction MSE) for a batch in [-1, 1]."""
-    posterior = model.encode(images).latent_dist
-    reconstruction = model.decode(posterior.sample()).sample
+    reconstruction, mean, logvar = model(images)
     l1 = F.l1_loss(reconstruction.float(), images.float())
     mse = F.mse_loss(reconstruction.float(), images.float())
-    kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
+    kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1.0 - logvar.float()).sum(dim=(1, 2, 3))
+    kl = kl.mean() / mean[0].numel()  # per latent element
     return l1 + cfg.mse_weight * mse + cfg.kl_weight * kl, mse
 
 
@@ -71,7 +83,7 @@ def train(cfg: VaeTrainConfig) -> dict:
     dataset = common.load_dataset(Path(cfg.data_dir), cfg.limit)
     train_set = dataset.subset(~common.holdout_mask(dataset, cfg.holdout_fraction)).to(accelerator.device)
 
-    model = build_model(cfg).to(memory_format=torch.channels_last)
+    model = Autoencode(build_model(cfg).to(memory_format=torch.channels_last))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     model, optimizer = accelerator.prepare(model, optimizer)
     schedule = common.Schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.max_minutes)
@@ -108,7 +120,7 @@ def train(cfg: VaeTrainConfig) -> dict:
         history.append((step, meter.read()[0]))
     elapsed = clock.agree()
 
-    vae = accelerator.unwrap_model(model)
+    vae = accelerator.unwrap_model(model).vae
     vae.eval()
     scaling_factor = latent_scaling_factor(vae, train_set.images, accelerator)
     vae.register_to_config(scaling_factor=scaling_factor)
