@@ -27,16 +27,16 @@ PY
 python3 scripts/make_scaling_data.py "$WORK/data" "${TRAIN_IMAGES:-4096}" 128
 
 for n in $GPUS; do
-  torchrun --nproc-per-node "$n" scripts/scaling_bench.py --model "$MODEL" --prompts "${PROMPTS:-48}" -n 4 \
+  python3 -m torch.distributed.run --nproc-per-node "$n" scripts/scaling_bench.py --model "$MODEL" --prompts "${PROMPTS:-48}" -n 4 \
     --steps "${STEPS:-25}" --size "${SIZE:-512}" --device "${DEVICE:-auto}" 2>>"$OUT/log.txt" | tee -a "$OUT/generation.jsonl"
 done
 
 DEFAULT=src/ldmkit/assets/default-model
 for n in $GPUS; do
   if [ -n "${CPU_DRY_RUN:-}" ]; then  # accelerate launch --cpu starts one process; torchrun forms a gloo group
-    LAUNCH=(torchrun --nproc-per-node "$n")
+    LAUNCH=(python3 -m torch.distributed.run --nproc-per-node "$n")
   else
-    LAUNCH=(accelerate launch --num_processes "$n" --num_machines 1 --mixed_precision bf16 --dynamo_backend no)
+    LAUNCH=(python3 -m accelerate.commands.launch --num_processes "$n" --num_machines 1 --mixed_precision bf16 --dynamo_backend no)
     [ "$n" -gt 1 ] && LAUNCH+=(--multi_gpu)
   fi
   "${LAUNCH[@]}" -m ldmkit.cli train unet --data "$WORK/data" --runs "$WORK/runs$n" --steps "${TRAIN_STEPS:-150}" \
