@@ -9,6 +9,7 @@ leaving) cancels the task at its await, and the `finally` hands the job's place 
 from __future__ import annotations
 
 import asyncio
+import html
 
 import gradio as gr
 
@@ -20,7 +21,7 @@ from ldmkit.previews import make_grid, preview_images
 from ldmkit.samplers import DEFAULT_SAMPLER, SAMPLERS
 from ldmkit.server.a1111 import mask_from_image
 from ldmkit.server.imaging import decode_image
-from ldmkit.server.queue import Cancelled, GenerationQueue, GenerationRequest, Job, QueueFull, as_asyncio
+from ldmkit.server.queue import Cancelled, GenerationQueue, GenerationRequest, Job, OutOfMemory, QueueFull, as_asyncio
 
 POLL_SECONDS = 0.1  # how often the page may get a new preview
 
@@ -57,9 +58,13 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
                         fields["mask"] = _upload("Mask (white = repaint)", "inpaint-mask")
                 with gr.Row():
                     strength = 1.0 if mode == "inpaint" else 0.75
-                    fields["strength"] = gr.Slider(0.0, 1.0, value=strength, step=0.01, label="Denoising strength", elem_id=f"{mode}-strength")
+                    fields["strength"] = gr.Slider(
+                        0.0, 1.0, value=strength, step=0.01, label="Denoising strength", elem_id=f"{mode}-strength"
+                    )
                     if mode == "inpaint":
-                        fields["mask_blur"] = gr.Slider(0, MAX_MASK_BLUR, value=4, step=1, label="Mask blur", elem_id="inpaint-mask-blur")
+                        fields["mask_blur"] = gr.Slider(
+                            0, MAX_MASK_BLUR, value=4, step=1, label="Mask blur", elem_id="inpaint-mask-blur"
+                        )
             with gr.Row():
                 fields["sampler"] = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
                 fields["steps"] = gr.Slider(1, 150, value=25, step=1, label="Steps")
@@ -68,21 +73,46 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
                 fields["height"] = gr.Slider(8, 2048, value=size, step=8, label="Height", elem_id=f"{mode}-height")
             with gr.Row():
                 fields["guidance"] = gr.Slider(0.0, 30.0, value=7.5, step=0.5, label="CFG scale")
-                fields["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", scale=2, elem_id=f"{mode}-seed")
+                fields["seed"] = gr.Number(
+                    value=-1, precision=0, label="Seed (-1: random)", scale=2, elem_id=f"{mode}-seed"
+                )
                 random_seed = gr.Button("Random seed", scale=1, min_width=80)
             with gr.Row():
-                fields["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{mode}-batch-size")
+                fields["batch_size"] = gr.Slider(
+                    1, 8, value=1, step=1, label="Batch size", elem_id=f"{mode}-batch-size"
+                )
                 fields["n_iter"] = gr.Slider(1, 16, value=1, step=1, label="Batch count")
                 layers = queue.pipe.text_encoder.config.num_hidden_layers
-                fields["clip_skip"] = gr.Slider(1, layers, value=1, step=1, label="Clip skip", elem_id=f"{mode}-clip-skip")
+                fields["clip_skip"] = gr.Slider(
+                    1, layers, value=1, step=1, label="Clip skip", elem_id=f"{mode}-clip-skip"
+                )
             if mode == "txt2img":
                 with gr.Accordion("Hires fix", open=False, elem_id="txt2img-hires"):
-                    fields["hires"] = gr.Checkbox(label="Enable: generate at the size above, upscale, then repaint details", elem_id="txt2img-hires-enable")
+                    fields["hires"] = gr.Checkbox(
+                        label="Enable: generate at the size above, upscale, then repaint details",
+                        elem_id="txt2img-hires-enable",
+                    )
                     with gr.Row():
-                        fields["hires_scale"] = gr.Slider(1.05, MAX_HIRES_SCALE, value=2.0, step=0.05, label="Upscale by", elem_id="txt2img-hires-scale")
-                        fields["hires_strength"] = gr.Slider(0.01, 1.0, value=0.7, step=0.01, label="Denoising strength", elem_id="txt2img-hires-strength")
+                        fields["hires_scale"] = gr.Slider(
+                            1.05,
+                            MAX_HIRES_SCALE,
+                            value=2.0,
+                            step=0.05,
+                            label="Upscale by",
+                            elem_id="txt2img-hires-scale",
+                        )
+                        fields["hires_strength"] = gr.Slider(
+                            0.01,
+                            1.0,
+                            value=0.7,
+                            step=0.01,
+                            label="Denoising strength",
+                            elem_id="txt2img-hires-strength",
+                        )
                     with gr.Row():
-                        fields["hires_steps"] = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0: same as Steps)")
+                        fields["hires_steps"] = gr.Slider(
+                            0, 150, value=0, step=1, label="Hires steps (0: same as Steps)"
+                        )
                         fields["hires_upscaler"] = gr.Dropdown(list(HIRES_UPSCALERS), value="Latent", label="Upscaler")
         with gr.Column(scale=3):
             with gr.Row():
@@ -90,9 +120,20 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
                 cancel = gr.Button("Cancel", variant="stop", elem_id=f"{mode}-cancel")
             status = gr.Markdown("Ready.", elem_id=f"{mode}-status")
             with gr.Row(equal_height=True):
-                preview = gr.Image(label="Live preview", format="png", interactive=False, height=320, elem_id=f"{mode}-preview", elem_classes=["ldm-preview"])
-                gallery = gr.Gallery(label="Images", format="png", columns=2, height=320, object_fit="contain", elem_id=f"{mode}-gallery")
-            parameters = gr.Textbox(label="Parameters of the selected image", lines=3, interactive=False, elem_id=f"{mode}-parameters")
+                preview = gr.Image(
+                    label="Live preview",
+                    format="png",
+                    interactive=False,
+                    height=320,
+                    elem_id=f"{mode}-preview",
+                    elem_classes=["ldm-preview"],
+                )
+                gallery = gr.Gallery(
+                    label="Images", format="png", columns=2, height=320, object_fit="contain", elem_id=f"{mode}-gallery"
+                )
+            parameters = gr.Textbox(
+                label="Parameters of the selected image", lines=3, interactive=False, elem_id=f"{mode}-parameters"
+            )
     infotexts = gr.State([])
 
     async def run(*values, progress=gr.Progress()):  # noqa: B008 (how Gradio asks for a progress bar)
@@ -101,7 +142,7 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
         try:
             async for update in _watch(queue, job, progress):
                 yield {preview: update[0], status: update[1]}
-            result = job.future.result()
+            result = _user_error(job.future.result)  # what only the worker finds (an unknown LoRA...) is the user's too
         except Cancelled:
             yield {status: "Cancelled."}
             return
@@ -129,7 +170,9 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
 
 
 def _upload(label: str, elem_id: str) -> gr.Image:
-    return gr.Image(label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"], height=256, elem_id=elem_id)
+    return gr.Image(
+        label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"], height=256, elem_id=elem_id
+    )
 
 
 def _image_size(path: str | None):
@@ -182,7 +225,9 @@ async def _watch(queue: GenerationQueue, job: Job, progress: gr.Progress):
             shown = job.steps_taken
             previews = await asyncio.to_thread(preview_images, queue.pipe, step, "fast")
             r = job.request
-            line = f"Step {step.step + 1}/{step.total}" + (f", batch {job.batch + 1}/{r.n_iter}" if r.n_iter > 1 else "")
+            line = f"Step {step.step + 1}/{step.total}" + (
+                f", batch {job.batch + 1}/{r.n_iter}" if r.n_iter > 1 else ""
+            )
             progress(job.progress(), desc=line)
             yield make_grid(previews), f"{line}…"
         elif not job.done and (position := queue.position(job)) != last_position:
@@ -201,13 +246,15 @@ def _user_error(make):
     """Run make(); a problem with the user's input becomes a Gradio error toast instead of a crash."""
     try:
         return make()
-    except (LdmError, QueueFull) as exc:
-        raise gr.Error(str(exc)) from None
+    except (LdmError, QueueFull, OutOfMemory) as exc:
+        raise gr.Error(html.escape(str(exc))) from None  # Gradio renders it as HTML: keep <lora:...> visible
 
 
 def _png_info_tab() -> None:
     with gr.Row():
-        upload = gr.Image(label="PNG", type="filepath", image_mode=None, sources=["upload", "clipboard"], elem_id="png-info-image")
+        upload = gr.Image(
+            label="PNG", type="filepath", image_mode=None, sources=["upload", "clipboard"], elem_id="png-info-image"
+        )
         with gr.Column():
             text = gr.Textbox(label="Parameters", lines=5, interactive=False, elem_id="png-info-text")
             parsed = gr.JSON(label="Parsed")
