@@ -12,7 +12,7 @@ import shutil
 import time
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 pytest.importorskip("gradio", reason="server extras not installed (pip install -e .[server])")
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed (see .ci/server-deps.sh)")
@@ -169,22 +169,42 @@ def test_png_info_tab_reads_parameters_from_an_upload(ui, tmp_path):
     assert page.input_value("#png-info-text textarea").startswith("a boat\n")
 
 
-@pytest.mark.skipif(not os.environ.get("LDM_UI_SCREENSHOT"), reason="LDM_UI_SCREENSHOT=docs/ui.png retakes the docs' screenshot")
-def test_screenshot_of_the_default_model_for_the_docs():
+@pytest.mark.skipif(not os.environ.get("LDM_UI_SCREENSHOT"), reason="LDM_UI_SCREENSHOT=docs/ui.png retakes the docs' screenshots")
+def test_screenshots_of_the_default_model_for_the_docs(tmp_path):
+    """docs/ui.png: txt2img of "red apple, 3d render"; docs/ui-inpaint.png: its first image's apple repainted green."""
+    path = os.environ["LDM_UI_SCREENSHOT"]
     app = create_app(Pipeline.from_pretrained(None, device="cpu"))  # the shipped model; the CPU for the same pixels anywhere
     with serve(app) as url, playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.set_default_timeout(120_000)
         page.goto(url + "/")
-        page.fill("#txt2img-prompt textarea", "red apple, 3d render")
-        for field, value in (("seed", "1"), ("batch-size", "4")):
-            box = page.locator(f"#txt2img-{field} input[type='number']")
-            box.fill(value)
-            box.press("Enter")
-        page.click("#txt2img-generate")
-        page.wait_for_function("document.querySelector('#txt2img-status').innerText.startsWith('Done')")
-        page.wait_for_function("document.querySelectorAll('#txt2img-gallery img').length === 4")
-        page.wait_for_timeout(500)  # let the gallery's images finish loading
-        page.screenshot(path=os.environ["LDM_UI_SCREENSHOT"])
+        apples = generate_for_screenshot(page, "txt2img", "red apple, 3d render", seed=1, batch_size=4)
+        page.screenshot(path=path)
+
+        init, mask = tmp_path / "apple.png", tmp_path / "mask.png"
+        init.write_bytes(page.request.get(apples[0]).body())
+        mask_image = Image.new("L", Image.open(init).size, 0)
+        ImageDraw.Draw(mask_image).ellipse((16, 28, 112, 120), fill=255)  # the apple's body, not its leaf
+        mask_image.save(mask)
+        page.click("button[role='tab']:has-text('inpaint')")
+        page.set_input_files("#inpaint-init input[type='file']", str(init))
+        page.set_input_files("#inpaint-mask input[type='file']", str(mask))
+        generate_for_screenshot(page, "inpaint", "green apple, 3d render", seed=1, batch_size=2)
+        root, extension = os.path.splitext(path)
+        page.screenshot(path=f"{root}-inpaint{extension}")
         browser.close()
+
+
+def generate_for_screenshot(page, tab: str, prompt: str, seed: int, batch_size: int) -> list[str]:
+    """Generate in a tab; the gallery's image URLs."""
+    page.fill(f"#{tab}-prompt textarea", prompt)
+    for field, value in (("seed", seed), ("batch-size", batch_size)):
+        box = page.locator(f"#{tab}-{field} input[type='number']")
+        box.fill(str(value))
+        box.press("Enter")
+    page.click(f"#{tab}-generate")
+    page.wait_for_function(f"document.querySelector('#{tab}-status').innerText.startsWith('Done')")
+    page.wait_for_function(f"document.querySelectorAll('#{tab}-gallery img').length === {batch_size}")
+    page.wait_for_timeout(500)  # let the gallery's images finish loading
+    return [page.locator(f"#{tab}-gallery img").nth(i).get_attribute("src") for i in range(batch_size)]
