@@ -265,6 +265,48 @@ def serve_tiny(port: int, queue_size: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2)
 
 
+# -- a real CUDA out-of-memory error ----------------------------------------------------------------
+
+
+def cuda_oom_check() -> None:
+    """On a CUDA device: a job too big for it fails alone, its memory comes back, and the next job runs."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import make_tiny_components
+
+    import ldmkit.pipeline
+    from ldmkit.pipeline import Pipeline
+    from ldmkit.server.limits import ServerLimits
+    from ldmkit.server.queue import GenerationQueue, GenerationRequest, OutOfMemory
+
+    ldmkit.pipeline.check_memory = lambda *args: None  # skip the estimate that would refuse the job up front
+    pipe = Pipeline(make_tiny_components(), torch.device("cuda"), torch.float16)
+    queue = GenerationQueue(pipe, limits=ServerLimits(max_pixels=8192 * 8192, max_images=64))
+    queue.start()
+    quick = GenerationRequest("a quick one", steps=2, width=64, height=64, seed=1)
+    try:
+        queue.submit(quick).future.result(timeout=120)
+        allocated = torch.cuda.memory_allocated()
+        huge = GenerationRequest("too big", steps=1, width=8192, height=8192, batch_size=64, seed=1)
+        started = time.monotonic()
+        try:
+            queue.submit(huge).future.result(timeout=300)
+            print("the huge job fit: no out-of-memory error to check")
+        except OutOfMemory as exc:
+            print(f"huge job: OutOfMemory after {time.monotonic() - started:.1f} s: {exc}")
+        gib = 2**30
+        print(
+            f"allocated before / after: {allocated / gib:.3f} / {torch.cuda.memory_allocated() / gib:.3f} GiB; "
+            f"reserved after: {torch.cuda.memory_reserved() / gib:.3f} GiB; peak: {torch.cuda.max_memory_allocated() / gib:.1f} GiB"
+        )
+        started = time.monotonic()
+        result = queue.submit(quick).future.result(timeout=120)
+        print(f"next job: {len(result.images)} image(s) in {time.monotonic() - started:.2f} s")
+    finally:
+        queue.close()
+
+
 # -- the report -----------------------------------------------------------------------------------
 
 
@@ -342,8 +384,14 @@ def main() -> int:
     )
     parser.add_argument("--max-rss-growth-mb", type=float, default=200)
     parser.add_argument("--json", type=Path, help="also write the outcomes here")
+    parser.add_argument(
+        "--cuda-oom-check", action="store_true", help="instead: a real CUDA out-of-memory error in the queue"
+    )
     parser.add_argument("--serve-tiny", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cuda_oom_check:
+        cuda_oom_check()
+        return 0
     if args.serve_tiny:
         serve_tiny(args.serve_tiny, args.queue_size)
         return 0
