@@ -60,7 +60,9 @@ def generated(response: requests.Response) -> tuple[Image.Image, dict]:
 
 
 def test_hires_fix_gives_the_upscaled_size_and_says_so_in_the_parameters(url):
-    image, info = generated(post(url, "txt2img", enable_hr=True, hr_scale=2, hr_second_pass_steps=4, denoising_strength=0.6))
+    image, info = generated(
+        post(url, "txt2img", enable_hr=True, hr_scale=2, hr_second_pass_steps=4, denoising_strength=0.6)
+    )
     assert image.size == (32, 32)
     text = image.info["parameters"]
     assert "Hires upscale: 2" in text and "Hires steps: 4" in text and "Hires upscaler: Latent" in text
@@ -84,7 +86,12 @@ def test_hires_fix_is_off_unless_enabled(url):
 
 
 @pytest.mark.parametrize(
-    ("resize", "size"), [({"hr_resize_x": 32}, (32, 32)), ({"hr_resize_y": 24}, (24, 24)), ({"hr_resize_x": 40, "hr_resize_y": 40}, (40, 40))]
+    ("resize", "size"),
+    [
+        ({"hr_resize_x": 32}, (32, 32)),
+        ({"hr_resize_y": 24}, (24, 24)),
+        ({"hr_resize_x": 40, "hr_resize_y": 40}, (40, 40)),
+    ],
 )
 def test_hires_resize_sets_the_target_size(url, resize, size):
     image, _ = generated(post(url, "txt2img", enable_hr=True, **resize))
@@ -124,7 +131,9 @@ def test_bad_hires_values_are_refused_with_a_reason(url, fields, reason):
 @pytest.mark.parametrize("scale", ["NaN", "Infinity"])
 def test_non_finite_hires_scale_is_refused(url, scale):
     body = f'{{"prompt": "a cube", "width": 16, "height": 16, "steps": 3, "enable_hr": true, "hr_scale": {scale}}}'
-    response = requests.post(f"{url}/sdapi/v1/txt2img", data=body, headers={"Content-Type": "application/json"}, timeout=60)
+    response = requests.post(
+        f"{url}/sdapi/v1/txt2img", data=body, headers={"Content-Type": "application/json"}, timeout=60
+    )
     assert response.status_code in (400, 422), response.text
 
 
@@ -146,7 +155,13 @@ def half_mask(size=(24, 16)) -> Image.Image:
 @pytest.mark.parametrize("data_url", [False, True])
 def test_inpainting_keeps_the_init_size_and_writes_the_mask_blur(url, data_url):
     init = Image.new("RGB", (24, 16), (200, 30, 30))
-    body = {"init_images": [png_b64(init)], "mask": png_b64(half_mask(), data_url), "mask_blur": 2, "width": 24, "denoising_strength": 1.0}
+    body = {
+        "init_images": [png_b64(init)],
+        "mask": png_b64(half_mask(), data_url),
+        "mask_blur": 2,
+        "width": 24,
+        "denoising_strength": 1.0,
+    }
     image, info = generated(post(url, "img2img", **body))
     assert image.size == (24, 16)
     assert "Mask blur: 2" in image.info["parameters"] and "Denoising strength: 1.0" in image.info["parameters"]
@@ -251,7 +266,9 @@ def lora_server(tmp_path_factory):
     kohya_lora(lora_dir / "styles" / "tiny-style.safetensors", components, seed=3, alpha=2.0)
     embeddings_dir = tmp_path_factory.mktemp("embeddings")
     save_a1111_pt(embeddings_dir / "StyleThree.pt", vectors(3, seed=1))
-    pipe = GatedPipeline(components, torch.device("cpu"), torch.float32, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
+    pipe = GatedPipeline(
+        components, torch.device("cpu"), torch.float32, lora_dir=lora_dir, embeddings_dir=embeddings_dir
+    )
     with serve(create_app(pipe, ui=False)) as url:
         yield url, lora_dir
 
@@ -261,7 +278,7 @@ def test_lora_tags_apply_the_servers_loras_and_are_named_in_the_parameters(lora_
     plain, _ = generated(post(url, "txt2img", prompt="a red cube"))
     styled, info = generated(post(url, "txt2img", prompt="a red cube <lora:tiny-style:1.5>"))
     assert styled.tobytes() != plain.tobytes()
-    assert "Lora hashes: \"tiny-style: " in styled.info["parameters"]
+    assert 'Lora hashes: "tiny-style: ' in styled.info["parameters"]
     assert info["prompt"] == "a red cube <lora:tiny-style:1.5>"  # A1111 keeps the tag in the prompt it reports
     again, _ = generated(post(url, "txt2img", prompt="a red cube"))
     assert again.tobytes() == plain.tobytes()  # the LoRA was removed after its request
@@ -283,7 +300,14 @@ def test_unknown_lora_and_bad_tags_are_refused(lora_server, url):
 def test_loras_and_embeddings_are_listed_as_a1111_lists_them(lora_server, url):
     lora_url, lora_dir = lora_server
     loras = requests.get(f"{lora_url}/sdapi/v1/loras", timeout=10).json()
-    assert loras == [{"name": "tiny-style", "alias": "tiny-style", "path": str(lora_dir / "styles" / "tiny-style.safetensors"), "metadata": {}}]
+    assert loras == [
+        {
+            "name": "tiny-style",
+            "alias": "tiny-style",
+            "path": str(lora_dir / "styles" / "tiny-style.safetensors"),
+            "metadata": {},
+        }
+    ]
     assert requests.post(f"{lora_url}/sdapi/v1/refresh-loras", timeout=10).status_code == 200
     embeddings = requests.get(f"{lora_url}/sdapi/v1/embeddings", timeout=10).json()
     assert embeddings["loaded"]["StyleThree"]["vectors"] == 3 and embeddings["loaded"]["StyleThree"]["shape"] == 8
@@ -294,7 +318,7 @@ def test_loras_and_embeddings_are_listed_as_a1111_lists_them(lora_server, url):
 def test_embedding_names_in_prompts_are_named_in_the_parameters(lora_server):
     url, _ = lora_server
     image, _ = generated(post(url, "txt2img", prompt="a cube, StyleThree"))
-    assert "TI hashes: \"StyleThree: " in image.info["parameters"]
+    assert 'TI hashes: "StyleThree: ' in image.info["parameters"]
 
 
 def test_serve_passes_its_lora_and_embeddings_folders_to_the_pipeline(monkeypatch, tmp_path):
@@ -302,7 +326,9 @@ def test_serve_passes_its_lora_and_embeddings_folders_to_the_pipeline(monkeypatc
     cli.register(parser.add_subparsers())
     (tmp_path / "loras").mkdir()
     (tmp_path / "embeddings").mkdir()
-    args = parser.parse_args(["serve", "--lora-dir", str(tmp_path / "loras"), "--embeddings-dir", str(tmp_path / "embeddings")])
+    args = parser.parse_args(
+        ["serve", "--lora-dir", str(tmp_path / "loras"), "--embeddings-dir", str(tmp_path / "embeddings")]
+    )
     loaded = {}
 
     class Stop(Exception):

@@ -25,11 +25,19 @@ from ldmkit.server.app import create_app
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
-pytestmark = pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason=f"no {CHROMIUM}: apt-get install chromium (CI does)")
+pytestmark = pytest.mark.skipif(
+    shutil.which(CHROMIUM) is None, reason=f"no {CHROMIUM}: apt-get install chromium (CI does)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +151,9 @@ def test_inpaint_tab_repaints_under_an_uploaded_mask(ui, tmp_path):
     page.wait_for_selector(".toast-body:has-text('Upload an init image first')")  # nothing uploaded yet
     page.set_input_files("#inpaint-init input[type='file']", str(init))
     page.set_input_files("#inpaint-mask input[type='file']", str(mask))
-    page.wait_for_function("document.querySelector(\"#inpaint-width input[type='number']\").value === '24'")  # from the upload
+    page.wait_for_function(
+        "document.querySelector(\"#inpaint-width input[type='number']\").value === '24'"
+    )  # from the upload
     page.click("#inpaint-generate")
     page.wait_for_function("document.querySelector('#inpaint-status').innerText.startsWith('Done')")
     parameters = page.input_value("#inpaint-parameters textarea")
@@ -155,25 +165,33 @@ def test_a_problem_found_while_generating_is_shown_with_its_reason(ui):
     page.click("button[role='tab']:has-text('txt2img')")
     page.fill("#txt2img-prompt textarea", "a cube <lora:nowhere:1>")  # the worker finds there is no LoRA folder
     page.click("#txt2img-generate")
-    page.wait_for_selector(".toast-body:has-text('the prompt has <lora:...> tags but no LoRA folder is set')")  # escaped, not eaten as HTML
+    page.wait_for_selector(
+        ".toast-body:has-text('the prompt has <lora:...> tags but no LoRA folder is set')"
+    )  # escaped, not eaten as HTML
     wait_until_idle(queue)
 
 
 def test_png_info_tab_reads_parameters_from_an_upload(ui, tmp_path):
     page, _ = ui
     path = tmp_path / "with-parameters.png"
-    Image.new("RGB", (8, 8)).save(path, pnginfo=png_info("a boat\nSteps: 9, Sampler: Euler, CFG scale: 7, Seed: 11, Size: 8x8"))
+    Image.new("RGB", (8, 8)).save(
+        path, pnginfo=png_info("a boat\nSteps: 9, Sampler: Euler, CFG scale: 7, Seed: 11, Size: 8x8")
+    )
     page.click("button[role='tab']:has-text('PNG info')")
     page.set_input_files("#png-info-image input[type='file']", str(path))
     page.wait_for_function("document.querySelector('#png-info-text textarea').value.includes('Seed: 11')")
     assert page.input_value("#png-info-text textarea").startswith("a boat\n")
 
 
-@pytest.mark.skipif(not os.environ.get("LDM_UI_SCREENSHOT"), reason="LDM_UI_SCREENSHOT=docs/ui.png retakes the docs' screenshots")
+@pytest.mark.skipif(
+    not os.environ.get("LDM_UI_SCREENSHOT"), reason="LDM_UI_SCREENSHOT=docs/ui.png retakes the docs' screenshots"
+)
 def test_screenshots_of_the_default_model_for_the_docs(tmp_path):
     """docs/ui.png: txt2img of "red apple, 3d render"; docs/ui-inpaint.png: its first image's apple repainted green."""
     path = os.environ["LDM_UI_SCREENSHOT"]
-    app = create_app(Pipeline.from_pretrained(None, device="cpu"))  # the shipped model; the CPU for the same pixels anywhere
+    app = create_app(
+        Pipeline.from_pretrained(None, device="cpu")
+    )  # the shipped model; the CPU for the same pixels anywhere
     with serve(app) as url, playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 900})

@@ -31,11 +31,32 @@ DEFAULT_HR_STRENGTH = 0.7  # A1111's default denoising strength for the hires fi
 # pixel upscalers (GANs included) are Lanczos here, which the image's parameters say.
 HR_UPSCALERS = {
     **dict.fromkeys(
-        ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)"],
+        [
+            "Latent",
+            "Latent (antialiased)",
+            "Latent (bicubic)",
+            "Latent (bicubic antialiased)",
+            "Latent (nearest)",
+            "Latent (nearest-exact)",
+        ],
         "latent",
     ),
     **dict.fromkeys(
-        ["None", "Lanczos", "Nearest", "ESRGAN_4x", "LDSR", "R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B", "ScuNET", "ScuNET PSNR", "SwinIR 4x", "DAT x2", "DAT x3", "DAT x4"],
+        [
+            "None",
+            "Lanczos",
+            "Nearest",
+            "ESRGAN_4x",
+            "LDSR",
+            "R-ESRGAN 4x+",
+            "R-ESRGAN 4x+ Anime6B",
+            "ScuNET",
+            "ScuNET PSNR",
+            "SwinIR 4x",
+            "DAT x2",
+            "DAT x3",
+            "DAT x4",
+        ],
         "pixel",
     ),
 }
@@ -58,16 +79,21 @@ class ProcessingRequest(BaseModel):
     width: int = 512
     height: int = 512
     override_settings: dict[str, Any] = Field(
-        default_factory=dict, description="read: CLIP_stop_at_last_layers (clip skip), sd_model_checkpoint; others are ignored"
+        default_factory=dict,
+        description="read: CLIP_stop_at_last_layers (clip skip), sd_model_checkpoint; others are ignored",
     )
     send_images: bool = True
 
 
 class Txt2ImgRequest(ProcessingRequest):
-    denoising_strength: float | None = Field(None, description=f"of the hires fix's second pass (default {DEFAULT_HR_STRENGTH})")
+    denoising_strength: float | None = Field(
+        None, description=f"of the hires fix's second pass (default {DEFAULT_HR_STRENGTH})"
+    )
     enable_hr: bool = Field(False, description="hires fix: generate at width x height, upscale, repaint with img2img")
     hr_scale: float = 2.0
-    hr_upscaler: str | None = Field(None, description="Latent (any 'Latent (...)' mode) or a pixel upscaler, done with Lanczos")
+    hr_upscaler: str | None = Field(
+        None, description="Latent (any 'Latent (...)' mode) or a pixel upscaler, done with Lanczos"
+    )
     hr_second_pass_steps: int = Field(0, description="0: as many as steps")
     hr_resize_x: int = Field(0, description="target width instead of hr_scale (0: from hr_resize_y or hr_scale)")
     hr_resize_y: int = 0
@@ -76,7 +102,9 @@ class Txt2ImgRequest(ProcessingRequest):
 class Img2ImgRequest(ProcessingRequest):
     init_images: list[str] | None = Field(None, description="one base64 image, with or without a data: prefix")
     denoising_strength: float = 0.75
-    mask: str | None = Field(None, description="inpainting: base64 image, white = repaint (an RGBA one with transparency: its opaque part)")
+    mask: str | None = Field(
+        None, description="inpainting: base64 image, white = repaint (an RGBA one with transparency: its opaque part)"
+    )
     mask_blur: int = 4
     inpainting_mask_invert: int = Field(0, description="1: repaint the black part instead")
     include_init_images: bool = False
@@ -185,7 +213,9 @@ def create_router(queue: GenerationQueue) -> APIRouter:
             raise InvalidRequest(f"inpainting_mask_invert must be 0 or 1, got {body.inpainting_mask_invert}")
         generation = _generation_request(body, pipe.model_name)
         generation.strength, generation.mask_blur = body.denoising_strength, body.mask_blur
-        generation.init_image = await asyncio.to_thread(lambda: decode_base64_image(body.init_images[0], "init_images[0]").convert("RGB"))
+        generation.init_image = await asyncio.to_thread(
+            lambda: decode_base64_image(body.init_images[0], "init_images[0]").convert("RGB")
+        )
         if body.mask:
             generation.mask_image = await asyncio.to_thread(_decode_mask, body.mask, bool(body.inpainting_mask_invert))
         response = await _generate(queue, body, request, generation)
@@ -201,8 +231,12 @@ def create_router(queue: GenerationQueue) -> APIRouter:
         step = job.step
         current_image = None
         if step is not None and not skip_current_image:
-            current_image = await asyncio.to_thread(lambda: encode_png_base64(make_grid(preview_images(pipe, step, "fast"))))
-        return ProgressResponse(progress=job.progress(), eta_relative=job.eta(), state=_state(job), current_image=current_image)
+            current_image = await asyncio.to_thread(
+                lambda: encode_png_base64(make_grid(preview_images(pipe, step, "fast")))
+            )
+        return ProgressResponse(
+            progress=job.progress(), eta_relative=job.eta(), state=_state(job), current_image=current_image
+        )
 
     @router.post("/interrupt")
     async def interrupt():
@@ -235,7 +269,9 @@ def create_router(queue: GenerationQueue) -> APIRouter:
 
     @router.get("/embeddings", response_model=EmbeddingsResponse)
     async def embeddings():
-        loaded = await asyncio.to_thread(lambda: {name: _embedding_item(path) for name, path in pipe.embeddings.items()})
+        loaded = await asyncio.to_thread(
+            lambda: {name: _embedding_item(path) for name, path in pipe.embeddings.items()}
+        )
         return EmbeddingsResponse(loaded=loaded, skipped={})
 
     @router.get("/sd-models", response_model=list[SDModelItem])
@@ -281,7 +317,9 @@ def _generation_request(body: ProcessingRequest, model_name: str) -> GenerationR
     )
 
 
-async def _generate(queue: GenerationQueue, body: ProcessingRequest, request: Request, generation: GenerationRequest) -> dict:
+async def _generate(
+    queue: GenerationQueue, body: ProcessingRequest, request: Request, generation: GenerationRequest
+) -> dict:
     job = queue.submit(generation)
     result = await wait_for_result(queue, job, request.is_disconnected)
     images = await asyncio.to_thread(encode_all, result)
@@ -319,7 +357,9 @@ def _hires(body: Txt2ImgRequest) -> HiresFix:
     if upscaler_name not in HR_UPSCALERS:
         raise InvalidRequest(f"unknown hr_upscaler {upscaler_name!r}; this server has: {', '.join(HR_UPSCALERS)}")
     if not 0 <= body.hr_second_pass_steps <= MAX_STEPS:
-        raise InvalidRequest(f"hr_second_pass_steps must be from 0 (as steps) to {MAX_STEPS}, got {body.hr_second_pass_steps}")
+        raise InvalidRequest(
+            f"hr_second_pass_steps must be from 0 (as steps) to {MAX_STEPS}, got {body.hr_second_pass_steps}"
+        )
     strength = DEFAULT_HR_STRENGTH if body.denoising_strength is None else body.denoising_strength
     hires = HiresFix(body.hr_scale, strength, body.hr_second_pass_steps or None, HR_UPSCALERS[upscaler_name])
     if body.hr_resize_x or body.hr_resize_y:
@@ -329,8 +369,15 @@ def _hires(body: Txt2ImgRequest) -> HiresFix:
 
 def _resize_scale(width: int, height: int, target_width: int, target_height: int) -> float:
     """The scale that takes width x height to the target; a missing side keeps the aspect ratio (ldmkit never crops)."""
-    if not (0 <= target_width <= MAX_SIDE and 0 <= target_height <= MAX_SIDE and 0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
-        raise InvalidRequest(f"hr_resize_x/y and the size must be from 1 to {MAX_SIDE}, got {target_width}x{target_height} from {width}x{height}")
+    if not (
+        0 <= target_width <= MAX_SIDE
+        and 0 <= target_height <= MAX_SIDE
+        and 0 < width <= MAX_SIDE
+        and 0 < height <= MAX_SIDE
+    ):
+        raise InvalidRequest(
+            f"hr_resize_x/y and the size must be from 1 to {MAX_SIDE}, got {target_width}x{target_height} from {width}x{height}"
+        )
     ratio = target_width / width if target_width else target_height / height
     scale = math.ceil(ratio * 1e6) / 1e6  # just above the ratio, so HiresFix's rounding down lands on the target
     wanted = (target_width or int(width * scale) // 8 * 8, target_height or int(height * scale) // 8 * 8)

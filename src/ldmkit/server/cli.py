@@ -7,15 +7,23 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     serve = subparsers.add_parser("serve", help="web UI + AUTOMATIC1111- and OpenAI-compatible HTTP APIs")
-    serve.add_argument("--model", default=None, help="diffusers folder, cached repo id or .safetensors file (default: shipped model)")
+    serve.add_argument(
+        "--model", default=None, help="diffusers folder, cached repo id or .safetensors file (default: shipped model)"
+    )
     serve.add_argument("--config", default=None, help="diffusers config folder for single files of other architectures")
-    serve.add_argument("--lora-dir", type=Path, default=None, help="folder where <lora:NAME:WEIGHT> prompt tags are looked up")
-    serve.add_argument("--embeddings-dir", type=Path, default=None, help="textual inversion embeddings, used by writing their names")
+    serve.add_argument(
+        "--lora-dir", type=Path, default=None, help="folder where <lora:NAME:WEIGHT> prompt tags are looked up"
+    )
+    serve.add_argument(
+        "--embeddings-dir", type=Path, default=None, help="textual inversion embeddings, used by writing their names"
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     serve.add_argument("--port", type=int, default=7860)
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     serve.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    serve.add_argument("--queue-size", type=int, default=8, metavar="N", help="requests that may wait while one runs; more get 503")
+    serve.add_argument(
+        "--queue-size", type=int, default=8, metavar="N", help="requests that may wait while one runs; more get 503"
+    )
     serve.add_argument("--no-ui", action="store_true", help="HTTP APIs only, without the web UI")
     serve.set_defaults(func=run_serve)
 
