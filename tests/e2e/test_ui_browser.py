@@ -168,6 +168,7 @@ def test_a_problem_found_while_generating_is_shown_with_its_reason(ui):
     page.wait_for_selector(
         ".toast-body:has-text('the prompt has <lora:...> tags but no LoRA folder is set')"
     )  # escaped, not eaten as HTML
+    assert page.inner_text("#txt2img-status").startswith("Failed: the prompt has <lora:...> tags")
     wait_until_idle(queue)
 
 

@@ -146,6 +146,9 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
         except Cancelled:
             yield {status: "Cancelled."}
             return
+        except gr.Error as error:
+            yield {status: f"Failed: {error.message}"}
+            raise
         finally:
             queue.cancel(job)  # no-op once done; frees the place if this task was cancelled
         for image, text in zip(result.images, result.infotexts):
