@@ -137,6 +137,12 @@ def test_non_finite_hires_scale_is_refused(url, scale):
     assert response.status_code in (400, 422), response.text
 
 
+def test_openapi_schema_describes_the_new_fields(url):
+    schemas = requests.get(f"{url}/openapi.json", timeout=10).json()["components"]["schemas"]
+    assert {"enable_hr", "hr_scale", "hr_upscaler", "override_settings"} <= set(schemas["Txt2ImgRequest"]["properties"])
+    assert {"mask", "mask_blur", "inpainting_mask_invert"} <= set(schemas["Img2ImgRequest"]["properties"])
+
+
 def test_upscaler_lists_name_what_hr_upscaler_takes(url):
     upscalers = [u["name"] for u in requests.get(f"{url}/sdapi/v1/upscalers", timeout=10).json()]
     latent = [m["name"] for m in requests.get(f"{url}/sdapi/v1/latent-upscale-modes", timeout=10).json()]
@@ -165,7 +171,7 @@ def test_inpainting_keeps_the_init_size_and_writes_the_mask_blur(url, data_url):
     image, info = generated(post(url, "img2img", **body))
     assert image.size == (24, 16)
     assert "Mask blur: 2" in image.info["parameters"] and "Denoising strength: 1.0" in image.info["parameters"]
-    assert info["denoising_strength"] == 1.0
+    assert info["denoising_strength"] == 1.0 and info["is_using_inpainting_conditioning"] is False  # a regular UNet
 
 
 def test_inverted_mask_repaints_the_other_part(url):

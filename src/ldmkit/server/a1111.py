@@ -20,7 +20,7 @@ from ldmkit.errors import InvalidRequest, LdmError
 from ldmkit.hires import HiresFix
 from ldmkit.lora import LORA_SUFFIX
 from ldmkit.metadata import PARAMETERS_KEY, parse_infotext
-from ldmkit.pipeline import MAX_SIDE, MAX_STEPS, GenerationResult
+from ldmkit.pipeline import MAX_SIDE, MAX_STEPS, GenerationResult, Pipeline
 from ldmkit.previews import make_grid, preview_images
 from ldmkit.samplers import SAMPLERS
 from ldmkit.server.imaging import decode_base64_image, encode_all, encode_png_base64
@@ -326,7 +326,7 @@ async def _generate(
     return {
         "images": images if body.send_images else [],
         "parameters": body.model_dump(),
-        "info": json.dumps(_info(job, result, queue.pipe.model_name)),
+        "info": json.dumps(_info(job, result, queue.pipe)),
     }
 
 
@@ -425,7 +425,7 @@ def _embedding_item(path: Path) -> EmbeddingItem:
     return EmbeddingItem(shape=vectors.shape[-1], vectors=vectors.shape[0])
 
 
-def _info(job: Job, result: GenerationResult, model_name: str) -> dict:
+def _info(job: Job, result: GenerationResult, pipe: Pipeline) -> dict:
     """The JSON AUTOMATIC1111's Processed.js() returns, for the fields ldmkit has."""
     r, count = job.request, len(result.images)
     return {
@@ -446,7 +446,7 @@ def _info(job: Job, result: GenerationResult, model_name: str) -> dict:
         "batch_size": r.batch_size,
         "restore_faces": False,
         "face_restoration_model": None,
-        "sd_model_name": model_name,
+        "sd_model_name": pipe.model_name,
         "sd_model_hash": None,
         "sd_vae_name": None,
         "sd_vae_hash": None,
@@ -459,7 +459,7 @@ def _info(job: Job, result: GenerationResult, model_name: str) -> dict:
         "styles": [],
         "job_timestamp": _timestamp(job.created),
         "clip_skip": r.clip_skip,
-        "is_using_inpainting_conditioning": False,
+        "is_using_inpainting_conditioning": r.mask_image is not None and pipe.is_inpainting_model,
         "version": ldmkit.__version__,
     }
 
