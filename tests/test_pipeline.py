@@ -106,3 +106,27 @@ def test_memory_estimate_grows_with_pixels_and_batch(pipe):
     base = estimate_peak_bytes(pipe, 64, 64, 1, True)
     assert estimate_peak_bytes(pipe, 128, 128, 1, True) == 4 * base
     assert estimate_peak_bytes(pipe, 64, 64, 2, True) == 2 * base
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"prompt": "otter \ud800"}, "prompt is not valid Unicode"),
+        ({"negative_prompt": "\udfff"}, "negative prompt is not valid Unicode"),
+        ({"guidance": 1e308}, "guidance must be a finite number from 0 to 100"),
+    ],
+)
+def test_text_and_guidance_that_would_crash_or_overflow_are_refused(pipe, kwargs, message):
+    with pytest.raises(InvalidRequest, match=message):
+        pipe.generate(**{"prompt": "otter", "steps": 2, **kwargs})
+
+
+def test_cli_reports_out_of_memory_in_one_line(monkeypatch, tmp_path, capsys):
+    from ldmkit import cli
+
+    def out_of_memory(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(cli, "run_generate", out_of_memory)
+    assert cli.main(["generate", "otter", "-o", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "ldm: error: out of GPU memory; try a smaller --size or fewer images (-n)"

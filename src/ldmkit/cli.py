@@ -35,6 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ldm: interrupted; nothing partial was written", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:
+        # torch.OutOfMemoryError (CUDA) is a RuntimeError; matched by name so the CLI need not import torch
+        gpu = type(exc).__name__ == "OutOfMemoryError"
+        if not (gpu or isinstance(exc, MemoryError)):
+            raise
+        what = "GPU" if gpu else "host"
+        print(f"ldm: error: out of {what} memory; try a smaller --size or fewer images (-n)", file=sys.stderr)
+        return 2
 
 
 def _raise_keyboard_interrupt(signum, frame):

@@ -33,6 +33,7 @@ MAX_SEED = 2**32 - 1  # AUTOMATIC1111's seed range, so infotexts round-trip betw
 MAX_STEPS = 1000
 MAX_IMAGES = 64
 MAX_SIDE = 8192
+MAX_GUIDANCE = 100.0  # far past any useful scale; larger ones overflow the guided prediction into NaN
 
 
 @dataclass
@@ -258,7 +259,9 @@ class Pipeline:
 
         # 3. Timesteps: img2img starts part-way, at the noise level `strength` asks for.
         scheduler = r.sampler.make_scheduler(self.scheduler_config)
-        scheduler.set_timesteps(r.steps, device=self.device)
+        # Schedulers do their per-step arithmetic on host scalars: timesteps on the CPU keep every
+        # step free of GPU->host syncs (only the UNet gets a device copy, in denoise).
+        scheduler.set_timesteps(r.steps, device="cpu")
         timesteps = scheduler.timesteps
         if r.init_image is not None:
             timesteps = self.img2img_timesteps(scheduler, r.steps, r.strength)
@@ -296,7 +299,7 @@ class Pipeline:
             latents = r.hires.upscale(self, latents)
             scheduler = r.sampler.make_scheduler(self.scheduler_config)
             hires_steps = r.hires.steps or r.steps
-            scheduler.set_timesteps(hires_steps, device=self.device)
+            scheduler.set_timesteps(hires_steps, device="cpu")
             timesteps = self.img2img_timesteps(scheduler, hires_steps, r.hires.strength)
             noise = self.prepare_latents(generators, *latents.shape[-2:], in_latent_space=True)
             latents = scheduler.add_noise(latents, noise, timesteps[:1].repeat(len(generators)))
@@ -416,7 +419,8 @@ class Pipeline:
     ):
         """Run the sampler; each step is one batched UNet call over [uncond, cond]."""
         step_kwargs = {"generator": generators} if generators is not None else {}
-        alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
+        alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)  # on the host, like the timesteps
+        unet_timesteps = timesteps.to(self.device)  # one copy, not one blocking copy per step
         copies = 2 if use_guidance else 1
         for i, t in enumerate(timesteps):
             scaled_input = scheduler.scale_model_input(torch.cat([latents] * copies), t)
@@ -424,7 +428,9 @@ class Pipeline:
             if inpainting is not None and inpainting.masked_latents is not None:  # 9-channel UNet
                 conditioning = torch.cat([inpainting.mask, inpainting.masked_latents], dim=1)
                 unet_input = torch.cat([scaled_input, torch.cat([conditioning] * copies)], dim=1)
-            model_output = self.unet(unet_input, t, encoder_hidden_states=text_embeddings, return_dict=False)[0]
+            model_output = self.unet(
+                unet_input, unet_timesteps[i], encoder_hidden_states=text_embeddings, return_dict=False
+            )[0]
             if use_guidance:
                 uncond, cond = model_output.chunk(2)
                 model_output = uncond + guidance * (cond - uncond)
@@ -499,14 +505,15 @@ class Pipeline:
 
 def check_inputs(prompt, negative_prompt, steps, guidance, sampler, seed, num_images, init_image, strength) -> Sampler:
     """Validate generation parameters (all but the size) before any compute; returns the sampler."""
-    if not isinstance(prompt, str):
-        raise InvalidRequest(f"prompt must be text, not {type(prompt).__name__}")
-    if not isinstance(negative_prompt, str):
-        raise InvalidRequest(f"negative prompt must be text, not {type(negative_prompt).__name__}")
+    for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+        if not isinstance(text, str):
+            raise InvalidRequest(f"{name} must be text, not {type(text).__name__}")
+        if not text.isascii() and _has_lone_surrogate(text):
+            raise InvalidRequest(f"{name} is not valid Unicode (it has a lone surrogate code point)")
     if not _is_int(steps) or not 1 <= steps <= MAX_STEPS:
         raise InvalidRequest(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
-    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
-        raise InvalidRequest(f"guidance must be a finite number >= 0, got {guidance!r}")
+    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
+        raise InvalidRequest(f"guidance must be a finite number from 0 to {MAX_GUIDANCE}, got {guidance!r}")
     if not _is_int(num_images) or not 1 <= num_images <= MAX_IMAGES:
         raise InvalidRequest(f"number of images must be from 1 to {MAX_IMAGES}, got {num_images!r}")
     if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED + 1 - num_images):
@@ -537,6 +544,14 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
     # nn.Module.to, not diffusers' override: that one warns about fp32-pinned submodules on every
     # cast, and SD's UNet/VAE have none.
     return torch.nn.Module.to(module, device, dtype).eval()
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _is_int(value) -> bool:
