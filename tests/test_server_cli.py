@@ -24,13 +24,22 @@ def test_serve_defaults_listen_on_localhost_only():
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     args = parser.parse_args(["serve"])
-    assert (args.host, args.port, args.model, args.queue_size, args.device, args.dtype) == ("127.0.0.1", 7860, None, 8, "auto", "auto")
+    assert (args.host, args.port, args.model, args.queue_size, args.device, args.dtype) == (
+        "127.0.0.1",
+        7860,
+        None,
+        8,
+        "auto",
+        "auto",
+    )
     assert callable(args.func)
 
 
 def test_registering_the_command_imports_nothing_heavy():
     code = "import sys, ldmkit.server.cli; print(sorted({'torch', 'fastapi', 'gradio', 'uvicorn'} & set(sys.modules)))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    )
 
 
 def test_negative_queue_size_is_refused_before_loading_anything():
@@ -47,8 +56,26 @@ def test_ldm_serve_loads_the_model_once_and_answers(tiny_components, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "ldmkit.cli", "serve", "--model", str(folder), "--port", str(port), "--device", "cpu", "--no-ui"]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "ldmkit.cli",
+        "serve",
+        "--model",
+        str(folder),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--no-ui",
+    ]
+    server = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -61,9 +88,19 @@ def test_ldm_serve_loads_the_model_once_and_answers(tiny_components, tmp_path):
             except requests.ConnectionError:
                 time.sleep(0.2)
         assert models[0]["model_name"] == "tiny-model"
-        response = requests.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "x", "width": 16, "height": 16, "steps": 2}, timeout=60)
+        response = requests.post(
+            f"{url}/sdapi/v1/txt2img", json={"prompt": "x", "width": 16, "height": 16, "steps": 2}, timeout=60
+        )
         assert response.status_code == 200
     finally:
         server.send_signal(signal.SIGTERM)
         output = server.communicate(timeout=30)[0]
     assert server.returncode == 0, output
+
+
+def test_serve_limit_flags_are_validated_before_loading(capsys):
+    from ldmkit.cli import main
+
+    code = main(["serve", "--model", "/no/such/model", "--max-steps", "0"])
+    assert code == 2
+    assert "server limit max_steps must be a positive integer, got 0" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from ldmkit.metadata import PARAMETERS_KEY, parse_infotext
 from ldmkit.pipeline import MAX_SIDE, MAX_STEPS, GenerationResult, Pipeline
 from ldmkit.previews import make_grid, preview_images
 from ldmkit.samplers import SAMPLERS
-from ldmkit.server.imaging import decode_base64_image, encode_all, encode_png_base64
+from ldmkit.server.imaging import MAX_INPUT_PIXELS, decode_base64_image, encode_all, encode_png_base64
 from ldmkit.server.queue import GenerationQueue, GenerationRequest, Job, wait_for_result
 
 DEFAULT_HR_STRENGTH = 0.7  # A1111's default denoising strength for the hires fix
@@ -214,10 +214,14 @@ def create_router(queue: GenerationQueue) -> APIRouter:
         generation = _generation_request(body, pipe.model_name)
         generation.strength, generation.mask_blur = body.denoising_strength, body.mask_blur
         generation.init_image = await asyncio.to_thread(
-            lambda: decode_base64_image(body.init_images[0], "init_images[0]").convert("RGB")
+            lambda: decode_base64_image(body.init_images[0], "init_images[0]", queue.limits.max_input_pixels).convert(
+                "RGB"
+            )
         )
         if body.mask:
-            generation.mask_image = await asyncio.to_thread(_decode_mask, body.mask, bool(body.inpainting_mask_invert))
+            generation.mask_image = await asyncio.to_thread(
+                _decode_mask, body.mask, bool(body.inpainting_mask_invert), queue.limits.max_input_pixels
+            )
         response = await _generate(queue, body, request, generation)
         if not body.include_init_images:
             response["parameters"]["init_images"] = None
@@ -292,7 +296,7 @@ def create_router(queue: GenerationQueue) -> APIRouter:
 
     @router.post("/png-info", response_model=PngInfoResponse)
     async def png_info(body: PngInfoRequest):
-        image = await asyncio.to_thread(decode_base64_image, body.image)
+        image = await asyncio.to_thread(decode_base64_image, body.image, "image", queue.limits.max_input_pixels)
         items = {key: value for key, value in image.info.items() if isinstance(value, str)}
         info = items.pop(PARAMETERS_KEY, "")
         return PngInfoResponse(info=info, items=items, parameters=parse_infotext(info) if info else {})
@@ -389,8 +393,8 @@ def _resize_scale(width: int, height: int, target_width: int, target_height: int
     return scale
 
 
-def _decode_mask(text: str, invert: bool) -> Image.Image:
-    mask = mask_from_image(decode_base64_image(text, "mask"))
+def _decode_mask(text: str, invert: bool, max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
+    mask = mask_from_image(decode_base64_image(text, "mask", max_pixels))
     return ImageOps.invert(mask) if invert else mask
 
 

@@ -25,7 +25,25 @@ def register(subparsers) -> None:
         "--queue-size", type=int, default=8, metavar="N", help="requests that may wait while one runs; more get 503"
     )
     serve.add_argument("--no-ui", action="store_true", help="HTTP APIs only, without the web UI")
+    limits = serve.add_argument_group("limits (a request beyond one gets a 4xx naming it; docs/reliability.md)")
+    for flag, field, help_text in LIMIT_FLAGS:
+        limits.add_argument(flag, dest=field, type=int, default=None, metavar="N", help=help_text)
     serve.set_defaults(func=run_serve)
+
+
+# (flag, ServerLimits field, help); defaults come from ServerLimits itself
+LIMIT_FLAGS = [
+    ("--max-pixels", "max_pixels", "pixels per generated image, hires size included (default 2048x2048)"),
+    (
+        "--max-input-pixels",
+        "max_input_pixels",
+        "pixels per uploaded image, checked before decoding (default 4096x4096)",
+    ),
+    ("--max-steps", "max_steps", "denoising steps per image (default 250)"),
+    ("--max-images", "max_images", "images per request (default 16)"),
+    ("--max-prompt-chars", "max_prompt_chars", "characters per prompt (default 10000)"),
+    ("--max-body-bytes", "max_body_bytes", "request body size (default 32 MiB)"),
+]
 
 
 def run_serve(args) -> int:
@@ -36,6 +54,11 @@ def run_serve(args) -> int:
     for folder, option in ((args.lora_dir, "--lora-dir"), (args.embeddings_dir, "--embeddings-dir")):
         if folder is not None and not folder.is_dir():
             raise InvalidRequest(f"{option}: folder not found: {folder}")
+    from ldmkit.server.limits import ServerLimits
+
+    limits = ServerLimits(
+        **{field: getattr(args, field) for _, field, _ in LIMIT_FLAGS if getattr(args, field) is not None}
+    )
     # Heavy imports only now, so `ldm --help` stays fast.
     import uvicorn
 
@@ -50,7 +73,7 @@ def run_serve(args) -> int:
         lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir,
     )
-    app = create_app(pipe, queue_size=args.queue_size, ui=not args.no_ui)
+    app = create_app(pipe, queue_size=args.queue_size, ui=not args.no_ui, limits=limits)
     print(f"ldm serve: {pipe.model_name} on {pipe.device}; web UI http://{args.host}:{args.port}/ , API docs /docs")
     # On Ctrl-C, requests get a few seconds to finish; then they are cancelled, which stops the worker.
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
