@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,13 +97,7 @@ def train(cfg: ClipTrainConfig) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     model, optimizer = accelerator.prepare(model, optimizer)
     schedule = common.Schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.max_minutes)
-    step, elapsed = 0, 0.0
-    checkpoint = common.load_checkpoint(out_dir / "ckpt.pt")
-    if checkpoint is not None:
-        accelerator.unwrap_model(model).load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step, elapsed = checkpoint["step"], checkpoint["elapsed_s"]
-        accelerator.print(f"clip: resumed at step {step}")
+    step, elapsed, _ = common.resume(out_dir / "ckpt.pt", accelerator, model, optimizer, "clip")
 
     n, batch = len(dataset), min(cfg.batch_size, len(dataset))
     meter, history, clock = common.Meter(), [], common.SharedClock(accelerator, elapsed)

@@ -204,6 +204,17 @@ def save_checkpoint(
         tmp.replace(path)
 
 
+def resume(path: Path, accelerator: Accelerator, model, optimizer, stage: str) -> tuple[int, float, dict | None]:
+    """Restore model and optimizer from the stage's checkpoint, if there is one: (step, elapsed s, checkpoint)."""
+    checkpoint = load_checkpoint(path)
+    if checkpoint is None:
+        return 0, 0.0, None
+    accelerator.unwrap_model(model).load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    accelerator.print(f"{stage}: resumed at step {checkpoint['step']}")
+    return checkpoint["step"], checkpoint["elapsed_s"], checkpoint
+
+
 def load_checkpoint(path: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
 

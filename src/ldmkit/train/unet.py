@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,14 +128,9 @@ def train(cfg: UnetTrainConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.params = [p.to(device) for p in ema.params]
     schedule = common.Schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.max_minutes)
-    step, elapsed = 0, 0.0
-    checkpoint = common.load_checkpoint(out_dir / "ckpt.pt")
+    step, elapsed, checkpoint = common.resume(out_dir / "ckpt.pt", accelerator, model, optimizer, "unet")
     if checkpoint is not None:
-        accelerator.unwrap_model(model).load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
         ema.load_state_dict(checkpoint["ema"])
-        step, elapsed = checkpoint["step"], checkpoint["elapsed_s"]
-        accelerator.print(f"unet: resumed at step {step}")
 
     n, batch = len(dataset), min(cfg.batch_size, len(dataset))
     meter, history, clock = common.Meter(), [], common.SharedClock(accelerator, elapsed)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,13 +86,7 @@ def train(cfg: VaeTrainConfig) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     model, optimizer = accelerator.prepare(model, optimizer)
     schedule = common.Schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.max_minutes)
-    step, elapsed = 0, 0.0
-    checkpoint = common.load_checkpoint(out_dir / "ckpt.pt")
-    if checkpoint is not None:
-        accelerator.unwrap_model(model).load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step, elapsed = checkpoint["step"], checkpoint["elapsed_s"]
-        accelerator.print(f"vae: resumed at step {step}")
+    step, elapsed, _ = common.resume(out_dir / "ckpt.pt", accelerator, model, optimizer, "vae")
 
     n, batch = len(train_set), min(cfg.batch_size, len(train_set))
     meter, history, clock = common.Meter(), [], common.SharedClock(accelerator, elapsed)
