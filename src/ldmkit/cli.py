@@ -150,6 +150,9 @@ def run_generate(args) -> int:
     if args.every < 1:
         raise InvalidRequest(f"--every must be >= 1, got {args.every}")
     ensure_writable(args.output_dir)
+    for folder, what in ((args.lora_dir, "LoRA folder"), (args.embeddings_dir, "embeddings folder")):
+        if folder is not None and not folder.is_dir():
+            raise LdmError(f"{what} not found: {folder}")
     init_image = load_image(args.init_image, "init image") if args.init_image else None
     mask_image = load_image(args.mask, "mask") if args.mask else None
     width, height = args.size if args.size else (None, None)
@@ -182,9 +185,6 @@ def run_generate(args) -> int:
     # so a split run fills the folder exactly as one process would.
     base_seed = workers.share(args.seed if args.seed is not None else random.randrange(MAX_SEED + 2 - n * len(prompts)))
     first_index = workers.share(next_free_index(args.output_dir))
-    for folder, what in ((args.lora_dir, "LoRA folder"), (args.embeddings_dir, "embeddings folder")):
-        if folder is not None and not folder.is_dir():
-            raise LdmError(f"{what} not found: {folder}")
     pipe = Pipeline.from_pretrained(
         args.model,
         device=workers.device,
