@@ -130,3 +130,18 @@ def test_cli_reports_out_of_memory_in_one_line(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cli, "run_generate", out_of_memory)
     assert cli.main(["generate", "otter", "-o", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "ldm: error: out of GPU memory; try a smaller --size or fewer images (-n)"
+
+
+def test_vae_tiling_bounds_the_memory_estimate_and_still_generates(tiny_components, monkeypatch):
+    from ldmkit.memory import estimate_peak_bytes, vae_pixels
+
+    pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
+    untiled = estimate_peak_bytes(pipe, 256, 256, 1, False)
+    monkeypatch.setattr("ldmkit.memory.available_bytes", lambda device: untiled // 2)
+    with pytest.raises(InvalidRequest, match=r"or VAE tiling \(--vae-tiling\)"):
+        pipe.generate("otter", steps=1, guidance=1.0, width=256, height=256)
+    assert vae_pixels(pipe, 256 * 256) == 256 * 256
+    pipe.vae.enable_tiling()  # the tiny VAE's tiles are 16 px
+    assert vae_pixels(pipe, 256 * 256) == 16 * 16
+    image = pipe.generate("otter", steps=1, guidance=1.0, width=48, height=40, seed=0).images[0]
+    assert image.size == (48, 40)

@@ -120,6 +120,9 @@ def add_generate(sub) -> None:
         help="GPU fast path: fp16, channels_last, fused QKV, torch.compile (first image compiles)",
     )
     gen.add_argument(
+        "--vae-tiling", action="store_true", help="decode/encode in overlapping tiles: large images in little memory"
+    )
+    gen.add_argument(
         "--save-intermediates",
         action="store_true",
         help="save the predicted image every K steps, a grid and an animation",
@@ -191,6 +194,7 @@ def run_generate(args) -> int:
         dtype=args.dtype,
         config=args.config,
         fast=args.fast,
+        vae_tiling=args.vae_tiling,
         lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir,
     )

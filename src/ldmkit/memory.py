@@ -25,8 +25,15 @@ def estimate_peak_bytes(pipe, width: int, height: int, num_images: int, use_guid
     latent_pixels = pixels // pipe.vae_scale_factor**2
     unet_batch = num_images * (2 if use_guidance else 1)
     unet = UNET_FACTOR * pipe.unet.config.block_out_channels[0] * latent_pixels * unet_batch * dtype_bytes
-    vae = VAE_DECODE_FACTOR * pipe.vae.config.block_out_channels[0] * pixels * num_images * dtype_bytes
+    vae = VAE_DECODE_FACTOR * pipe.vae.config.block_out_channels[0] * vae_pixels(pipe, pixels) * num_images * dtype_bytes
     return max(unet, vae)
+
+
+def vae_pixels(pipe, pixels: int) -> int:
+    """Pixels the VAE holds at once: the whole image, or one tile when tiling is on."""
+    if getattr(pipe.vae, "use_tiling", False):
+        return min(pixels, pipe.vae.tile_sample_min_size**2)
+    return pixels
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -49,7 +56,8 @@ def check_memory(pipe, width: int, height: int, num_images: int, use_guidance: b
     need = estimate_peak_bytes(pipe, width, height, num_images, use_guidance)
     free = available_bytes(pipe.device)
     if free is not None and need > free * HEADROOM:
+        tiling = "" if getattr(pipe.vae, "use_tiling", False) else ", or VAE tiling (--vae-tiling)"
         raise InvalidRequest(
             f"{num_images} image(s) of {width}x{height} need about {need / 2**30:.1f} GiB on {pipe.device.type}, "
-            f"but only {free / 2**30:.1f} GiB is free; use a smaller size or fewer images"
+            f"but only {free / 2**30:.1f} GiB is free; use a smaller size or fewer images{tiling}"
         )

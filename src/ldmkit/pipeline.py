@@ -150,16 +150,29 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, source=None, device="cpu", dtype=None, config=None, *, fast=False, lora_dir=None, embeddings_dir=None
+        cls,
+        source=None,
+        device="cpu",
+        dtype=None,
+        config=None,
+        *,
+        fast=False,
+        vae_tiling=False,
+        lora_dir=None,
+        embeddings_dir=None,
     ) -> Pipeline:
         """Load a diffusers folder, a cached Hub repo id, an original single file, or (None) the default model.
 
         fast=True applies the measured exact GPU speed-ups of ldmkit.fast (fp16, channels_last, fused
         QKV, torch.compile with CUDA graphs); the first image then includes the compile time.
+        vae_tiling=True encodes and decodes large images in overlapping tiles (diffusers' tiled VAE), so
+        the VAE's memory stays that of one tile.
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         pipe = cls(loading.load_components(source, config=config), device, dtype, lora_dir, embeddings_dir)
+        if vae_tiling:
+            pipe.vae.enable_tiling()
         if fast:
             from ldmkit.fast import make_fast
 
