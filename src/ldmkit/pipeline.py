@@ -478,6 +478,7 @@ class Pipeline:
             x0 = out
         return x0.to(self.dtype), float(s / a)
 
+    @torch.inference_mode()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [0, 1] as float32; an fp16 decode that overflows is redone in fp32."""
         latents = latents / self.vae.config.scaling_factor
