@@ -8,4 +8,4 @@ python3 -m venv .venv
 # (The package itself accepts a torch range; install a CUDA build yourself for GPUs.)
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[all,test]"
-echo "ldmkit is installed in .venv: try  .venv/bin/ldm generate \"otter\""
+echo "ldmkit is installed in .venv: try  .venv/bin/ldm generate \"red apple\""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,7 @@ class GenerateJob:
             save_png(frame, steps_dir, lambda index, n=number: f"step-{n:03d}.png")
         frames = [frame for _, frame in numbered_frames]
         grid = save_png(
-            make_grid(frames, columns=min(len(frames), 8)), self.output_dir, lambda index: f"{stem}-progress.png"
+            make_grid(frames, columns=math.ceil(len(frames) / math.ceil(len(frames) / 10))), self.output_dir, lambda index: f"{stem}-progress.png"
         )
         suffix = self.animation_format
         animation = save_new_file(

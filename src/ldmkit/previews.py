@@ -40,7 +40,7 @@ def fast_preview(pipe: Pipeline, latents: torch.Tensor) -> torch.Tensor:
         torch.einsum("bchw,cr->brhw", latents.float(), weight.to(latents.device))
         + bias.to(latents.device)[:, None, None]
     )
-    rgb = F.interpolate(rgb, scale_factor=pipe.vae_scale_factor, mode="nearest")
+    rgb = F.interpolate(rgb, scale_factor=pipe.vae_scale_factor, mode="bilinear", align_corners=False)
     return ((rgb + 1) / 2).clamp(0, 1)
 
 
