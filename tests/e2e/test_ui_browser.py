@@ -111,11 +111,14 @@ def wait_until_idle(queue, timeout: float = 10.0):
 
 
 def test_img2img_tab_repaints_an_uploaded_image(ui, tmp_path):
-    page, _ = ui
+    page, queue = ui
+    wait_until_idle(queue)  # the previous test closed a page mid-generation
     path = tmp_path / "init.png"
     Image.new("RGB", (32, 24), (200, 40, 40)).save(path)
     page.click("button[role='tab']:has-text('img2img')")
     page.set_input_files("#img2img-init input[type='file']", str(path))
+    # Generate only once the upload has landed (its size fills the width field), or the click races it
+    page.wait_for_function("document.querySelector(\"#img2img-width input[type='number']\").value === '32'")
     page.fill("#img2img-prompt textarea", "a blue cube")
     page.click("#img2img-generate")
     page.wait_for_function("document.querySelector('#img2img-status').innerText.startsWith('Done')")
