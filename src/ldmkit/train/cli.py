@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -141,6 +142,8 @@ def run_train(args) -> int:
 
     cfg = stage_config(args.stage, args)
     result = importlib.import_module(f"ldmkit.train.{args.stage}").train(cfg)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun/accelerate launch, the main process reports for all
     print(
         json.dumps(
             {
