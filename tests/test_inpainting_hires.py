@@ -6,7 +6,7 @@ import torch
 from conftest import make_tiny_components
 from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
 from PIL import Image
-from test_parity import assert_parity, diffusers_kwargs, ours_as_float
+from test_parity import assert_parity, diffusers_images, ours_as_float
 
 from ldmkit import Pipeline
 from ldmkit.errors import InvalidRequest
@@ -37,9 +37,11 @@ def inpainting_components():
 def test_inpainting_matches_diffusers(make_components, sampler, strength):
     components = make_components()
     init, mask = init_and_mask()
-    ref = StableDiffusionInpaintPipeline(**diffusers_kwargs(components, sampler))
-    ref.set_progress_bar_config(disable=True)
-    theirs = ref(
+    theirs = diffusers_images(
+        StableDiffusionInpaintPipeline,
+        components,
+        sampler,
+        [3],
         "a red apple",
         image=init,
         mask_image=mask,
@@ -48,9 +50,7 @@ def test_inpainting_matches_diffusers(make_components, sampler, strength):
         guidance_scale=6.0,
         width=WIDTH,
         height=HEIGHT,
-        generator=[torch.Generator("cpu").manual_seed(3)],
-        output_type="np",
-    ).images
+    )
     pipe = Pipeline(components, torch.device("cpu"), torch.float32)
     ours_float, ours_uint8 = ours_as_float(
         pipe,

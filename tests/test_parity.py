@@ -25,6 +25,14 @@ def diffusers_kwargs(components, sampler_name):
     )
 
 
+def diffusers_images(pipeline_class, components, sampler_name, seeds, *args, **kwargs):
+    """diffusers' own pipeline on the same components, one CPU generator per image seeded like ours."""
+    reference = pipeline_class(**diffusers_kwargs(components, sampler_name))
+    reference.set_progress_bar_config(disable=True)
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    return reference(*args, **kwargs, generator=generators, output_type="np").images
+
+
 def ours_as_float(pipe, **kwargs):
     """Our images as floats in [0, 1] before 8-bit quantization, plus the 8-bit images."""
     captured = {}
@@ -50,9 +58,11 @@ def assert_parity(ours_float, ours_uint8, theirs_float):
 @pytest.mark.parametrize("width,height", [(16, 16), (24, 16)])
 def test_txt2img_matches_diffusers(tiny_components, sampler, width, height):
     seed, n = 1234, 2
-    ref = StableDiffusionPipeline(**diffusers_kwargs(tiny_components, sampler))
-    ref.set_progress_bar_config(disable=True)
-    theirs = ref(
+    theirs = diffusers_images(
+        StableDiffusionPipeline,
+        tiny_components,
+        sampler,
+        [seed + i for i in range(n)],
         "an otter in a river",
         negative_prompt="blurry",
         num_inference_steps=6,
@@ -60,9 +70,7 @@ def test_txt2img_matches_diffusers(tiny_components, sampler, width, height):
         width=width,
         height=height,
         num_images_per_prompt=n,
-        generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)],
-        output_type="np",
-    ).images
+    )
     pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
     ours_float, ours_uint8 = ours_as_float(
         pipe,
@@ -84,18 +92,18 @@ def test_img2img_matches_diffusers(tiny_components, sampler):
     seed, n, width, height = 77, 2, 24, 16
     rng = np.random.default_rng(0)
     init = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-    ref = StableDiffusionImg2ImgPipeline(**diffusers_kwargs(tiny_components, sampler))
-    ref.set_progress_bar_config(disable=True)
-    theirs = ref(
+    theirs = diffusers_images(
+        StableDiffusionImg2ImgPipeline,
+        tiny_components,
+        sampler,
+        [seed + i for i in range(n)],
         "a red apple",
         image=init,
         strength=0.6,
         num_inference_steps=10,
         guidance_scale=5.0,
         num_images_per_prompt=n,
-        generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)],
-        output_type="np",
-    ).images
+    )
     pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
     ours_float, ours_uint8 = ours_as_float(
         pipe,
@@ -112,15 +120,15 @@ def test_img2img_matches_diffusers(tiny_components, sampler):
 
 
 def test_no_guidance_matches_diffusers(tiny_components):
-    ref = StableDiffusionPipeline(**diffusers_kwargs(tiny_components, "Euler"))
-    ref.set_progress_bar_config(disable=True)
-    theirs = ref(
+    theirs = diffusers_images(
+        StableDiffusionPipeline,
+        tiny_components,
+        "Euler",
+        [5],
         "otter",
         num_inference_steps=4,
         guidance_scale=1.0,
-        generator=[torch.Generator("cpu").manual_seed(5)],
-        output_type="np",
-    ).images
+    )
     pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
     ours_float, ours_uint8 = ours_as_float(pipe, prompt="otter", steps=4, guidance=1.0, sampler="Euler", seed=5)
     assert_parity(ours_float, ours_uint8, theirs)
@@ -149,15 +157,15 @@ def test_image_i_is_independent_of_batch(tiny_components):
 
 def test_parity_tolerance_detects_a_small_guidance_change(tiny_components):
     """The 1e-3 bound is tight enough to catch a wrong guidance scale on these tiny weights."""
-    ref = StableDiffusionPipeline(**diffusers_kwargs(tiny_components, "DDIM"))
-    ref.set_progress_bar_config(disable=True)
-    theirs = ref(
+    theirs = diffusers_images(
+        StableDiffusionPipeline,
+        tiny_components,
+        "DDIM",
+        [1],
         "otter",
         num_inference_steps=6,
         guidance_scale=6.5,
-        generator=[torch.Generator("cpu").manual_seed(1)],
-        output_type="np",
-    ).images
+    )
     pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
     ours_float, _ = ours_as_float(pipe, prompt="otter", steps=6, guidance=7.5, sampler="DDIM", seed=1)
     assert np.abs(ours_float - theirs).max() > 1e-3
