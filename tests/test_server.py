@@ -22,7 +22,9 @@ pytest.importorskip("fastapi", reason="server extras not installed (pip install 
 openai = pytest.importorskip("openai", reason="server test extras not installed")
 
 from e2e.serving import serve_tiny  # noqa: E402
+
 from ldmkit.samplers import SAMPLERS  # noqa: E402
+from ldmkit.server.limits import ServerLimits  # noqa: E402
 from ldmkit.server.queue import Cancelled  # noqa: E402
 
 FAST = {"width": 16, "height": 16, "steps": 3}  # the tiny model's native size; milliseconds per image
@@ -30,7 +32,7 @@ FAST = {"width": 16, "height": 16, "steps": 3}  # the tiny model's native size; 
 
 @pytest.fixture(scope="module")
 def server():
-    with serve_tiny(ui=False, max_body_bytes=1024 * 1024) as running:
+    with serve_tiny(ui=False, limits=ServerLimits(max_body_bytes=1024 * 1024)) as running:
         yield running
 
 

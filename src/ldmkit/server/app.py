@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
@@ -22,16 +21,13 @@ from ldmkit.server.queue import Cancelled, GenerationQueue, OutOfMemory, QueueFu
 def create_app(
     pipe: Pipeline,
     queue_size: int = 8,
-    max_body_bytes: int | None = None,
     ui: bool = True,
     limits: ServerLimits = DEFAULT_LIMITS,
 ) -> FastAPI:
     """The app over an already loaded pipeline; its worker starts and stops with the app's lifespan.
 
-    `limits` bounds what one request may ask for; `max_body_bytes`, when given, replaces its max_body_bytes.
+    `limits` bounds what one request may ask for, the body size included.
     """
-    if max_body_bytes is not None:
-        limits = dataclasses.replace(limits, max_body_bytes=max_body_bytes)
     queue = GenerationQueue(pipe, max_waiting=queue_size, limits=limits)
 
     @contextlib.asynccontextmanager
