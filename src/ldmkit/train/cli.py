@@ -173,7 +173,9 @@ def run_eval(args) -> int:
         return 0
     images = None
     if args.images:
-        images = {key: torch.load(args.images / f"{key}.pt", weights_only=True) for key in ("plain", "styled", "seconds")}
+        images = {
+            key: torch.load(args.images / f"{key}.pt", weights_only=True) for key in ("plain", "styled", "seconds")
+        }
     metrics = report.evaluate(
         model_dir=args.model,
         clip_dir=args.clip,

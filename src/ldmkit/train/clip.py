@@ -100,12 +100,10 @@ def train(cfg: ClipTrainConfig) -> dict:
     step, elapsed, _ = common.resume(out_dir / "ckpt.pt", accelerator, model, optimizer, "clip")
 
     n, batch = len(dataset), min(cfg.batch_size, len(dataset))
-    meter, history, clock = common.Meter(), [], common.SharedClock(accelerator, elapsed)
+    progress = common.Progress(accelerator, optimizer, schedule, "clip img/s", cfg.log_every, step, elapsed)
     generator = common.process_generator(accelerator, cfg.seed, step)
     model.train()
-    while schedule.progress(step, elapsed := clock.elapsed(step)) < 1.0:
-        for group in optimizer.param_groups:
-            group["lr"] = schedule.lr_at(step, elapsed)
+    for step in progress:
         index = torch.randperm(n, device=accelerator.device, generator=generator)[:batch]
         variant = torch.randint(0, 3, (batch,), device=accelerator.device, generator=generator)
         caption_ids = dataset.image_captions[index, variant]  # (B,)
@@ -123,15 +121,8 @@ def train(cfg: ClipTrainConfig) -> dict:
         optimizer.step()
         with torch.no_grad():
             accelerator.unwrap_model(model).logit_scale.clamp_(0, 4.6052)  # temperature >= 0.01, as in CLIP
-        meter.add(loss, batch * accelerator.num_processes)  # global samples
-        step += 1
-        if step % cfg.log_every == 0:
-            mean, rate = meter.read()
-            history.append((step, mean))
-            accelerator.print(f"clip step {step} loss {mean:.4f} {rate:.0f} img/s {elapsed:.0f}s")
-    if meter.count:
-        history.append((step, meter.read()[0]))
-    elapsed = clock.agree()
+        progress.done(loss, batch)
+    step, elapsed, history = progress.step, progress.finish(), progress.history
     common.save_checkpoint(out_dir / "ckpt.pt", accelerator, model, optimizer, cfg, step, elapsed)
     if accelerator.is_main_process:
         export(accelerator.unwrap_model(model), out_dir)

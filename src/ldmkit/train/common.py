@@ -136,6 +136,51 @@ class SharedClock:
         return self.agreed
 
 
+class Progress:
+    """The bookkeeping every stage's loop shares: step count, agreed clock, LR schedule, loss meter, log lines.
+
+    `for step in progress:` yields before each step with its learning rate set; the body ends each step
+    with `progress.done(loss, batch)`; `progress.finish()` closes the history and returns the agreed seconds.
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        optimizer,
+        schedule: Schedule,
+        label: str,
+        log_every: int,
+        step: int,
+        elapsed_s: float,
+    ):
+        self.accelerator, self.optimizer, self.schedule = accelerator, optimizer, schedule
+        self.label, self.log_every = label, log_every  # label: "clip step {step} ... img/s"
+        self.step, self.elapsed = step, elapsed_s
+        self.clock, self.meter, self.history = SharedClock(accelerator, elapsed_s), Meter(), []
+
+    def __iter__(self):
+        while self.schedule.progress(self.step, elapsed := self.clock.elapsed(self.step)) < 1.0:
+            self.elapsed = elapsed
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.schedule.lr_at(self.step, elapsed)
+            yield self.step
+
+    def done(self, loss: torch.Tensor, batch: int) -> None:
+        self.meter.add(loss, batch * self.accelerator.num_processes)  # global samples
+        self.step += 1
+        if self.step % self.log_every == 0:
+            mean, rate = self.meter.read()
+            self.history.append((self.step, mean))
+            stage, unit = self.label.split()
+            self.accelerator.print(f"{stage} step {self.step} loss {mean:.4f} {rate:.0f} {unit} {self.elapsed:.0f}s")
+
+    def finish(self) -> float:
+        if self.meter.count:
+            self.history.append((self.step, self.meter.read()[0]))
+        self.elapsed = self.clock.agree()
+        return self.elapsed
+
+
 def process_generator(accelerator: Accelerator, seed: int, step: int) -> torch.Generator:
     """This process's random stream: each DDP rank must draw its own batches, or they average identical gradients."""
     return torch.Generator(accelerator.device).manual_seed(seed + step + 1_000_003 * accelerator.process_index)

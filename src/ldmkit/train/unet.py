@@ -133,12 +133,10 @@ def train(cfg: UnetTrainConfig) -> dict:
         ema.load_state_dict(checkpoint["ema"])
 
     n, batch = len(dataset), min(cfg.batch_size, len(dataset))
-    meter, history, clock = common.Meter(), [], common.SharedClock(accelerator, elapsed)
+    progress = common.Progress(accelerator, optimizer, schedule, "unet samples/s", cfg.log_every, step, elapsed)
     generator = common.process_generator(accelerator, cfg.seed, step)
     model.train()
-    while schedule.progress(step, elapsed := clock.elapsed(step)) < 1.0:
-        for group in optimizer.param_groups:
-            group["lr"] = schedule.lr_at(step, elapsed)
+    for step in progress:
         index = torch.randint(0, n, (batch,), device=device, generator=generator)
         variant = torch.randint(0, 3, (batch,), device=device, generator=generator)
         caption_ids = image_captions[index, variant]
@@ -153,17 +151,8 @@ def train(cfg: UnetTrainConfig) -> dict:
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         ema.update(accelerator.unwrap_model(model), step)
-        meter.add(loss, batch * accelerator.num_processes)  # global samples
-        step += 1
-        if step % cfg.log_every == 0:
-            mean, rate = meter.read()
-            history.append((step, mean))
-            accelerator.print(
-                f"unet step {step} loss {mean:.4f} {rate:.0f} samples/s {elapsed:.0f}s"
-            )
-    if meter.count:
-        history.append((step, meter.read()[0]))
-    elapsed = clock.agree()
+        progress.done(loss, batch)
+    step, elapsed, history = progress.step, progress.finish(), progress.history
     common.save_checkpoint(out_dir / "ckpt.pt", accelerator, model, optimizer, cfg, step, elapsed, ema=ema.state_dict())
     if accelerator.is_main_process:
         unet = accelerator.unwrap_model(model)

@@ -89,12 +89,10 @@ def train(cfg: VaeTrainConfig) -> dict:
     step, elapsed, _ = common.resume(out_dir / "ckpt.pt", accelerator, model, optimizer, "vae")
 
     n, batch = len(train_set), min(cfg.batch_size, len(train_set))
-    meter, history, clock = common.Meter(), [], common.SharedClock(accelerator, elapsed)
+    progress = common.Progress(accelerator, optimizer, schedule, "vae img/s", cfg.log_every, step, elapsed)
     generator = common.process_generator(accelerator, cfg.seed, step)
     model.train()
-    while schedule.progress(step, elapsed := clock.elapsed(step)) < 1.0:
-        for group in optimizer.param_groups:
-            group["lr"] = schedule.lr_at(step, elapsed)
+    for step in progress:
         index = torch.randint(0, n, (batch,), device=accelerator.device, generator=generator)
         images = common.to_model_range(train_set.images[index])  # (B, 3, 128, 128)
         with accelerator.autocast():
@@ -103,15 +101,8 @@ def train(cfg: VaeTrainConfig) -> dict:
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        meter.add(loss, batch * accelerator.num_processes)  # global samples
-        step += 1
-        if step % cfg.log_every == 0:
-            mean, rate = meter.read()
-            history.append((step, mean))
-            accelerator.print(f"vae step {step} loss {mean:.4f} {rate:.0f} img/s {elapsed:.0f}s")
-    if meter.count:
-        history.append((step, meter.read()[0]))
-    elapsed = clock.agree()
+        progress.done(loss, batch)
+    step, elapsed, history = progress.step, progress.finish(), progress.history
 
     vae = accelerator.unwrap_model(model).vae
     vae.eval()
