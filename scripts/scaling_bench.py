@@ -35,15 +35,27 @@ def main() -> None:
     workers.barrier()
     start = time.perf_counter()
     for j in workers.mine(list(range(len(prompts)))):
-        pipe.generate(prompts[j], steps=args.steps, width=args.size, height=args.size, num_images=args.n, seed=j * args.n)
+        pipe.generate(
+            prompts[j], steps=args.steps, width=args.size, height=args.size, num_images=args.n, seed=j * args.n
+        )
     if pipe.device.type == "cuda":
         torch.cuda.synchronize()
     workers.barrier()
     seconds = time.perf_counter() - start
     if workers.rank == 0:
         images = args.prompts * args.n
-        print(json.dumps({"processes": workers.world_size, "images": images, "seconds": round(seconds, 2),
-                          "images_per_s": round(images / seconds, 3), "load_s_rank0": round(load_s, 1)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "processes": workers.world_size,
+                    "images": images,
+                    "seconds": round(seconds, 2),
+                    "images_per_s": round(images / seconds, 3),
+                    "load_s_rank0": round(load_s, 1),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
