@@ -4,6 +4,7 @@ python3 scripts/device_warm_start.py MODEL_FOLDER   # run twice: the first fills
 """
 
 import json
+import logging
 import sys
 import time
 
@@ -14,6 +15,8 @@ from ldmkit.pipeline import Pipeline
 
 
 def main():
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    logging.getLogger("ldmkit.precompile").setLevel(logging.DEBUG)
     phases = {"import": time.perf_counter() - T0}
     start = time.perf_counter()
     pipe = Pipeline.from_pretrained(sys.argv[1], device="cuda", fast=True)

@@ -5,9 +5,12 @@
 #     sets PYTHONDONTWRITEBYTECODE=1, so without this every process compiles ~2,600 modules from source
 #     (8.6 s in a cProfile), which a normal install does not.
 # (TORCH_CACHING_PRECOMPILE=1, dynamo's experimental cache of traced bytecode, was tried on torch 2.11 and
-# failed with an AssertionError in the first process.) Then batch 8 against diffusers, unless BATCH8=0.
+# failed with an AssertionError in the first process; ldmkit.precompile uses torch's explicit AOT precompile
+# instead, in LDMKIT_COMPILE_CACHE.) Then `ldm bench` at batch BENCH_BATCH (8) over ROWS, with fresh caches
+# so the first-image times are cold ones, unless BENCH_BATCH=0.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-src} PYTHONPYCACHEPREFIX=/tmp/pycache PYTHONDONTWRITEBYTECODE=
+export LDMKIT_COMPILE_CACHE=/tmp/ldmkit-compiled
 python3 -c "import sys, os, torch; print('dont_write_bytecode', sys.dont_write_bytecode, 'torch dir writable', os.access(os.path.dirname(torch.__file__), os.W_OK))"
 env | grep -i "^python" || true
 python3 - <<'PY' 2>&1 | grep -v shards
@@ -29,7 +32,10 @@ timed() {  # label, then env assignments for the command
 timed 1-cold X=1
 timed 2-warm X=1
 timed 3-warm X=1
-if [ "${BATCH8:-1}" = 1 ]; then
-  timeout 330 python3 -m ldmkit.bench --model /tmp/sd15 --rows diffusers,diffusers-compiled,ours-fast --batch 8 --size 512 --steps 50 \
-    --sampler DDIM --warmup 1 --repeats 3 2>&1 | grep -v "Loading\|Warn\|warn" | tail -8
+ls -la "$LDMKIT_COMPILE_CACHE"
+BENCH_BATCH=${BENCH_BATCH:-8}
+if [ "$BENCH_BATCH" != 0 ]; then
+  LDMKIT_COMPILE_CACHE=/tmp/bench-compiled TORCHINDUCTOR_CACHE_DIR=/tmp/bench-inductor timeout "${BENCH_TIMEOUT:-330}" \
+    python3 -m ldmkit.bench --model /tmp/sd15 --rows "${ROWS:-diffusers,ours-fast,diffusers-compiled}" --batch "$BENCH_BATCH" \
+    --size 512 --steps 50 --sampler DDIM --warmup 1 --repeats 3 2>&1 | grep -v "Loading\|Warn\|warn" | tail -12
 fi

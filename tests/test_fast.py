@@ -1,12 +1,14 @@
 """make_fast: what it changes on a Pipeline, and that the pictures stay the same (tiny model, CPU)."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import FusedAttnProcessor2_0
 
 from ldmkit import Pipeline
-from ldmkit.fast import compile_models, make_fast, use_fp16
+from ldmkit.fast import FastUNet, compile_models, make_fast, use_fp16
 
 KWARGS = {
     "prompt": "an otter in a river",
@@ -46,16 +48,34 @@ def test_fused_qkv_and_channels_last_keep_the_images(tiny_components):
     assert np.abs(pixels(pipe) - eager).max() <= 1
 
 
-def test_compile_models_wraps_unet_and_decoder_once(tiny_components):
+def test_compile_models_wraps_unet_and_decoder_once(tiny_components, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("LDMKIT_COMPILE_CACHE", str(tmp_path))
+    caplog.set_level(logging.INFO, logger="ldmkit.precompile")
+    eager = pixels(Pipeline(tiny_components, torch.device("cpu"), torch.float32))
     pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
     unet = pipe.unet
-    compile_models(pipe, mode="default")
-    assert isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
-    assert pipe.unet._orig_mod is unet
+    compile_models(pipe)
+    assert isinstance(pipe.unet, FastUNet) and pipe.unet._orig_mod is unet
     assert pipe.unet.config.in_channels == unet.config.in_channels  # the pipeline reads .config through the wrapper
     decode = pipe.vae.decode
-    compile_models(pipe, mode="default")
+    compile_models(pipe)
     assert pipe.unet._orig_mod is unet and pipe.vae.decode is decode
+    assert np.abs(pixels(pipe) - eager).max() <= 1
+    pipe.generate(**{**KWARGS, "sampler": "Euler"})  # float timesteps, where DDIM's are integers
+    assert len(pipe.unet._call.compiled) == 1  # one compiled UNet serves both samplers
+    assert len(list(tmp_path.glob("unet_forward-*.bin"))) == 1 and len(list(tmp_path.glob("vae_decode-*.bin"))) == 1
+
+    caplog.clear()
+    again = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
+    compile_models(again)
+    assert np.array_equal(pixels(again), pixels(pipe))
+    assert caplog.text.count("precompile: loaded") == 2 and "saved" not in caplog.text
+
+
+def test_modes_with_inductor_graphs_use_plain_torch_compile(tiny_components):
+    pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
+    compile_models(pipe, mode="reduce-overhead")
+    assert isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
 
 
 def test_use_fp16_casts_models_and_pipeline_dtype(tiny_components):
@@ -70,3 +90,17 @@ def test_unknown_compile_mode_is_refused(tiny_components):
     pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="compile mode"):
         make_fast(pipe, mode="fastest")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphed_replays_and_recaptures_when_weights_move():
+    from ldmkit.cuda_graphs import CUDAGraphed
+
+    module = torch.nn.Linear(8, 8).cuda()
+    call = CUDAGraphed(lambda x: module(x), module)
+    x = torch.randn(4, 8, device="cuda")
+    torch.testing.assert_close(call(x), module(x))
+    torch.testing.assert_close(call(2 * x), module(2 * x))  # new values through the same graph
+    assert len(call.captured) == 1
+    module.to(torch.float64).to(torch.float32)  # new weight storage: the old graph would read freed memory
+    torch.testing.assert_close(call(x), module(x))

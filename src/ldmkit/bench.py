@@ -29,7 +29,12 @@ DEFAULT_ROWS = ("diffusers", "ours", "ours-fast", "diffusers-compiled")
 # Cumulative on top of ours: channels_last, then fused QKV (both eager), then compile without CUDA graphs.
 ABLATION_ROWS = ("ours+channels_last", "ours+fused_qkv", "ours+compile_default")
 # make_fast with one piece left out or one more added, for what each buys under compile.
-COMPILE_ABLATION_ROWS = ("ours-fast-no_channels_last", "ours-fast-no_fused_qkv", "ours-fast+inductor_tuning")
+COMPILE_ABLATION_ROWS = (
+    "ours-fast-no_channels_last",
+    "ours-fast-no_fused_qkv",
+    "ours-fast+inductor_tuning",
+    "ours-fast-inductor_graphs",
+)
 # The inductor settings of diffusers' "accelerate inference of text-to-image diffusion models" tutorial.
 DIFFUSERS_TUTORIAL_INDUCTOR = {
     "conv_1x1_as_mm": True,
@@ -399,10 +404,12 @@ RUNNERS: dict[str, Callable] = {
     "ours-fast": ours({}),
     "ours+channels_last": ours({"channels_last": True, "fuse_qkv": False, "compile": False}),
     "ours+fused_qkv": ours({"channels_last": True, "fuse_qkv": True, "compile": False}),
-    "ours+compile_default": ours({"mode": "default"}),
+    "ours+compile_default": ours({"cuda_graphs": False}),
     "ours-fast-no_channels_last": ours({"channels_last": False}),
     "ours-fast-no_fused_qkv": ours({"fuse_qkv": False}),
     "ours-fast+inductor_tuning": ours({"inductor_options": DIFFUSERS_TUTORIAL_INDUCTOR}),
+    # make_fast before precompile and ldmkit.cuda_graphs: torch.compile's own CUDA graphs, traced per process.
+    "ours-fast-inductor_graphs": ours({"mode": "reduce-overhead"}),
 }
 
 

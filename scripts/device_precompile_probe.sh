@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Two fresh `--fast` processes on the SD1.5-shaped random model with ldmkit.precompile's log shown (issue 5):
+# the first compiles and saves, the second should load. Phase times from scripts/device_warm_start.py.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-src} PYTHONPYCACHEPREFIX=/tmp/pycache PYTHONDONTWRITEBYTECODE=
+export LDMKIT_COMPILE_CACHE=/tmp/ldmkit-compiled
+python3 - <<'PY' 2>&1 | grep -v shards
+import torch
+from ldmkit.bench import random_sd15
+from ldmkit.loading import save_pretrained
+components = random_sd15(torch.device("cuda"))
+for module in (components.unet, components.vae, components.text_encoder):
+    module.half()
+save_pretrained(components, "/tmp/sd15")
+PY
+for run in 1 2; do
+  echo "== process $run"
+  python3 scripts/device_warm_start.py /tmp/sd15 2>&1 | grep -v "Warn\|warn\|Loading\|torchvision" | tail -${TAIL:-40}
+done
+ls -la "$LDMKIT_COMPILE_CACHE"
+# Whole warm commands, as a user types them, on the cache the processes above filled.
+for run in 1 2; do
+  start=$(date +%s.%N)
+  python3 -m ldmkit.cli generate "a castle on a hill" --model /tmp/sd15 --fast --size 512x512 --steps 50 --sampler DDIM \
+    --seed 1 -q -o /tmp/img-warm > /dev/null 2>/tmp/cli-stderr.txt || tail -3 /tmp/cli-stderr.txt
+  echo "warm command $run: $(python3 -c "import time; print(round(time.time() - $start, 1))") s"
+done
+ls /tmp/img-warm
