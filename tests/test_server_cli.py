@@ -104,3 +104,33 @@ def test_serve_limit_flags_are_validated_before_loading(capsys):
     code = main(["serve", "--model", "/no/such/model", "--max-steps", "0"])
     assert code == 2
     assert "server limit max_steps must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_fast_loads_the_fast_path_and_warms_up_only_on_cuda(monkeypatch):
+    import torch
+    import uvicorn
+
+    from ldmkit.pipeline import Pipeline
+
+    loaded, warmed = {}, []
+
+    class FakePipe:
+        device, model_name, default_size = torch.device("cpu"), "fake", 16
+
+        def generate(self, *args, **kwargs):
+            warmed.append(kwargs)
+
+    def fake_load(source, **kwargs):
+        loaded.update(kwargs)
+        return FakePipe()
+
+    monkeypatch.setattr(Pipeline, "from_pretrained", staticmethod(fake_load))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--fast", "--no-ui"])
+    assert args.func(args) == 0
+    assert loaded["fast"] is True and warmed == []  # the CPU gets nothing to compile
+    FakePipe.device = torch.device("cuda")
+    assert args.func(args) == 0
+    assert warmed == [{"steps": 2, "seed": 0}]

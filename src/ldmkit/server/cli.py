@@ -22,6 +22,11 @@ def register(subparsers) -> None:
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     serve.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     serve.add_argument(
+        "--fast",
+        action="store_true",
+        help="CUDA: fp16, compile and CUDA graphs (ldmkit.fast), compiled before the first request is taken",
+    )
+    serve.add_argument(
         "--queue-size", type=int, default=8, metavar="N", help="requests that may wait while one runs; more get 503"
     )
     serve.add_argument("--no-ui", action="store_true", help="HTTP APIs only, without the web UI")
@@ -72,9 +77,22 @@ def run_serve(args) -> int:
         config=args.config,
         lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir,
+        fast=args.fast,
     )
+    if args.fast and pipe.device.type == "cuda":
+        warm_up(pipe)
     app = create_app(pipe, queue_size=args.queue_size, ui=not args.no_ui, limits=limits)
     print(f"ldm serve: {pipe.model_name} on {pipe.device}; web UI http://{args.host}:{args.port}/ , API docs /docs")
     # On Ctrl-C, requests get a few seconds to finish; then they are cancelled, which stops the worker.
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     return 0
+
+
+def warm_up(pipe) -> None:
+    """Compile (or load from ldmkit.precompile's cache) for the default size before serving, so the first
+    request does not wait minutes; other sizes compile on their first request."""
+    import time
+
+    start = time.perf_counter()
+    pipe.generate("warm-up", steps=2, seed=0)
+    print(f"ldm serve: --fast ready for {pipe.default_size}x{pipe.default_size} in {time.perf_counter() - start:.1f} s")
