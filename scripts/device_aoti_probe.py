@@ -13,6 +13,7 @@ import time
 
 T0 = time.perf_counter()
 import torch
+from device_explore_unet import UNetCall  # this script's folder is on sys.path
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only to check this script
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
@@ -25,15 +26,6 @@ VARIANTS = {
     },
     "inso": {},
 }
-
-
-class UNetCall(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
 
 def build(model_name):

@@ -5,15 +5,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-src}
 OUT=${OUT:-probe-out}
 mkdir -p "$OUT"
-python3 - <<'PY' 2>&1 | grep -v shards
-import torch
-from ldmkit.bench import random_sd15
-from ldmkit.loading import save_pretrained
-components = random_sd15(torch.device("cuda"))
-for module in (components.unet, components.vae, components.text_encoder):
-    module.half()
-save_pretrained(components, "/tmp/sd15")
-PY
+python3 scripts/save_random_sd15.py /tmp/sd15 2>&1 | grep -v shards
 GEN=(generate "a castle on a hill" --model /tmp/sd15 --fast --size 512x512 --steps 50 --sampler DDIM --seed 1 -q)
 for run in cold warm; do
   start=$(date +%s.%N)

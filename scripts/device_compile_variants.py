@@ -25,39 +25,9 @@ T0 = time.perf_counter()
 REGION_CLASSES = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
 
 
-def cuda_ms(call, n=100, warmup=5):
-    import torch
-
-    for _ in range(warmup):
-        call()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(n):
-        call()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
-
-
-def graphed(model, args):
-    import torch
-
-    static = [a.clone() for a in args]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            model(*static)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = model(*static)
-    return graph.replay, out
-
-
 def worker(variant):
     import torch
+    from device_explore_unet import cuda_ms, graphed  # this script's folder is on sys.path
 
     from ldmkit.bench import random_sd15
 
@@ -122,14 +92,14 @@ def worker(variant):
         result["unet_max_abs_err"] = float((out.float() - reference.float()).abs().max())
         result["vae_max_abs_err"] = float((image.float() - vae_reference.float()).abs().max())
         replay, _ = graphed(model, args)
-        result["unet_graph_ms"] = cuda_ms(replay)
+        result["unet_graph_ms"] = cuda_ms(replay, n=100)
         result["vae_eager_ms"] = vae_eager_ms
         result["vae_ms"] = cuda_ms(lambda: decode(latents), n=20)
         torch.backends.cudnn.benchmark = True
         for _ in range(3):
             out = model(*args)
         replay, _ = graphed(model, args)
-        result["unet_graph_ms_cudnn_benchmark"] = cuda_ms(replay)
+        result["unet_graph_ms_cudnn_benchmark"] = cuda_ms(replay, n=100)
         result["unet_max_abs_err_cudnn_benchmark"] = float((out.float() - reference.float()).abs().max())
     result["process_s"] = time.perf_counter() - T0
     print("RESULT", json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
@@ -146,6 +116,7 @@ def main(variants):
             try:
                 proc = subprocess.run(
                     [sys.executable, __file__, "--worker", variant],
+                    check=False,
                     env=env,
                     capture_output=True,
                     text=True,

@@ -4,15 +4,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-src} PYTHONPYCACHEPREFIX=/tmp/pycache PYTHONDONTWRITEBYTECODE=
 export LDMKIT_COMPILE_CACHE=/tmp/ldmkit-compiled
-python3 - <<'PY' 2>&1 | grep -v shards
-import torch
-from ldmkit.bench import random_sd15
-from ldmkit.loading import save_pretrained
-components = random_sd15(torch.device("cuda"))
-for module in (components.unet, components.vae, components.text_encoder):
-    module.half()
-save_pretrained(components, "/tmp/sd15")
-PY
+python3 scripts/save_random_sd15.py /tmp/sd15 2>&1 | grep -v shards
 for run in 1 2; do
   echo "== process $run"
   python3 scripts/device_warm_start.py /tmp/sd15 2>&1 | grep -v "Warn\|warn\|Loading\|torchvision" | tail -${TAIL:-40}

@@ -13,15 +13,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-src} PYTHONPYCACHEPREFIX=/tmp
 export LDMKIT_COMPILE_CACHE=/tmp/ldmkit-compiled
 python3 -c "import sys, os, torch; print('dont_write_bytecode', sys.dont_write_bytecode, 'torch dir writable', os.access(os.path.dirname(torch.__file__), os.W_OK))"
 env | grep -i "^python" || true
-python3 - <<'PY' 2>&1 | grep -v shards
-import torch
-from ldmkit.bench import random_sd15
-from ldmkit.loading import save_pretrained
-components = random_sd15(torch.device("cuda"))
-for module in (components.unet, components.vae, components.text_encoder):
-    module.half()
-save_pretrained(components, "/tmp/sd15")
-PY
+python3 scripts/save_random_sd15.py /tmp/sd15 2>&1 | grep -v shards
 GEN=(generate "a castle on a hill" --model /tmp/sd15 --fast --size 512x512 --steps 50 --sampler DDIM --seed 1 -q)
 timed() {  # label, then env assignments for the command
   local label=$1; shift
