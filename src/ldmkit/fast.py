@@ -4,7 +4,7 @@ Each one leaves the arithmetic the same up to fp16 rounding (measured: docs/benc
   - fp16 weights on CUDA (tensor cores; the activations follow the weights);
   - channels_last memory layout for the UNet and the VAE (cuDNN's NHWC convolutions);
   - fused QKV projections (one matmul for q, k, v in self-attention, one for k, v in
-    cross-attention), whose attention processor runs PyTorch's SDPA (flash attention);
+    cross-attention), whose attention processor runs PyTorch's SDPA (cuDNN or flash attention kernels);
   - torch.compile of the UNet and of the VAE decoder, saved to disk by ldmkit.precompile so that a
     second process loads them instead of tracing the models again;
   - the compiled UNet call replayed as a CUDA graph (ldmkit.cuda_graphs), which removes the

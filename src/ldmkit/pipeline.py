@@ -164,7 +164,8 @@ class Pipeline:
         """Load a diffusers folder, a cached Hub repo id, an original single file, or (None) the default model.
 
         fast=True applies the measured exact GPU speed-ups of ldmkit.fast (fp16, channels_last, fused
-        QKV, torch.compile with CUDA graphs); the first image then includes the compile time.
+        QKV, torch.compile with CUDA graphs); the first image of a size then includes the compile time, or,
+        once an earlier process saved it (ldmkit.precompile), the time to load it.
         vae_tiling=True encodes and decodes large images in overlapping tiles (diffusers' tiled VAE), so
         the VAE's memory stays that of one tile.
         """
