@@ -35,7 +35,7 @@ class CUDAGraphed:
 
     def __init__(self, fn: Callable, module: torch.nn.Module, warmup: int = 2):
         self.fn, self.module, self.warmup = fn, module, warmup
-        self.params = list(module.parameters())
+        self.params: list[torch.nn.Parameter] = []  # read at each capture
         self.captured: dict[tuple, _Captured] = {}
         self.pool = None
 
