@@ -10,8 +10,10 @@ so launch overhead is out of every number and regions compiled apart cost only t
   regional: torch.compile of each Transformer2DModel / ResnetBlock2D / Down- / Upsample2D instead, so
             dynamo traces each distinct block shape once instead of the whole UNet;
   recipe:   full plus diffusers' tutorial inductor settings (1x1 conv as mm, coordinate descent tuning);
-  autotune: full with mode="max-autotune-no-cudagraphs" (Triton GEMM/conv templates, epilogue fusion).
+  autotune: full with mode="max-autotune-no-cudagraphs" (Triton GEMM/conv templates, epilogue fusion);
+  autotune_gemm: the same for GEMMs only, convolutions left to cuDNN (autotune's UNet compile passed 420 s).
 Each also reports the call time with cudnn.benchmark on (cuDNN times its algorithms per shape).
+Env: RUNS="cold warm" (default) or "cold"; SKIP_VAE=1 keeps the decoder eager; VARIANT_TIMEOUT (s, default 400).
 Results: one JSON line per process, prefixed RESULT, and $OUT/variants.json.
 """
 
@@ -77,9 +79,12 @@ def worker(variant):
                 }
             },
             "autotune": {"mode": "max-autotune-no-cudagraphs"},
+            # GEMMs only: Triton templates (epilogue fusion) against cuBLAS; convs stay on cuDNN
+            "autotune_gemm": {"options": {"max_autotune": True, "max_autotune_conv_backends": "ATEN"}},
         }[variant]
         model = torch.compile(call, fullgraph=True, **how)
-        decode = torch.compile(vae.decode, fullgraph=True, **how)
+        # SKIP_VAE=1 leaves the decoder eager: its autotuning costs minutes and it runs once per image
+        decode = vae.decode if os.environ.get("SKIP_VAE") == "1" else torch.compile(vae.decode, fullgraph=True, **how)
     with torch.no_grad():
         start = time.perf_counter()
         out = model(*args)
@@ -111,7 +116,7 @@ def main(variants):
     results = []
     for variant in variants:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=f"/tmp/inductor-{variant}")
-        for run in ("cold", "warm"):
+        for run in os.environ.get("RUNS", "cold warm").split():  # RUNS=cold: compile time and speed only
             start = time.perf_counter()
             try:
                 proc = subprocess.run(

@@ -19,6 +19,8 @@ import torch
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+from ldmkit.tiled_vae import will_tile
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Modes whose options turn on inductor's own CUDA graphs: those compile in-process, as torch.compile does.
 INDUCTOR_GRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -132,14 +134,14 @@ class FastDecode:
     """Stands in for `vae.decode` with the same signature, compiled for the VAE's dtype at the time.
 
     The pipeline's retry of an fp16 overflow casts the VAE to fp32: that rare call runs eager rather
-    than compiling for minutes.
+    than compiling for minutes. So do tiled decodes (ldmkit.tiled_vae swaps layers' forward per tile).
     """
 
     def __init__(self, vae, call):
         self.vae, self._call, self.dtype = vae, call, vae.dtype
 
     def __call__(self, latents, return_dict=True, **kwargs):
-        if kwargs or latents.dtype != self.dtype:
+        if kwargs or latents.dtype != self.dtype or will_tile(self.vae, latents):
             return type(self.vae).decode(self.vae, latents, return_dict=return_dict, **kwargs)
         image = self._call(latents)
         return DecoderOutput(sample=image) if return_dict else (image,)

@@ -166,14 +166,16 @@ class Pipeline:
         fast=True applies the measured exact GPU speed-ups of ldmkit.fast (fp16, channels_last, fused
         QKV, torch.compile with CUDA graphs); the first image of a size then includes the compile time, or,
         once an earlier process saved it (ldmkit.precompile), the time to load it.
-        vae_tiling=True encodes and decodes large images in overlapping tiles (diffusers' tiled VAE), so
-        the VAE's memory stays that of one tile.
+        vae_tiling=True encodes and decodes images larger than a tile (512 px for SD) in tiles that share
+        GroupNorm statistics (ldmkit.tiled_vae), so the VAE's memory stays that of one tile, without seams.
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         pipe = cls(loading.load_components(source, config=config), device, dtype, lora_dir, embeddings_dir)
         if vae_tiling:
-            pipe.vae.enable_tiling()
+            from ldmkit import tiled_vae
+
+            tiled_vae.enable(pipe.vae)
         if fast:
             from ldmkit.fast import make_fast
 

@@ -96,7 +96,10 @@ class PrecompiledCall:
             try:
                 with path.open("rb") as f:
                     loaded = torch.compiler.load_compiled_function(f)
-                loaded(self.module, *tensors)  # checks the saved guards; a mismatch raises
+                # The saved guards (tensor metadata, global state) must hold for this call. guard_check
+                # tests them without running the function; a mismatch means a stale file.
+                if not loaded.guard_check(self.module, *tensors):
+                    raise RuntimeError("the saved guards do not match this call")
                 log.info("precompile: loaded %s", path)
                 return loaded
             except Exception as error:  # a stale or foreign file: compile afresh

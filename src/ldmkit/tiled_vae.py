@@ -1,0 +1,179 @@
+"""VAE decode and encode of large images in tiles, without seams.
+
+diffusers' tiled VAE runs the whole decoder on each overlapping tile of the latents. Every tile then
+normalises with its own GroupNorm statistics and attends only within itself, so neighbouring tiles
+come out in different brightness and contrast, and blending their overlap does not hide it
+(docs/benchmarks.md: tiles plain to see on the shipped VAE). Here:
+- the parts at latent resolution (the decoder's conv_in and mid block with its attention, the
+  encoder's mid block and output) run on the whole image, which is small there;
+- only the full-resolution part is tiled, each tile with a margin of context that is cut off again,
+  so convolutions see what they would see in the whole image;
+- all tiles normalise with the same GroupNorm statistics: a first pass over the tiles collects each
+  layer's per-group mean and variance over the image, and the pass that makes the output uses them.
+The output then differs from the untiled decode only by the statistics' small estimation error and
+by what lies beyond a tile's margin; tile memory is what diffusers' tiling uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import math
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DecoderOutput
+
+COLLECT_PASSES = 1
+MIN_TILE_PX = 512  # SD's tile size; smaller VAEs get no smaller tiles (fewer tiles, fewer joins)
+
+
+def enable(vae) -> None:
+    """Turn on tiling for large images (diffusers' switch and size rule) with these methods in place."""
+    vae.enable_tiling()
+    vae.tile_sample_min_size = max(vae.tile_sample_min_size, MIN_TILE_PX)
+    vae.tile_latent_min_size = vae.tile_sample_min_size // scale_factor(vae)
+    vae.tiled_decode = functools.partial(tiled_decode, vae)
+    vae._tiled_encode = functools.partial(tiled_encode, vae)
+
+
+def scale_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def will_tile(vae, latents: torch.Tensor) -> bool:
+    """Whether diffusers' `_decode` sends these latents to `tiled_decode`."""
+    return getattr(vae, "use_tiling", False) and max(latents.shape[-2:]) > vae.tile_latent_min_size
+
+
+def tiled_decode(vae, z: torch.Tensor, return_dict: bool = True):
+    decoder = vae.decoder
+    if vae.post_quant_conv is not None:
+        z = vae.post_quant_conv(z)
+    features = decoder.mid_block(decoder.conv_in(z), None)
+    features = features.to(next(iter(decoder.up_blocks.parameters())).dtype)
+
+    def upsample(x):
+        for block in decoder.up_blocks:
+            x = block(x, None)
+        return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(x)))
+
+    tile = vae.tile_latent_min_size
+    layers = [decoder.up_blocks, decoder.conv_norm_out]
+    image = run_tiled(upsample, layers, features, tile, margin=tile // 8, scale=Fraction(scale_factor(vae)), align=1)
+    return DecoderOutput(sample=image) if return_dict else (image,)
+
+
+def tiled_encode(vae, x: torch.Tensor) -> torch.Tensor:
+    encoder, factor = vae.encoder, scale_factor(vae)
+
+    def downsample(pixels):
+        pixels = encoder.conv_in(pixels)
+        for block in encoder.down_blocks:
+            pixels = block(pixels)
+        return pixels
+
+    tile = vae.tile_sample_min_size
+    layers = [encoder.down_blocks]
+    features = run_tiled(downsample, layers, x, tile, margin=tile // 8, scale=Fraction(1, factor), align=factor)
+    latents = encoder.conv_out(encoder.conv_act(encoder.conv_norm_out(encoder.mid_block(features))))
+    return vae.quant_conv(latents) if vae.quant_conv is not None else latents
+
+
+def run_tiled(fn, modules, x: torch.Tensor, tile: int, margin: int, scale: Fraction, align: int) -> torch.Tensor:
+    """fn(x) computed over windows of at most `tile` (in x's pixels), each the tile's own part plus
+    `margin` of context on every side that is not the image's edge. The GroupNorm layers in `modules`
+    (those fn runs) share statistics pooled over the whole image. `scale` is fn's output size over its input size; windows
+    start at multiples of `align` so that fn's strided layers keep the whole image's grid."""
+    rows, cols = _spans(x.shape[-2], tile - 2 * margin, align), _spans(x.shape[-1], tile - 2 * margin, align)
+    if len(rows) == 1 and len(cols) == 1:
+        return fn(x)
+    norms = SharedGroupNorm(modules)
+    for collect in [True] * COLLECT_PASSES + [False]:
+        norms.start_pass()
+        output = None
+        for top, bottom in rows:
+            for left, right in cols:
+                up, down = max(top - margin, 0), min(bottom + margin, x.shape[-2])
+                before, after = max(left - margin, 0), min(right + margin, x.shape[-1])
+                # the tile's own part of its window, as fractions (top, bottom, left, right)
+                own = [(top - up) / (down - up), (bottom - up) / (down - up)]
+                own += [(left - before) / (after - before), (right - before) / (after - before)]
+                with norms.tile(own, collect=collect):
+                    out = fn(x[..., up:down, before:after])
+                if collect:
+                    continue
+                if output is None:
+                    size = [int(n * scale) for n in x.shape[-2:]]
+                    output = out.new_empty(*x.shape[:-3], out.shape[-3], *size)
+                rows_out = slice(int(top * scale), int(bottom * scale))
+                cols_out = slice(int(left * scale), int(right * scale))
+                kept = out[..., int((top - up) * scale) :, int((left - before) * scale) :]
+                output[..., rows_out, cols_out] = kept[
+                    ..., : rows_out.stop - rows_out.start, : cols_out.stop - cols_out.start
+                ]
+    return output
+
+
+def _spans(length: int, core: int, align: int) -> list[tuple[int, int]]:
+    """[start, end) parts of nearly equal size, at most `core` long, cutting at multiples of `align`."""
+    count = math.ceil(length / max(core, align))
+    cuts = [min(length, round(length * i / count / align) * align) for i in range(count + 1)]
+    cuts[-1] = length
+    return [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
+
+
+class SharedGroupNorm:
+    """Makes the GroupNorm layers inside `modules` normalise with statistics shared by
+    all tiles. In a collecting pass each layer normalises per tile, as usual, and adds the tile's own
+    part (margins excluded) to image-wide sums; in the next pass it normalises with the pooled mean
+    and variance. Statistics are per image and group, as GroupNorm's are, and kept in float32."""
+
+    def __init__(self, modules):
+        self.layers = [m for module in modules for m in module.modules() if isinstance(m, torch.nn.GroupNorm)]
+        self.sums: dict[torch.nn.GroupNorm, list] = {}
+        self.pooled: dict[torch.nn.GroupNorm, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def start_pass(self):
+        if self.sums:
+            self.pooled = {layer: _mean_var(*sums) for layer, sums in self.sums.items()}
+            self.sums = {}
+
+    @contextlib.contextmanager
+    def tile(self, own: list[float], collect: bool):
+        """While fn runs on one tile; a collecting pass counts the tile's `own` part of its window."""
+        for layer in self.layers:
+            layer.forward = functools.partial(self.forward, layer, own, collect)
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                del layer.forward  # back to the class's forward
+
+    def forward(self, layer, own, collect, x):
+        n = x.shape[0]
+        if collect:
+            h, w = x.shape[-2:]
+            part = x[..., round(own[0] * h) : round(own[1] * h), round(own[2] * w) : round(own[3] * w)]
+            part = part.float().reshape(n, layer.num_groups, -1)
+            var, mean = torch.var_mean(part, dim=-1, correction=0)
+            count = part.shape[-1]
+            sums = self.sums.setdefault(layer, [0, 0.0, 0.0])
+            sums[0] += count
+            sums[1] = sums[1] + mean.double() * count
+            sums[2] = sums[2] + (var.double() + mean.double() ** 2) * count
+        if layer not in self.pooled:
+            return F.group_norm(x, layer.num_groups, layer.weight, layer.bias, layer.eps)
+        mean, var = self.pooled[layer]
+        grouped = x.float().reshape(n, layer.num_groups, -1)
+        y = ((grouped - mean[..., None]) * torch.rsqrt(var[..., None] + layer.eps)).reshape(x.shape)
+        if layer.weight is not None:
+            y = y * layer.weight.float()[:, None, None] + layer.bias.float()[:, None, None]
+        return y.to(x.dtype)
+
+
+def _mean_var(count, total, total_squares):
+    mean = total / count
+    return mean.float(), (total_squares / count - mean**2).clamp_min(0).float()
