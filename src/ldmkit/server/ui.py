@@ -2,8 +2,9 @@
 
 Generation goes through the same queue as the HTTP APIs. The event handler is an async generator:
 it submits a job, then yields a cheap preview of the predicted clean image whenever the worker has
-taken a new step, then the final images. Cancelling the event (the Cancel button, or the browser
-leaving) cancels the task at its await, and the `finally` hands the job's place back.
+taken a new step, then the final images. The Cancel button cancels the job in the queue, and the
+handler ends on "Cancelled."; a browser that leaves has Gradio cancel the task at its await, and the
+`finally` hands the job's place back.
 """
 
 from __future__ import annotations
@@ -136,9 +137,12 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
             )
     infotexts = gr.State([])
 
-    async def run(*values, progress=gr.Progress()):  # noqa: B008 (how Gradio asks for a progress bar)
+    running: dict[str, Job] = {}  # browser session -> its job in this tab, for the Cancel button
+
+    async def run(session: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's way)
         request = await asyncio.to_thread(_user_error, lambda: _request(dict(zip(fields, values))))
         job = _user_error(lambda: queue.submit(request))
+        running[session.session_hash] = job
         try:
             async for update in _watch(queue, job, progress):
                 yield {preview: update[0], status: update[1]}
@@ -151,6 +155,8 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
             raise
         finally:
             queue.cancel(job)  # no-op once done; frees the place if this task was cancelled
+            if running.get(session.session_hash) is job:
+                del running[session.session_hash]
         for image, text in zip(result.images, result.infotexts):
             image.info[PARAMETERS_KEY] = text  # Gradio writes PNG text info into the files it serves
         seeds = ", ".join(map(str, result.seeds))
@@ -164,8 +170,15 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
 
     outputs = [preview, status, gallery, parameters, infotexts]
     # Our queue (not Gradio's) decides who waits: Gradio may run every session's handler at once.
-    event = generate.click(run, list(fields.values()), outputs, concurrency_limit=None, show_progress_on=[gallery])
-    cancel.click(lambda: "Cancelled.", None, status, cancels=[event])
+    generate.click(run, list(fields.values()), outputs, concurrency_limit=None, show_progress_on=[gallery])
+
+    # Cancel stops the job in our queue; the handler above then ends on "Cancelled." in its own stream.
+    # (Gradio's `cancels=` would kill the handler instead, racing its last "Step" update to the status.)
+    def cancel_job(session: gr.Request):
+        if (job := running.get(session.session_hash)) is not None:
+            queue.cancel(job)
+
+    cancel.click(cancel_job, None, None, queue=False)
     random_seed.click(lambda: -1, None, fields["seed"])
     if "init_image" in fields:  # the uploaded image's size becomes the generation size, as the APIs default
         fields["init_image"].upload(_image_size, fields["init_image"], [fields["width"], fields["height"]])
