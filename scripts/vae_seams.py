@@ -7,7 +7,8 @@ is also encoded tiled and then decoded whole; each tiled way twice: diffusers' t
 tiles, blended) and ldmkit.tiled_vae (shared GroupNorm statistics).
 Each tiled result is compared with the whole one: PSNR, mean error, and how much sharper the jumps
 across tile joins are than the whole image's at the same places (a seam shows as a ratio above 1). Crops around
-a join, magnified, and amplified difference maps go to --out for looking at. The default model is
+a join, magnified, amplified difference maps and a montage (whole | diffusers | ldmkit decode) go to
+--out for looking at. The default model is
 the shipped one (a trained f=8 AutoencoderKL); --tile sets the tile size in pixels (SD's VAE uses 512,
 the shipped VAE's own is 128).
 """
@@ -74,6 +75,14 @@ def save_views(out, name, whole, tiled, at):
     Image.fromarray(np.clip(error, 0, 255).astype(np.uint8)).save(out / f"{name}-error-x8.png")
 
 
+def save_montage(out, images, side=400):
+    """whole | diffusers tiled decode | ldmkit tiled decode, each resized to side x side (docs/tiled-vae.png)."""
+    montage = Image.new("RGB", (3 * side + 16, side), "white")
+    for i, image in enumerate(images):
+        montage.paste(Image.fromarray(image).resize((side, side), Image.LANCZOS), (i * (side + 8), 0))
+    montage.save(out / "montage.png")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("photo")
@@ -117,6 +126,7 @@ def main():
             "join_step_ratio": join_steps(whole, image, positions),
         }
         save_views(out, name, whole, image, positions[len(positions) // 2])
+    save_montage(out, [whole, tiled["diffusers_tiled_decode"], tiled["ldmkit_tiled_decode"]])
     print(json.dumps(results, indent=1))
 
 

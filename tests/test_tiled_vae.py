@@ -58,9 +58,9 @@ def test_tiles_that_share_statistics_stay_close_to_the_whole_image_where_diffuse
     latent_peak = float(latents.abs().max())
     decoded = [psnr(whole, result[0]) for result in (theirs, ours)]
     encoded = [psnr(latents / latent_peak, result[1] / latent_peak) for result in (theirs, ours)]
-    # Measured: decode 23.0 dB (diffusers) vs 32.7 dB (ours), encode 20.7 vs 34.2 dB (latents scaled).
-    assert decoded[1] > 30 and decoded[1] > decoded[0] + 6, decoded
-    assert encoded[1] > 30 and encoded[1] > encoded[0] + 6, encoded
+    # Measured (torch 2.13 CPU): decode 23.0 dB (diffusers) vs 30.9 dB (ours), encode 29.4 vs 47.1 dB.
+    assert decoded[1] > 28 and decoded[1] > decoded[0] + 6, decoded
+    assert encoded[1] > 40 and encoded[1] > encoded[0] + 10, encoded
     assert not any("forward" in layer.__dict__ for layer in vae.modules())  # every layer's own forward is back
 
 

@@ -23,10 +23,8 @@ import math
 from fractions import Fraction
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DecoderOutput
 
-COLLECT_PASSES = 1
 MIN_TILE_PX = 512  # SD's tile size; smaller VAEs get no smaller tiles (fewer tiles, fewer joins)
 
 
@@ -91,7 +89,7 @@ def run_tiled(fn, modules, x: torch.Tensor, tile: int, margin: int, scale: Fract
     if len(rows) == 1 and len(cols) == 1:
         return fn(x)
     norms = SharedGroupNorm(modules)
-    for collect in [True] * COLLECT_PASSES + [False]:
+    for collect in (True, False):  # the first pass only collects statistics
         norms.start_pass()
         output = None
         for top, bottom in rows:
@@ -126,10 +124,12 @@ def _spans(length: int, core: int, align: int) -> list[tuple[int, int]]:
 
 
 class SharedGroupNorm:
-    """Makes the GroupNorm layers inside `modules` normalise with statistics shared by
-    all tiles. In a collecting pass each layer normalises per tile, as usual, and adds the tile's own
-    part (margins excluded) to image-wide sums; in the next pass it normalises with the pooled mean
-    and variance. Statistics are per image and group, as GroupNorm's are, and kept in float32."""
+    """Makes the GroupNorm layers inside `modules` normalise with statistics shared by all tiles.
+
+    A collecting pass adds each tile's own part (margins excluded) to image-wide sums per layer and
+    normalises with the sums so far; the next pass normalises with the pooled mean and variance of the
+    whole image. Statistics are per image and group, as GroupNorm's are, kept in float32 (float64 sums).
+    """
 
     def __init__(self, modules):
         self.layers = [m for module in modules for m in module.modules() if isinstance(m, torch.nn.GroupNorm)]
@@ -137,6 +137,7 @@ class SharedGroupNorm:
         self.pooled: dict[torch.nn.GroupNorm, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def start_pass(self):
+        """After a collecting pass: pool what it collected; the next pass normalises with that."""
         if self.sums:
             self.pooled = {layer: _mean_var(*sums) for layer, sums in self.sums.items()}
             self.sums = {}
@@ -164,9 +165,9 @@ class SharedGroupNorm:
             sums[0] += count
             sums[1] = sums[1] + mean.double() * count
             sums[2] = sums[2] + (var.double() + mean.double() ** 2) * count
-        if layer not in self.pooled:
-            return F.group_norm(x, layer.num_groups, layer.weight, layer.bias, layer.eps)
-        mean, var = self.pooled[layer]
+        # While collecting, normalise with the statistics of the tiles so far, this one included: closer
+        # to the untiled decode than each tile's own (docs/benchmarks.md), and the same for all tiles later.
+        mean, var = self.pooled[layer] if layer in self.pooled else _mean_var(*self.sums[layer])
         grouped = x.float().reshape(n, layer.num_groups, -1)
         y = ((grouped - mean[..., None]) * torch.rsqrt(var[..., None] + layer.eps)).reshape(x.shape)
         if layer.weight is not None:
