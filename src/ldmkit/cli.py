@@ -120,7 +120,7 @@ def add_generate(sub) -> None:
         help="GPU fast path: fp16, channels_last, fused QKV, torch.compile (first image compiles)",
     )
     gen.add_argument(
-        "--vae-tiling", action="store_true", help="decode/encode in overlapping tiles: large images in little memory"
+        "--vae-tiling", action="store_true", help="decode/encode large images in 512 px tiles (little memory, no seams)"
     )
     gen.add_argument(
         "--save-intermediates",
