@@ -106,7 +106,7 @@ def test_serve_limit_flags_are_validated_before_loading(capsys):
     assert "server limit max_steps must be a positive integer, got 0" in capsys.readouterr().err
 
 
-def test_fast_loads_the_fast_path_and_warms_up_only_on_cuda(monkeypatch):
+def test_fast_and_vae_tiling_reach_the_pipeline_and_warm_up_only_on_cuda(monkeypatch):
     import torch
     import uvicorn
 
@@ -131,6 +131,9 @@ def test_fast_loads_the_fast_path_and_warms_up_only_on_cuda(monkeypatch):
     args = parser.parse_args(["serve", "--fast", "--no-ui"])
     assert args.func(args) == 0
     assert loaded["fast"] is True and warmed == []  # the CPU gets nothing to compile
+    assert loaded["vae_tiling"] is False
+    assert args.func(parser.parse_args(["serve", "--vae-tiling", "--no-ui"])) == 0
+    assert loaded["vae_tiling"] is True and loaded["fast"] is False
     FakePipe.device = torch.device("cuda")
     assert args.func(args) == 0
     assert warmed == [{"steps": 2, "seed": 0}]

@@ -83,8 +83,8 @@ def tiled_encode(vae, x: torch.Tensor) -> torch.Tensor:
 def run_tiled(fn, modules, x: torch.Tensor, tile: int, margin: int, scale: Fraction, align: int) -> torch.Tensor:
     """fn(x) computed over windows of at most `tile` (in x's pixels), each the tile's own part plus
     `margin` of context on every side that is not the image's edge. The GroupNorm layers in `modules`
-    (those fn runs) share statistics pooled over the whole image. `scale` is fn's output size over its input size; windows
-    start at multiples of `align` so that fn's strided layers keep the whole image's grid."""
+    (those fn runs) share statistics pooled over the whole image. `scale` is fn's output size over its
+    input size; tiles start at multiples of `align`, so that fn's strided layers keep the image's grid."""
     rows, cols = _spans(x.shape[-2], tile - 2 * margin, align), _spans(x.shape[-1], tile - 2 * margin, align)
     if len(rows) == 1 and len(cols) == 1:
         return fn(x)

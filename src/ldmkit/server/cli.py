@@ -27,6 +27,9 @@ def register(subparsers) -> None:
         help="CUDA: fp16, compile and CUDA graphs (ldmkit.fast), compiled before the first request is taken",
     )
     serve.add_argument(
+        "--vae-tiling", action="store_true", help="decode/encode large images in 512 px tiles (little memory, no seams)"
+    )
+    serve.add_argument(
         "--queue-size", type=int, default=8, metavar="N", help="requests that may wait while one runs; more get 503"
     )
     serve.add_argument("--no-ui", action="store_true", help="HTTP APIs only, without the web UI")
@@ -78,6 +81,7 @@ def run_serve(args) -> int:
         lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir,
         fast=args.fast,
+        vae_tiling=args.vae_tiling,
     )
     if args.fast and pipe.device.type == "cuda":
         warm_up(pipe)
