@@ -6,11 +6,10 @@ The photo is resized to SIZE x SIZE and encoded; its latents are decoded whole a
 is also encoded tiled and then decoded whole; each tiled way twice: diffusers' tiled VAE (overlapping
 tiles, blended) and ldmkit.tiled_vae (shared GroupNorm statistics).
 Each tiled result is compared with the whole one: PSNR, mean error, and how much sharper the jumps
-across tile joins are than the whole image's at the same places (a seam shows as a ratio above 1). Crops around
-a join, magnified, amplified difference maps and a montage (whole | diffusers | ldmkit decode) go to
---out for looking at. The default model is
-the shipped one (a trained f=8 AutoencoderKL); --tile sets the tile size in pixels (SD's VAE uses 512,
-the shipped VAE's own is 128).
+across its tile joins are than the whole image's at the same places (a seam shows as a ratio above 1).
+Crops around a join, magnified, amplified difference maps and a montage (whole | diffusers | ldmkit
+decode) go to --out for looking at. The default model is the shipped one (a trained f=8
+AutoencoderKL); --tile sets the tile size in pixels (SD's VAE uses 512, the shipped VAE's own is 128).
 """
 
 import argparse
@@ -40,12 +39,16 @@ def psnr(a, b):
     return float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))
 
 
-def joins(tile, size):
-    """Pixel positions where diffusers' tiled decode puts one tile's kept part next to the next (25%
-    overlap). ldmkit's joins fall elsewhere (tiles of nearly equal size); its step ratio is measured at
-    diffusers' places too, a stand-in for any place."""
-    stride = int(tile * 0.75)
-    return list(range(stride, size, stride))
+def joins(method, tile, size, factor=8):
+    """Pixel positions where one tile's kept part meets the next: diffusers' tiles step by 3/4 of a tile;
+    ldmkit's are the nearly equal parts of tiled_vae._spans (the tile less its margin on each side)."""
+    if method == "diffusers":
+        stride = int(tile * 0.75)
+        return list(range(stride, size, stride))
+    latent_tile = tile // factor
+    margin = max(latent_tile // 8, tiled_vae.MIN_MARGIN_PX // factor)
+    spans = tiled_vae._spans(size // factor, latent_tile - 2 * margin, 1)
+    return [start * factor for start, _ in spans[1:]]
 
 
 def join_steps(a, b, positions):
@@ -115,7 +118,6 @@ def main():
             vae.disable_tiling()  # to see the encode's seams alone
             tiled[f"{method}_tiled_encode"] = to_array(vae.decode(encoded).sample.cpu())
             vae.disable_tiling()
-    positions = joins(args.tile, args.size)
     Image.fromarray(whole).save(out / "whole.png")
     results["reconstruction_psnr_db"] = psnr(np.asarray(photo), whole)
     for name, image in tiled.items():
@@ -123,7 +125,7 @@ def main():
         results[name] = {
             "psnr_vs_whole_db": psnr(whole, image),
             "mean_abs_error": float(np.abs(whole.astype(np.float64) - image).mean()),
-            "join_step_ratio": join_steps(whole, image, positions),
+            "join_step_ratio": join_steps(whole, image, positions := joins(name.split("_")[0], args.tile, args.size)),
         }
         save_views(out, name, whole, image, positions[len(positions) // 2])
     save_montage(out, [whole, tiled["diffusers_tiled_decode"], tiled["ldmkit_tiled_decode"]])

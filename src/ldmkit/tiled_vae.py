@@ -26,6 +26,9 @@ import torch
 from diffusers.models.autoencoders.vae import DecoderOutput
 
 MIN_TILE_PX = 512  # SD's tile size; smaller VAEs get no smaller tiles (fewer tiles, fewer joins)
+# Context kept around each tile: an eighth of the tile, and at least 32 px. With 16 px (128 px tiles)
+# the joins showed as steps 1.4x sharper than the untiled image's there; with 32 px and more, 1.04x.
+MIN_MARGIN_PX = 32
 
 
 def enable(vae) -> None:
@@ -58,9 +61,9 @@ def tiled_decode(vae, z: torch.Tensor, return_dict: bool = True):
             x = block(x, None)
         return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(x)))
 
-    tile = vae.tile_latent_min_size
-    layers = [decoder.up_blocks, decoder.conv_norm_out]
-    image = run_tiled(upsample, layers, features, tile, margin=tile // 8, scale=Fraction(scale_factor(vae)), align=1)
+    tile, factor = vae.tile_latent_min_size, scale_factor(vae)
+    margin = max(tile // 8, MIN_MARGIN_PX // factor)
+    image = run_tiled(upsample, [decoder.up_blocks, decoder.conv_norm_out], features, tile, margin, Fraction(factor), 1)
     return DecoderOutput(sample=image) if return_dict else (image,)
 
 
@@ -74,8 +77,8 @@ def tiled_encode(vae, x: torch.Tensor) -> torch.Tensor:
         return pixels
 
     tile = vae.tile_sample_min_size
-    layers = [encoder.down_blocks]
-    features = run_tiled(downsample, layers, x, tile, margin=tile // 8, scale=Fraction(1, factor), align=factor)
+    margin = max(tile // 8 // factor, MIN_MARGIN_PX // factor) * factor  # whole latent pixels
+    features = run_tiled(downsample, [encoder.down_blocks], x, tile, margin, Fraction(1, factor), factor)
     latents = encoder.conv_out(encoder.conv_act(encoder.conv_norm_out(encoder.mid_block(features))))
     return vae.quant_conv(latents) if vae.quant_conv is not None else latents
 
