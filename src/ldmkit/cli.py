@@ -16,6 +16,7 @@ for _var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
     os.environ.setdefault(_var, "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+from ldmkit.cli_options import add_model_options  # noqa: E402
 from ldmkit.errors import InvalidRequest, LdmError  # noqa: E402
 from ldmkit.samplers import DEFAULT_SAMPLER, SAMPLERS  # noqa: E402
 
@@ -101,26 +102,12 @@ def add_generate(sub) -> None:
     gen.add_argument(
         "--clip-skip", type=int, default=1, help="use the text encoder's N-th last layer (A1111's clip skip)"
     )
-    gen.add_argument(
-        "--lora-dir", type=Path, default=None, help="folder where <lora:NAME:WEIGHT> prompt tags are looked up"
-    )
-    gen.add_argument(
-        "--embeddings-dir", type=Path, default=None, help="textual inversion embeddings, used by writing their names"
-    )
-    gen.add_argument(
-        "--model", default=None, help="diffusers folder, cached repo id or .safetensors file (default: shipped model)"
-    )
-    gen.add_argument("--config", default=None, help="diffusers config folder for single files of other architectures")
+    add_model_options(gen)
     gen.add_argument("-o", "--output-dir", type=Path, default=Path("outputs"))
-    gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    gen.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     gen.add_argument(
         "--fast",
         action="store_true",
         help="GPU fast path: fp16, channels_last, fused QKV, torch.compile (first image compiles)",
-    )
-    gen.add_argument(
-        "--vae-tiling", action="store_true", help="decode/encode large images in 512 px tiles (little memory, no seams)"
     )
     gen.add_argument(
         "--save-intermediates",

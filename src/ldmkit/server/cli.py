@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from ldmkit.cli_options import add_model_options
 
 
 def register(subparsers) -> None:
     serve = subparsers.add_parser("serve", help="web UI + AUTOMATIC1111- and OpenAI-compatible HTTP APIs")
-    serve.add_argument(
-        "--model", default=None, help="diffusers folder, cached repo id or .safetensors file (default: shipped model)"
-    )
-    serve.add_argument("--config", default=None, help="diffusers config folder for single files of other architectures")
-    serve.add_argument(
-        "--lora-dir", type=Path, default=None, help="folder where <lora:NAME:WEIGHT> prompt tags are looked up"
-    )
-    serve.add_argument(
-        "--embeddings-dir", type=Path, default=None, help="textual inversion embeddings, used by writing their names"
-    )
+    add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     serve.add_argument("--port", type=int, default=7860)
-    serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    serve.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     serve.add_argument(
         "--fast",
         action="store_true",
         help="CUDA: fp16, compile and CUDA graphs (ldmkit.fast), compiled before the first request is taken",
-    )
-    serve.add_argument(
-        "--vae-tiling", action="store_true", help="decode/encode large images in 512 px tiles (little memory, no seams)"
     )
     serve.add_argument(
         "--queue-size", type=int, default=8, metavar="N", help="requests that may wait while one runs; more get 503"

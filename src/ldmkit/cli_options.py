@@ -1,0 +1,27 @@
+"""Command-line options more than one `ldm` subcommand takes; light to import (argparse only), as
+`ldm serve`'s registration must stay (tests/test_server_cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_model_options(parser) -> None:
+    """Which model loads, with what, where and how: the options `ldm generate` and `ldm serve` share."""
+    parser.add_argument(
+        "--model", default=None, help="diffusers folder, cached repo id or .safetensors file (default: shipped model)"
+    )
+    parser.add_argument(
+        "--config", default=None, help="diffusers config folder for single files of other architectures"
+    )
+    parser.add_argument(
+        "--lora-dir", type=Path, default=None, help="folder where <lora:NAME:WEIGHT> prompt tags are looked up"
+    )
+    parser.add_argument(
+        "--embeddings-dir", type=Path, default=None, help="textual inversion embeddings, used by writing their names"
+    )
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    parser.add_argument(
+        "--vae-tiling", action="store_true", help="decode/encode large images in 512 px tiles (little memory, no seams)"
+    )
