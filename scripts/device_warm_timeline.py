@@ -1,4 +1,4 @@
-"""A wall-clock timeline of a fresh `--fast` process before its first image (issue 5): one JSON line.
+"""A wall-clock timeline of a fresh `--fast` process up to its second image (issue 5), printed as JSON.
 
 python3 scripts/device_warm_timeline.py MODEL_FOLDER [SIZE]   # after a process has filled the compile cache
 
