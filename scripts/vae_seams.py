@@ -98,8 +98,6 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae = AutoencoderKL.from_pretrained(Path(args.model) / "vae").to(device).eval()
-    vae.tile_sample_min_size = args.tile
-    vae.tile_latent_min_size = args.tile // 2 ** (len(vae.config.block_out_channels) - 1)
     photo = Image.open(args.photo).convert("RGB").resize((args.size, args.size), Image.LANCZOS)
     photo.save(out / "photo.png")
     pixels = to_tensor(photo).to(device)
@@ -112,12 +110,11 @@ def main():
             if method == "ldmkit":
                 tiled_vae.enable(vae)
             vae.enable_tiling()
-            vae.tile_sample_min_size, vae.tile_latent_min_size = args.tile, args.tile // tiled_vae.scale_factor(vae)
+            tiled_vae.set_tile_size(vae, args.tile)
             tiled[f"{method}_tiled_decode"] = to_array(vae.decode(latents).sample.cpu())
             encoded = vae.encode(pixels).latent_dist.mean
             vae.disable_tiling()  # to see the encode's seams alone
             tiled[f"{method}_tiled_encode"] = to_array(vae.decode(encoded).sample.cpu())
-            vae.disable_tiling()
     Image.fromarray(whole).save(out / "whole.png")
     results["reconstruction_psnr_db"] = psnr(np.asarray(photo), whole)
     for name, image in tiled.items():

@@ -1,6 +1,7 @@
 """ldmkit.tiled_vae: tiles that share GroupNorm statistics, on the shipped (trained) VAE, against
 the untiled VAE and against diffusers' tiled VAE."""
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -33,19 +34,26 @@ def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 2.0) -> float:
     return float(10 * torch.log10(peak**2 / ((a.clamp(-1, 1) - b.clamp(-1, 1)) ** 2).mean()))
 
 
-def tiled_results(vae, pixels, latents, ours: bool):
-    """(decoded, encoded) with diffusers' tiling or ours, at TILE_PX tiles; the VAE is left untiled."""
+@contextlib.contextmanager
+def tiling(vae, tile_px: int | None = None, ours: bool = True):
+    """The VAE tiles (with our methods, or diffusers' alone) at `tile_px`, and is untiled again after."""
     if ours:
         tiled_vae.enable(vae)
     vae.enable_tiling()
-    vae.tile_sample_min_size, vae.tile_latent_min_size = TILE_PX, TILE_PX // tiled_vae.scale_factor(vae)
+    if tile_px is not None:
+        tiled_vae.set_tile_size(vae, tile_px)
     try:
-        with torch.inference_mode():
-            return vae.decode(latents).sample, vae.encode(pixels).latent_dist.mean
+        yield
     finally:
         vae.disable_tiling()
         vae.__dict__.pop("tiled_decode", None)
         vae.__dict__.pop("_tiled_encode", None)
+
+
+def tiled_results(vae, pixels, latents, ours: bool):
+    """(decoded, encoded) with diffusers' tiling or ours, at TILE_PX tiles."""
+    with tiling(vae, TILE_PX, ours), torch.inference_mode():
+        return vae.decode(latents).sample, vae.encode(pixels).latent_dist.mean
 
 
 def test_tiles_that_share_statistics_stay_close_to_the_whole_image_where_diffusers_tiles_drift(vae):
@@ -65,22 +73,17 @@ def test_tiles_that_share_statistics_stay_close_to_the_whole_image_where_diffuse
 
 
 def test_tiling_starts_above_the_tile_size_and_keeps_the_image_shape(vae):
-    tiled_vae.enable(vae)
-    try:
-        latents = torch.randn(1, 4, 24, 40, generator=torch.Generator().manual_seed(0))
-        with torch.inference_mode():
-            assert tiled_vae.will_tile(vae, latents) is False  # 320 px wide: inside a 512 px tile
-            vae.tile_sample_min_size, vae.tile_latent_min_size = 256, 32
-            assert tiled_vae.will_tile(vae, latents)
-            # one tile of 32 latent px holds 24 rows; the 40 columns take two: compare with whole
-            split = vae.tiled_decode(latents).sample
-            vae.disable_tiling()
-            whole = vae.decode(latents).sample
-        assert split.shape == whole.shape == (1, 3, 192, 320)
-        assert psnr(whole, split) > 30
-    finally:
-        vae.disable_tiling()
-        del vae.tiled_decode, vae._tiled_encode
+    latents = torch.randn(1, 4, 24, 40, generator=torch.Generator().manual_seed(0))
+    with tiling(vae), torch.inference_mode():
+        assert tiled_vae.will_tile(vae, latents) is False  # 320 px wide: inside a 512 px tile
+        tiled_vae.set_tile_size(vae, 256)
+        assert tiled_vae.will_tile(vae, latents)
+        # one tile of 32 latent px holds 24 rows; the 40 columns take two: compare with whole
+        split = vae.tiled_decode(latents).sample
+    with torch.inference_mode():
+        whole = vae.decode(latents).sample
+    assert split.shape == whole.shape == (1, 3, 192, 320)
+    assert psnr(whole, split) > 30
 
 
 @pytest.mark.parametrize(
@@ -100,15 +103,9 @@ def test_the_fast_decoder_leaves_tiled_decodes_to_eager(vae):
     def compiled(latents):
         raise AssertionError("a tiled decode reached the compiled decoder")
 
-    tiled_vae.enable(vae)
-    vae.tile_sample_min_size, vae.tile_latent_min_size = 128, 16
-    try:
-        with torch.inference_mode():
-            image = FastDecode(vae, compiled)(torch.randn(1, 4, 24, 24), return_dict=False)[0]
-        assert image.shape == (1, 3, 192, 192)
-    finally:
-        vae.disable_tiling()
-        del vae.tiled_decode, vae._tiled_encode
+    with tiling(vae, 128), torch.inference_mode():
+        image = FastDecode(vae, compiled)(torch.randn(1, 4, 24, 24), return_dict=False)[0]
+    assert image.shape == (1, 3, 192, 192)
 
 
 def test_group_norm_layers_get_their_own_forward_back_after_a_failing_tile(vae):
@@ -125,7 +122,7 @@ def test_the_pipeline_tiles_with_shared_statistics_when_asked():
     tiled = Pipeline.from_pretrained(None, vae_tiling=True)
     assert tiled.vae.tiled_decode.func is tiled_vae.tiled_decode
     assert tiled.vae.tile_sample_min_size == tiled_vae.MIN_TILE_PX  # the shipped VAE's own 128 px, raised
-    tiled.vae.tile_sample_min_size, tiled.vae.tile_latent_min_size = 128, 16  # so that 256 px tiles
+    tiled_vae.set_tile_size(tiled.vae, 128)  # so that 256 px tiles
     request = {"steps": 4, "width": 256, "height": 256, "seed": 3}
     images = [pipe.generate("a red apple", **request).images[0] for pipe in (plain, tiled)]
     pixels = [torch.from_numpy(np.asarray(image, dtype=np.float32)) / 127.5 - 1 for image in images]

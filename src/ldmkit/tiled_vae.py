@@ -34,10 +34,14 @@ MIN_MARGIN_PX = 32
 def enable(vae) -> None:
     """Turn on tiling for large images (diffusers' switch and size rule) with these methods in place."""
     vae.enable_tiling()
-    vae.tile_sample_min_size = max(vae.tile_sample_min_size, MIN_TILE_PX)
-    vae.tile_latent_min_size = vae.tile_sample_min_size // scale_factor(vae)
+    set_tile_size(vae, max(vae.tile_sample_min_size, MIN_TILE_PX))
     vae.tiled_decode = functools.partial(tiled_decode, vae)
     vae._tiled_encode = functools.partial(tiled_encode, vae)
+
+
+def set_tile_size(vae, tile_px: int) -> None:
+    """Tiles of `tile_px` image pixels; diffusers keeps the size in latent pixels too, which must agree."""
+    vae.tile_sample_min_size, vae.tile_latent_min_size = tile_px, tile_px // scale_factor(vae)
 
 
 def scale_factor(vae) -> int:
