@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ipaddress
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 import ldmkit
 from ldmkit.errors import LdmError
@@ -23,43 +27,71 @@ def create_app(
     queue_size: int = 8,
     ui: bool = True,
     limits: ServerLimits = DEFAULT_LIMITS,
+    allowed_hosts: list[str] | None = None,
+    cors_origins: list[str] | None = None,
 ) -> FastAPI:
     """The app over an already loaded pipeline; its worker starts and stops with the app's lifespan.
 
-    `limits` bounds what one request may ask for, the body size included.
+    `limits` bounds what one request may ask for, the body size included. `allowed_hosts` are the Host
+    headers answered (default: this machine's loopback names, so a web page cannot reach the server
+    through a DNS name it rebinds to 127.0.0.1); `cors_origins` the web origins whose pages may read the
+    answers (default none: only the server's own pages and non-browser clients).
     """
     queue = GenerationQueue(pipe, max_waiting=queue_size, limits=limits)
+    ui_files = None
+    if ui:
+        from ldmkit.server.ui_files import UiFileCache
+
+        ui_files = UiFileCache.create(limits.max_ui_cache_bytes, limits.max_ui_cache_seconds)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         queue.start()
+        sweeper = asyncio.create_task(ui_files.sweep_forever()) if ui_files is not None else None
         try:
             yield
         finally:
             queue.close()
+            if sweeper is not None:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
+                ui_files.remove()
 
     app = FastAPI(title="ldmkit", version=ldmkit.__version__, lifespan=lifespan, description=_DESCRIPTION)
     app.state.queue = queue
     app.state.limits = limits
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, error=error_response)
+    # Our own CORS policy also switches off Gradio's, which lets any localhost origin read with credentials.
+    app.add_middleware(CORSMiddleware, allow_origins=cors_origins or [], allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or LOOPBACK_HOSTS)
     _add_error_handlers(app)
     app.include_router(a1111.create_router(queue))
     app.include_router(openai_api.create_router(queue))
     if ui:
-        import gradio as gr  # the heaviest import; API-only apps (and their tests) skip it
+        from ldmkit.server.ui import mount_ui  # Gradio is the heaviest import; API-only apps skip it
 
-        from ldmkit.server.ui import CSS, build_ui
-
-        gr.mount_gradio_app(
-            app,
-            build_ui(queue),
-            path="/",
-            max_file_size=limits.max_body_bytes,
-            ssr_mode=False,
-            footer_links=["api"],
-            css=CSS,
-        )
+        mount_ui(app, queue)
     return app
+
+
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
+
+
+def allowed_hosts_for(bind_host: str, extra: list[str] | None = None) -> list[str]:
+    """The Host headers a server listening on `bind_host` answers: loopback names, the address itself, `extra`.
+
+    On a wildcard address (0.0.0.0, ::) the names clients use cannot be known: every host is answered
+    unless `extra` lists them.
+    """
+    if extra:
+        return LOOPBACK_HOSTS + list(extra)
+    try:
+        if ipaddress.ip_address(bind_host).is_unspecified:
+            return ["*"]
+    except ValueError:
+        pass  # a name such as "localhost" or "myhost.lan"
+    return LOOPBACK_HOSTS + [bind_host]
 
 
 _DESCRIPTION = (

@@ -19,6 +19,18 @@ def register(subparsers) -> None:
         "--queue-size", type=int, default=8, metavar="N", help="requests that may wait while one runs; more get 503"
     )
     serve.add_argument("--no-ui", action="store_true", help="HTTP APIs only, without the web UI")
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        help="a Host name clients use to reach the server (repeatable; default: loopback names and --host)",
+    )
+    serve.add_argument(
+        "--cors-allow-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="a web origin (https://example.org) whose pages may call the API (repeatable; default: none)",
+    )
     limits = serve.add_argument_group("limits (a request beyond one gets a 4xx naming it; docs/reliability.md)")
     for flag, field, help_text in LIMIT_FLAGS:
         limits.add_argument(flag, dest=field, type=int, default=None, metavar="N", help=help_text)
@@ -37,6 +49,8 @@ LIMIT_FLAGS = [
     ("--max-images", "max_images", "images per request (default 16)"),
     ("--max-prompt-chars", "max_prompt_chars", "characters per prompt (default 10000)"),
     ("--max-body-bytes", "max_body_bytes", "request body size (default 32 MiB)"),
+    ("--max-ui-cache-bytes", "max_ui_cache_bytes", "the web UI's cached uploads and images (default 1 GiB)"),
+    ("--max-ui-cache-seconds", "max_ui_cache_seconds", "how long the web UI keeps a cached file (default 3600)"),
 ]
 
 
@@ -57,7 +71,7 @@ def run_serve(args) -> int:
     import uvicorn
 
     from ldmkit.pipeline import Pipeline
-    from ldmkit.server.app import create_app
+    from ldmkit.server.app import allowed_hosts_for, create_app
 
     pipe = Pipeline.from_pretrained(
         args.model,
@@ -71,7 +85,14 @@ def run_serve(args) -> int:
     )
     if args.fast and pipe.device.type == "cuda":
         warm_up(pipe)
-    app = create_app(pipe, queue_size=args.queue_size, ui=not args.no_ui, limits=limits)
+    app = create_app(
+        pipe,
+        queue_size=args.queue_size,
+        ui=not args.no_ui,
+        limits=limits,
+        allowed_hosts=allowed_hosts_for(args.host, args.allowed_host),
+        cors_origins=args.cors_allow_origin,
+    )
     print(f"ldm serve: {pipe.model_name} on {pipe.device}; web UI http://{args.host}:{args.port}/ , API docs /docs")
     # On Ctrl-C, requests get a few seconds to finish; then they are cancelled, which stops the worker.
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)

@@ -22,6 +22,8 @@ class ServerLimits:
     max_images: int = 16  # per request: batch_size * n_iter (AUTOMATIC1111), n (OpenAI)
     max_prompt_chars: int = 10_000  # prompt and negative prompt, each
     max_body_bytes: int = 32 * 1024 * 1024  # a few large base64 PNGs; a larger body is refused (413)
+    max_ui_cache_bytes: int = 1024 * 1024 * 1024  # the web UI's uploads and served images, oldest deleted first
+    max_ui_cache_seconds: int = 3600  # and none kept longer
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

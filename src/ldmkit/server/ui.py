@@ -30,6 +30,25 @@ POLL_SECONDS = 0.1  # how often the page may get a new preview
 CSS = ".ldm-preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
 
+def mount_ui(app, queue: GenerationQueue) -> gr.Blocks:
+    """Serve the UI at / of `app` (whose lifespan owns the UI's file cache, ldmkit.server.ui_files)."""
+    demo = build_ui(queue)
+    gr.mount_gradio_app(
+        app,
+        demo,
+        path="/",
+        max_file_size=queue.limits.max_body_bytes,
+        ssr_mode=False,
+        footer_links=["api"],
+        css=CSS,
+    )
+    # Gradio accepts a file input only if a user uploaded it, but checks that only for Blocks that
+    # `launch()` started: mounted ones never are, so any path on disk would be copied into the cache
+    # and served back (/etc/passwd through the PNG info tab). Mark the Blocks started so the check runs.
+    demo.has_launched = True
+    return demo
+
+
 def build_ui(queue: GenerationQueue) -> gr.Blocks:
     with gr.Blocks(title="ldmkit", analytics_enabled=False) as demo:
         gr.Markdown(f"### ldmkit · model: `{queue.pipe.model_name}`")
@@ -37,7 +56,7 @@ def build_ui(queue: GenerationQueue) -> gr.Blocks:
             with gr.Tab(mode, id=mode):
                 _generation_tab(queue, mode)
         with gr.Tab("PNG info", id="png-info"):
-            _png_info_tab()
+            _png_info_tab(queue.limits.max_input_pixels)
     return demo
 
 
@@ -139,8 +158,10 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
 
     running: dict[str, Job] = {}  # browser session -> its job in this tab, for the Cancel button
 
+    max_pixels = queue.limits.max_input_pixels
+
     async def run(session: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's way)
-        request = await asyncio.to_thread(_user_error, lambda: _request(dict(zip(fields, values))))
+        request = await asyncio.to_thread(_user_error, lambda: _request(dict(zip(fields, values)), max_pixels))
         job = _user_error(lambda: queue.submit(request))
         running[session.session_hash] = job
         try:
@@ -181,7 +202,10 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
     cancel.click(cancel_job, None, None, queue=False)
     random_seed.click(lambda: -1, None, fields["seed"])
     if "init_image" in fields:  # the uploaded image's size becomes the generation size, as the APIs default
-        fields["init_image"].upload(_image_size, fields["init_image"], [fields["width"], fields["height"]])
+        fields["init_image"].upload(
+            lambda path: _image_size(path, max_pixels), fields["init_image"], [fields["width"], fields["height"]],
+            api_name="_image_size",
+        )
     gallery.select(_selected_infotext, infotexts, parameters)
 
 
@@ -191,14 +215,14 @@ def _upload(label: str, elem_id: str) -> gr.Image:
     )
 
 
-def _image_size(path: str | None):
+def _image_size(path: str | None, max_pixels: int):
     if path is None:
         return gr.skip(), gr.skip()
-    width, height = _user_error(lambda: decode_image(path, "init image")).size
+    width, height = _user_error(lambda: decode_image(path, "init image", max_pixels)).size
     return max(8, min(2048, width // 8 * 8)), max(8, min(2048, height // 8 * 8))
 
 
-def _request(v: dict) -> GenerationRequest:
+def _request(v: dict, max_pixels: int) -> GenerationRequest:
     """The tab's input values -> a queue request; uploads are decoded here (off the event loop)."""
     request = GenerationRequest(
         prompt=v["prompt"],
@@ -216,12 +240,12 @@ def _request(v: dict) -> GenerationRequest:
     if "init_image" in v:
         if v["init_image"] is None:
             raise gr.Error("Upload an init image first.")
-        request.init_image = decode_image(v["init_image"], "init image").convert("RGB")
+        request.init_image = decode_image(v["init_image"], "init image", max_pixels).convert("RGB")
         request.strength = float(v["strength"])
     if "mask" in v:
         if v["mask"] is None:
             raise gr.Error("Upload a mask too: white where the image is to be repainted.")
-        request.mask_image = mask_from_image(decode_image(v["mask"], "mask"))
+        request.mask_image = mask_from_image(decode_image(v["mask"], "mask", max_pixels))
         request.mask_blur = int(v["mask_blur"])
     if v.get("hires"):
         scale, strength, steps = float(v["hires_scale"]), float(v["hires_strength"]), int(v["hires_steps"])
@@ -266,7 +290,7 @@ def _user_error(make):
         raise gr.Error(html.escape(str(exc))) from None  # Gradio renders it as HTML: keep <lora:...> visible
 
 
-def _png_info_tab() -> None:
+def _png_info_tab(max_pixels: int) -> None:
     with gr.Row():
         upload = gr.Image(
             label="PNG", type="filepath", image_mode=None, sources=["upload", "clipboard"], elem_id="png-info-image"
@@ -274,14 +298,14 @@ def _png_info_tab() -> None:
         with gr.Column():
             text = gr.Textbox(label="Parameters", lines=5, interactive=False, elem_id="png-info-text")
             parsed = gr.JSON(label="Parsed")
-    upload.change(read_png_info, upload, [text, parsed])
+    upload.change(lambda path: read_png_info(path, max_pixels), upload, [text, parsed], api_name="read_png_info")
 
 
-def read_png_info(path: str | None) -> tuple[str, dict]:
+def read_png_info(path: str | None, max_pixels: int) -> tuple[str, dict]:
     """The 'parameters' text of an uploaded image, and its fields."""
     if path is None:
         return "", {}
-    infotext = _user_error(lambda: decode_image(path, "upload")).info.get(PARAMETERS_KEY)
+    infotext = _user_error(lambda: decode_image(path, "upload", max_pixels)).info.get(PARAMETERS_KEY)
     if not infotext:
         return "This image carries no generation parameters.", {}
     return infotext, parse_infotext(infotext)
