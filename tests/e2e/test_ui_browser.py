@@ -230,3 +230,24 @@ def generate_for_screenshot(page, tab: str, prompt: str, seed: int, batch_size: 
     page.wait_for_function(f"document.querySelectorAll('#{tab}-gallery img').length === {batch_size}")
     page.wait_for_timeout(500)  # let the gallery's images finish loading
     return [page.locator(f"#{tab}-gallery img").nth(i).get_attribute("src") for i in range(batch_size)]
+
+
+def test_the_ui_refuses_a_path_that_was_not_uploaded(ui, tmp_path):
+    """A script in the page names a file on the server's disk as the PNG-info input: refused, never served."""
+    page, _ = ui
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(secret, pnginfo=png_info("secret prompt\nSteps: 1, Seed: 1, Size: 8x8"))
+    answer = page.evaluate(
+        """async (path) => {
+            const body = JSON.stringify({data: [{path, meta: {_type: "gradio.FileData"}}]});
+            const started = await fetch("/gradio_api/call/read_png_info",
+                                        {method: "POST", headers: {"Content-Type": "application/json"}, body});
+            const {event_id} = await started.json();
+            return await (await fetch(`/gradio_api/call/read_png_info/${event_id}`)).text();
+        }""",
+        str(secret),
+    )
+    assert "event: error" in answer and "not uploaded by a user" in answer
+    assert "secret prompt" not in answer
+    served = page.request.get(f"{page.url.rstrip('/')}/gradio_api/file={secret}")
+    assert served.status in (403, 404)
