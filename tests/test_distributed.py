@@ -82,3 +82,12 @@ def test_split_run_matches_one_process(setup, launcher):
     assert list(split) == list(single)
     for name in single:
         assert np.array_equal(single[name], split[name]), name
+
+
+@pytest.mark.slow
+def test_torchrun_with_the_default_device_splits_the_prompts_on_a_cpu_machine(setup):
+    """--device auto (the default) on a machine without CUDA: each prompt once, not once per process."""
+    root, prompts = setup
+    args = [a.replace("{prompts}", str(prompts)) for a in GENERATE if a not in ("--device", "cpu")]
+    run([*LAUNCHERS["torchrun"], "-m", "ldmkit.cli", *args, "--model", str(root / "model"), "-o", str(root / "auto")])
+    assert sorted(p.name for p in (root / "auto").iterdir()) == [f"{i + 1:05d}-{100 + i}.png" for i in range(6)]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ldmkit.errors import LdmError
+
 
 @dataclass
 class Workers:
@@ -44,9 +46,18 @@ def start_workers(device: str) -> Workers:
     """The process group for this run; a world of one unless a launcher started several processes."""
     if launched_world_size() == 1:
         return Workers(rank=0, world_size=1, device=device)
+    import torch
     from accelerate import PartialState
 
-    state = PartialState(cpu=device == "cpu")
+    # accelerate sets up a CPU (gloo) group only when told to: on a machine without CUDA, "auto"
+    # would otherwise give a world of one in every process, each generating every prompt.
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    state = PartialState(cpu=on_cpu)
+    if state.num_processes != launched_world_size():
+        raise LdmError(
+            f"the launcher started {launched_world_size()} processes but accelerate joined "
+            f"{state.num_processes}; pass --device cpu or cuda explicitly"
+        )
     chosen = str(state.device) if device == "auto" else device
     if chosen.startswith("cuda") and ":" not in chosen:
         chosen = f"cuda:{state.local_process_index}"
