@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-command setup: a virtual environment in .venv with ldmkit and everything its tests need.
+# One-command setup: a virtual environment in .venv with ldmkit, its server and training extras.
+# (./test.sh adds the test tools: pytest, Playwright, schemathesis... which users do not need.)
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m venv .venv
@@ -7,5 +8,5 @@ python3 -m venv .venv
 # The CPU build of torch, pinned: an unpinned torch can pull a multi-GB CUDA build.
 # (The package itself accepts a torch range; install a CUDA build yourself for GPUs.)
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[all,test]"
+.venv/bin/python -m pip install -q -e ".[all]"
 echo "ldmkit is installed in .venv: try  .venv/bin/ldm generate \"red apple\""
