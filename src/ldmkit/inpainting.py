@@ -8,10 +8,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from ldmkit.errors import InvalidRequest
-
-MAX_MASK_BLUR = 64
-
 
 @dataclass
 class Inpainting:
@@ -27,17 +23,6 @@ class Inpainting:
         if i < len(timesteps) - 1:
             known = scheduler.add_noise(known, self.noise, timesteps[i + 1 : i + 2])
         return (1 - self.mask) * known + self.mask * latents
-
-
-def check_inpainting(mask_image, mask_blur, init_image) -> None:
-    if mask_image is None:
-        return
-    if not isinstance(mask_image, Image.Image):
-        raise InvalidRequest(f"mask must be a PIL image, not {type(mask_image).__name__}")
-    if init_image is None:
-        raise InvalidRequest("inpainting needs an init image as well as the mask")
-    if not isinstance(mask_blur, int) or isinstance(mask_blur, bool) or not 0 <= mask_blur <= MAX_MASK_BLUR:
-        raise InvalidRequest(f"mask blur must be an integer from 0 to {MAX_MASK_BLUR} pixels, got {mask_blur!r}")
 
 
 def prepare_mask(mask_image: Image.Image, width: int, height: int, blur: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,8 +6,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,20 +20,15 @@ from PIL import Image
 from ldmkit import loading
 from ldmkit.embeddings import load_embeddings, ti_hashes_infotext
 from ldmkit.errors import InvalidRequest
-from ldmkit.hires import HiresFix
-from ldmkit.inpainting import Inpainting, check_inpainting, prepare_mask
+from ldmkit.hires import upscale
+from ldmkit.inpainting import Inpainting, prepare_mask
 from ldmkit.loading import Components
-from ldmkit.lora import applied_loras, extract_lora_tags, lora_hashes_infotext, resolve_lora
+from ldmkit.lora import applied_loras, lora_hashes_infotext, resolve_lora
 from ldmkit.memory import check_memory
 from ldmkit.metadata import format_infotext
+from ldmkit.params import GenerationParams, HiresFix, RequestLimits
 from ldmkit.prompts import check_clip_skip, clip_skip_infotext, encode_prompts
-from ldmkit.samplers import DEFAULT_SAMPLER, Sampler, get_sampler
-
-MAX_SEED = 2**32 - 1  # AUTOMATIC1111's seed range, so infotexts round-trip between tools
-MAX_STEPS = 1000
-MAX_IMAGES = 64
-MAX_SIDE = 8192
-MAX_GUIDANCE = 100.0  # far past any useful scale; larger ones overflow the guided prediction into NaN
+from ldmkit.samplers import DEFAULT_SAMPLER, get_sampler
 
 
 @dataclass
@@ -46,50 +41,14 @@ class StepInfo:
     sigma: float  # noise level of the step's input, sqrt((1 - alpha_bar) / alpha_bar)
     latents: torch.Tensor  # (B, C, h, w) latents after the step
     denoised: torch.Tensor  # (B, C, h, w) predicted clean latents (x0) at this step
+    batch: int = 0  # which of the request's batches (GenerationParams.batch_count) this step belongs to
 
 
 @dataclass
 class GenerationResult:
     images: list[Image.Image]
-    seeds: list[int]  # image i used seeds[i] == seed + i
+    seeds: list[int]  # image i used seeds[i] (seed + i unless a seed per image was given)
     infotexts: list[str]  # AUTOMATIC1111-style 'parameters' text, one per image
-
-
-@dataclass
-class Request:
-    """One validated generation request, as the sampling stages need it."""
-
-    prompt: str  # without <lora:...> tags
-    negative_prompt: str
-    steps: int
-    guidance: float
-    sampler: Sampler
-    width: int
-    height: int
-    init_image: Image.Image | None
-    strength: float
-    mask_image: Image.Image | None
-    mask_blur: int
-    hires: HiresFix | None
-    clip_skip: int
-
-    @property
-    def use_guidance(self) -> bool:
-        return self.guidance > 1.0
-
-    @property
-    def final_size(self) -> tuple[int, int]:
-        return self.hires.target_size(self.width, self.height) if self.hires else (self.width, self.height)
-
-    def infotext_params(self) -> dict:
-        """The A1111 parameters beyond the basic ones, as A1111 names them."""
-        params = {"Denoising strength": self.strength if self.init_image is not None else None}
-        if self.mask_image is not None:
-            params["Mask blur"] = self.mask_blur
-        if self.hires is not None:
-            params.update(self.hires.infotext_params(self.steps))
-        params.update(clip_skip_infotext(self.clip_skip))
-        return params
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -197,12 +156,12 @@ class Pipeline:
     @torch.inference_mode()
     def generate(
         self,
-        prompt: str,
+        prompt: str | list[str],
         negative_prompt: str = "",
         steps: int = 25,
         guidance: float = 7.5,
         sampler: str = DEFAULT_SAMPLER,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
         width: int | None = None,
         height: int | None = None,
         num_images: int = 1,
@@ -215,122 +174,139 @@ class Pipeline:
         hires: HiresFix | None = None,
         clip_skip: int = 1,
         loras: list[tuple[str, float]] | None = None,
+        batch_count: int = 1,
     ) -> GenerationResult:
+        """Images for a prompt (or a list of prompts: num_images of each); GenerationParams describes each argument."""
+        params = GenerationParams(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            guidance=guidance,
+            sampler=sampler,
+            seed=seed,
+            width=width,
+            height=height,
+            num_images=num_images,
+            batch_count=batch_count,
+            init_image=init_image,
+            strength=strength,
+            mask_image=mask_image,
+            mask_blur=mask_blur,
+            hires=hires,
+            clip_skip=clip_skip,
+            loras=tuple(loras or ()),
+        )
+        return self.run(params, callback)
+
+    @torch.inference_mode()
+    def run(self, params: GenerationParams, callback: Callable[[StepInfo], None] | None = None) -> GenerationResult:
+        """Run one request: its batches one after another, each from prompt to images."""
         # 1. Validate everything before spending compute.
-        sampler_ = check_inputs(
-            prompt, negative_prompt, steps, guidance, sampler, seed, num_images, init_image, strength
-        )
-        check_clip_skip(clip_skip, self.text_encoder)
-        check_inpainting(mask_image, mask_blur, init_image)
-        if self.is_inpainting_model and mask_image is None:
+        p = self.prepare(params)
+        lora_files = self.lora_files(p)
+        seeds = p.image_seeds()
+        # 2. LoRAs, applied only for this request.
+        with applied_loras(self, [(path, weight) for _, path, weight in lora_files]):
+            batches = []
+            for batch in range(p.batch_count):
+                batch_seeds = seeds[batch * p.batch_size : (batch + 1) * p.batch_size]
+                step_callback = None if callback is None else _with_batch(callback, batch)
+                batches.append((batch_seeds, self.sample(p, batch_seeds, step_callback)))
+        # 6. Decode, post-process, describe.
+        result = GenerationResult(images=[], seeds=[], infotexts=[])
+        extra = self.infotext_params(p, lora_files)
+        prompts = [prompt for prompt in p.prompts for _ in range(p.num_images)]
+        for batch_seeds, latents in batches:
+            result.images += self.latents_to_images(latents)
+            result.seeds += batch_seeds
+            result.infotexts += [self.infotext(p, prompt, seed, extra) for prompt, seed in zip(prompts, batch_seeds)]
+        return result
+
+    def prepare(self, params: GenerationParams, limits: RequestLimits | None = None) -> GenerationParams:
+        """The request made concrete for this model (size, sampler name, seed) and checked, before any compute.
+
+        `limits` adds a server's limits to GenerationParams.validate; the model's own checks follow: clip skip
+        within the text encoder, a mask for an inpainting model, LoRA files, and the memory the request needs.
+        """
+        params.validate(limits)
+        p = params.resolved(self.default_size)
+        p.validate(limits)  # again, with the size known
+        check_clip_skip(p.clip_skip, self.text_encoder)
+        if self.is_inpainting_model and p.mask_image is None:
             raise InvalidRequest("this is an inpainting model: give an init image and a mask")
-        text_prompt, lora_files = self.resolve_loras(prompt, loras or [])
-        width, height = self.resolve_size(width, height, init_image)
-        if hires is not None:
-            if init_image is not None:
-                raise InvalidRequest("hires fix is for text-to-image; with an init image, set the size directly")
-            hires.check(steps, width, height)
-        request = Request(
-            text_prompt,
-            negative_prompt,
-            steps,
-            guidance,
-            sampler_,
-            width,
-            height,
-            init_image,
-            strength,
-            mask_image,
-            mask_blur,
-            hires,
-            clip_skip,
-        )
-        check_memory(self, *request.final_size, num_images, request.use_guidance)
-        seed = random.randrange(MAX_SEED + 1 - num_images) if seed is None else seed
-        seeds = [seed + i for i in range(num_images)]
-        # Image i owns a CPU generator seeded seed + i: the same seed gives the same image on any
+        self.lora_files(p)
+        check_memory(self, *p.final_size, p.batch_size, p.use_guidance)
+        return p
+
+    def sample(self, p: GenerationParams, seeds: list[int], callback) -> torch.Tensor:
+        """Stages 2-5 for one batch: from the prompt to the final latents."""
+        # Image i owns a CPU generator seeded seeds[i]: the same seed gives the same image on any
         # device and in any batch; it also feeds the VAE posterior samples and ancestral noise.
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-
-        # 2-5. Prompt -> embeddings -> latents, with any LoRAs applied only for this request.
-        with applied_loras(self, [(path, weight) for _, path, weight in lora_files]):
-            latents = self.sample(request, generators, callback)
-
-        # 6. Decode, post-process, describe.
-        images = self.latents_to_images(latents)
-        params = request.infotext_params()
-        params.update(ti_hashes_infotext(self.tokenizer, [text_prompt, negative_prompt], self.embeddings))
-        params.update(lora_hashes_infotext([(name, path) for name, path, _ in lora_files]))
-        infotexts = [
-            self.infotext(prompt, negative_prompt, steps, guidance, sampler_.name, s, width, height, params)
-            for s in seeds
-        ]
-        return GenerationResult(images=images, seeds=seeds, infotexts=infotexts)
-
-    def sample(self, request: Request, generators: list[torch.Generator], callback) -> torch.Tensor:
-        """Stages 2-5: from the prompt to the final latents."""
-        r = request
+        sampler = get_sampler(p.sampler)
         # 2. Prompt -> CLIP hidden states, unconditional (negative) first as in diffusers.
-        text_embeddings = self.encode_prompt(r.prompt, r.negative_prompt, len(generators), r.use_guidance, r.clip_skip)
+        text_embeddings = self.encode_prompt(
+            p.text_prompts(), p.negative_prompt, p.num_images, p.use_guidance, p.clip_skip
+        )
 
         # 3. Timesteps: img2img starts part-way, at the noise level `strength` asks for.
-        scheduler = r.sampler.make_scheduler(self.scheduler_config)
+        scheduler = sampler.make_scheduler(self.scheduler_config)
         # Schedulers do their per-step arithmetic on host scalars: timesteps on the CPU keep every
         # step free of GPU->host syncs (only the UNet gets a device copy, in denoise).
-        scheduler.set_timesteps(r.steps, device="cpu")
+        scheduler.set_timesteps(p.steps, device="cpu")
         timesteps = scheduler.timesteps
-        if r.init_image is not None:
-            timesteps = self.img2img_timesteps(scheduler, r.steps, r.strength)
+        if p.init_image is not None:
+            timesteps = self.img2img_timesteps(scheduler, p.steps, p.strength)
 
         # 4. Starting latents: noise (txt2img) or the encoded init image noised to `strength`.
         inpainting = None
-        if r.mask_image is not None:
+        if p.mask_image is not None:
             inpainting = self.prepare_inpainting(
-                r.init_image, r.mask_image, r.mask_blur, r.width, r.height, generators, scheduler, timesteps, r.strength
+                p.init_image, p.mask_image, p.mask_blur, p.width, p.height, generators, scheduler, timesteps, p.strength
             )
             latents = inpainting.start_latents
-        elif r.init_image is None:
-            latents = self.prepare_latents(generators, r.height, r.width) * scheduler.init_noise_sigma
+        elif p.init_image is None:
+            latents = self.prepare_latents(generators, p.height, p.width) * scheduler.init_noise_sigma
         else:
             latents = self.prepare_img2img_latents(
-                r.init_image, r.width, r.height, generators, scheduler, timesteps[:1]
+                p.init_image, p.width, p.height, generators, scheduler, timesteps[:1]
             )
 
         # 5. Denoising loop with classifier-free guidance.
-        noise_generators = generators if r.sampler.stochastic else None
+        noise_generators = generators if sampler.stochastic else None
         latents = self.denoise(
             latents,
             text_embeddings,
             scheduler,
             timesteps,
-            r.guidance,
-            r.use_guidance,
+            p.guidance,
+            p.use_guidance,
             noise_generators,
             callback,
             inpainting,
         )
 
         # 5b. Hires fix: upscale, then an img2img pass at the larger size.
-        if r.hires is not None:
-            latents = r.hires.upscale(self, latents)
-            scheduler = r.sampler.make_scheduler(self.scheduler_config)
-            hires_steps = r.hires.steps or r.steps
+        if p.hires is not None:
+            latents = upscale(p.hires, self, latents)
+            scheduler = sampler.make_scheduler(self.scheduler_config)
+            hires_steps = p.hires.pass_steps(p.steps)
             scheduler.set_timesteps(hires_steps, device="cpu")
-            timesteps = self.img2img_timesteps(scheduler, hires_steps, r.hires.strength)
+            timesteps = self.img2img_timesteps(scheduler, hires_steps, p.hires.strength)
             noise = self.prepare_latents(generators, *latents.shape[-2:], in_latent_space=True)
             latents = scheduler.add_noise(latents, noise, timesteps[:1].repeat(len(generators)))
             latents = self.denoise(
-                latents, text_embeddings, scheduler, timesteps, r.guidance, r.use_guidance, noise_generators, callback
+                latents, text_embeddings, scheduler, timesteps, p.guidance, p.use_guidance, noise_generators, callback
             )
         return latents
 
-    def resolve_loras(self, prompt: str, loras: list[tuple[str, float]]) -> tuple[str, list[tuple[str, Path, float]]]:
-        """The prompt without <lora:...> tags, and (name, file, weight) for its tags and the `loras` argument."""
-        text_prompt, tags = extract_lora_tags(prompt)
+    def lora_files(self, p: GenerationParams) -> list[tuple[str, Path, float]]:
+        """(name as written, file, weight) of every LoRA the request asks for: its prompt tags, then `loras`."""
+        tags = p.prompt_loras()
         if tags and self.lora_dir is None:
             raise InvalidRequest("the prompt has <lora:...> tags but no LoRA folder is set (--lora-dir)")
         files = [(name, resolve_lora(name, self.lora_dir), weight) for name, weight in tags]
-        for path, weight in loras:
+        for path, weight in p.loras:
             path = Path(path)
             if not path.is_file():
                 raise InvalidRequest(f"LoRA file not found: {path}")
@@ -338,31 +314,23 @@ class Pipeline:
         if files and getattr(self.unet, "original_attn_processors", None) is not None:
             # fast.make_fast fused q/k/v into one projection, which a LoRA's q/k/v layers would bypass.
             raise InvalidRequest("LoRAs are not supported on the fast path (fused QKV); load the model without --fast")
-        for name, _, weight in files:
-            if not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise InvalidRequest(f"LoRA {name!r} weight must be a finite number, got {weight!r}")
-        return text_prompt, files
+        return files
 
     # -- stages ---------------------------------------------------------------------------------
 
-    def resolve_size(self, width, height, init_image) -> tuple[int, int]:
-        """Missing sides come from the init image, else the model's native size; all multiples of 8."""
-        fallback_w, fallback_h = init_image.size if init_image is not None else (self.default_size,) * 2
-        width = fallback_w // 8 * 8 if width is None else width
-        height = fallback_h // 8 * 8 if height is None else height
-        check_size(width, height)
-        return width, height
-
     def encode_prompt(
-        self, prompt: str, negative_prompt: str, num_images: int, use_guidance: bool, clip_skip: int = 1
+        self, prompts: tuple[str, ...], negative_prompt: str, num_images: int, use_guidance: bool, clip_skip: int = 1
     ) -> torch.Tensor:
-        """(B or 2B, 77k, D) CLIP hidden states; with guidance the unconditional half comes first.
+        """(B or 2B, 77k, D) CLIP hidden states, num_images rows per prompt; with guidance the unconditional half first.
 
         A1111 prompt syntax: (emphasis:1.2), [de-emphasis], BREAK, and 75-token chunks for long prompts.
         """
-        texts = [negative_prompt, prompt] if use_guidance else [prompt]
+        texts = [negative_prompt, *prompts] if use_guidance else list(prompts)
         hidden = encode_prompts(self.tokenizer, self.text_encoder, texts, clip_skip)  # (len(texts), 77k, D)
-        return hidden.repeat_interleave(num_images, dim=0)
+        if not use_guidance:
+            return hidden.repeat_interleave(num_images, dim=0)
+        uncond = hidden[:1].expand(len(prompts) * num_images, -1, -1)
+        return torch.cat([uncond, hidden[1:].repeat_interleave(num_images, dim=0)])
 
     def prepare_latents(
         self, generators: list[torch.Generator], height: int, width: int, in_latent_space: bool = False
@@ -507,48 +475,30 @@ class Pipeline:
         tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
         return (tensor * 2 - 1).to(self.device, self.dtype)
 
-    def infotext(self, prompt, negative_prompt, steps, guidance, sampler, seed, width, height, extra: dict) -> str:
+    def infotext_params(self, p: GenerationParams, lora_files) -> dict:
+        """The A1111 parameters beyond the basic ones, as A1111 names them."""
+        params = {"Denoising strength": p.strength if p.init_image is not None else None}
+        if p.mask_image is not None:
+            params["Mask blur"] = p.mask_blur
+        if p.hires is not None:
+            params.update(p.hires.infotext_params(p.steps))
+        params.update(clip_skip_infotext(p.clip_skip))
+        params.update(ti_hashes_infotext(self.tokenizer, [*p.text_prompts(), p.negative_prompt], self.embeddings))
+        params.update(lora_hashes_infotext([(name, path) for name, path, _ in lora_files]))
+        return params
+
+    def infotext(self, p: GenerationParams, prompt: str, seed: int, extra: dict) -> str:
+        """One image's A1111 'parameters' text; `extra` from infotext_params."""
         params = {
-            "Steps": steps,
-            "Sampler": sampler,
-            "CFG scale": guidance,
+            "Steps": p.steps,
+            "Sampler": p.sampler,
+            "CFG scale": p.guidance,
             "Seed": seed,
-            "Size": f"{width}x{height}",
+            "Size": f"{p.width}x{p.height}",
             "Model": self.model_name,
             **extra,
         }
-        return format_infotext(prompt, negative_prompt, params)
-
-
-def check_inputs(prompt, negative_prompt, steps, guidance, sampler, seed, num_images, init_image, strength) -> Sampler:
-    """Validate generation parameters (all but the size) before any compute; returns the sampler."""
-    for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-        if not isinstance(text, str):
-            raise InvalidRequest(f"{name} must be text, not {type(text).__name__}")
-        if not text.isascii() and _has_lone_surrogate(text):
-            raise InvalidRequest(f"{name} is not valid Unicode (it has a lone surrogate code point)")
-    if not _is_int(steps) or not 1 <= steps <= MAX_STEPS:
-        raise InvalidRequest(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
-    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
-        raise InvalidRequest(f"guidance must be a finite number from 0 to {MAX_GUIDANCE}, got {guidance!r}")
-    if not _is_int(num_images) or not 1 <= num_images <= MAX_IMAGES:
-        raise InvalidRequest(f"number of images must be from 1 to {MAX_IMAGES}, got {num_images!r}")
-    if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED + 1 - num_images):
-        raise InvalidRequest(f"seed must be an integer from 0 to {MAX_SEED + 1 - num_images}, got {seed!r}")
-    if init_image is not None:
-        if not isinstance(init_image, Image.Image):
-            raise InvalidRequest(f"init image must be a PIL image, not {type(init_image).__name__}")
-        if not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-            raise InvalidRequest(f"strength must be between 0 and 1, got {strength!r}")
-        if int(steps * strength) < 1:
-            raise InvalidRequest(f"strength {strength} with {steps} steps leaves no denoising step; raise either")
-    return get_sampler(sampler)
-
-
-def check_size(width, height) -> None:
-    for name, side in (("width", width), ("height", height)):
-        if not _is_int(side) or side < 8 or side % 8 or side > MAX_SIDE:
-            raise InvalidRequest(f"{name} must be a multiple of 8 from 8 to {MAX_SIDE}, got {side!r}")
+        return format_infotext(prompt, p.negative_prompt, params)
 
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -563,13 +513,5 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
     return torch.nn.Module.to(module, device, dtype).eval()
 
 
-def _has_lone_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _with_batch(callback: Callable[[StepInfo], None], batch: int) -> Callable[[StepInfo], None]:
+    return lambda step: callback(dataclasses.replace(step, batch=batch))
