@@ -1,4 +1,4 @@
-"""Inpainting inputs: the mask (white = repaint) at pixel and latent size, and known-region blending."""
+"""Inpainting: the mask (white = repaint) at pixel size, and regular models' known region as a per-step hook."""
 
 from __future__ import annotations
 
@@ -8,21 +8,29 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from ldmkit.denoise import Schedule
+
 
 @dataclass
-class Inpainting:
-    start_latents: torch.Tensor  # (B, C, h, w) where the sampler starts
-    noise: torch.Tensor  # (B, C, h, w) the start noise, reused to re-noise the known region
-    image_latents: torch.Tensor | None  # (B, C, h, w) the init image's latents (regular models)
-    mask: torch.Tensor  # (B, 1, h, w) 1 = repaint
-    masked_latents: torch.Tensor | None  # (B, C, h, w) the masked image's latents (9-channel models)
+class KnownRegion:
+    """Regular (4-channel) models inpaint by getting the original back outside the mask at every step."""
 
-    def keep_known_region(self, latents, scheduler, timesteps, i) -> torch.Tensor:
-        """Regular models: put the original, noised to the next step's level, back outside the mask."""
+    image_latents: torch.Tensor  # (B, C, h, w) the init image's latents
+    noise: torch.Tensor  # (B, C, h, w) the start noise, reused to re-noise the known region
+    mask: torch.Tensor  # (B, 1, h, w) 1 = repaint
+    schedule: Schedule
+
+    def after_step(self, latents: torch.Tensor, step: int) -> torch.Tensor:
+        """The original, noised to the next step's level, outside the mask."""
         known = self.image_latents
-        if i < len(timesteps) - 1:
-            known = scheduler.add_noise(known, self.noise, timesteps[i + 1 : i + 2])
+        if step < len(self.schedule) - 1:
+            timesteps = self.schedule.timesteps[step + 1 : step + 2]
+            known = self.schedule.scheduler.add_noise(known, self.noise, timesteps)
         return (1 - self.mask) * known + self.mask * latents
+
+    def clean(self, x0: torch.Tensor) -> torch.Tensor:
+        """What the finished latents will hold: the original itself outside the mask."""
+        return (1 - self.mask) * self.image_latents + self.mask * x0
 
 
 def prepare_mask(mask_image: Image.Image, width: int, height: int, blur: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +17,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldmkit import loading
+from ldmkit.denoise import Denoiser, Schedule, StepInfo, sample
 from ldmkit.embeddings import load_embeddings, ti_hashes_infotext
 from ldmkit.errors import InvalidRequest
 from ldmkit.hires import upscale
-from ldmkit.inpainting import Inpainting, prepare_mask
+from ldmkit.inpainting import KnownRegion, prepare_mask
 from ldmkit.loading import Components
 from ldmkit.lora import applied_loras, lora_hashes_infotext, resolve_lora
 from ldmkit.memory import check_memory
@@ -29,19 +29,6 @@ from ldmkit.metadata import format_infotext
 from ldmkit.params import GenerationParams, HiresFix, RequestLimits
 from ldmkit.prompts import check_clip_skip, clip_skip_infotext, encode_prompts
 from ldmkit.samplers import DEFAULT_SAMPLER, get_sampler
-
-
-@dataclass
-class StepInfo:
-    """What a callback sees after each denoising step (k-diffusion's callback dict, typed)."""
-
-    step: int  # 0-based index of the step just taken
-    total: int  # number of steps in this run
-    timestep: float  # the UNet's timestep for this step
-    sigma: float  # noise level of the step's input, sqrt((1 - alpha_bar) / alpha_bar)
-    latents: torch.Tensor  # (B, C, h, w) latents after the step
-    denoised: torch.Tensor  # (B, C, h, w) predicted clean latents (x0) at this step
-    batch: int = 0  # which of the request's batches (GenerationParams.batch_count) this step belongs to
 
 
 @dataclass
@@ -239,66 +226,41 @@ class Pipeline:
         return p
 
     def sample(self, p: GenerationParams, seeds: list[int], callback) -> torch.Tensor:
-        """Stages 2-5 for one batch: from the prompt to the final latents."""
+        """Stages 3-5 for one batch: prompt -> conditioning -> start latents -> denoised latents."""
         # Image i owns a CPU generator seeded seeds[i]: the same seed gives the same image on any
         # device and in any batch; it also feeds the VAE posterior samples and ancestral noise.
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         sampler = get_sampler(p.sampler)
-        # 2. Prompt -> CLIP hidden states, unconditional (negative) first as in diffusers.
-        text_embeddings = self.encode_prompt(
-            p.text_prompts(), p.negative_prompt, p.num_images, p.use_guidance, p.clip_skip
-        )
-
-        # 3. Timesteps: img2img starts part-way, at the noise level `strength` asks for.
-        scheduler = sampler.make_scheduler(self.scheduler_config)
-        # Schedulers do their per-step arithmetic on host scalars: timesteps on the CPU keep every
-        # step free of GPU->host syncs (only the UNet gets a device copy, in denoise).
-        scheduler.set_timesteps(p.steps, device="cpu")
-        timesteps = scheduler.timesteps
-        if p.init_image is not None:
-            timesteps = self.img2img_timesteps(scheduler, p.steps, p.strength)
-
-        # 4. Starting latents: noise (txt2img) or the encoded init image noised to `strength`.
-        inpainting = None
-        if p.mask_image is not None:
-            inpainting = self.prepare_inpainting(
-                p.init_image, p.mask_image, p.mask_blur, p.width, p.height, generators, scheduler, timesteps, p.strength
-            )
-            latents = inpainting.start_latents
-        elif p.init_image is None:
-            latents = self.prepare_latents(generators, p.height, p.width) * scheduler.init_noise_sigma
-        else:
-            latents = self.prepare_img2img_latents(
-                p.init_image, p.width, p.height, generators, scheduler, timesteps[:1]
-            )
-
-        # 5. Denoising loop with classifier-free guidance.
         noise_generators = generators if sampler.stochastic else None
-        latents = self.denoise(
-            latents,
-            text_embeddings,
-            scheduler,
-            timesteps,
-            p.guidance,
-            p.use_guidance,
-            noise_generators,
-            callback,
-            inpainting,
-        )
+        # 3. Prompt -> CLIP hidden states, unconditional (negative) first as in diffusers.
+        context = self.encode_prompt(p.text_prompts(), p.negative_prompt, p.num_images, p.use_guidance, p.clip_skip)
+        denoiser = Denoiser(self.unet, context, p.guidance, self.scheduler_config["prediction_type"])
 
-        # 5b. Hires fix: upscale, then an img2img pass at the larger size.
+        # 4. The base pass: txt2img from noise, img2img from the init image noised to `strength`, or inpainting.
+        strength = p.strength if p.init_image is not None else None
+        schedule = Schedule.make(sampler, self.scheduler_config, p.steps, strength)
+        if p.mask_image is not None:
+            latents, hook, extra_channels = self.prepare_inpainting(p, generators, schedule)
+            denoiser = dataclasses.replace(denoiser, extra_channels=extra_channels)
+            latents = sample(denoiser, schedule, latents, noise_generators, hook, callback)
+        elif p.init_image is not None:
+            image_latents = self.encode_samples(self.image_to_tensor(p.init_image, p.width, p.height), generators)
+            latents = self.img2img(denoiser, schedule, image_latents, generators, noise_generators, callback)
+        else:
+            latents = self.prepare_latents(generators, p.height, p.width) * schedule.scheduler.init_noise_sigma
+            latents = sample(denoiser, schedule, latents, noise_generators, None, callback)
+
+        # 5. Hires fix: upscale, then the img2img stage again at the larger size.
         if p.hires is not None:
+            schedule = Schedule.make(sampler, self.scheduler_config, p.hires.pass_steps(p.steps), p.hires.strength)
             latents = upscale(p.hires, self, latents)
-            scheduler = sampler.make_scheduler(self.scheduler_config)
-            hires_steps = p.hires.pass_steps(p.steps)
-            scheduler.set_timesteps(hires_steps, device="cpu")
-            timesteps = self.img2img_timesteps(scheduler, hires_steps, p.hires.strength)
-            noise = self.prepare_latents(generators, *latents.shape[-2:], in_latent_space=True)
-            latents = scheduler.add_noise(latents, noise, timesteps[:1].repeat(len(generators)))
-            latents = self.denoise(
-                latents, text_embeddings, scheduler, timesteps, p.guidance, p.use_guidance, noise_generators, callback
-            )
+            latents = self.img2img(denoiser, schedule, latents, generators, noise_generators, callback)
         return latents
+
+    def img2img(self, denoiser, schedule, clean_latents, generators, noise_generators, callback) -> torch.Tensor:
+        """Noise clean latents to the schedule's first step, then denoise them (img2img, and hires fix's 2nd pass)."""
+        noise = self.prepare_latents(generators, *clean_latents.shape[-2:], in_latent_space=True)
+        return sample(denoiser, schedule, schedule.add_noise(clean_latents, noise), noise_generators, None, callback)
 
     def lora_files(self, p: GenerationParams) -> list[tuple[str, Path, float]]:
         """(name as written, file, weight) of every LoRA the request asks for: its prompt tags, then `loras`."""
@@ -341,21 +303,6 @@ class Pipeline:
         noise = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
         return torch.cat(noise).to(self.device, self.dtype)
 
-    @staticmethod
-    def img2img_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
-        """The tail of the schedule that starts at noise level `strength` (diffusers' get_timesteps)."""
-        t_start = steps - min(int(steps * strength), steps)
-        if hasattr(scheduler, "set_begin_index"):  # index-tracking schedulers; DDIM and PLMS have none
-            scheduler.set_begin_index(t_start * scheduler.order)
-        return scheduler.timesteps[t_start * scheduler.order :]
-
-    def prepare_img2img_latents(self, init_image, width, height, generators, scheduler, first_timestep) -> torch.Tensor:
-        """Encode the init image, sample its posterior, and noise it to the first timestep."""
-        pixels = self.image_to_tensor(init_image, width, height)  # (1, 3, H, W) in [-1, 1]
-        latents = self.encode_samples(pixels, generators)  # per image: posterior sample, then noise
-        noise = self.prepare_latents(generators, height, width)
-        return scheduler.add_noise(latents, noise, first_timestep.repeat(len(generators)))
-
     def encode_samples(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """(B, C, h, w) scaled latents: one posterior sample of the (1, 3, H, W) image per generator."""
         posterior = self.vae.encode(pixels).latent_dist
@@ -363,91 +310,32 @@ class Pipeline:
         return torch.cat(samples) * self.vae.config.scaling_factor
 
     def prepare_inpainting(
-        self, init_image, mask_image, mask_blur, width, height, generators, scheduler, timesteps, strength
-    ) -> Inpainting:
-        """Latents, mask and known-region latents for inpainting, drawing randomness as diffusers does.
+        self, p: GenerationParams, generators: list[torch.Generator], schedule: Schedule
+    ) -> tuple[torch.Tensor, KnownRegion | None, torch.Tensor | None]:
+        """Start latents, and how the unmasked region is kept: a per-step hook putting it back (regular models), or
+        the mask and the masked image's latents as extra input channels (inpainting models).
 
-        Per image: the init image's posterior sample (needed to blend for regular models, or to start
-        from when strength < 1), then the start noise, then (9-channel models) the masked image's sample.
+        Randomness is drawn as diffusers draws it, per image: the init image's posterior sample (needed to blend for
+        regular models, or to start from when strength < 1), the start noise, then the masked image's sample.
         """
-        pixels = self.image_to_tensor(init_image, width, height)
-        soft_mask, binary_mask = prepare_mask(mask_image, width, height, mask_blur)  # (1, 1, H, W) each
-        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        full_strength = strength >= 1.0
+        pixels = self.image_to_tensor(p.init_image, p.width, p.height)
+        soft_mask, binary_mask = prepare_mask(p.mask_image, p.width, p.height, p.mask_blur)  # (1, 1, H, W) each
+        latent_size = (p.height // self.vae_scale_factor, p.width // self.vae_scale_factor)
+        full_strength = p.strength >= 1.0
         image_latents = None
         if not self.is_inpainting_model or not full_strength:
             image_latents = self.encode_samples(pixels, generators)
-        noise = self.prepare_latents(generators, height, width)
+        noise = self.prepare_latents(generators, p.height, p.width)
         if full_strength:
-            start = noise * scheduler.init_noise_sigma
+            start = noise * schedule.scheduler.init_noise_sigma
         else:
-            start = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(len(generators)))
+            start = schedule.add_noise(image_latents, noise)
         if self.is_inpainting_model:
             masked_latents = self.encode_samples(pixels * (binary_mask < 0.5).to(pixels.dtype), generators)
             mask = F.interpolate(binary_mask, size=latent_size).to(self.device, self.dtype)
-            return Inpainting(start, noise, image_latents, mask.expand(len(generators), -1, -1, -1), masked_latents)
+            return start, None, torch.cat([mask.expand(len(generators), -1, -1, -1), masked_latents], dim=1)
         mask = F.interpolate(soft_mask, size=latent_size).to(self.device, self.dtype)
-        return Inpainting(start, noise, image_latents, mask.expand(len(generators), -1, -1, -1), None)
-
-    def denoise(
-        self,
-        latents,
-        text_embeddings,
-        scheduler,
-        timesteps,
-        guidance,
-        use_guidance,
-        generators,
-        callback,
-        inpainting=None,
-    ):
-        """Run the sampler; each step is one batched UNet call over [uncond, cond]."""
-        step_kwargs = {"generator": generators} if generators is not None else {}
-        alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)  # on the host, like the timesteps
-        unet_timesteps = timesteps.to(self.device)  # one copy, not one blocking copy per step
-        copies = 2 if use_guidance else 1
-        for i, t in enumerate(timesteps):
-            scaled_input = scheduler.scale_model_input(torch.cat([latents] * copies), t)
-            unet_input = scaled_input
-            if inpainting is not None and inpainting.masked_latents is not None:  # 9-channel UNet
-                conditioning = torch.cat([inpainting.mask, inpainting.masked_latents], dim=1)
-                unet_input = torch.cat([scaled_input, torch.cat([conditioning] * copies)], dim=1)
-            model_output = self.unet(
-                unet_input, unet_timesteps[i], encoder_hidden_states=text_embeddings, return_dict=False
-            )[0]
-            if use_guidance:
-                uncond, cond = model_output.chunk(2)
-                model_output = uncond + guidance * (cond - uncond)
-            if callback is not None:
-                x0, sigma = self.predict_x0(scaled_input[: len(latents)], model_output, t, alphas_cumprod)
-            latents = scheduler.step(model_output, t, latents, **step_kwargs, return_dict=False)[0]
-            if inpainting is not None and inpainting.masked_latents is None:
-                latents = inpainting.keep_known_region(latents, scheduler, timesteps, i)
-            if callback is not None:
-                callback(StepInfo(i, len(timesteps), float(t), sigma, latents, x0))
-        return latents
-
-    def predict_x0(self, scaled_input, model_output, t, alphas_cumprod) -> tuple[torch.Tensor, float]:
-        """Predicted clean latents from the UNet output at timestep t (variance-preserving form).
-
-        Every scheduler's `scale_model_input` yields x_t = sqrt(a) x0 + sqrt(1 - a) eps with a the
-        cumulative alpha at t (interpolated for fractional Karras timesteps), so one formula fits all.
-        """
-        last = len(alphas_cumprod) - 1
-        t = min(float(t), last)  # "leading" spacing with steps_offset can yield t == num_train_timesteps
-        lo = int(math.floor(t))
-        hi = min(lo + 1, last)
-        alpha_bar = torch.lerp(alphas_cumprod[lo], alphas_cumprod[hi], t - lo)
-        a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-        x_t, out = scaled_input.float(), model_output.float()
-        prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
-        if prediction_type == "epsilon":
-            x0 = (x_t - s * out) / a
-        elif prediction_type == "v_prediction":
-            x0 = a * x_t - s * out
-        else:  # "sample"
-            x0 = out
-        return x0.to(self.dtype), float(s / a)
+        return start, KnownRegion(image_latents, noise, mask.expand(len(generators), -1, -1, -1), schedule), None
 
     @torch.inference_mode()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
