@@ -302,24 +302,24 @@ def release(device) -> None:
 
 
 def ours(fast_options: dict | None = None) -> Callable:
-    """A runner for ldmkit's Pipeline; with options (even empty), make_fast(pipe, **options) first."""
+    """A runner for ldmkit's Pipeline; with options (even empty), pipe.make_fast(**options) first."""
 
     def runner(components, device, dtype, request):
         import numpy as np
         import torch
 
-        from ldmkit.fast import make_fast
         from ldmkit.pipeline import Pipeline
 
         pipe = Pipeline(components, device, dtype)
         if fast_options is not None:
-            make_fast(pipe, **fast_options)
+            pipe.make_fast(**fast_options)
 
         def generate(seed: int):
             result = pipe.run(dataclasses.replace(request, seed=seed))
             return np.stack([np.asarray(image) for image in result.images])
 
-        generate.unet, generate.decode, generate.grad_mode = pipe.unet, pipe.vae.decode, torch.inference_mode
+        state = pipe.state
+        generate.unet, generate.decode, generate.grad_mode = state.run_unet, state.vae_decode or state.vae.decode, torch.inference_mode
         return generate
 
     return runner

@@ -5,6 +5,8 @@ The settings are ldmkit.params.HiresFix; the second pass is the pipeline's img2i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -12,12 +14,17 @@ from PIL import Image
 from ldmkit.params import HiresFix
 
 
-def upscale(hires: HiresFix, pipe, latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, C, h', w') latents of the target size."""
-    f = pipe.vae_scale_factor
+def upscale(
+    hires: HiresFix,
+    latents: torch.Tensor,
+    vae_scale_factor: int,
+    to_images: Callable[[torch.Tensor], list[Image.Image]],
+    to_latents: Callable[[list[Image.Image]], torch.Tensor],
+) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, h', w') latents of the target size: bilinear on the latents ("latent"), or decoded,
+    resized with Lanczos and encoded again ("pixel") through the two conversions given."""
+    f = vae_scale_factor
     width, height = hires.target_size(latents.shape[-1] * f, latents.shape[-2] * f)
     if hires.upscaler == "latent":
         return F.interpolate(latents, size=(height // f, width // f), mode="bilinear", align_corners=False)
-    images = [image.resize((width, height), Image.Resampling.LANCZOS) for image in pipe.latents_to_images(latents)]
-    pixels = torch.cat([pipe.image_to_tensor(image, width, height) for image in images])
-    return pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor
+    return to_latents([image.resize((width, height), Image.Resampling.LANCZOS) for image in to_images(latents)])

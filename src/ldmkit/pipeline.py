@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,18 +18,22 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldmkit import loading
+from ldmkit import loading, tiled_vae
 from ldmkit.denoise import Denoiser, Schedule, StepInfo, sample
 from ldmkit.embeddings import load_embeddings, ti_hashes_infotext
 from ldmkit.errors import InvalidRequest
+from ldmkit.families import Conditioning, family_of
 from ldmkit.hires import upscale
+from ldmkit.images import tensor_to_pil
 from ldmkit.inpainting import KnownRegion, prepare_mask
 from ldmkit.loading import Components
 from ldmkit.lora import applied_loras, lora_hashes_infotext, resolve_lora
-from ldmkit.memory import check_memory
+from ldmkit.memory import Footprint, check_memory
 from ldmkit.metadata import format_infotext
+from ldmkit.model_state import ModelState
 from ldmkit.params import GenerationParams, HiresFix, RequestLimits
-from ldmkit.prompts import check_clip_skip, clip_skip_infotext, encode_prompts
+from ldmkit.previews import fast_preview, latent_rgb_projection
+from ldmkit.prompts import clip_skip_infotext
 from ldmkit.samplers import DEFAULT_SAMPLER, get_sampler
 
 
@@ -78,14 +84,16 @@ class Pipeline:
         self, components: Components, device: torch.device, dtype: torch.dtype, lora_dir=None, embeddings_dir=None
     ):
         self.components = components
-        self.device = device
-        self.dtype = dtype
-        self.tokenizer = components.tokenizer
-        self.text_encoder = _place(components.text_encoder, device, dtype)
-        self.unet = _place(components.unet, device, dtype)
-        self.vae = _place(components.vae, device, dtype)
+        self.family = family_of(components)  # what differs between SD 1.x/2.x and other families
         self.scheduler_config = components.scheduler_config
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self._state = ModelState(
+            tokenizer=components.tokenizer,
+            text_encoder=_place(components.text_encoder, device, dtype),
+            unet=_place(components.unet, device, dtype),
+            vae=_place(components.vae, device, dtype),
+            device=device,
+            dtype=dtype,
+        )
         self.latent_channels = self.vae.config.latent_channels
         # SD inpainting UNets also take the mask and the masked image's latents: 4 + 1 + 4 channels.
         self.is_inpainting_model = self.unet.config.in_channels == 2 * self.latent_channels + 1
@@ -119,14 +127,69 @@ class Pipeline:
         dtype = resolve_dtype(dtype, device)
         pipe = cls(loading.load_components(source, config=config), device, dtype, lora_dir, embeddings_dir)
         if vae_tiling:
-            from ldmkit import tiled_vae
-
-            tiled_vae.enable(pipe.vae)
+            pipe.enable_vae_tiling()
         if fast:
-            from ldmkit.fast import make_fast
-
-            make_fast(pipe)
+            pipe.make_fast()
         return pipe
+
+    # -- the models, as they are now ----------------------------------------------------------------
+
+    @property
+    def state(self) -> ModelState:
+        """The models this pipeline runs and the transforms applied to them (read-only: change it with `apply`)."""
+        return self._state
+
+    def apply(self, transform: Callable[[ModelState], ModelState]) -> None:
+        """Run the models as transform(state) from now on: the one way they change (fast path, VAE tiling...)."""
+        self._state = transform(self._state)
+
+    def make_fast(self, **options) -> None:
+        """ldmkit.fast's exact speed-ups (fp16 on CUDA, fused QKV, channels_last, compile); see fast.make_fast."""
+        from ldmkit import fast
+
+        self.apply(functools.partial(fast.make_fast, **options))
+
+    def enable_vae_tiling(self, tile_px: int | None = None) -> None:
+        """Encode and decode images larger than `tile_px` (default: ldmkit.tiled_vae.default_tile_px) in tiles."""
+        tile_px = tile_px or tiled_vae.default_tile_px(self.vae)
+        self.apply(lambda state: state.with_transform(f"vae_tiling:{tile_px}", vae_tile_px=tile_px))
+
+    @property
+    def device(self) -> torch.device:
+        return self._state.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._state.dtype
+
+    @property
+    def tokenizer(self):
+        return self._state.tokenizer
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self._state.text_encoder
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self._state.unet
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self._state.vae
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self._state.vae_scale_factor
+
+    def memory_footprint(self) -> Footprint:
+        return Footprint(
+            dtype=self.dtype,
+            vae_scale_factor=self.vae_scale_factor,
+            unet_channels=self.unet.config.block_out_channels[0],
+            vae_channels=self.vae.config.block_out_channels[0],
+            vae_tile_px=self._state.vae_tile_px,
+        )
 
     @property
     def source(self) -> str:
@@ -138,7 +201,7 @@ class Pipeline:
 
     @property
     def default_size(self) -> int:
-        return self.unet.config.sample_size * self.vae_scale_factor
+        return self.family.default_size(self._state)
 
     @torch.inference_mode()
     def generate(
@@ -193,7 +256,7 @@ class Pipeline:
         lora_files = self.lora_files(p)
         seeds = p.image_seeds()
         # 2. LoRAs, applied only for this request.
-        with applied_loras(self, [(path, weight) for _, path, weight in lora_files]):
+        with self.loras_applied(lora_files):
             batches = []
             for batch in range(p.batch_count):
                 batch_seeds = seeds[batch * p.batch_size : (batch + 1) * p.batch_size]
@@ -218,11 +281,11 @@ class Pipeline:
         params.validate(limits)
         p = params.resolved(self.default_size)
         p.validate(limits)  # again, with the size known
-        check_clip_skip(p.clip_skip, self.text_encoder)
+        self.family.check(self._state, p)
         if self.is_inpainting_model and p.mask_image is None:
             raise InvalidRequest("this is an inpainting model: give an init image and a mask")
         self.lora_files(p)
-        check_memory(self, *p.final_size, p.batch_size, p.use_guidance)
+        check_memory(self.memory_footprint(), self.device, *p.final_size, p.batch_size, p.use_guidance)
         return p
 
     def sample(self, p: GenerationParams, seeds: list[int], callback) -> torch.Tensor:
@@ -233,8 +296,11 @@ class Pipeline:
         sampler = get_sampler(p.sampler)
         noise_generators = generators if sampler.stochastic else None
         # 3. Prompt -> CLIP hidden states, unconditional (negative) first as in diffusers.
-        context = self.encode_prompt(p.text_prompts(), p.negative_prompt, p.num_images, p.use_guidance, p.clip_skip)
-        denoiser = Denoiser(self.unet, context, p.guidance, self.scheduler_config["prediction_type"])
+        conditioning = self.encode_prompt(p)
+        prediction_type = self.scheduler_config["prediction_type"]
+        denoiser = Denoiser(
+            self._state.run_unet, conditioning.context, p.guidance, prediction_type, conditioning.unet_kwargs
+        )
 
         # 4. The base pass: txt2img from noise, img2img from the init image noised to `strength`, or inpainting.
         strength = p.strength if p.init_image is not None else None
@@ -253,7 +319,7 @@ class Pipeline:
         # 5. Hires fix: upscale, then the img2img stage again at the larger size.
         if p.hires is not None:
             schedule = Schedule.make(sampler, self.scheduler_config, p.hires.pass_steps(p.steps), p.hires.strength)
-            latents = upscale(p.hires, self, latents)
+            latents = upscale(p.hires, latents, self.vae_scale_factor, self.latents_to_images, self.images_to_latents)
             latents = self.img2img(denoiser, schedule, latents, generators, noise_generators, callback)
         return latents
 
@@ -273,26 +339,34 @@ class Pipeline:
             if not path.is_file():
                 raise InvalidRequest(f"LoRA file not found: {path}")
             files.append((path.stem, path, weight))
-        if files and getattr(self.unet, "original_attn_processors", None) is not None:
+        if files and self._state.has("fused_qkv"):
             # fast.make_fast fused q/k/v into one projection, which a LoRA's q/k/v layers would bypass.
             raise InvalidRequest("LoRAs are not supported on the fast path (fused QKV); load the model without --fast")
         return files
 
+    @contextlib.contextmanager
+    def loras_applied(self, lora_files: list[tuple[str, Path, float]]):
+        """The LoRAs in the models, and on record in the state, while the context is open (one request's)."""
+        if not lora_files:
+            yield
+            return
+        with applied_loras(self._state, [(path, weight) for _, path, weight in lora_files]):
+            before = self._state
+            record = "loras:" + ",".join(f"{name}@{weight}" for name, _, weight in lora_files)
+            self._state = before.with_transform(record)
+            try:
+                yield
+            finally:
+                self._state = before
+
     # -- stages ---------------------------------------------------------------------------------
 
-    def encode_prompt(
-        self, prompts: tuple[str, ...], negative_prompt: str, num_images: int, use_guidance: bool, clip_skip: int = 1
-    ) -> torch.Tensor:
-        """(B or 2B, 77k, D) CLIP hidden states, num_images rows per prompt; with guidance the unconditional half first.
-
-        A1111 prompt syntax: (emphasis:1.2), [de-emphasis], BREAK, and 75-token chunks for long prompts.
-        """
-        texts = [negative_prompt, *prompts] if use_guidance else list(prompts)
-        hidden = encode_prompts(self.tokenizer, self.text_encoder, texts, clip_skip)  # (len(texts), 77k, D)
-        if not use_guidance:
-            return hidden.repeat_interleave(num_images, dim=0)
-        uncond = hidden[:1].expand(len(prompts) * num_images, -1, -1)
-        return torch.cat([uncond, hidden[1:].repeat_interleave(num_images, dim=0)])
+    def encode_prompt(self, p: GenerationParams) -> Conditioning:
+        """The prompts (without LoRA tags) -> the UNet's conditioning, the model family's way."""
+        prompts, size = p.text_prompts(), (p.width, p.height)
+        return self.family.encode_prompt(
+            self._state, prompts, p.negative_prompt, p.num_images, p.use_guidance, p.clip_skip, size
+        )
 
     def prepare_latents(
         self, generators: list[torch.Generator], height: int, width: int, in_latent_space: bool = False
@@ -305,9 +379,14 @@ class Pipeline:
 
     def encode_samples(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """(B, C, h, w) scaled latents: one posterior sample of the (1, 3, H, W) image per generator."""
-        posterior = self.vae.encode(pixels).latent_dist
+        posterior = self._state.encode(pixels)
         samples = [posterior.sample(generator=g) for g in generators]
-        return torch.cat(samples) * self.vae.config.scaling_factor
+        return self.family.to_latents(self.vae, torch.cat(samples))
+
+    def images_to_latents(self, images: list[Image.Image]) -> torch.Tensor:
+        """(B, C, h, w) scaled latents: the posterior's mode of each image (at its own size)."""
+        pixels = torch.cat([self.image_to_tensor(image, *image.size) for image in images])
+        return self.family.to_latents(self.vae, self._state.encode(pixels).mode())
 
     def prepare_inpainting(
         self, p: GenerationParams, generators: list[torch.Generator], schedule: Schedule
@@ -340,19 +419,28 @@ class Pipeline:
     @torch.inference_mode()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [0, 1] as float32; an fp16 decode that overflows is redone in fp32."""
-        latents = latents / self.vae.config.scaling_factor
-        image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        latents = self.family.from_latents(self.vae, latents)
+        image = self._state.decode(latents.to(self.vae.dtype))
         if self.vae.dtype == torch.float16 and not torch.isfinite(image).all():
             # The SD VAE overflows fp16 on some latents and would give a black image.
             self.vae.to(torch.float32)
             try:
-                image = self.vae.decode(latents.float(), return_dict=False)[0]
+                image = self._state.decode(latents.float())
             finally:
                 self.vae.to(self.dtype)
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     def latents_to_images(self, latents: torch.Tensor) -> list[Image.Image]:
         return tensor_to_pil(self.decode_latents(latents))
+
+    def latent_rgb_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (C, 3) weight and (3,) bias of fast previews for this VAE (fitted once, then cached)."""
+        return latent_rgb_projection(self.vae, lambda z: self.family.to_latents(self.vae, z))
+
+    @torch.inference_mode()
+    def fast_preview(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) latents -> (B, 3, H, W) in [0, 1] through a linear map: a preview without the VAE."""
+        return fast_preview(latents, self.latent_rgb_projection(), self.vae_scale_factor)
 
     def image_to_tensor(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
         """PIL -> (1, 3, H, W) in [-1, 1], resized to the generation size."""
@@ -387,12 +475,6 @@ class Pipeline:
             **extra,
         }
         return format_infotext(prompt, p.negative_prompt, params)
-
-
-def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) floats in [0, 1] -> 8-bit RGB PIL images."""
-    array = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in array]
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

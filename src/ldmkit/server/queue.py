@@ -24,7 +24,6 @@ from PIL import Image
 
 from ldmkit.params import GenerationParams
 from ldmkit.pipeline import GenerationResult, Pipeline, StepInfo
-from ldmkit.previews import latent_rgb_projection
 from ldmkit.server.limits import DEFAULT_LIMITS, ServerLimits
 
 logger = logging.getLogger(__name__)
@@ -162,7 +161,7 @@ class GenerationQueue:
     # -- the worker -----------------------------------------------------------------------------
 
     def _work(self) -> None:
-        latent_rgb_projection(self.pipe)  # fit (once) here, so preview threads never touch the VAE
+        self.pipe.latent_rgb_projection()  # fit (once) here, so preview threads never touch the VAE
         while True:
             with self._lock:
                 while not self._waiting and not self._closed:
