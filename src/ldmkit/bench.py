@@ -331,21 +331,12 @@ def diffusers_pipeline(compiled: bool) -> Callable:
     def runner(components, device, dtype, request):
         import numpy as np
         import torch
-        from diffusers import StableDiffusionPipeline
 
+        from ldmkit.families import reference_pipeline
         from ldmkit.samplers import get_sampler
 
         sampler = get_sampler(request.sampler)
-        pipe = StableDiffusionPipeline(
-            vae=components.vae,
-            text_encoder=components.text_encoder,
-            tokenizer=components.tokenizer,
-            unet=components.unet,
-            scheduler=sampler.make_scheduler(components.scheduler_config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipe = reference_pipeline(components, sampler.make_scheduler(components.scheduler_config))
         pipe.set_progress_bar_config(disable=True)
         if compiled:
             pipe.fuse_qkv_projections()

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
 
 from safetensors import safe_open
 
@@ -24,15 +23,6 @@ from ldmkit.errors import InvalidRequest, LdmError
 LORA_SUFFIX = ".safetensors"
 # A1111's extra-network tag: <lora:NAME> or <lora:NAME:WEIGHT>
 _LORA_TAG = re.compile(r"<lora:([^>]+)>")
-
-
-class LoraTarget(Protocol):
-    """What a LoRA is applied to: `Components`, or a pipeline holding the same modules."""
-
-    tokenizer: object
-    text_encoder: object
-    unet: object
-    vae: object
 
 
 def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
@@ -91,17 +81,18 @@ def resolve_lora(name: str, lora_dir: str | os.PathLike) -> Path:
 
 
 @contextmanager
-def applied_loras(target: LoraTarget, loras: list[tuple[str | os.PathLike, float]]) -> Iterator[None]:
-    """Apply LoRA files with their weights to the target's UNet and text encoder, and remove them on exit.
+def applied_loras(host, loras: list[tuple[str | os.PathLike, float]]) -> Iterator[None]:
+    """Apply LoRA files with their weights to the UNet and text encoder of `host`, and remove them on exit.
 
-    The weight scales the file's update as in A1111 (weight * alpha / rank * up @ down). Requests must not
-    overlap on the same modules: the adapters live in them while the context is open, and on exit every
-    LoRA layer leaves them, so a LoRA loaded in some other way would go too.
+    `host` is a diffusers pipeline around the models (ldmkit.families' diffusers_pipeline: no copies), whose LoRA
+    loader reads kohya/A1111 and diffusers/peft files. The weight scales the file's update as in A1111
+    (weight * alpha / rank * up @ down). Requests must not overlap on the same modules: the adapters live in
+    them while the context is open, and on exit every LoRA layer leaves them, so a LoRA loaded in some other way
+    would go too.
     """
     if not loras:
         yield
         return
-    host = _diffusers_host(target)
     names = [f"ldmkit_lora_{i}" for i in range(len(loras))]
     try:
         for name, (path, _) in zip(names, loras, strict=True):
@@ -110,22 +101,6 @@ def applied_loras(target: LoraTarget, loras: list[tuple[str | os.PathLike, float
         yield
     finally:
         host.unload_lora_weights()  # takes the peft layers out again, leaving the original modules
-
-
-def _diffusers_host(target: LoraTarget):
-    """A throwaway diffusers pipeline around the target's own modules (no copies), for its LoRA loader."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline  # here: tag parsing above stays light to import
-
-    return StableDiffusionPipeline(
-        vae=target.vae,
-        text_encoder=target.text_encoder,
-        tokenizer=target.tokenizer,
-        unet=target.unet,
-        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),  # unused; these settings keep diffusers quiet
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
 
 
 def _load(host, path: Path, adapter_name: str) -> None:

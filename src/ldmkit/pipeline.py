@@ -22,7 +22,7 @@ from ldmkit import loading, tiled_vae
 from ldmkit.denoise import Denoiser, Schedule, StepInfo, sample
 from ldmkit.embeddings import load_embeddings, ti_hashes_infotext
 from ldmkit.errors import InvalidRequest
-from ldmkit.families import Conditioning, family_of
+from ldmkit.families import Conditioning, family_of, scheduler_from_config
 from ldmkit.hires import upscale
 from ldmkit.images import tensor_to_pil
 from ldmkit.inpainting import KnownRegion, prepare_mask
@@ -350,7 +350,8 @@ class Pipeline:
         if not lora_files:
             yield
             return
-        with applied_loras(self._state, [(path, weight) for _, path, weight in lora_files]):
+        host = self.family.diffusers_pipeline(self._state, scheduler_from_config(self.scheduler_config))
+        with applied_loras(host, [(path, weight) for _, path, weight in lora_files]):
             before = self._state
             record = "loras:" + ",".join(f"{name}@{weight}" for name, _, weight in lora_files)
             self._state = before.with_transform(record)

@@ -59,6 +59,12 @@ class ModelFamily(ABC):
         """Prompts (without LoRA tags) -> the UNet's conditioning; `size` (width, height) for families whose
         conditioning includes the image size (SDXL's time ids)."""
 
+    @abstractmethod
+    def diffusers_pipeline(self, parts, scheduler, pipeline_class=None):
+        """diffusers' own pipeline of this family over these modules (no copies): the reference in tests and
+        benchmarks, the host for diffusers' LoRA loader, the writer of diffusers folders. `parts` has tokenizer,
+        text_encoder, unet and vae (Components or ModelState); `pipeline_class` picks a variant (img2img...)."""
+
     def to_latents(self, vae, z: torch.Tensor) -> torch.Tensor:
         """The VAE's latent sample -> the latents the UNet works in."""
         return z * vae.config.scaling_factor
@@ -75,3 +81,18 @@ def family_of(components) -> ModelFamily:
         if family.matches(components):
             return family()
     raise ModelLoadError(f"{components.name}: no model family of ldmkit fits this UNet (SD 1.x and 2.x are supported)")
+
+
+def reference_pipeline(components, scheduler=None, pipeline_class=None):
+    """diffusers' own pipeline over loaded components (ldmkit.loading.Components), their family's, with no safety
+    checker: for tests, benchmarks and saving. Their own scheduler unless one is given."""
+    scheduler = scheduler or scheduler_from_config(components.scheduler_config)
+    return family_of(components).diffusers_pipeline(components, scheduler, pipeline_class)
+
+
+def scheduler_from_config(config: dict):
+    """The diffusers scheduler a scheduler config names (DDIM where it names none)."""
+    import diffusers
+
+    config = dict(config)
+    return getattr(diffusers, config.pop("_class_name", "DDIMScheduler")).from_config(config)

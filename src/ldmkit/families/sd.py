@@ -31,3 +31,17 @@ class StableDiffusion(ModelFamily):
             return Conditioning(hidden.repeat_interleave(num_images, dim=0))
         uncond = hidden[:1].expand(len(prompts) * num_images, -1, -1)
         return Conditioning(torch.cat([uncond, hidden[1:].repeat_interleave(num_images, dim=0)]))
+
+    def diffusers_pipeline(self, parts, scheduler, pipeline_class=None):
+        from diffusers import StableDiffusionPipeline
+
+        return (pipeline_class or StableDiffusionPipeline)(
+            vae=parts.vae,
+            text_encoder=parts.text_encoder,
+            tokenizer=parts.tokenizer,
+            unet=parts.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
