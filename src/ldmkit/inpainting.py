@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from ldmkit.denoise import Schedule
+from ldmkit.images import mask_to_tensor
 
 
 @dataclass
@@ -38,10 +38,5 @@ def prepare_mask(mask_image: Image.Image, width: int, height: int, blur: int) ->
 
     The binary one is what inpainting UNets were trained on (diffusers thresholds at 0.5 too).
     """
-    mask = mask_image.convert("L")
-    if mask.size != (width, height):
-        mask = mask.resize((width, height), Image.Resampling.LANCZOS)
-    if blur > 0:
-        mask = mask.filter(ImageFilter.GaussianBlur(blur))
-    soft = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
+    soft = mask_to_tensor(mask_image, width, height, blur)
     return soft, (soft >= 0.5).float()

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -24,7 +23,7 @@ from ldmkit.embeddings import load_embeddings, ti_hashes_infotext
 from ldmkit.errors import InvalidRequest
 from ldmkit.families import Conditioning, family_of, scheduler_from_config
 from ldmkit.hires import upscale
-from ldmkit.images import tensor_to_pil
+from ldmkit.images import pil_to_tensor, tensor_to_pil
 from ldmkit.inpainting import KnownRegion, prepare_mask
 from ldmkit.loading import Components
 from ldmkit.lora import applied_loras, lora_hashes_infotext, resolve_lora
@@ -445,12 +444,7 @@ class Pipeline:
 
     def image_to_tensor(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
         """PIL -> (1, 3, H, W) in [-1, 1], resized to the generation size."""
-        image = image.convert("RGB")
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.Resampling.LANCZOS)
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
-        return (tensor * 2 - 1).to(self.device, self.dtype)
+        return pil_to_tensor(image, width, height).to(self.device, self.dtype)
 
     def infotext_params(self, p: GenerationParams, lora_files) -> dict:
         """The A1111 parameters beyond the basic ones, as A1111 names them."""
