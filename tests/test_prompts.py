@@ -9,7 +9,9 @@ from conftest import make_tiny_components
 from ldmkit.errors import InvalidRequest
 from ldmkit.loading import load_tokenizer
 from ldmkit.prompts import (
+    check_prompt_chunks,
     clip_skip_infotext,
+    count_prompt_chunks,
     encode_prompts,
     parse_emphasis,
     prompt_token_count,
@@ -256,3 +258,33 @@ def test_prompt_token_count_is_what_a1111_shows(prompt, count):
 def test_clip_skip_appears_in_infotext_only_when_layers_are_skipped():
     assert clip_skip_infotext(1) == {}
     assert clip_skip_infotext(2) == {"Clip skip": 2}
+
+
+@pytest.mark.parametrize(
+    ("prompt", "chunks"),
+    [
+        ("", 1),
+        ("a cat", 1),
+        (" ".join(["cat"] * 75), 1),
+        (" ".join(["cat"] * 76), 2),
+        ("a BREAK b", 2),
+        ("BREAK a", 2),  # the first chunk is empty
+        ("a BREAK", 1),  # a BREAK at the end adds no chunk
+        ("BREAK", 1),
+        ("a BREAK BREAK b", 3),
+        ("BREAK " * 1700, 1700),
+    ],
+)
+def test_count_prompt_chunks(prompt, chunks):
+    assert count_prompt_chunks(load_tokenizer(), prompt) == chunks
+
+
+def test_prompt_over_the_chunk_limit_is_refused_naming_the_limit():
+    tokenizer = load_tokenizer()
+    check_prompt_chunks(tokenizer, "a BREAK " * 31 + "b", "c BREAK " * 31 + "d")  # 32 chunks each: the default limit
+    with pytest.raises(InvalidRequest, match="^prompt takes 33 chunks .* over the limit max_prompt_chunks = 32$"):
+        check_prompt_chunks(tokenizer, "a BREAK " * 32 + "b")
+    with pytest.raises(InvalidRequest, match="^negative prompt takes 1700 chunks .* max_prompt_chunks = 32$"):
+        check_prompt_chunks(tokenizer, "a cat", "BREAK " * 1700)
+    with pytest.raises(InvalidRequest, match="prompt takes 3 chunks .* max_prompt_chunks = 2$"):
+        check_prompt_chunks(tokenizer, "a BREAK b BREAK c", max_chunks=2)

@@ -38,6 +38,7 @@ from ldmkit.errors import InvalidRequest
 
 CHUNK_LENGTH = 75  # prompt tokens per CLIP call; with the start and end tokens that makes CLIP's 77
 COMMA_BACKTRACK = 20  # A1111's default "comma_padding_backtrack": a chunk may end early at a comma this close
+MAX_PROMPT_CHUNKS = 32  # default cap on the chunks of a prompt (each a text encoder call and 77 context tokens)
 ROUND_MULTIPLIER = 1.1  # (text)
 SQUARE_MULTIPLIER = 1 / 1.1  # [text]
 BREAK = "BREAK"
@@ -197,6 +198,24 @@ def prompt_token_count(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple
     """(tokens used, tokens available in the chunks used): what A1111 shows as "N/75" or "80/150"."""
     token_count = _chunk_prompt(tokenizer, prompt, embedding_token_groups(tokenizer)).token_count
     return token_count, math.ceil(max(token_count, 1) / CHUNK_LENGTH) * CHUNK_LENGTH
+
+
+def count_prompt_chunks(tokenizer: PreTrainedTokenizerBase, prompt: str) -> int:
+    """How many chunks of 75 tokens (text encoder calls) `prompt` takes. Tokenizes only: no model runs."""
+    return len(_chunk_prompt(tokenizer, prompt, embedding_token_groups(tokenizer)).chunks)
+
+
+def check_prompt_chunks(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, negative_prompt: str = "", max_chunks: int = MAX_PROMPT_CHUNKS
+) -> None:
+    """Refuse, before anything is encoded, a prompt or negative prompt of more than `max_chunks` chunks."""
+    for what, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+        count = count_prompt_chunks(tokenizer, text)
+        if count > max_chunks:
+            raise InvalidRequest(
+                f"{what} takes {count} chunks of {CHUNK_LENGTH} tokens (each BREAK starts one), "
+                f"over the limit max_prompt_chunks = {max_chunks}"
+            )
 
 
 def encode_prompts(
