@@ -171,6 +171,7 @@ def _chunk_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, embeddings: d
             continue
         for word in (embeddings.get(token_id, [token_id]) for token_id in ids):
             if len(word) > chunks[-1].space():
+                _check_fits_a_chunk(tokenizer, word)
                 chunks.append(_carry_after_last_comma(chunks[-1], comma) if word != [comma] else _Chunk())
                 if len(word) > chunks[-1].space():
                     chunks.append(_Chunk())  # the words carried over and a long embedding do not fit together
@@ -194,6 +195,15 @@ def _carry_after_last_comma(full: _Chunk, comma: int) -> _Chunk:
     return carried
 
 
+def _check_fits_a_chunk(tokenizer: PreTrainedTokenizerBase, word: list[int]) -> None:
+    if len(word) > CHUNK_LENGTH:
+        name = tokenizer.convert_ids_to_tokens(word[0])
+        raise InvalidRequest(
+            f"embedding '{name}' has {len(word)} vectors, more than the {CHUNK_LENGTH} tokens of a prompt chunk, "
+            "so it cannot be used in a prompt"
+        )
+
+
 def prompt_token_count(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[int, int]:
     """(tokens used, tokens available in the chunks used): what A1111 shows as "N/75" or "80/150"."""
     token_count = _chunk_prompt(tokenizer, prompt, embedding_token_groups(tokenizer)).token_count
@@ -201,7 +211,10 @@ def prompt_token_count(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple
 
 
 def count_prompt_chunks(tokenizer: PreTrainedTokenizerBase, prompt: str) -> int:
-    """How many chunks of 75 tokens (text encoder calls) `prompt` takes. Tokenizes only: no model runs."""
+    """How many chunks of 75 tokens (text encoder calls) `prompt` takes. Tokenizes only: no model runs.
+
+    Raises InvalidRequest if the prompt names an embedding too long for a chunk, as encoding it would.
+    """
     return len(_chunk_prompt(tokenizer, prompt, embedding_token_groups(tokenizer)).chunks)
 
 
