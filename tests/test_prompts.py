@@ -237,7 +237,7 @@ def test_clip_skip_2_is_the_encoder_without_its_last_layer(text_encoder):
 
 @pytest.mark.parametrize("clip_skip", [0, 3, True, 1.5])
 def test_clip_skip_outside_the_encoder_layers_is_refused(text_encoder, clip_skip):
-    with pytest.raises(InvalidRequest, match="clip_skip"):
+    with pytest.raises(InvalidRequest, match=f"^clip_skip must be an integer from 1 to 2, not {clip_skip!r}$"):
         encode_prompts(load_tokenizer(), text_encoder, ["a cat"], clip_skip=clip_skip)
 
 
