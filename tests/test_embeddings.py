@@ -2,6 +2,7 @@
 
 import copy
 import hashlib
+import io
 from dataclasses import dataclass
 
 import pytest
@@ -10,10 +11,10 @@ import torch
 from conftest import make_tiny_components
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from ldmkit.embeddings import load_embeddings, read_embedding, ti_hashes_infotext
-from ldmkit.errors import LdmError
+from ldmkit.embeddings import embedding_token_groups, load_embeddings, read_embedding, ti_hashes_infotext
+from ldmkit.errors import InvalidRequest, LdmError
 from ldmkit.loading import load_tokenizer
-from ldmkit.prompts import encode_prompts, prompt_token_count
+from ldmkit.prompts import count_prompt_chunks, encode_prompts, prompt_token_count
 
 BOS, EOS, A, CAT = 49406, 49407, 320, 2368
 
@@ -123,7 +124,7 @@ class Payload:
 
 def test_pickles_are_read_as_weights_only(tmp_path):
     torch.save({"string_to_param": {"*": vectors(1)}, "extra": Payload("rm -rf /")}, tmp_path / "evil.pt")
-    with pytest.raises(LdmError, match="cannot read embedding"):
+    with pytest.raises(LdmError, match="cannot read embedding .*evil.pt: it is not a PyTorch file of tensors only"):
         read_embedding(tmp_path / "evil.pt")
 
 
@@ -149,3 +150,113 @@ def test_ti_hashes_name_the_embeddings_used_with_a1111_short_hashes(embeddings_d
     infotext = ti_hashes_infotext(tokenizer, ["a (cat-toy:1.2)", "badhands, blurry"], loaded)
     assert infotext == {"TI hashes": f"cat-toy: {short['cat-toy']}, badhands: {short['badhands']}"}
     assert ti_hashes_infotext(tokenizer, ["a cat", ""], loaded) == {}
+
+
+def test_two_files_with_one_name_are_refused(tmp_path, text_encoder):
+    safetensors.torch.save_file({"emb_params": vectors(1)}, tmp_path / "ink.safetensors")
+    (tmp_path / "more").mkdir()
+    save_a1111_pt(tmp_path / "more" / "ink.pt", vectors(1))
+    with pytest.raises(
+        LdmError, match="two embeddings are named 'ink': .*/ink.safetensors and .*/more/ink.pt; rename one"
+    ):
+        load_embeddings(tmp_path, load_tokenizer(), text_encoder)
+
+
+def test_missing_folder_is_refused(tmp_path, text_encoder):
+    with pytest.raises(LdmError, match="embeddings folder not found: .*nowhere"):
+        load_embeddings(tmp_path / "nowhere", load_tokenizer(), text_encoder)
+
+
+def test_damaged_files_are_refused_naming_the_file(tmp_path):
+    buffer = io.BytesIO()
+    torch.save({"emb_params": vectors(1)}, buffer)
+    (tmp_path / "truncated.pt").write_bytes(buffer.getvalue()[:100])
+    (tmp_path / "text.pt").write_text("not a tensor file")
+    (tmp_path / "noise.safetensors").write_bytes(bytes(range(256)) * 4)
+    for name in ("truncated.pt", "text.pt", "noise.safetensors"):
+        with pytest.raises(LdmError, match=f"cannot read embedding .*{name}: "):
+            read_embedding(tmp_path / name)
+
+
+def test_vectors_that_are_not_a_matrix_are_refused(tmp_path):
+    safetensors.torch.save_file({"emb_params": torch.zeros(2, 3, 8)}, tmp_path / "cube.safetensors")
+    with pytest.raises(LdmError, match=r"cube.safetensors has vectors of shape \(2, 3, 8\), not \(count, size\)"):
+        read_embedding(tmp_path / "cube.safetensors")
+
+
+def test_tokens_two_embeddings_both_need_are_refused(tmp_path, text_encoder):
+    safetensors.torch.save_file({"emb_params": vectors(2)}, tmp_path / "zqstyle.safetensors")  # zqstyle, zqstyle_1
+    safetensors.torch.save_file({"emb_params": vectors(1)}, tmp_path / "zqstyle_1.safetensors")
+    tokenizer = load_tokenizer()
+    with pytest.raises(LdmError, match="embeddings 'zqstyle' and 'zqstyle_1' both need the token 'zqstyle_1'"):
+        load_embeddings(tmp_path, tokenizer, text_encoder)
+    assert len(tokenizer) == 49408  # nothing was registered
+    (tmp_path / "zqstyle_1.safetensors").unlink()
+    load_embeddings(tmp_path, tokenizer, text_encoder)
+    safetensors.torch.save_file({"emb_params": vectors(1)}, tmp_path / "zqstyle_1.safetensors")  # added later
+    with pytest.raises(LdmError, match="'zqstyle_1' is already a word of the CLIP vocabulary or an embedding's token"):
+        load_embeddings(tmp_path, tokenizer, text_encoder)
+
+
+def test_a_single_vector_embedding_is_not_joined_with_one_named_like_its_second_vector(tmp_path, text_encoder):
+    safetensors.torch.save_file({"emb_params": vectors(1, seed=1)}, tmp_path / "zqstyle.safetensors")
+    safetensors.torch.save_file({"emb_params": vectors(1, seed=2)}, tmp_path / "zqstyle_1.safetensors")
+    tokenizer = load_tokenizer()
+    load_embeddings(tmp_path, tokenizer, text_encoder)
+    assert embedding_token_groups(tokenizer) == {}
+    assert prompt_token_count(tokenizer, "zqstyle") == (1, 75)
+
+
+def test_registering_many_vectors_adds_tokens_once_and_grows_the_embedding_once(tmp_path, text_encoder, monkeypatch):
+    # 20,000 vectors in 200 files; adding them one call at a time took time quadratic in their number.
+    for i in range(200):
+        safetensors.torch.save_file({"emb_params": vectors(100, seed=i)}, tmp_path / f"style{i}.safetensors")
+    tokenizer = load_tokenizer()
+    calls = {"add_tokens": 0, "set_input_embeddings": 0}
+
+    def counted(owner, method):
+        original = getattr(owner, method)
+
+        def call(*args, **kwargs):
+            calls[method] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, method, call)
+
+    counted(tokenizer, "add_tokens")
+    counted(text_encoder, "set_input_embeddings")
+    load_embeddings(tmp_path, tokenizer, text_encoder)
+    assert calls == {"add_tokens": 1, "set_input_embeddings": 1}
+    assert len(tokenizer) == text_encoder.get_input_embeddings().num_embeddings == 49408 + 20_000
+    ids = tokenizer.convert_tokens_to_ids(["style7", "style7_1", "style7_99", "style199_99"])
+    expected = torch.stack([vectors(100, seed=7)[0], vectors(100, seed=7)[1], vectors(100, seed=7)[99]])
+    assert torch.equal(text_encoder.get_input_embeddings().weight[ids[:3]], expected)
+    assert torch.equal(text_encoder.get_input_embeddings().weight[ids[3]], vectors(100, seed=199)[99])
+    assert embedding_token_groups(tokenizer)[ids[0]] == tokenizer.convert_tokens_to_ids(
+        ["style7"] + [f"style7_{i}" for i in range(1, 100)]
+    )
+
+
+@torch.no_grad()
+def test_embedding_of_more_vectors_than_a_chunk_is_refused_where_a_prompt_uses_it(tmp_path, text_encoder):
+    safetensors.torch.save_file({"emb_params": vectors(76)}, tmp_path / "huge.safetensors")
+    tokenizer = load_tokenizer()
+    load_embeddings(tmp_path, tokenizer, text_encoder)
+    message = "embedding 'huge' has 76 vectors, more than the 75 tokens of a prompt chunk"
+    with pytest.raises(InvalidRequest, match=message):
+        count_prompt_chunks(tokenizer, "a huge cat")
+    with pytest.raises(InvalidRequest, match=message):
+        encode_prompts(tokenizer, text_encoder, ["", "a huge cat"])
+    assert encode_prompts(tokenizer, text_encoder, ["a cat"]).shape == (1, 77, 8)
+
+
+@pytest.mark.parametrize(("size", "count"), [(61, (150, 150)), (62, (212, 225))])
+def test_words_carried_past_a_comma_and_an_embedding_that_does_not_fit_with_them(tmp_path, text_encoder, size, count):
+    safetensors.torch.save_file({"emb_params": vectors(size)}, tmp_path / "zqlong.safetensors")
+    tokenizer = load_tokenizer()
+    load_embeddings(tmp_path, tokenizer, text_encoder)
+    # 75 tokens: the comma is 15 from the end, so the 14 dogs move on to make room for the embedding;
+    # 14 + 61 vectors fit in one chunk, 14 + 62 do not.
+    prompt = " ".join(["cat"] * 60) + ", " + " ".join(["dog"] * 14) + " zqlong"
+    assert prompt_token_count(tokenizer, prompt) == count
+    assert count_prompt_chunks(tokenizer, prompt) == count[1] // 75

@@ -38,6 +38,23 @@ def test_parse_text_without_parameter_line_is_all_prompt():
     assert parse_infotext("just a prompt") == {"Prompt": "just a prompt", "Negative prompt": ""}
 
 
+def test_parse_reads_quoted_values_as_json_strings_and_skips_what_is_no_pair():
+    # A1111 quotes with JSON (json.dumps, ensure_ascii=False): \t and \u escapes must decode too.
+    last = 'Steps: 20, Lora hashes: "ink: 0123abcd, tab\\tname: \\u00e9", no pair here, Hires resize-1: 0, Seed: 7'
+    assert parse_infotext(f"an otter\nNegative prompt: blurry, ugly\n{last}") == {
+        "Prompt": "an otter",
+        "Negative prompt": "blurry, ugly",
+        "Steps": "20",
+        "Lora hashes": "ink: 0123abcd, tab\tname: \u00e9",
+        "Hires resize-1": "0",
+        "Seed": "7",
+    }
+    assert parse_infotext("a cat\nstyle: ink, mood: calm") == {  # fewer than 3 pairs: prompt text
+        "Prompt": "a cat\nstyle: ink, mood: calm",
+        "Negative prompt": "",
+    }
+
+
 def test_png_round_trip_and_no_overwrite(tmp_path):
     image = Image.new("RGB", (8, 8), "red")
     text = format_infotext("otter", "", PARAMS)

@@ -8,44 +8,98 @@ from conftest import make_tiny_components
 
 from ldmkit.errors import InvalidRequest
 from ldmkit.loading import load_tokenizer
-from ldmkit.prompts import clip_skip_infotext, encode_prompts, parse_prompt_attention, prompt_token_count
+from ldmkit.prompts import (
+    check_prompt_chunks,
+    clip_skip_infotext,
+    count_prompt_chunks,
+    encode_prompts,
+    parse_emphasis,
+    prompt_token_count,
+)
 
-# AUTOMATIC1111's parse_prompt_attention docstring examples, plus BREAK and spacing cases of its current regex.
+# AUTOMATIC1111's published examples (the docstring of its prompt parser), plus BREAK and spacing cases; its
+# results hold lists where these hold tuples, and also empty-text pieces, which carry no token.
 A1111_EXAMPLES = {
-    "normal text": [["normal text", 1.0]],
-    "an (important) word": [["an ", 1.0], ["important", 1.1], [" word", 1.0]],
-    "(unbalanced": [["unbalanced", 1.1]],
-    "\\(literal\\]": [["(literal]", 1.0]],
-    "(unnecessary)(parens)": [["unnecessaryparens", 1.1]],
+    "normal text": [("normal text", 1.0)],
+    "an (important) word": [("an ", 1.0), ("important", 1.1), (" word", 1.0)],
+    "(unbalanced": [("unbalanced", 1.1)],
+    "\\(literal\\]": [("(literal]", 1.0)],
+    "(unnecessary)(parens)": [("unnecessaryparens", 1.1)],
     "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).": [
-        ["a ", 1.0],
-        ["house", 1.5730000000000004],
-        [" ", 1.1],
-        ["on", 1.0],
-        [" a ", 1.1],
-        ["hill", 0.55],
-        [", sun, ", 1.1],
-        ["sky", 1.4641000000000006],
-        [".", 1.1],
+        ("a ", 1.0),
+        ("house", 1.5730000000000004),
+        (" ", 1.1),
+        ("on", 1.0),
+        (" a ", 1.1),
+        ("hill", 0.55),
+        (", sun, ", 1.1),
+        ("sky", 1.4641000000000006),
+        (".", 1.1),
     ],
-    "[abc]": [["abc", 1 / 1.1]],
-    "(abc: 1.3 )": [["abc", 1.3]],
-    "a \\\\ b \\x": [["a \\ b x", 1.0]],
-    "unopened) and ] and :": [["unopened) and ] and :", 1.0]],
-    "a BREAK b": [["a", 1.0], ["BREAK", -1], ["b", 1.0]],
-    "(a BREAK b)": [["a", 1.1], ["BREAK", -1.1], ["b", 1.1]],  # A1111 then reads this BREAK as a word
-    "": [["", 1.0]],
+    "[abc]": [("abc", 1 / 1.1)],
+    "(abc: 1.3 )": [("abc", 1.3)],
+    "a \\\\ b \\x": [("a \\ b x", 1.0)],
+    "unopened) and ] and :": [("unopened) and ] and :", 1.0)],
+    "a BREAK b": [("a", 1.0), ("BREAK", -1), ("b", 1.0)],
+    "(a BREAK b)": [("a", 1.1), ("BREAK", -1.1), ("b", 1.1)],  # A1111 then reads this BREAK as a word
+    "": [("", 1.0)],
 }
 
 
 @pytest.mark.parametrize("text", list(A1111_EXAMPLES))
-def test_parse_prompt_attention_matches_a1111(text):
-    assert parse_prompt_attention(text) == A1111_EXAMPLES[text]
+def test_parse_emphasis_matches_a1111(text):
+    assert parse_emphasis(text) == A1111_EXAMPLES[text]
 
 
-def test_emphasis_weight_that_is_not_a_number_is_refused():
-    with pytest.raises(InvalidRequest, match="1.2.3"):
-        parse_prompt_attention("(cat:1.2.3)")
+# Edge cases, with the results A1111 gives (less its empty-text pieces); floats are products in closing order.
+EDGE_CASES = {
+    # nesting multiplies
+    "((a:1.5))": [("a", 1.6500000000000001)],
+    "((a):1.5)": [("a", 1.6500000000000001)],
+    "[[a]]": [("a", 0.8264462809917354)],
+    "([a])": [("a", 1.0)],
+    "(a) (b)": [("a", 1.1), (" ", 1.0), ("b", 1.1)],
+    # escapes; a backslash before anything else is dropped, yet a weighted one still ends a word
+    "\\(a\\)": [("(a)", 1.0)],
+    "(\\)a)": [(")a", 1.1)],
+    "\\\\(a)": [("\\", 1.0), ("a", 1.1)],
+    "a(\\:2)b": [("a", 1.0), ("b", 1.0)],
+    # unbalanced: an opener applies to the rest, a closer without an opener is text
+    "a)b": [("a)b", 1.0)],
+    "((a)": [("a", 1.2100000000000002)],
+    "(a:1.5": [("a:1.5", 1.1)],
+    ")(": [(")", 1.0)],
+    "a:1.5)": [("a:1.5)", 1.0)],
+    "[a:1.5)]": [("a:1.5)", 1 / 1.1)],
+    # round and square brackets are matched apart, so they may cross
+    "(a [b) c]": [("a ", 1.1), ("b", 1.0), (" c", 1 / 1.1)],
+    # weights: signed and leading-dot decimals; no exponent, so "1e1" stays text
+    "(a:-1)": [("a", -1.0)],
+    "(a: +0.5 )": [("a", 0.5)],
+    "(a:.5)": [("a", 0.5)],
+    "(a:1e1)": [("a:1e1", 1.1)],
+    # BREAK: upper case, a word of its own, at either edge, taking the spaces around it
+    "BREAK a": [("BREAK", -1.0), ("a", 1.0)],
+    "a BREAK": [("a", 1.0), ("BREAK", -1.0)],
+    "BREAK": [("BREAK", -1.0)],
+    "a BREAK BREAK b": [("a", 1.0), ("BREAK", -1.0), ("BREAK", -1.0), ("b", 1.0)],
+    "a\nBREAK\tb": [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)],
+    "x,BREAK,y": [("x,", 1.0), ("BREAK", -1.0), (",y", 1.0)],
+    "aBREAK b": [("aBREAK b", 1.0)],
+    "BREAK_x": [("BREAK_x", 1.0)],
+    "a break b": [("a break b", 1.0)],
+}
+
+
+@pytest.mark.parametrize("text", list(EDGE_CASES))
+def test_parse_emphasis_edge_cases(text):
+    assert parse_emphasis(text) == EDGE_CASES[text]
+
+
+@pytest.mark.parametrize("text", ["(cat:1.2.3)", "(cat:.)"])
+def test_emphasis_weight_that_is_not_a_number_is_refused(text):
+    with pytest.raises(InvalidRequest, match=f"emphasis weight '{text[5:-1]}' is not a number"):
+        parse_emphasis(text)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +237,7 @@ def test_clip_skip_2_is_the_encoder_without_its_last_layer(text_encoder):
 
 @pytest.mark.parametrize("clip_skip", [0, 3, True, 1.5])
 def test_clip_skip_outside_the_encoder_layers_is_refused(text_encoder, clip_skip):
-    with pytest.raises(InvalidRequest, match="clip_skip"):
+    with pytest.raises(InvalidRequest, match=f"^clip_skip must be an integer from 1 to 2, not {clip_skip!r}$"):
         encode_prompts(load_tokenizer(), text_encoder, ["a cat"], clip_skip=clip_skip)
 
 
@@ -204,3 +258,33 @@ def test_prompt_token_count_is_what_a1111_shows(prompt, count):
 def test_clip_skip_appears_in_infotext_only_when_layers_are_skipped():
     assert clip_skip_infotext(1) == {}
     assert clip_skip_infotext(2) == {"Clip skip": 2}
+
+
+@pytest.mark.parametrize(
+    ("prompt", "chunks"),
+    [
+        ("", 1),
+        ("a cat", 1),
+        (" ".join(["cat"] * 75), 1),
+        (" ".join(["cat"] * 76), 2),
+        ("a BREAK b", 2),
+        ("BREAK a", 2),  # the first chunk is empty
+        ("a BREAK", 1),  # a BREAK at the end adds no chunk
+        ("BREAK", 1),
+        ("a BREAK BREAK b", 3),
+        ("BREAK " * 1700, 1700),
+    ],
+)
+def test_count_prompt_chunks(prompt, chunks):
+    assert count_prompt_chunks(load_tokenizer(), prompt) == chunks
+
+
+def test_prompt_over_the_chunk_limit_is_refused_naming_the_limit():
+    tokenizer = load_tokenizer()
+    check_prompt_chunks(tokenizer, "a BREAK " * 31 + "b", "c BREAK " * 31 + "d")  # 32 chunks each: the default limit
+    with pytest.raises(InvalidRequest, match="^prompt takes 33 chunks .* over the limit max_prompt_chunks = 32$"):
+        check_prompt_chunks(tokenizer, "a BREAK " * 32 + "b")
+    with pytest.raises(InvalidRequest, match="^negative prompt takes 1700 chunks .* max_prompt_chunks = 32$"):
+        check_prompt_chunks(tokenizer, "a cat", "BREAK " * 1700)
+    with pytest.raises(InvalidRequest, match="prompt takes 3 chunks .* max_prompt_chunks = 2$"):
+        check_prompt_chunks(tokenizer, "a BREAK b BREAK c", max_chunks=2)

@@ -1,7 +1,11 @@
 """Textual inversion embeddings (A1111 .pt/.safetensors, diffusers learned_embeds) registered as words of the prompt.
 
-diffusers' `load_textual_inversion` adds the tokens: NAME for the first vector, NAME_1, NAME_2... for the others;
-`ldmkit.prompts` expands NAME into all of them, as A1111 does, so writing the file's name in a prompt uses it.
+An embedding of k vectors adds k tokens to the tokenizer, NAME for the first vector and NAME_1 ... NAME_{k-1} for
+the others (the names diffusers' `load_textual_inversion` gives them), and k rows to the text encoder's token
+embedding. This module records which tokens each embedding took, and `ldmkit.prompts` expands NAME into all of
+them, as A1111 does, so writing the file's name in a prompt uses it. All new embeddings are registered together:
+one tokenizer call and one new embedding matrix, whatever their number (each call costs time in proportion to the
+tokens already added, so one call per vector was quadratic).
 """
 
 from __future__ import annotations
@@ -9,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import weakref
 from pathlib import Path
 
 import safetensors.torch
 import torch
-from diffusers.loaders import TextualInversionLoaderMixin
 from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
 from ldmkit.errors import LdmError
@@ -37,10 +41,10 @@ def load_embeddings(
         if name in files:
             raise LdmError(f"two embeddings are named '{name}': {files[name]} and {path}; rename one")
         files[name] = path
-    new = {name: path for name, path in files.items() if name not in tokenizer.added_tokens_encoder}
-    vectors = {name: read_embedding(path, expected_size=_vector_size(text_encoder)) for name, path in new.items()}
-    for name, name_vectors in vectors.items():
-        _register(name, name_vectors, tokenizer, text_encoder)
+    registered = _REGISTERED.get(tokenizer, {})
+    new = {name: path for name, path in files.items() if name not in registered}
+    size = _vector_size(text_encoder)
+    _register({name: read_embedding(path, expected_size=size) for name, path in new.items()}, tokenizer, text_encoder)
     return files
 
 
@@ -66,9 +70,10 @@ def read_embedding(path: str | os.PathLike, expected_size: int | None = None) ->
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise LdmError(
-            f"cannot read embedding {path}: its pickle holds more than tensors, which are never loaded"
+            f"cannot read embedding {path}: it is not a PyTorch file of tensors only (a pickle that holds anything "
+            "else is never loaded)"
         ) from None
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 (a damaged file fails in torch.load as KeyError, RuntimeError...)
         raise LdmError(f"cannot read embedding {path}: {error}") from None
     vectors = _vectors(data, path).detach().float()
     vectors = vectors[None] if vectors.ndim == 1 else vectors
@@ -98,32 +103,56 @@ def _vector_size(text_encoder: CLIPTextModel) -> int:
     return text_encoder.get_input_embeddings().weight.shape[1]
 
 
-class _EmbeddingLoader(TextualInversionLoaderMixin):
-    """diffusers' loader without a pipeline: the mixin reads these two attributes only to handle offload hooks."""
-
-    hf_device_map = None
-    components: dict = {}
+# The embeddings registered in each tokenizer: {name: token ids of its vectors}.
+_REGISTERED: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, dict[str, list[int]]] = weakref.WeakKeyDictionary()
 
 
 def _register(
-    name: str, vectors: torch.Tensor, tokenizer: PreTrainedTokenizerBase, text_encoder: CLIPTextModel
+    embeddings: dict[str, torch.Tensor], tokenizer: PreTrainedTokenizerBase, text_encoder: CLIPTextModel
 ) -> None:
-    if name in tokenizer.get_vocab():
-        raise LdmError(f"embedding name '{name}' is already a word of the CLIP vocabulary; rename its file")
-    _EmbeddingLoader().load_textual_inversion(vectors, token=name, tokenizer=tokenizer, text_encoder=text_encoder)
+    """Add the embeddings' tokens and vectors: one add_tokens call and one new input embedding, however many."""
+    tokens = _new_tokens(embeddings, tokenizer)
+    if not tokens:
+        return
+    tokenizer.add_tokens(tokens)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    old = text_encoder.get_input_embeddings()
+    grown = torch.nn.Embedding(max(old.num_embeddings, max(ids) + 1), old.embedding_dim)
+    grown.to(device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        grown.weight[: old.num_embeddings] = old.weight
+        grown.weight[ids] = torch.cat(list(embeddings.values())).to(grown.weight)
+    text_encoder.set_input_embeddings(grown)
+    text_encoder.config.vocab_size = grown.num_embeddings
+    registered, start = _REGISTERED.setdefault(tokenizer, {}), 0
+    for name, vectors in embeddings.items():
+        registered[name] = ids[start : start + len(vectors)]
+        start += len(vectors)
+
+
+def _new_tokens(embeddings: dict[str, torch.Tensor], tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The tokens of every vector of `embeddings`, in order: NAME, NAME_1, NAME_2 ...; one already taken is refused."""
+    vocab = tokenizer.get_vocab()  # CLIP's words and the tokens added before
+    owners: dict[str, str] = {}  # token -> the embedding that takes it
+    for name, vectors in embeddings.items():
+        for token in [name] + [f"{name}_{i}" for i in range(1, len(vectors))]:
+            if token in vocab:
+                raise LdmError(
+                    f"embedding name '{token}' is already a word of the CLIP vocabulary or an embedding's token; "
+                    "rename its file"
+                )
+            if token in owners:
+                raise LdmError(
+                    f"embeddings '{owners[token]}' and '{name}' both need the token '{token}' (an embedding of "
+                    "several vectors also takes NAME_1, NAME_2 ...); rename one of the files"
+                )
+            owners[token] = name
+    return list(owners)
 
 
 def embedding_token_groups(tokenizer: PreTrainedTokenizerBase) -> dict[int, list[int]]:
     """{id of NAME: ids of NAME, NAME_1, ...} for each multi-vector embedding registered in the tokenizer."""
-    added = tokenizer.added_tokens_encoder
-    groups = {}
-    for token, first_id in added.items():
-        ids = [first_id]
-        while f"{token}_{len(ids)}" in added:
-            ids.append(added[f"{token}_{len(ids)}"])
-        if len(ids) > 1:
-            groups[first_id] = ids
-    return groups
+    return {ids[0]: ids for ids in _REGISTERED.get(tokenizer, {}).values() if len(ids) > 1}
 
 
 def used_embeddings(tokenizer: PreTrainedTokenizerBase, prompts: list[str], embeddings: dict[str, Path]) -> list[str]:

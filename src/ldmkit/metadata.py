@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -13,44 +14,70 @@ from ldmkit.errors import LdmError
 
 PARAMETERS_KEY = "parameters"
 
-# "key: value" pairs of the last line; a value may be a quoted string holding commas.
-_PARAM_RE = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+NEGATIVE_PREFIX = "Negative prompt:"
+MIN_PARAMETERS = 3  # a last line with fewer "Key: value" pairs is read as prompt text, as A1111 reads it
+
+_KEY = re.compile(r"\s*(\w[\w \-/]*):\s*")  # the start of each "Key: value" of the parameter line
+_JSON = json.JSONDecoder(strict=False)  # quoted values are JSON strings, as A1111 writes them
 
 
 def format_infotext(prompt: str, negative_prompt: str, params: dict) -> str:
     """The text AUTOMATIC1111 writes: prompt line, 'Negative prompt:' line, 'Key: value, ...' line."""
     lines = [prompt]
     if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
+        lines.append(f"{NEGATIVE_PREFIX} {negative_prompt}")
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in params.items() if value is not None))
     return "\n".join(lines)
 
 
 def _quote(value) -> str:
     text = str(value)
-    if any(ch in text for ch in ',:\n"'):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    return text
+    return json.dumps(text, ensure_ascii=False) if any(ch in text for ch in ',:\n"') else text
 
 
 def parse_infotext(text: str) -> dict:
     """Inverse of format_infotext: {'Prompt', 'Negative prompt', and each 'Key': 'value'}."""
-    *lines, last = text.strip().split("\n")
-    if len(_PARAM_RE.findall(last)) < 3:  # no parameter line: everything is prompt
-        lines.append(last)
-        last = ""
-    prompt_lines, negative_lines, in_negative = [], [], False
-    for line in lines:
-        if line.startswith("Negative prompt:"):
-            in_negative = True
-            line = line[len("Negative prompt:") :].strip()
-        (negative_lines if in_negative else prompt_lines).append(line)
-    result = {"Prompt": "\n".join(prompt_lines), "Negative prompt": "\n".join(negative_lines)}
-    for key, value in _PARAM_RE.findall(last):
-        if value.startswith('"') and value.endswith('"'):
-            value = value[1:-1].replace("\\n", "\n").replace('\\"', '"').replace("\\\\", "\\")
-        result[key.strip()] = value
-    return result
+    lines = text.strip().split("\n")
+    params = _parameters(lines[-1])
+    if len(params) >= MIN_PARAMETERS:
+        lines.pop()
+    else:
+        params = {}
+    negative_at = next((i for i, line in enumerate(lines) if line.startswith(NEGATIVE_PREFIX)), len(lines))
+    negative = lines[negative_at:]
+    if negative:
+        negative[0] = negative[0].removeprefix(NEGATIVE_PREFIX).strip()
+    return {"Prompt": "\n".join(lines[:negative_at]), "Negative prompt": "\n".join(negative), **params}
+
+
+def _parameters(line: str) -> dict[str, str]:
+    """{key: value} of a 'Key: value, Key: "quoted, value"' line; a stretch that is no pair is skipped to its comma."""
+    params = {}
+    position = 0
+    while position < len(line):
+        key = _KEY.match(line, position)
+        if key is None:
+            position = _after_comma(line, position)
+            continue
+        params[key[1].strip()], position = _value(line, key.end())
+    return params
+
+
+def _value(line: str, start: int) -> tuple[str, int]:
+    """The value at `start` (a JSON string when quoted, else the text up to the comma) and where the next pair starts."""
+    if line.startswith('"', start):
+        try:
+            value, end = _JSON.raw_decode(line, start)
+            return str(value), _after_comma(line, end)
+        except json.JSONDecodeError:
+            pass  # not JSON after all: read it as written
+    end = _after_comma(line, start)
+    return line[start:end].removesuffix(","), end
+
+
+def _after_comma(line: str, position: int) -> int:
+    comma = line.find(",", position)
+    return len(line) if comma == -1 else comma + 1
 
 
 def read_infotext(path: str | os.PathLike) -> str | None:

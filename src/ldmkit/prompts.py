@@ -1,7 +1,27 @@
-"""Prompt text -> CLIP conditioning the AUTOMATIC1111 way: (emphasis:1.2), prompts of any length, BREAK, clip skip.
+"""Prompt text -> CLIP conditioning, in the prompt syntax of AUTOMATIC1111's web UI.
 
-Behaviour follows AUTOMATIC1111's prompt_parser.parse_prompt_attention and sd_hijack_clip (Emphasis "Original"),
-so a prompt written for that UI conditions the model the same way here.
+A prompt written for that UI conditions the model the same way here: emphasis, prompts longer than CLIP's 77
+tokens, BREAK, clip skip. The parser and the chunking are ldmkit's own, written from the syntax as A1111's wiki
+describes it (stable-diffusion-webui wiki, Features: "Attention/emphasis", and "Infinite prompt length" for the
+chunks and BREAK) and checked against the input/output examples A1111 publishes (tests/test_prompts.py). A1111's
+prompt editing ([a:b:step]) and alternation ([a|b]) are not implemented: there they read as [text].
+
+Emphasis grammar. A lexer reads the prompt left to right into these lexemes, the first that fits at each place:
+
+    escape     \\( \\) \\[ \\] \\\\        the second character, as plain text
+    backslash  \\ before anything else    dropped; it still ends a word where its brackets' weight differs
+    open       (  [
+    close      )  ]  :NUMBER)          NUMBER is [+-]?[0-9.]+, spaces allowed around it
+    break      BREAK                   upper case, a word of its own; the spaces around it go with it
+    text       the longest run of other characters, or a ':' that starts no close
+
+Each closer matches the nearest unmatched opener of its own shape to its left: ')' and ':NUMBER)' match '(', ']'
+matches '['. The two shapes are matched apart, so a (...) pair may cross a [...] pair. A matched pair multiplies
+the weight of all text between them: (...) by 1.1, (...:NUMBER) by NUMBER, [...] by 1/1.1; nesting multiplies. An
+opener left unmatched applies its multiplier to the rest of the prompt; a closer that matches nothing is text.
+
+A BREAK ends the current chunk of 75 tokens. Inside brackets it is scaled with its neighbours and then reads as
+the word "break", as in A1111.
 """
 
 from __future__ import annotations
@@ -10,6 +30,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
@@ -18,82 +39,103 @@ from ldmkit.errors import InvalidRequest
 
 CHUNK_LENGTH = 75  # prompt tokens per CLIP call; with the start and end tokens that makes CLIP's 77
 COMMA_BACKTRACK = 20  # A1111's default "comma_padding_backtrack": a chunk may end early at a comma this close
+MAX_PROMPT_CHUNKS = 32  # default cap on the chunks of a prompt (each a text encoder call and 77 context tokens)
 ROUND_MULTIPLIER = 1.1  # (text)
 SQUARE_MULTIPLIER = 1 / 1.1  # [text]
 BREAK = "BREAK"
+BREAK_WEIGHT = -1.0  # a BREAK piece is (BREAK, -1.0) until brackets scale it, as in A1111's parse results
 
-# One alternative per syntactic element, tried in this order.
-_ATTENTION_TOKEN = re.compile(
-    r"""
-      \\[()\[\]\\]                         # escaped bracket or backslash: that character, literally
-    | \\                                   # any other backslash: dropped
-    | \( | \[                              # open an emphasis
-    | :\s*(?P<weight>[+-]?[.\d]+)\s*\)     # close (text:1.3)
-    | \) | ]                                # close (text) or [text]
-    | [^\\()\[\]:]+                        # plain text
-    | :                                    # a colon that closes nothing
-    """,
-    re.VERBOSE,
+_LEXER = re.compile(
+    "|".join(
+        f"(?P<{kind}>{pattern})"
+        for kind, pattern in (
+            ("escape", r"\\[()\[\]\\]"),
+            ("backslash", r"\\"),
+            ("open", r"[(\[]"),
+            ("weighted_close", r":\s*(?P<number>[+-]?[.\d]+)\s*\)"),
+            ("close", r"[)\]]"),
+            ("break_word", r"\bBREAK\b"),
+            ("text", r"(?:(?!\bBREAK\b)[^\\()\[\]:])+|:"),
+        )
+    )
 )
-_BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_OPENER_OF = {")": "(", "]": "["}
+_DEFAULT_MULTIPLIER = {"(": ROUND_MULTIPLIER, "[": SQUARE_MULTIPLIER}
 
 
-def parse_prompt_attention(text: str) -> list[list]:
-    """[text, weight] pairs of a prompt, exactly as AUTOMATIC1111's function of the same name returns them.
+@dataclass
+class _Piece:
+    text: str
+    is_break: bool = False
 
-    (abc) multiplies by 1.1, (abc:3.12) by 3.12, [abc] divides by 1.1; \\( \\) \\[ \\] \\\\ are literal;
-    brackets left open are closed at the end; neighbours of equal weight merge; BREAK becomes ["BREAK", -1].
+
+@dataclass
+class _Scope:
+    """The pieces[start:end] whose weights one bracket pair multiplies."""
+
+    start: int
+    end: int
+    multiplier: float
+
+
+def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
+    """(text, weight) pieces of a prompt; a BREAK is (BREAK, -1.0). Neighbours of equal weight are joined.
+
+    "a (cat:1.3) [dog]" -> [("a ", 1.0), ("cat", 1.3), (" ", 1.0), ("dog", 1/1.1)]; see the module docstring.
     """
-    pieces: list[list] = []
-    open_round: list[int] = []  # index in `pieces` where each open bracket started
-    open_square: list[int] = []
-    for match in _ATTENTION_TOKEN.finditer(text):
-        token, weight = match.group(0), match.group("weight")
-        if token.startswith("\\"):
-            pieces.append([token[1:], 1.0])
-        elif token == "(":
-            open_round.append(len(pieces))
-        elif token == "[":
-            open_square.append(len(pieces))
-        elif weight is not None and open_round:
-            _multiply(pieces, open_round.pop(), _parse_weight(weight))
-        elif token == ")" and open_round:
-            _multiply(pieces, open_round.pop(), ROUND_MULTIPLIER)
-        elif token == "]" and open_square:
-            _multiply(pieces, open_square.pop(), SQUARE_MULTIPLIER)
-        else:
-            for i, part in enumerate(_BREAK_WORD.split(token)):
-                if i > 0:
-                    pieces.append([BREAK, -1])
-                pieces.append([part, 1.0])
-    for start in open_round:
-        _multiply(pieces, start, ROUND_MULTIPLIER)
-    for start in open_square:
-        _multiply(pieces, start, SQUARE_MULTIPLIER)
-    return _merge_equal_weights(pieces) or [["", 1.0]]
+    pieces: list[_Piece] = []
+    scopes: list[_Scope] = []  # in the order the pairs close
+    unmatched: dict[str, list[int]] = {"(": [], "[": []}  # opener -> where each open pair starts, outermost first
+    previous_kind = None
+    for lexeme in _LEXER.finditer(prompt):
+        kind, source = lexeme.lastgroup, lexeme.group()
+        closes = _OPENER_OF.get(source[-1]) if kind in ("close", "weighted_close") else None
+        if kind == "escape":
+            pieces.append(_Piece(source[1]))
+        elif kind == "open":
+            unmatched[source].append(len(pieces))
+        elif closes and unmatched[closes]:
+            multiplier = _weight(lexeme["number"]) if kind == "weighted_close" else _DEFAULT_MULTIPLIER[closes]
+            scopes.append(_Scope(unmatched[closes].pop(), len(pieces), multiplier))
+        elif kind == "break_word":
+            if previous_kind == "text":  # a BREAK takes the spaces around it
+                pieces[-1].text = pieces[-1].text.rstrip()
+            pieces.append(_Piece(BREAK, is_break=True))
+        elif kind == "backslash":
+            pieces.append(_Piece(""))  # no text, but a weight of its own: "a(\\:2)b" is two words, "a" and "b"
+        else:  # text, or a closer that matches no opener
+            pieces.append(_Piece(source.lstrip() if previous_kind == "break_word" else source))
+        previous_kind = kind
+    # Pairs left open close at the end: round before square, outermost first (A1111's float results, to the bit).
+    scopes += [_Scope(start, len(pieces), _DEFAULT_MULTIPLIER[o]) for o in ("(", "[") for start in unmatched[o]]
+    weights = np.array([BREAK_WEIGHT if piece.is_break else 1.0 for piece in pieces])
+    for scope in scopes:
+        weights[scope.start : scope.end] *= scope.multiplier  # float64 products, rounded as Python's are
+    return _join_equal_weights(pieces, weights.tolist()) or [("", 1.0)]
 
 
-def _parse_weight(text: str) -> float:
+def _weight(number: str) -> float:
     try:
-        return float(text)
+        return float(number)
     except ValueError:
-        raise InvalidRequest(f"prompt emphasis weight '{text}' is not a number") from None
+        raise InvalidRequest(f"prompt emphasis weight '{number}' is not a number") from None
 
 
-def _multiply(pieces: list[list], start: int, multiplier: float) -> None:
-    # One multiplication per closing bracket, in closing order: the float results match A1111's to the last bit.
-    for piece in pieces[start:]:
-        piece[1] *= multiplier
-
-
-def _merge_equal_weights(pieces: list[list]) -> list[list]:
-    merged: list[list] = []
-    for text, weight in pieces:
-        if merged and merged[-1][1] == weight:
-            merged[-1][0] += text
+def _join_equal_weights(pieces: list[_Piece], weights: list[float]) -> list[tuple[str, float]]:
+    """Texts in a row with equal weights become one piece; a BREAK stays apart; empty pieces are left out."""
+    joined: list[tuple[str, float]] = []
+    joinable = False  # whether the last joined piece may take more text
+    for piece, weight in zip(pieces, weights, strict=True):
+        if joinable and not piece.is_break and joined[-1][1] == weight:
+            joined[-1] = (joined[-1][0] + piece.text, weight)
         else:
-            merged.append([text, weight])
-    return merged
+            joined.append((piece.text, weight))
+        joinable = not piece.is_break
+    return [(text, weight) for text, weight in joined if text]
+
+
+def _is_break(text: str, weight: float) -> bool:
+    return text == BREAK and weight == BREAK_WEIGHT
 
 
 @dataclass
@@ -103,55 +145,91 @@ class _Chunk:
     ids: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
 
+    def space(self) -> int:
+        return CHUNK_LENGTH - len(self.ids)
 
-def _split_into_chunks(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[list[_Chunk], int]:
-    """A1111's tokenize_line: the prompt's chunks and its token count (a BREAK counts as a full chunk)."""
-    parsed = parse_prompt_attention(prompt)
-    tokenized = tokenizer([text for text, _ in parsed], add_special_tokens=False, truncation=False, verbose=False)
-    groups = embedding_token_groups(tokenizer)
-    comma_id = tokenizer.convert_tokens_to_ids(",</w>")
-    chunks: list[_Chunk] = []
-    chunk = _Chunk()
-    token_count = 0
-    last_comma = -1  # position of the last comma in `chunk`
 
-    def close_chunk(is_last: bool = False) -> None:
-        nonlocal chunk, token_count, last_comma
-        token_count += len(chunk.ids) if is_last else CHUNK_LENGTH
-        chunks.append(chunk)
-        chunk, last_comma = _Chunk(), -1
+@dataclass
+class _ChunkedPrompt:
+    chunks: list[_Chunk]
+    token_count: int  # as A1111 counts: every chunk but the last counts as full, even one a BREAK ended early
 
-    for ids, (text, weight) in zip(tokenized.input_ids, parsed, strict=True):
-        if text == BREAK and weight == -1:
-            close_chunk()
+
+def _chunk_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, embeddings: dict[int, list[int]]) -> _ChunkedPrompt:
+    """The prompt's tokens laid into chunks of at most CHUNK_LENGTH.
+
+    A BREAK starts a new chunk. A token that would overflow a chunk starts the next one, and takes along the
+    tokens after the chunk's last comma when that comma is among the last COMMA_BACKTRACK tokens, so a phrase
+    is not cut in two. An embedding's vectors (`embeddings`: first token id -> all its ids) stay in one chunk.
+    """
+    pieces = parse_emphasis(prompt)
+    token_ids = tokenizer([text for text, _ in pieces], add_special_tokens=False, truncation=False, verbose=False)
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    chunks = [_Chunk()]
+    for (text, weight), ids in zip(pieces, token_ids.input_ids, strict=True):
+        if _is_break(text, weight):
+            chunks.append(_Chunk())
             continue
-        for group in _group_ids(ids, groups):
-            if group == [comma_id]:
-                last_comma = len(chunk.ids)
-            elif len(chunk.ids) == CHUNK_LENGTH and last_comma != -1 and CHUNK_LENGTH - last_comma <= COMMA_BACKTRACK:
-                # Carry the words after the last comma over to the next chunk rather than cut them in two.
-                carried = _Chunk(chunk.ids[last_comma + 1 :], chunk.weights[last_comma + 1 :])
-                del chunk.ids[last_comma + 1 :], chunk.weights[last_comma + 1 :]
-                close_chunk()
-                chunk = carried
-            if len(chunk.ids) + len(group) > CHUNK_LENGTH:
-                close_chunk()  # a multi-vector embedding is never split between chunks
-            chunk.ids += group
-            chunk.weights += [weight] * len(group)
-    if chunk.ids or not chunks:
-        close_chunk(is_last=True)
-    return chunks, token_count
+        for word in (embeddings.get(token_id, [token_id]) for token_id in ids):
+            if len(word) > chunks[-1].space():
+                _check_fits_a_chunk(tokenizer, word)
+                chunks.append(_carry_after_last_comma(chunks[-1], comma) if word != [comma] else _Chunk())
+                if len(word) > chunks[-1].space():
+                    chunks.append(_Chunk())  # the words carried over and a long embedding do not fit together
+            chunks[-1].ids += word
+            chunks[-1].weights += [weight] * len(word)
+    token_count = CHUNK_LENGTH * (len(chunks) - 1) + len(chunks[-1].ids)
+    if len(chunks) > 1 and not chunks[-1].ids:
+        chunks.pop()  # a BREAK at the end adds no chunk
+    return _ChunkedPrompt(chunks, token_count)
 
 
-def _group_ids(ids: list[int], groups: dict[int, list[int]]) -> list[list[int]]:
-    """Each token alone, except that a multi-vector embedding's first token brings all of its vectors' tokens."""
-    return [groups.get(token_id, [token_id]) for token_id in ids]
+def _carry_after_last_comma(full: _Chunk, comma: int) -> _Chunk:
+    """The chunk after `full`: the words after its last comma move there if that comma is near the end."""
+    if full.space() > 0 or comma not in full.ids:
+        return _Chunk()
+    last_comma = len(full.ids) - 1 - full.ids[::-1].index(comma)
+    if CHUNK_LENGTH - last_comma > COMMA_BACKTRACK:
+        return _Chunk()
+    carried = _Chunk(full.ids[last_comma + 1 :], full.weights[last_comma + 1 :])
+    del full.ids[last_comma + 1 :], full.weights[last_comma + 1 :]
+    return carried
+
+
+def _check_fits_a_chunk(tokenizer: PreTrainedTokenizerBase, word: list[int]) -> None:
+    if len(word) > CHUNK_LENGTH:
+        name = tokenizer.convert_ids_to_tokens(word[0])
+        raise InvalidRequest(
+            f"embedding '{name}' has {len(word)} vectors, more than the {CHUNK_LENGTH} tokens of a prompt chunk, "
+            "so it cannot be used in a prompt"
+        )
 
 
 def prompt_token_count(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[int, int]:
     """(tokens used, tokens available in the chunks used): what A1111 shows as "N/75" or "80/150"."""
-    _, token_count = _split_into_chunks(tokenizer, prompt)
+    token_count = _chunk_prompt(tokenizer, prompt, embedding_token_groups(tokenizer)).token_count
     return token_count, math.ceil(max(token_count, 1) / CHUNK_LENGTH) * CHUNK_LENGTH
+
+
+def count_prompt_chunks(tokenizer: PreTrainedTokenizerBase, prompt: str) -> int:
+    """How many chunks of 75 tokens (text encoder calls) `prompt` takes. Tokenizes only: no model runs.
+
+    Raises InvalidRequest if the prompt names an embedding too long for a chunk, as encoding it would.
+    """
+    return len(_chunk_prompt(tokenizer, prompt, embedding_token_groups(tokenizer)).chunks)
+
+
+def check_prompt_chunks(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, negative_prompt: str = "", max_chunks: int = MAX_PROMPT_CHUNKS
+) -> None:
+    """Refuse, before anything is encoded, a prompt or negative prompt of more than `max_chunks` chunks."""
+    for what, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+        count = count_prompt_chunks(tokenizer, text)
+        if count > max_chunks:
+            raise InvalidRequest(
+                f"{what} takes {count} chunks of {CHUNK_LENGTH} tokens (each BREAK starts one), "
+                f"over the limit max_prompt_chunks = {max_chunks}"
+            )
 
 
 def encode_prompts(
@@ -164,7 +242,8 @@ def encode_prompts(
     `text_encoder(tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids)[0]`.
     """
     check_clip_skip(clip_skip, text_encoder)
-    prompt_chunks = [_split_into_chunks(tokenizer, prompt)[0] for prompt in prompts]
+    embeddings = embedding_token_groups(tokenizer)
+    prompt_chunks = [_chunk_prompt(tokenizer, prompt, embeddings).chunks for prompt in prompts]
     num_chunks = max(len(chunks) for chunks in prompt_chunks)
     hidden = []
     for i in range(num_chunks):
