@@ -11,11 +11,13 @@ from conftest import make_tiny_components
 from diffusers import StableDiffusionPipeline
 from test_embeddings import save_a1111_pt, vectors
 from test_lora import kohya_lora
-from test_parity import diffusers_images, diffusers_kwargs, ours_as_float
+from test_parity import diffusers_images, ours_as_float
 
 from ldmkit import Pipeline
 from ldmkit.errors import InvalidRequest
+from ldmkit.families import reference_pipeline
 from ldmkit.metadata import parse_infotext
+from ldmkit.samplers import get_sampler
 
 SAMPLER, STEPS, SEED, SIZE = "DDIM", 3, 0, 16
 
@@ -151,7 +153,8 @@ def test_lora_errors_are_clear(tmp_path, pipe):
 def test_embedding_name_in_the_prompt_conditions_as_diffusers_textual_inversion(tmp_path):
     save_a1111_pt(tmp_path / "otterstyle.pt", vectors(2, size=8, seed=3) * 5)
     pipe = Pipeline(make_tiny_components(), torch.device("cpu"), torch.float32, embeddings_dir=tmp_path)
-    reference = StableDiffusionPipeline(**diffusers_kwargs(make_tiny_components(), SAMPLER))  # same weights
+    components = make_tiny_components()  # the same weights
+    reference = reference_pipeline(components, get_sampler(SAMPLER).make_scheduler(components.scheduler_config))
     reference.load_textual_inversion(str(tmp_path / "otterstyle.pt"), token="otterstyle")
     reference.set_progress_bar_config(disable=True)
     generator = [torch.Generator("cpu").manual_seed(SEED)]
@@ -185,6 +188,6 @@ def test_loras_are_refused_on_the_fused_fast_path(tmp_path):
     components = make_tiny_components()
     kohya_lora(tmp_path / "ink.safetensors", components)
     pipe = Pipeline(components, torch.device("cpu"), torch.float32, lora_dir=tmp_path)
-    pipe.unet.fuse_qkv_projections()
+    pipe.make_fast(fuse_qkv=True, channels_last=False, compile=False)
     with pytest.raises(InvalidRequest, match="not supported on the fast path"):
         pipe.generate("otter <lora:ink:1>", steps=2)
