@@ -62,7 +62,7 @@ class Algorithm:
         if self.schedules in (ANY_SIGMAS, AS_EULER):
             return list(SCHEDULE_TYPES)
         if self.schedules == FLAGS:
-            return ["Automatic", *_FLAG_FOR]
+            return [label for label in SCHEDULE_TYPES if label == "Automatic" or label in _FLAG_FOR]
         return ["Automatic"]
 
 
