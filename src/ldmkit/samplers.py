@@ -90,6 +90,8 @@ class Sampler:
         scheduler_class, overrides = algorithm.scheduler_class, dict(algorithm.overrides)
         if algorithm.has_sigma_flags:  # explicit, so a flag in the model's own config cannot leak in
             overrides.update(dict.fromkeys(set(_FLAG_FOR.values()), False))
+        if algorithm.scheduler_class is PNDMScheduler and scheduler_config.get("prediction_type") == "v_prediction":
+            scheduler_class, overrides["prediction_type"] = _PLMSOnVPrediction, "epsilon"
         if schedule is AUTOMATIC:
             return scheduler_class.from_config(scheduler_config, **overrides)
         if algorithm.schedules == AS_EULER:
@@ -137,6 +139,21 @@ def _same_noise_levels(scheduler_sigmas: torch.Tensor, sigmas: np.ndarray) -> bo
     levels = scheduler_sigmas.double().cpu().numpy()
     distinct = levels[np.concatenate([[True], np.abs(np.diff(levels)) > 1e-7 * np.abs(levels[1:]).clip(1e-6)])]
     return len(distinct) == len(sigmas) and np.allclose(distinct, sigmas, rtol=1e-4, atol=1e-6)
+
+
+class _PLMSOnVPrediction(PNDMScheduler):
+    """PLMS for v-prediction models: each output becomes noise (eps) at the point where it was predicted.
+
+    diffusers' PNDMScheduler extrapolates the raw model outputs over the last four steps and converts the
+    result to eps with the current step's alpha and sample. For eps models that is PLMS; for v models,
+    whose v -> eps conversion depends on the sample and timestep it was predicted at, it is not.
+    Built with prediction_type="epsilon", so the parent extrapolates true eps.
+    """
+
+    def step(self, model_output, timestep, sample, return_dict: bool = True):
+        alpha_bar = self.alphas_cumprod[int(timestep)].to(sample.dtype)
+        eps = alpha_bar.sqrt() * model_output + (1 - alpha_bar).sqrt() * sample  # v = sqrt(a) eps - sqrt(1-a) x0
+        return super().step(eps, timestep, sample, return_dict=return_dict)
 
 
 class _BrownianSDEScheduler(DPMSolverSDEScheduler):
