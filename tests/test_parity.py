@@ -29,6 +29,9 @@ from ldmkit.samplers import SAMPLERS
 FIRST_PARITY_SAMPLERS = ["DDIM", "Euler", "DPM++ 2M Karras", "UniPC"]  # also at a second size
 SCHEDULE_TYPES = ["Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal"]
 SCHEDULE_TYPES += ["Align Your Steps", "Simple", "Normal", "DDIM", "Beta"]
+# On a schedule type, x_T = noise * the first sigma (k-diffusion's and A1111's start); diffusers' Euler
+# schedulers start there with a linspace spacing (with "leading" they scale by sqrt(sigma^2 + 1)).
+ON_SIGMAS = {"timestep_spacing": "linspace"}
 
 
 def reference_scheduler(components, sampler_name, seeds):
@@ -246,19 +249,19 @@ def txt2img_pair(components, sampler, schedule_type, reference_scheduler_, sigma
 @pytest.mark.parametrize("schedule_type", SCHEDULE_TYPES)
 def test_every_schedule_type_matches_diffusers_given_its_sigmas(tiny_components, schedule_type):
     """Euler takes every schedule type; diffusers' Euler is handed A1111's sigmas for it (the independent table)."""
-    reference = EulerDiscreteScheduler.from_config(tiny_components.scheduler_config)
+    reference = EulerDiscreteScheduler.from_config(tiny_components.scheduler_config, **ON_SIGMAS)
     sigmas = reference_sigmas(schedule_type, 6)
     assert_parity(*txt2img_pair(tiny_components, "Euler", schedule_type, reference, sigmas))
 
 
 def test_open_webui_euler_a_karras_matches_diffusers(tiny_components):
-    reference = EulerAncestralOnSigmas.from_config(tiny_components.scheduler_config)
+    reference = EulerAncestralOnSigmas.from_config(tiny_components.scheduler_config, **ON_SIGMAS)
     assert_parity(*txt2img_pair(tiny_components, "Euler a", "Karras", reference, reference_sigmas("Karras", 6)))
 
 
 def test_sillytavern_ddim_normal_is_euler_on_the_normal_sigmas(tiny_components):
     """DDIM (eta 0) on a schedule is Euler's method on it; the next test checks that with diffusers alone."""
-    reference = EulerDiscreteScheduler.from_config(tiny_components.scheduler_config)
+    reference = EulerDiscreteScheduler.from_config(tiny_components.scheduler_config, **ON_SIGMAS)
     assert_parity(*txt2img_pair(tiny_components, "DDIM", "Normal", reference, reference_sigmas("Normal", 6)))
 
 

@@ -159,6 +159,14 @@ def test_one_step_that_diffusers_cannot_space_exactly_is_refused():
     assert one_step.timesteps.tolist() == [999.0]
 
 
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "LMS", "DDIM", "Heun", "DPM2"])
+def test_on_a_schedule_type_the_latents_start_at_noise_times_its_first_sigma(sampler):
+    """k-diffusion's and A1111's x_T = noise * sigmas[0], not diffusers' sqrt(sigma^2 + 1) of 'leading'."""
+    scheduler = get_sampler(sampler, "Karras").make_scheduler(SCHEDULER_CONFIG)
+    scheduler.set_timesteps(5, device="cpu")
+    assert float(scheduler.init_noise_sigma) == pytest.approx(reference_sigmas("Karras", 5)[0], rel=1e-5)
+
+
 def test_euler_a_sgm_uniform_is_the_trailing_spacing_turbo_models_use():
     """SDXL-Turbo's Euler a 'trailing' timesteps (999, 749, 499, 249) are A1111's SGM Uniform to within a step."""
     scheduler = get_sampler("Euler a", "SGM Uniform").make_scheduler(SCHEDULER_CONFIG)

@@ -42,6 +42,7 @@ AS_EULER = "as_euler"  # DDIM (eta 0) on a given noise schedule *is* Euler's met
 # The schedule types diffusers' config flags produce exactly, once the spacing spans every training timestep.
 _FLAG_FOR = {"Karras": "use_karras_sigmas", "Exponential": "use_exponential_sigmas", "Beta": "use_beta_sigmas"}
 _FLAG_FOR["Polyexponential"] = _FLAG_FOR["Exponential"]  # A1111's Polyexponential (rho 1) is Exponential
+_NO_FLAGS = {flag: False for flag in _FLAG_FOR.values()}
 
 
 @dataclass(frozen=True)
@@ -89,16 +90,19 @@ class Sampler:
         algorithm, schedule = self.algorithm, self.schedule
         scheduler_class, overrides = algorithm.scheduler_class, dict(algorithm.overrides)
         if algorithm.has_sigma_flags:  # explicit, so a flag in the model's own config cannot leak in
-            overrides.update(dict.fromkeys(set(_FLAG_FOR.values()), False))
+            overrides.update(_NO_FLAGS)
         if algorithm.scheduler_class is PNDMScheduler and scheduler_config.get("prediction_type") == "v_prediction":
             scheduler_class, overrides["prediction_type"] = _PLMSOnVPrediction, "epsilon"
         if schedule is AUTOMATIC:
             return scheduler_class.from_config(scheduler_config, **overrides)
         if algorithm.schedules == AS_EULER:
-            scheduler_class, overrides = EulerDiscreteScheduler, dict.fromkeys(set(_FLAG_FOR.values()), False)
+            scheduler_class, overrides = EulerDiscreteScheduler, dict(_NO_FLAGS)
+        # linspace: the flags span every training timestep, and the k-diffusion schedulers start from
+        # noise * the first sigma (with the model's "leading" spacing diffusers scales by sqrt(sigma^2 + 1))
+        overrides["timestep_spacing"] = "linspace"
         replace = algorithm.schedules in (ANY_SIGMAS, AS_EULER)
         if not replace:
-            overrides.update({_FLAG_FOR[schedule.label]: True, "timestep_spacing": "linspace"})
+            overrides[_FLAG_FOR[schedule.label]] = True
         scheduled = _on_schedule(scheduler_class, schedule, replace, self.name)
         return scheduled.from_config(scheduler_config, **overrides)
 
