@@ -37,7 +37,7 @@ from ldmkit.schedules import AUTOMATIC, SCHEDULE_TYPES, ModelSigmas, ScheduleTyp
 OWN_ONLY = "own"  # it cannot: Automatic only
 FLAGS = "flags"  # diffusers' use_karras/exponential/beta_sigmas config, checked against our definition
 ANY_SIGMAS = "sigmas"  # any schedule: its sigmas replace the ones diffusers computed
-AS_EULER = "as_euler"  # DDIM (eta 0) on a given noise schedule *is* Euler's method on it (Karras et al. 2022, sec. 4)
+AS_EULER = "as_euler"  # DDIM (eta 0) on given noise levels *is* Euler's method on them (Karras et al. 2022, EDM)
 
 # The schedule types diffusers' config flags produce exactly, once the spacing spans every training timestep.
 _FLAG_FOR = {"Karras": "use_karras_sigmas", "Exponential": "use_exponential_sigmas", "Beta": "use_beta_sigmas"}
