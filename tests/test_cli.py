@@ -29,7 +29,10 @@ def tiny_model(tmp_path_factory):
 def test_samplers_lists_every_registered_name():
     out = ldm("samplers")
     assert out.returncode == 0
-    assert out.stdout.splitlines() == list(SAMPLERS)
+    lines = out.stdout.splitlines()
+    assert [line.split("  ")[0].strip() for line in lines[: len(SAMPLERS)]] == list(SAMPLERS)
+    assert lines[0] == "DPM++ 2M            Automatic = Karras; also: Karras, Exponential, Polyexponential, Beta"
+    assert "Schedule types (--scheduler): Automatic, Uniform, Karras," in out.stdout
 
 
 def test_generate_writes_images_with_parameters_and_intermediates(tiny_model, tmp_path):
@@ -44,6 +47,8 @@ def test_generate_writes_images_with_parameters_and_intermediates(tiny_model, tm
         4,
         "--sampler",
         "Euler a",
+        "--scheduler",
+        "karras",
         "--seed",
         7,
         "--size",
@@ -69,7 +74,7 @@ def test_generate_writes_images_with_parameters_and_intermediates(tiny_model, tm
     assert params["Prompt"] == "an otter" and params["Negative prompt"] == "blurry"
     assert (params["Steps"], params["Sampler"], params["Seed"], params["Size"], params["Model"]) == (
         "4",
-        "Euler a",
+        "Euler a Karras",
         "8",
         "24x16",
         "tiny-model",
@@ -131,7 +136,9 @@ def test_img2img_from_the_command_line(tiny_model, tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--sampler", "Nope"], "unknown sampler 'Nope'; choose one of: Euler, Euler a"),
+        (["--sampler", "Nope"], "unknown sampler 'Nope'; choose one of: DPM++ 2M, DPM++ SDE"),
+        (["--sampler", "PLMS", "--scheduler", "Karras"], "sampler 'PLMS' cannot run the Karras schedule exactly"),
+        (["--scheduler", "Karras Exponential"], "unknown schedule type 'Karras Exponential'"),
         (["--size", "30x16"], "width must be a multiple of 8"),
         (["--steps", "0"], "steps must be an integer from 1"),
         (["--guidance", "nan"], "guidance must be a finite number"),

@@ -110,15 +110,39 @@ def test_samplers_and_models_lists(url):
     samplers = requests.get(f"{url}/sdapi/v1/samplers", timeout=10).json()
     assert [s["name"] for s in samplers] == list(SAMPLERS)
     assert all(set(s) == {"name", "aliases", "options"} for s in samplers)
+    by_name = {s["name"]: s for s in samplers}
+    assert by_name["DPM++ 2M"]["options"] == {"scheduler": "karras"} and by_name["Euler"]["options"] == {}
+    assert by_name["Euler a"]["aliases"] == ["k_euler_a", "k_euler_ancestral"]
     models = requests.get(f"{url}/sdapi/v1/sd-models", timeout=10).json()
     assert [m["model_name"] for m in models] == ["tiny"] and models[0]["title"] == "tiny"
 
 
-def test_sampler_and_karras_scheduler_pair_as_a1111_1_9_sends_it(url):
-    info = json.loads(txt2img(url, sampler_name="DPM++ 2M", scheduler="Karras").json()["info"])
-    assert info["sampler_name"] == "DPM++ 2M Karras"
-    assert json.loads(txt2img(url, sampler_name="Euler", scheduler="Automatic").json()["info"])["sampler_name"] == "Euler"
-    assert [s["label"] for s in requests.get(f"{url}/sdapi/v1/schedulers", timeout=10).json()] == ["Automatic", "Karras"]
+@pytest.mark.parametrize(
+    "sampler_name, scheduler, label",
+    [
+        ("DPM++ 2M", "Karras", "DPM++ 2M Karras"),
+        ("Euler a", "Karras", "Euler a Karras"),  # Open WebUI's example
+        ("DDIM", "normal", "DDIM Normal"),  # SillyTavern's default
+        ("Euler", "Automatic", "Euler"),
+        ("k_dpmpp_2m", None, "DPM++ 2M Karras"),
+    ],
+)
+def test_sampler_and_schedule_type_pairs_as_clients_send_them(url, sampler_name, scheduler, label):
+    info = json.loads(txt2img(url, steps=2, sampler_name=sampler_name, scheduler=scheduler).json()["info"])
+    assert info["sampler_name"] == label
+    assert f"Sampler: {label}," in info["infotexts"][0]
+
+
+def test_schedulers_list_a1111_1_10s_schedule_types(url):
+    schedulers = requests.get(f"{url}/sdapi/v1/schedulers", timeout=10).json()
+    assert [s["label"] for s in schedulers] == [
+        "Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform",
+        "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta",
+    ]  # fmt: skip
+    assert schedulers[5] == {
+        "name": "sgm_uniform", "label": "SGM Uniform", "aliases": ["SGMUniform"], "default_rho": None,
+        "need_inner_model": None,
+    }  # fmt: skip
 
 
 def test_options_name_the_loaded_model_and_refuse_another(url):
@@ -175,8 +199,9 @@ def _progress_with_image(url):
         ("txt2img", {"width": 20}, 400, "width must be a multiple of 8"),
         ("txt2img", {"steps": 0}, 400, "steps must be an integer"),
         ("txt2img", {"sampler_name": "Nope"}, 400, "unknown sampler"),
-        ("txt2img", {"sampler_name": "Euler a", "scheduler": "Karras"}, 400, "unknown sampler 'Euler a Karras'"),
-        ("txt2img", {"scheduler": "Exponential"}, 400, "unknown scheduler"),
+        ("txt2img", {"sampler_name": "PLMS", "scheduler": "Karras"}, 400, "cannot run the Karras schedule exactly"),
+        ("txt2img", {"scheduler": "Bogus"}, 400, "unknown schedule type 'Bogus'"),
+        ("txt2img", {"sampler_name": "DPM++ 2S a"}, 400, "'DPM++ 2S a' is not available"),
         ("txt2img", {"batch_size": 0}, 400, "batch size must be a positive integer"),
         ("txt2img", {"width": 4096, "height": 4096}, 400, "over this server's limit"),
         ("txt2img", {"seed": -5}, 400, "seed must be an integer"),

@@ -18,7 +18,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from ldmkit.cli_options import add_model_options  # noqa: E402
 from ldmkit.errors import InvalidRequest, LdmError  # noqa: E402
-from ldmkit.samplers import DEFAULT_SAMPLER, SAMPLERS  # noqa: E402
+from ldmkit.samplers import ALGORITHMS, DEFAULT_SAMPLER, REFUSED, get_sampler  # noqa: E402
+from ldmkit.schedules import SCHEDULE_TYPES  # noqa: E402
 
 MAX_INPUT_PIXELS = 64 * 1024 * 1024  # refuse decompression bombs before decoding them
 
@@ -54,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description="Latent diffusion text-to-image.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate(sub)
-    samplers = sub.add_parser("samplers", help="list sampler names")
-    samplers.set_defaults(func=lambda args: print("\n".join(SAMPLERS)) or 0)
+    samplers = sub.add_parser("samplers", help="list samplers and the schedule types each takes")
+    samplers.set_defaults(func=run_samplers)
     info = sub.add_parser("info", help="print the generation parameters stored in a PNG")
     info.add_argument("image")
     info.set_defaults(func=run_info)
@@ -83,6 +84,12 @@ def add_generate(sub) -> None:
     gen.add_argument("--steps", type=int, default=25)
     gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables it")
     gen.add_argument("--sampler", default=DEFAULT_SAMPLER, help="see `ldm samplers`")
+    gen.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="SCHEDULE_TYPE",
+        help="schedule type (A1111's 'Schedule type'): Karras, Exponential, SGM Uniform, ...; default Automatic",
+    )
     gen.add_argument("--seed", type=int, default=None, help="default: random (and reported)")
     gen.add_argument("--size", type=parse_size, default=None, metavar="WxH", help="default: the model's native size")
     gen.add_argument("--init-image", type=Path, default=None, help="img2img: start from this image")
@@ -126,6 +133,17 @@ def add_generate(sub) -> None:
     gen.set_defaults(func=run_generate)
 
 
+def run_samplers(args) -> int:
+    """One line per sampler: its name, what 'Automatic' runs, and the schedule types it takes."""
+    for algorithm in ALGORITHMS:
+        automatic = algorithm.default_schedule if algorithm.default_schedule != "Automatic" else "its own"
+        others = [s for s in algorithm.supported_schedules() if s != "Automatic"]
+        print(f"{algorithm.name:<18}  Automatic = {automatic}; also: {', '.join(others) or 'none'}")
+    print(f"\nSchedule types (--scheduler): {', '.join(SCHEDULE_TYPES)}")
+    print(f"Not available: {', '.join(REFUSED)} (diffusers has no scheduler for them)")
+    return 0
+
+
 def parse_size(text: str) -> tuple[int, int]:
     try:
         width, height = (int(part) for part in text.lower().split("x"))
@@ -145,6 +163,7 @@ def run_generate(args) -> int:
             raise LdmError(f"{what} not found: {folder}")
     init_image = load_image(args.init_image, "init image") if args.init_image else None
     mask_image = load_image(args.mask, "mask") if args.mask else None
+    args.sampler = get_sampler(args.sampler, args.scheduler).name  # the one label the pipeline takes
     requests = generation_params(args, prompts, init_image, mask_image)
     for request in requests:
         request.validate()

@@ -70,6 +70,7 @@ def test_generate_shows_intermediates_then_the_final_image_with_its_parameters(u
     page.wait_for_function("document.querySelector('#txt2img-status').innerText.startsWith('Done')")
     parameters = page.input_value("#txt2img-parameters textarea")
     assert parameters.startswith("a red cube\nSteps: 12,") and "Seed: " in parameters
+    assert "Sampler: DPM++ 2M Karras," in parameters  # the default sampler on its Automatic schedule type
 
     # The gallery serves PNGs that keep their parameters, as AUTOMATIC1111's do.
     source = page.locator("#txt2img-gallery img").first.get_attribute("src")

@@ -23,7 +23,8 @@ from ldmkit.metadata import PARAMETERS_KEY, parse_infotext
 from ldmkit.params import MAX_SIDE, MAX_STEPS, GenerationParams, HiresFix
 from ldmkit.pipeline import GenerationResult, Pipeline
 from ldmkit.previews import make_grid, preview_images
-from ldmkit.samplers import SAMPLERS
+from ldmkit.samplers import ALGORITHMS, get_sampler
+from ldmkit.schedules import SCHEDULE_TYPES
 from ldmkit.server.imaging import MAX_INPUT_PIXELS, decode_base64_image, encode_all, encode_png_base64
 from ldmkit.server.queue import GenerationQueue, Job, wait_for_result
 
@@ -72,7 +73,11 @@ class ProcessingRequest(BaseModel):
     seed: int = Field(-1, description="-1: random; image i of the request uses seed + i")
     sampler_name: str | None = None
     sampler_index: str = "Euler"
-    scheduler: str | None = Field(None, description="A1111 1.9+: 'Automatic' or 'Karras' (as in 'DPM++ 2M' + 'Karras')")
+    scheduler: str | None = Field(
+        None,
+        description="A1111 1.9+'s schedule type, by label or name ('Karras', 'sgm_uniform'); see /sdapi/v1/schedulers."
+        " An unknown one, or one the sampler cannot run exactly, is refused (A1111 falls back to Automatic)",
+    )
     batch_size: int = 1
     n_iter: int = Field(1, description="batches; they continue the seed sequence")
     steps: int = 50
@@ -149,11 +154,18 @@ class SchedulerItem(BaseModel):
     need_inner_model: bool | None
 
 
-# AUTOMATIC1111 1.9+ names the noise schedule apart from the sampler; ldmkit's registry names them
-# together ("DPM++ 2M Karras"), as older AUTOMATIC1111 did. Automatic: the sampler's own schedule.
+# AUTOMATIC1111 1.9+ names the schedule type apart from the sampler; the infotext and `info` name them
+# together ("DPM++ 2M Karras"), as older AUTOMATIC1111 did and 1.9+ still reads.
+_DEFAULT_RHO = {"Karras": 7.0, "Polyexponential": 1.0}  # A1111's values; its other types have none
 SCHEDULERS = [
-    SchedulerItem(name="automatic", label="Automatic", aliases=None, default_rho=None, need_inner_model=None),
-    SchedulerItem(name="karras", label="Karras", aliases=None, default_rho=7.0, need_inner_model=None),
+    SchedulerItem(
+        name=s.name,
+        label=s.label,
+        aliases=list(s.aliases) or None,
+        default_rho=_DEFAULT_RHO.get(s.label),
+        need_inner_model=None,
+    )
+    for s in SCHEDULE_TYPES.values()
 ]
 
 
@@ -258,7 +270,10 @@ def create_router(queue: GenerationQueue) -> APIRouter:
 
     @router.get("/samplers", response_model=list[SamplerItem])
     async def samplers():
-        return [SamplerItem(name=name, aliases=[], options={}) for name in SAMPLERS]
+        return [
+            SamplerItem(name=a.name, aliases=list(a.aliases), options=_sampler_options(a.default_schedule))
+            for a in ALGORITHMS
+        ]
 
     @router.get("/schedulers", response_model=list[SchedulerItem])
     async def schedulers():
@@ -344,13 +359,14 @@ async def _generate(
 
 
 def _sampler(name: str, scheduler: str | None) -> str:
-    """A1111 1.9+'s sampler + scheduler pair -> a name of ldmkit's registry."""
-    if scheduler is None or scheduler.lower() == "automatic":
-        return name
-    if scheduler.lower() == "karras":
-        return name if name.lower().endswith(" karras") else f"{name} Karras"
-    labels = ", ".join(item.label for item in SCHEDULERS)
-    raise InvalidRequest(f"unknown scheduler {scheduler!r}; this server has: {labels}")
+    """A1111 1.9+'s sampler + scheduler pair -> the registry's label for it ('DPM++ 2M Karras')."""
+    return get_sampler(name, scheduler).name
+
+
+def _sampler_options(default_schedule: str) -> dict:
+    """A1111's sampler options: the schedule type its 'Automatic' runs, by API name."""
+    schedule = SCHEDULE_TYPES[default_schedule]
+    return {} if schedule.sigmas is None else {"scheduler": schedule.name}
 
 
 def _clip_skip(override_settings: dict[str, Any], model_name: str) -> int:

@@ -18,7 +18,8 @@ from ldmkit.errors import LdmError
 from ldmkit.metadata import PARAMETERS_KEY, parse_infotext
 from ldmkit.params import MAX_HIRES_SCALE, MAX_MASK_BLUR, GenerationParams, HiresFix
 from ldmkit.previews import make_grid, preview_images
-from ldmkit.samplers import DEFAULT_SAMPLER, SAMPLERS
+from ldmkit.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULE_TYPE, SAMPLERS, get_sampler
+from ldmkit.schedules import SCHEDULE_TYPES
 from ldmkit.server.a1111 import mask_from_image
 from ldmkit.server.imaging import decode_image
 from ldmkit.server.queue import Cancelled, GenerationQueue, Job, OutOfMemory, QueueFull, as_asyncio
@@ -86,6 +87,9 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
                         )
             with gr.Row():
                 fields["sampler"] = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
+                fields["schedule_type"] = gr.Dropdown(
+                    list(SCHEDULE_TYPES), value=DEFAULT_SCHEDULE_TYPE, label="Schedule type", elem_id=f"{mode}-schedule"
+                )
                 fields["steps"] = gr.Slider(1, 150, value=25, step=1, label="Steps")
             with gr.Row():
                 fields["width"] = gr.Slider(8, 2048, value=size, step=8, label="Width", elem_id=f"{mode}-width")
@@ -228,7 +232,7 @@ def _request(v: dict, max_pixels: int) -> GenerationParams:
         "negative_prompt": v["negative"],
         "steps": int(v["steps"]),
         "guidance": float(v["guidance"]),
-        "sampler": v["sampler"],
+        "sampler": get_sampler(v["sampler"], v["schedule_type"]).name,  # a pair it cannot run exactly is refused
         "seed": None if v["seed"] in (None, -1) else int(v["seed"]),
         "width": int(v["width"]),
         "height": int(v["height"]),
