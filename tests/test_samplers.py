@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import SCHEDULER_CONFIG
+from support.tiny import SCHEDULER_CONFIG
 from diffusers import EulerDiscreteScheduler
 from sampler_table import EXPECTED, reference_sigmas, training_sigmas
 
