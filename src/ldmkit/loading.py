@@ -12,11 +12,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import diffusers
 import huggingface_hub
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
@@ -123,21 +122,9 @@ def load_components(
 
 def save_pretrained(components: Components, folder: str | os.PathLike) -> Path:
     """Write a diffusers-layout folder that both `load_components` and diffusers' pipelines load."""
-    if components.text_encoder_2 is not None:
-        return _save_sdxl_pretrained(components, folder)
-    scheduler_config = dict(components.scheduler_config)
-    scheduler_cls = getattr(diffusers, scheduler_config.pop("_class_name", "DDIMScheduler"))
-    pipeline = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
-        scheduler=scheduler_cls.from_config(scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(folder)
+    from ldmkit.families import reference_pipeline
+
+    reference_pipeline(components).save_pretrained(folder)
     return Path(folder)
 
 
@@ -596,32 +583,3 @@ def _adopt(build, config, state_dict: dict, component: str, path: Path):
     _check_fit(model, state_dict, component, path)
     model.load_state_dict(state_dict, assign=True)
     return model.eval()
-
-
-def _save_sdxl_pretrained(components: Components, folder: str | os.PathLike) -> Path:
-    """An SDXL folder as diffusers writes it; the pipeline class follows the UNet (inpainting) or the encoders."""
-    c = components
-    scheduler_config = dict(c.scheduler_config)
-    scheduler_cls = getattr(diffusers, scheduler_config.pop("_class_name", "EulerDiscreteScheduler"))
-    if c.unet.config.in_channels == 9:
-        pipeline_cls = diffusers.StableDiffusionXLInpaintPipeline
-    elif c.text_encoder is None:
-        pipeline_cls = diffusers.StableDiffusionXLImg2ImgPipeline
-    else:
-        pipeline_cls = diffusers.StableDiffusionXLPipeline
-    flags = _sdxl_pipeline_config(c.pipeline_config)
-    if pipeline_cls is diffusers.StableDiffusionXLPipeline:
-        flags.pop("requires_aesthetics_score")
-    pipeline = pipeline_cls(
-        vae=c.vae,
-        text_encoder=c.text_encoder,
-        text_encoder_2=c.text_encoder_2,
-        tokenizer=c.tokenizer,
-        tokenizer_2=c.tokenizer_2,
-        unet=c.unet,
-        scheduler=scheduler_cls.from_config(scheduler_config),
-        add_watermarker=False,
-        **flags,
-    )
-    pipeline.save_pretrained(folder)
-    return Path(folder)
