@@ -92,6 +92,9 @@ class Pipeline:
             vae=_place(components.vae, device, dtype),
             device=device,
             dtype=dtype,
+            tokenizer_2=components.tokenizer_2,
+            text_encoder_2=_place(components.text_encoder_2, device, dtype),
+            pipeline_config=components.pipeline_config,
         )
         self.latent_channels = self.vae.config.latent_channels
         # SD inpainting UNets also take the mask and the masked image's latents: 4 + 1 + 4 channels.
@@ -99,6 +102,8 @@ class Pipeline:
         self.lora_dir = lora_dir  # where <lora:NAME:W> prompt tags are looked up
         self.embeddings = {}  # textual inversion name -> file, usable as words in prompts
         if embeddings_dir is not None:
+            if components.text_encoder_2 is not None:  # SDXL files hold a vector per encoder (clip_l, clip_g)
+                raise InvalidRequest("textual-inversion embeddings are not supported for SDXL models yet")
             self.embeddings = load_embeddings(embeddings_dir, self.tokenizer, self.text_encoder)
 
     @classmethod
@@ -315,8 +320,11 @@ class Pipeline:
             latents = self.prepare_latents(generators, p.height, p.width) * schedule.scheduler.init_noise_sigma
             latents = sample(denoiser, schedule, latents, noise_generators, None, callback)
 
-        # 5. Hires fix: upscale, then the img2img stage again at the larger size.
+        # 5. Hires fix: upscale, then the img2img stage again at the larger size (which size-conditioned families
+        # such as SDXL are told, as AUTOMATIC1111 tells them).
         if p.hires is not None:
+            conditioning = self.encode_prompt(p, p.hires.target_size(p.width, p.height))
+            denoiser = dataclasses.replace(denoiser, context=conditioning.context, unet_kwargs=conditioning.unet_kwargs)
             schedule = Schedule.make(sampler, self.scheduler_config, p.hires.pass_steps(p.steps), p.hires.strength)
             latents = upscale(p.hires, latents, self.vae_scale_factor, self.latents_to_images, self.images_to_latents)
             latents = self.img2img(denoiser, schedule, latents, generators, noise_generators, callback)
@@ -361,9 +369,10 @@ class Pipeline:
 
     # -- stages ---------------------------------------------------------------------------------
 
-    def encode_prompt(self, p: GenerationParams) -> Conditioning:
-        """The prompts (without LoRA tags) -> the UNet's conditioning, the model family's way."""
-        prompts, size = p.text_prompts(), (p.width, p.height)
+    def encode_prompt(self, p: GenerationParams, size: tuple[int, int] | None = None) -> Conditioning:
+        """The prompts (without LoRA tags) -> the UNet's conditioning for images of `size` (the request's unless
+        given), the model family's way."""
+        prompts, size = p.text_prompts(), size or (p.width, p.height)
         return self.family.encode_prompt(
             self._state, prompts, p.negative_prompt, p.num_images, p.use_guidance, p.clip_skip, size
         )
@@ -472,10 +481,10 @@ class Pipeline:
         return format_infotext(prompt, p.negative_prompt, params)
 
 
-def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def _place(module: torch.nn.Module | None, device: torch.device, dtype: torch.dtype) -> torch.nn.Module | None:
     # nn.Module.to, not diffusers' override: that one warns about fp32-pinned submodules on every
-    # cast, and SD's UNet/VAE have none.
-    return torch.nn.Module.to(module, device, dtype).eval()
+    # cast, and SD's UNet/VAE have none. None: a model without that part (the SDXL refiner's CLIP-L).
+    return None if module is None else torch.nn.Module.to(module, device, dtype).eval()
 
 
 def _with_batch(callback: Callable[[StepInfo], None], batch: int) -> Callable[[StepInfo], None]:
