@@ -230,3 +230,58 @@ def test_image_i_is_independent_of_batch(base):
 
 def test_default_size_is_the_models(base):
     assert pipeline(base).default_size == 16  # the tiny UNet's 8 latents x 2; the real configs give 1024
+
+
+# ---- LoRA ----
+
+
+def sdxl_peft_lora(folder, seed=1):
+    """A diffusers/peft SDXL LoRA (UNet and both text encoders), saved as diffusers' SDXL training scripts save one."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    parts = make_tiny_sdxl_components(seed=0)
+    torch.manual_seed(seed)
+    config = {"r": 2, "lora_alpha": 4, "init_lora_weights": False}  # random A and B: a LoRA that changes something
+    parts.unet.add_adapter(LoraConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"], **config))
+    for encoder in (parts.text_encoder, parts.text_encoder_2):
+        inject_adapter_in_model(
+            LoraConfig(target_modules=["q_proj", "k_proj", "v_proj", "out_proj"], **config), encoder
+        )
+    StableDiffusionXLPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=get_peft_model_state_dict(parts.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(parts.text_encoder),
+        text_encoder_2_lora_layers=get_peft_model_state_dict(parts.text_encoder_2),
+        weight_name="style.safetensors",
+    )
+    return folder / "style.safetensors"
+
+
+def test_lora_matches_diffusers_load_lora_weights(tmp_path):
+    components = make_tiny_sdxl_components(seed=0)
+    path = sdxl_peft_lora(tmp_path)
+    pipe = pipeline(components)
+    kwargs = {"prompt": "otter", "negative_prompt": "blurry", "steps": 5, "guidance": 5.0, "sampler": "Euler"}
+    kwargs |= {"seed": 4, "width": WIDTH, "height": HEIGHT}
+    plain, _ = ours_as_float(pipe, **kwargs)
+    ours_float, ours_uint8 = ours_as_float(pipe, **kwargs, loras=[(str(path), 0.7)])
+    assert np.abs(ours_float - plain).max() > 1e-3  # the LoRA changes the image
+    again, _ = ours_as_float(pipe, **kwargs)
+    assert np.array_equal(again, plain)  # and leaves the models as they were
+
+    from ldmkit.families import reference_pipeline
+    from ldmkit.samplers import get_sampler
+
+    reference = reference_pipeline(components, get_sampler("Euler").make_scheduler(components.scheduler_config))
+    reference.set_progress_bar_config(disable=True)
+    reference.load_lora_weights(str(path), adapter_name="style")
+    reference.set_adapters(["style"], adapter_weights=[0.7])
+    try:
+        theirs = reference(
+            "otter", negative_prompt="blurry", num_inference_steps=5, guidance_scale=5.0, width=WIDTH, height=HEIGHT,
+            generator=[torch.Generator().manual_seed(4)], output_type="np",
+        ).images  # fmt: skip
+    finally:
+        reference.unload_lora_weights()
+    assert_parity(ours_float, ours_uint8, theirs)
