@@ -285,3 +285,23 @@ def test_lora_matches_diffusers_load_lora_weights(tmp_path):
     finally:
         reference.unload_lora_weights()
     assert_parity(ours_float, ours_uint8, theirs)
+
+
+def test_fp16_decode_unscales_by_0_13025_and_redoes_an_overflow_in_fp32():
+    """The SDXL VAE overflows in fp16 (its config says force_upcast): the decode is redone in fp32."""
+    components = make_tiny_sdxl_components(seed=5)
+    pipe = Pipeline(components, torch.device("cpu"), torch.float16)
+    real_decode = pipe.vae.decode
+    seen = []
+
+    def overflowing_decode(latents, **kwargs):
+        seen.append(latents.float())
+        out = real_decode(latents, **kwargs)
+        return (out[0] * float("inf"),) if pipe.vae.dtype == torch.float16 else out
+
+    pipe.vae.decode = overflowing_decode
+    latents = torch.randn(1, 4, 8, 8, dtype=torch.float16)
+    image = pipe.decode_latents(latents)
+    assert torch.isfinite(image).all() and image.dtype == torch.float32
+    assert torch.allclose(seen[-1], latents.float() / 0.13025, rtol=1e-3)
+    assert pipe.vae.dtype == torch.float16  # restored after the fp32 retry
