@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ldmkit.families import Conditioning, ModelFamily
-from ldmkit.prompts import check_clip_skip, encode_prompts_sdxl
+from ldmkit.prompts import CHUNK_LENGTH, check_clip_skip, encode_prompts_sdxl, prompt_token_count
 
 AESTHETIC_SCORE = 6.0  # diffusers' and A1111's defaults for the refiner's aesthetic-score conditioning
 NEGATIVE_AESTHETIC_SCORE = 2.5
@@ -36,6 +36,11 @@ class StableDiffusionXL(ModelFamily):
     def check(self, models, params) -> None:
         for text_encoder in _text_encoders(models):
             check_clip_skip(params.clip_skip, text_encoder)
+
+    def context_tokens(self, models, texts) -> int:
+        # Both encoders chunk alike (the same BPE); tokenizer_2 is the one every SDXL model has.
+        chunks = max(prompt_token_count(models.tokenizer_2, text)[1] // CHUNK_LENGTH for text in texts)
+        return chunks * (CHUNK_LENGTH + 2)
 
     def encode_prompt(self, models, prompts, negative_prompt, num_images, use_guidance, clip_skip, size):
         """(B or 2B, 77k, 2048) hidden states, with text_embeds (B or 2B, 1280) and time_ids (B or 2B, 6) for
