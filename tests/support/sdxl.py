@@ -16,8 +16,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from support.convert import _open_clip_layout, _rename, _unet_rules, _vae_rules
 from ldmkit.loading import Components, load_tokenizer
+from support.convert import _open_clip_layout, _rename, _unet_rules, _vae_rules
 
 SDXL_SCHEDULER_CONFIG = {  # the bundled SDXL base scheduler config, written out
     "_class_name": "EulerDiscreteScheduler",
