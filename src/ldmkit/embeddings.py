@@ -174,6 +174,8 @@ def embedding_shorthash(path: str | os.PathLike) -> str:
 
 def ti_hashes_infotext(tokenizer: PreTrainedTokenizerBase, prompts: list[str], embeddings: dict[str, Path]) -> dict:
     """{"TI hashes": "name: hash, ..."} for the embeddings used by the prompts (prompt first, then negative)."""
+    if not embeddings:
+        return {}  # nothing to look for (and a model may have no CLIP tokenizer: the SDXL refiner)
     used = used_embeddings(tokenizer, prompts, embeddings)
     # A1111 drops ':' and ',' from names: they would break the "name: hash, ..." list.
     entries = [f"{name.replace(':', '').replace(',', '')}: {embedding_shorthash(embeddings[name])}" for name in used]

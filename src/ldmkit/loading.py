@@ -1,7 +1,7 @@
 """Model loading: diffusers folders, cached Hub repo ids and original single files, never the network.
 
 Single files are converted with diffusers' own single-file conversion functions; the component
-configs they need ship in `configs/` (see configs/SOURCES.md), so SD 1.x and 2.x load offline.
+configs they need ship in `configs/` (see configs/SOURCES.md), so SD 1.x, 2.x and SDXL load offline.
 """
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import huggingface_hub
 import torch
+from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
@@ -24,7 +25,7 @@ from diffusers.loaders.single_file_utils import (
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ldmkit.errors import ModelLoadError
 
@@ -62,13 +63,18 @@ PASS_A_MODEL = "pass a model: a diffusers folder, a cached Hub repo id or a .saf
 class Components:
     """Everything a latent diffusion pipeline needs, loaded on the CPU."""
 
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer | None  # None only for the SDXL refiner, which has the bigG encoder alone
+    text_encoder: CLIPTextModel | None
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     scheduler_config: dict  # diffusers scheduler config: betas, num_train_timesteps, prediction_type, ...
     source: str  # resolved location: a folder or a file
     name: str  # short model name for metadata ("v1-5-pruned", "default-model")
+    # SDXL's second text encoder (OpenCLIP bigG, with its projection for the pooled embedding) and its tokenizer.
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    # SDXL model_index.json flags: force_zeros_for_empty_prompt, requires_aesthetics_score (the refiner's).
+    pipeline_config: dict = field(default_factory=dict)
 
 
 def load_tokenizer(pad_token: str = CLIP_END_TOKEN, model_max_length: int = 77) -> CLIPTokenizer:
@@ -155,6 +161,8 @@ def _hub_cache_dir() -> str:
 
 
 def _load_folder(folder: Path, prediction_type: str | None, name: str | None = None) -> Components:
+    if _is_sdxl_folder(folder):
+        return _load_sdxl_folder(folder, prediction_type, name)
     _check_folder(folder, model_index=True)
     with _load_errors(folder):
         unet, info = UNet2DConditionModel.from_pretrained(
@@ -254,6 +262,8 @@ def _read_json(path: Path) -> dict:
 
 def _load_single_file(path: Path, config: str | os.PathLike | None, prediction_type: str | None) -> Components:
     checkpoint, global_step = _read_checkpoint(path)
+    if _sdxl_kind(checkpoint) is not None:
+        return _load_sdxl_single_file(path, checkpoint, config, prediction_type)
     if config is None:
         config_dir = _bundled_config(checkpoint, global_step, prediction_type, path)
     else:
@@ -319,7 +329,7 @@ def _bundled_config(checkpoint: dict, global_step: int | None, prediction_type: 
         or tuple(context.shape) != (320, context_dim)
     ):
         raise ModelLoadError(
-            f"{path.name} is not an SD 1.x/2.x text-to-image checkpoint; for other architectures "
+            f"{path.name} is not an SD 1.x/2.x or SDXL checkpoint; for other architectures "
             "pass config= a diffusers folder with its unet/vae/text_encoder/tokenizer/scheduler configs"
         )
     return architecture
@@ -375,3 +385,201 @@ def _check_fit(model: torch.nn.Module, state_dict: dict, component: str, path: P
             f"{len(unexpected)} unexpected, {len(mis_shaped)} mis-shaped, e.g. {example}); "
             "pass config= a diffusers folder whose configs match the checkpoint"
         )
+
+
+# ---- SDXL: diffusers folders and original single files ----
+
+SDXL_BASE_CONFIG = CONFIGS_DIR / "stable-diffusion-xl-base-1.0"
+SDXL_REFINER_CONFIG = CONFIGS_DIR / "stable-diffusion-xl-refiner-1.0"
+# Only the inpainting UNet differs from the base; its other components are the base's (see configs/SOURCES.md).
+SDXL_INPAINTING_UNET_CONFIG = CONFIGS_DIR / "stable-diffusion-xl-1.0-inpainting-0.1" / "unet"
+
+# Keys that tell SDXL's original checkpoints apart (sgm's conditioner layout, as diffusers checks them).
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."  # base, inpainting: CLIP ViT-L is embedder 0
+SDXL_CLIP_L_KEY = SDXL_CLIP_L_PREFIX + "text_model.embeddings.position_embedding.weight"
+SDXL_BIGG_PREFIX = "conditioner.embedders.1.model."  # base, inpainting: OpenCLIP bigG is embedder 1
+SDXL_REFINER_BIGG_PREFIX = "conditioner.embedders.0.model."  # the refiner has bigG alone, as embedder 0
+UNET_ADD_EMBEDDING_KEY = "model.diffusion_model.label_emb.0.0.weight"  # pooled text + size/crop embeddings
+# conv_in and label_emb shapes of each kind: (320, 4|9) channels; 1280 + 6 x 256 or 1280 + 5 x 256 inputs.
+SDXL_SHAPES = {
+    "base": ((320, 4, 3, 3), (1280, 2816)),
+    "inpainting": ((320, 9, 3, 3), (1280, 2816)),
+    "refiner": ((384, 4, 3, 3), (1536, 2560)),
+}
+# diffusers' EMAModel saved the inpainting UNet's config with its training state; these are no UNet arguments.
+EMA_CONFIG_KEYS = (
+    "decay",
+    "inv_gamma",
+    "min_decay",
+    "optimization_step",
+    "power",
+    "update_after_step",
+    "use_ema_warmup",
+)
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+
+
+def _is_sdxl_folder(folder: Path) -> bool:
+    return "text_encoder_2" in _read_json(folder / "model_index.json")
+
+
+def _load_sdxl_folder(folder: Path, prediction_type: str | None, name: str | None) -> Components:
+    """An SDXL diffusers folder (base, refiner or inpainting); the refiner has no text_encoder/tokenizer."""
+    index = _read_json(folder / "model_index.json")
+    has_clip_l = _names_a_class(index.get("text_encoder"))
+    _check_sdxl_folder(folder, has_clip_l)
+    with _load_errors(folder):
+        unet, info = UNet2DConditionModel.from_pretrained(
+            folder, subfolder="unet", torch_dtype=torch.float32, output_loading_info=True
+        )
+        _check_loading_info(info, "unet", folder)
+        vae, info = AutoencoderKL.from_pretrained(
+            folder, subfolder="vae", torch_dtype=torch.float32, output_loading_info=True
+        )
+        _check_loading_info(info, "vae", folder)
+        text_encoder = None
+        if has_clip_l:
+            text_encoder, info = CLIPTextModel.from_pretrained(
+                folder / "text_encoder", dtype=torch.float32, output_loading_info=True
+            )
+            _check_loading_info(info, "text_encoder", folder)
+        text_encoder_2, info = CLIPTextModelWithProjection.from_pretrained(
+            folder / "text_encoder_2", dtype=torch.float32, output_loading_info=True
+        )
+        _check_loading_info(info, "text_encoder_2", folder)
+    return Components(
+        tokenizer=_folder_tokenizer(folder / "tokenizer") if has_clip_l else None,
+        text_encoder=text_encoder.eval() if has_clip_l else None,
+        unet=unet.eval(),
+        vae=vae.eval(),
+        scheduler_config=_scheduler_config(folder / "scheduler", prediction_type),
+        source=str(folder.resolve()),
+        name=name or folder.resolve().name,
+        tokenizer_2=_folder_tokenizer(folder / "tokenizer_2"),
+        text_encoder_2=text_encoder_2.eval(),
+        pipeline_config=_sdxl_pipeline_config(index),
+    )
+
+
+def _names_a_class(entry) -> bool:
+    """model_index.json names a component as [library, class]; the refiner's text_encoder is [null, null]."""
+    return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+
+
+def _check_sdxl_folder(folder: Path, has_clip_l: bool) -> None:
+    components = {"unet": "config.json", "vae": "config.json", "text_encoder_2": "config.json", "tokenizer_2": ""}
+    components["scheduler"] = "scheduler_config.json"
+    if has_clip_l:
+        components |= {"text_encoder": "config.json", "tokenizer": ""}
+    for component, file in components.items():
+        if not (folder / component / file).exists():
+            raise ModelLoadError(f"{folder} is missing the {component} component ({component}/{file})")
+
+
+def _sdxl_pipeline_config(index: dict) -> dict:
+    """The model_index.json flags diffusers' SDXL pipelines read, with their defaults."""
+    return {
+        "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
+        "requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False)),
+    }
+
+
+def _sdxl_kind(checkpoint: dict) -> str | None:
+    """'base', 'inpainting' or 'refiner' from an original checkpoint's text encoder keys and UNet input; else None."""
+    if SDXL_CLIP_L_KEY in checkpoint and SDXL_BIGG_PREFIX + "positional_embedding" in checkpoint:
+        conv_in = checkpoint.get(UNET_CONV_IN_KEY)
+        return "inpainting" if conv_in is not None and conv_in.shape[1] == 9 else "base"
+    if SDXL_REFINER_BIGG_PREFIX + "positional_embedding" in checkpoint:
+        return "refiner"
+    return None
+
+
+def _load_sdxl_single_file(
+    path: Path, checkpoint: dict, config: str | os.PathLike | None, prediction_type: str | None
+) -> Components:
+    """An original SDXL file, its weights adopted as stored: in the file's dtype, memory-mapped by safetensors.
+
+    SD files are widened to fp32 here; SDXL's are not: the base in fp32 takes 14 GB, while adopting the file's
+    tensors keeps loading at 1.2 GB resident (measured). The Pipeline casts each module once, when it places it.
+    """
+    kind = _sdxl_kind(checkpoint)
+    if config is None:
+        _check_sdxl_shapes(checkpoint, kind, path)
+        config_dir = SDXL_REFINER_CONFIG if kind == "refiner" else SDXL_BASE_CONFIG
+        unet_config_dir = SDXL_INPAINTING_UNET_CONFIG if kind == "inpainting" else config_dir / "unet"
+    else:
+        config_dir = Path(config).expanduser()
+        if not config_dir.is_dir():
+            raise ModelLoadError(f"config= {config_dir} is not a folder of diffusers configs")
+        _check_sdxl_folder(config_dir, has_clip_l=kind != "refiner")
+        unet_config_dir = config_dir / "unet"
+    bigg_prefix = SDXL_REFINER_BIGG_PREFIX if kind == "refiner" else SDXL_BIGG_PREFIX
+    return Components(
+        tokenizer=None if kind == "refiner" else _folder_tokenizer(config_dir / "tokenizer"),
+        text_encoder=None if kind == "refiner" else _sdxl_clip_l(checkpoint, config_dir / "text_encoder", path),
+        unet=_sdxl_unet(checkpoint, unet_config_dir, path),
+        vae=_sdxl_vae(checkpoint, config_dir / "vae", path),
+        scheduler_config=_scheduler_config(config_dir / "scheduler", prediction_type),
+        source=str(path.resolve()),
+        name=path.stem,
+        tokenizer_2=_folder_tokenizer(config_dir / "tokenizer_2"),
+        text_encoder_2=_sdxl_bigg(checkpoint, bigg_prefix, config_dir / "text_encoder_2", path),
+        pipeline_config=_sdxl_pipeline_config(_read_json(config_dir / "model_index.json")),
+    )
+
+
+def _check_sdxl_shapes(checkpoint: dict, kind: str, path: Path) -> None:
+    """The bundled configs fit only the real SDXL sizes; anything else needs its own configs."""
+    conv_in, add_embedding = checkpoint.get(UNET_CONV_IN_KEY), checkpoint.get(UNET_ADD_EMBEDDING_KEY)
+    shapes = tuple(None if t is None else tuple(t.shape) for t in (conv_in, add_embedding))
+    if shapes != SDXL_SHAPES[kind]:
+        raise ModelLoadError(
+            f"{path.name} has SDXL {kind} text encoders but a UNet of another size (conv_in, label_emb: {shapes}); "
+            "pass config= a diffusers folder with its unet/vae/text_encoder(_2)/tokenizer(_2)/scheduler configs"
+        )
+
+
+def _sdxl_unet(checkpoint: dict, config_dir: Path, path: Path) -> UNet2DConditionModel:
+    config = {k: v for k, v in UNet2DConditionModel.load_config(config_dir).items() if k not in EMA_CONFIG_KEYS}
+    return _adopt(
+        UNet2DConditionModel.from_config, config, convert_ldm_unet_checkpoint(checkpoint, config), "unet", path
+    )
+
+
+def _sdxl_vae(checkpoint: dict, config_dir: Path, path: Path) -> AutoencoderKL:
+    config = AutoencoderKL.load_config(config_dir)
+    return _adopt(AutoencoderKL.from_config, config, convert_ldm_vae_checkpoint(checkpoint, config), "vae", path)
+
+
+def _sdxl_clip_l(checkpoint: dict, config_dir: Path, path: Path) -> CLIPTextModel:
+    state_dict = convert_ldm_clip_checkpoint(checkpoint)  # strips conditioner.embedders.0.transformer.
+    # transformers >= 5.6 flattened CLIPTextModel: its keys have no "text_model." prefix.
+    state_dict = {key.removeprefix("text_model."): tensor for key, tensor in state_dict.items()}
+    state_dict.pop("embeddings.position_ids", None)
+    return _adopt(CLIPTextModel, CLIPTextConfig.from_pretrained(config_dir), state_dict, "text_encoder", path)
+
+
+def _sdxl_bigg(checkpoint: dict, prefix: str, config_dir: Path, path: Path) -> CLIPTextModelWithProjection:
+    config = CLIPTextConfig.from_pretrained(config_dir)
+    # OpenCLIP's fused in_proj is split in three (at the config's width) and its text_projection transposed.
+    state_dict = convert_open_clip_checkpoint(_ConfigOnly(config), checkpoint, prefix=prefix)
+    return _adopt(CLIPTextModelWithProjection, config, state_dict, "text_encoder_2", path)
+
+
+@dataclass
+class _ConfigOnly:
+    """convert_open_clip_checkpoint reads only its model argument's config."""
+
+    config: CLIPTextConfig
+
+
+def _adopt(build, config, state_dict: dict, component: str, path: Path):
+    """Create the model without random init (parameters on the meta device) and adopt the file's tensors as they are.
+
+    init_empty_weights keeps buffers (CLIP's position_ids) real; assign=True takes the tensors without a copy.
+    """
+    with init_empty_weights():
+        model = build(config)
+    _check_fit(model, state_dict, component, path)
+    model.load_state_dict(state_dict, assign=True)
+    return model.eval()

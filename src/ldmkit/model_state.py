@@ -20,7 +20,7 @@ from ldmkit import tiled_vae
 @dataclass(frozen=True)
 class ModelState:
     tokenizer: object
-    text_encoder: torch.nn.Module
+    text_encoder: torch.nn.Module | None
     unet: torch.nn.Module  # the module itself: its config, its LoRA layers and hooks live here
     vae: torch.nn.Module
     device: torch.device
@@ -29,6 +29,11 @@ class ModelState:
     vae_decode: Callable | None = None  # what runs vae.decode when not the method itself (compiled)
     vae_tile_px: int | None = None  # VAE encode/decode in tiles of this many image pixels (ldmkit.tiled_vae)
     transforms: tuple[str, ...] = ()  # what was applied, in order ("fp16", "fused_qkv", "vae_tiling:512", ...)
+    # SDXL's second tokenizer and text encoder (OpenCLIP bigG with its projection) and its model_index flags
+    # (loading.Components has the same three); the SDXL refiner has these and no tokenizer/text_encoder.
+    tokenizer_2: object = None
+    text_encoder_2: torch.nn.Module | None = None
+    pipeline_config: dict = dataclasses.field(default_factory=dict)
 
     def with_transform(self, name: str, **changes) -> ModelState:
         """The state after the transform `name`, which changed the fields in `changes` (modules may have changed in

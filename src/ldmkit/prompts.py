@@ -242,16 +242,44 @@ def encode_prompts(
     `text_encoder(tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids)[0]`.
     """
     check_clip_skip(clip_skip, text_encoder)
+    hidden = [
+        _apply_emphasis(_encode(text_encoder, ids, clip_skip), weights)  # (B, 77, D)
+        for ids, weights in _chunk_batches(tokenizer, prompts, text_encoder.device)
+    ]
+    return torch.cat(hidden, dim=1)
+
+
+def encode_prompts_sdxl(
+    tokenizer: PreTrainedTokenizerBase, text_encoder, prompts: list[str], clip_skip: int = 1, pooled: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SDXL's conditioning from one of its text encoders: ((len(prompts), 77 * k, D) hidden states, pooled or None).
+
+    SDXL was trained on the penultimate layer's states without the final layer norm (sgm's "penultimate" and
+    "hidden" layers), so clip_skip=N takes the states N layers before the last (N=1: the penultimate), as
+    diffusers' clip_skip=N-1 does. `pooled`: the projected pooled embedding of text encoder 2, from each prompt's
+    first chunk as AUTOMATIC1111 takes it (for prompts of up to 75 tokens, the one diffusers takes).
+    Chunks and emphasis are those of `encode_prompts`.
+    """
+    check_clip_skip(clip_skip, text_encoder)
+    hidden, first_pooled = [], None
+    for ids, weights in _chunk_batches(tokenizer, prompts, text_encoder.device):
+        output = text_encoder(ids, output_hidden_states=True)
+        hidden.append(_apply_emphasis(output.hidden_states[-(clip_skip + 1)], weights))  # (B, 77, D)
+        if pooled and first_pooled is None:
+            first_pooled = output.text_embeds  # (B, projection_dim)
+    return torch.cat(hidden, dim=1), first_pooled
+
+
+def _chunk_batches(tokenizer: PreTrainedTokenizerBase, prompts: list[str], device):
+    """Per chunk position: the (len(prompts), 77) token ids and emphasis weights of every prompt's chunk there."""
     embeddings = embedding_token_groups(tokenizer)
     prompt_chunks = [_chunk_prompt(tokenizer, prompt, embeddings).chunks for prompt in prompts]
     num_chunks = max(len(chunks) for chunks in prompt_chunks)
-    hidden = []
     for i in range(num_chunks):
         batch = [chunks[i] if i < len(chunks) else _Chunk() for chunks in prompt_chunks]
-        ids = torch.tensor([_padded_ids(tokenizer, chunk) for chunk in batch], device=text_encoder.device)
-        weights = torch.tensor([_padded_weights(chunk) for chunk in batch], device=text_encoder.device)
-        hidden.append(_apply_emphasis(_encode(text_encoder, ids, clip_skip), weights))  # (B, 77, D)
-    return torch.cat(hidden, dim=1)
+        ids = torch.tensor([_padded_ids(tokenizer, chunk) for chunk in batch], device=device)
+        weights = torch.tensor([_padded_weights(chunk) for chunk in batch], device=device)
+        yield ids, weights
 
 
 def _padded_ids(tokenizer: PreTrainedTokenizerBase, chunk: _Chunk) -> list[int]:

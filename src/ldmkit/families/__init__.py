@@ -46,6 +46,11 @@ class ModelFamily(ABC):
         """Refuse (InvalidRequest) what this family's models cannot do, e.g. a clip skip beyond the text encoder."""
 
     @abstractmethod
+    def context_tokens(self, models, texts: list[str]) -> int:
+        """How long the conditioning of these texts (prompts and negative prompt, batched together) will be:
+        what the memory estimate counts before encoding."""
+
+    @abstractmethod
     def encode_prompt(
         self,
         models,
@@ -76,11 +81,14 @@ class ModelFamily(ABC):
 
 def family_of(components) -> ModelFamily:
     from ldmkit.families.sd import StableDiffusion
+    from ldmkit.families.sdxl import StableDiffusionXL
 
-    for family in (StableDiffusion,):
+    for family in (StableDiffusionXL, StableDiffusion):
         if family.matches(components):
             return family()
-    raise ModelLoadError(f"{components.name}: no model family of ldmkit fits this UNet (SD 1.x and 2.x are supported)")
+    raise ModelLoadError(
+        f"{components.name}: no model family of ldmkit fits this UNet (SD 1.x, 2.x and SDXL are supported)"
+    )
 
 
 def reference_pipeline(components, scheduler=None, pipeline_class=None):
