@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ldmkit.families import Conditioning, ModelFamily
+from ldmkit.families.base import Conditioning, ModelFamily
 from ldmkit.prompts import CHUNK_LENGTH, check_clip_skip, encode_prompts, prompt_token_count
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ldmkit.families import Conditioning, ModelFamily
+from ldmkit.families.base import Conditioning, ModelFamily
 from ldmkit.prompts import CHUNK_LENGTH, check_clip_skip, encode_prompts_sdxl, prompt_token_count
 
 AESTHETIC_SCORE = 6.0  # diffusers' and A1111's defaults for the refiner's aesthetic-score conditioning

@@ -1,0 +1,69 @@
+"""The interface every model family implements (see ldmkit.families)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on for one batch, batched as its input is: with guidance, the unconditional
+    half first, then num_images rows per prompt."""
+
+    context: torch.Tensor  # (B or 2B, tokens, D): the cross-attention states (`encoder_hidden_states`)
+    unet_kwargs: dict = field(default_factory=dict)  # extra UNet inputs, e.g. SDXL's added_cond_kwargs
+
+
+class ModelFamily(ABC):
+    """What a Pipeline asks of a model family. Methods take the models (a ModelState) and plain values."""
+
+    name: str  # short name for messages and docs ("sd", "sdxl")
+
+    @classmethod
+    @abstractmethod
+    def matches(cls, components) -> bool:
+        """Whether loaded components (ldmkit.loading.Components) are of this family."""
+
+    @abstractmethod
+    def default_size(self, models) -> int:
+        """The side in pixels the model was trained at: the size of a request that gives none."""
+
+    @abstractmethod
+    def check(self, models, params) -> None:
+        """Refuse (InvalidRequest) what this family's models cannot do, e.g. a clip skip beyond the text encoder."""
+
+    @abstractmethod
+    def context_tokens(self, models, texts: list[str]) -> int:
+        """How long the conditioning of these texts (prompts and negative prompt, batched together) will be:
+        what the memory estimate counts before encoding."""
+
+    @abstractmethod
+    def encode_prompt(
+        self,
+        models,
+        prompts: tuple[str, ...],
+        negative_prompt: str,
+        num_images: int,
+        use_guidance: bool,
+        clip_skip: int,
+        size: tuple[int, int],
+    ) -> Conditioning:
+        """Prompts (without LoRA tags) -> the UNet's conditioning; `size` (width, height) for families whose
+        conditioning includes the image size (SDXL's time ids)."""
+
+    @abstractmethod
+    def diffusers_pipeline(self, parts, scheduler, pipeline_class=None):
+        """diffusers' own pipeline of this family over these modules (no copies): the reference in tests and
+        benchmarks, the host for diffusers' LoRA loader, the writer of diffusers folders. `parts` has tokenizer,
+        text_encoder, unet and vae (Components or ModelState); `pipeline_class` picks a variant (img2img...)."""
+
+    def to_latents(self, vae, z: torch.Tensor) -> torch.Tensor:
+        """The VAE's latent sample -> the latents the UNet works in."""
+        return z * vae.config.scaling_factor
+
+    def from_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """The UNet's latents -> what the VAE decodes (to_latents undone)."""
+        return latents / vae.config.scaling_factor
