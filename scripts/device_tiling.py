@@ -10,7 +10,6 @@ import time
 import numpy as np
 import torch
 
-from ldmkit import tiled_vae
 from ldmkit.bench import random_sd15
 from ldmkit.pipeline import Pipeline
 
@@ -32,8 +31,10 @@ def main():
     whole = np.asarray(pipe.latents_to_images(latents)[0], dtype=np.float64)
     for method in ("diffusers", "ldmkit"):
         if method == "ldmkit":
-            tiled_vae.enable(pipe.vae)  # shared GroupNorm statistics; diffusers' tiling before it
-        pipe.vae.enable_tiling()
+            pipe.vae.disable_tiling()
+            pipe.enable_vae_tiling()  # shared GroupNorm statistics; diffusers' tiling before it
+        else:
+            pipe.vae.enable_tiling()
         tiled = np.asarray(pipe.latents_to_images(latents)[0], dtype=np.float64)
         mse = ((whole - tiled) ** 2).mean()
         print(

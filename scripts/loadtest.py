@@ -276,19 +276,20 @@ def cuda_oom_check() -> None:
     from conftest import make_tiny_components
 
     import ldmkit.pipeline
+    from ldmkit.params import GenerationParams
     from ldmkit.pipeline import Pipeline
     from ldmkit.server.limits import ServerLimits
-    from ldmkit.server.queue import GenerationQueue, GenerationRequest, OutOfMemory
+    from ldmkit.server.queue import GenerationQueue, OutOfMemory
 
     ldmkit.pipeline.check_memory = lambda *args: None  # skip the estimate that would refuse the job up front
     pipe = Pipeline(make_tiny_components(), torch.device("cuda"), torch.float16)
     queue = GenerationQueue(pipe, limits=ServerLimits(max_pixels=8192 * 8192, max_images=64))
     queue.start()
-    quick = GenerationRequest("a quick one", steps=2, width=64, height=64, seed=1)
+    quick = GenerationParams("a quick one", steps=2, width=64, height=64, seed=1)
     try:
         queue.submit(quick).future.result(timeout=120)
         allocated = torch.cuda.memory_allocated()
-        huge = GenerationRequest("too big", steps=1, width=8192, height=8192, batch_size=64, seed=1)
+        huge = GenerationParams("too big", steps=1, width=8192, height=8192, num_images=64, seed=1)
         started = time.monotonic()
         try:
             queue.submit(huge).future.result(timeout=300)

@@ -106,15 +106,16 @@ def main():
         latents = vae.encode(pixels).latent_dist.mean
         whole = to_array(vae.decode(latents).sample.cpu())
         tiled = {}
-        for method in ("diffusers", "ldmkit"):
-            if method == "ldmkit":
-                tiled_vae.enable(vae)
-            vae.enable_tiling()
-            tiled_vae.set_tile_size(vae, args.tile)
-            tiled[f"{method}_tiled_decode"] = to_array(vae.decode(latents).sample.cpu())
-            encoded = vae.encode(pixels).latent_dist.mean
-            vae.disable_tiling()  # to see the encode's seams alone
-            tiled[f"{method}_tiled_encode"] = to_array(vae.decode(encoded).sample.cpu())
+        # diffusers' tiling: its own switch and tile sizes (image and latent pixels); ldmkit's: functions of the VAE
+        vae.enable_tiling()
+        vae.tile_sample_min_size, vae.tile_latent_min_size = args.tile, args.tile // tiled_vae.scale_factor(vae)
+        tiled["diffusers_tiled_decode"] = to_array(vae.decode(latents).sample.cpu())
+        encoded = vae.encode(pixels).latent_dist.mean
+        vae.disable_tiling()  # to see the encode's seams alone
+        tiled["diffusers_tiled_encode"] = to_array(vae.decode(encoded).sample.cpu())
+        tiled["ldmkit_tiled_decode"] = to_array(tiled_vae.decode(vae, latents, args.tile).cpu())
+        encoded = tiled_vae.encode(vae, pixels, args.tile).mean
+        tiled["ldmkit_tiled_encode"] = to_array(vae.decode(encoded).sample.cpu())
     Image.fromarray(whole).save(out / "whole.png")
     results["reconstruction_psnr_db"] = psnr(np.asarray(photo), whole)
     for name, image in tiled.items():

@@ -5,7 +5,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from ldmkit.eval import metrics, report
-from ldmkit.eval.generate import Model, generate, grid
+from ldmkit.eval.generate import generate, grid
+from ldmkit.pipeline import Pipeline
 
 
 def test_retrieval_accuracy_ranks_the_target_caption():
@@ -52,14 +53,7 @@ def test_eval_prompts_are_fixed_and_numerous():
 
 @pytest.fixture
 def tiny_model(tiny_components):
-    c = tiny_components
-    return Model(
-        unet=c.unet,
-        vae=c.vae,
-        text_encoder=c.text_encoder,
-        scheduler_config=c.scheduler_config,
-        device=torch.device("cpu"),
-    )
+    return Pipeline(tiny_components, torch.device("cpu"), torch.float32)
 
 
 def test_generate_is_seeded_and_batch_independent(tiny_model):

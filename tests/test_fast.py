@@ -1,4 +1,5 @@
-"""make_fast: what it changes on a Pipeline, and that the pictures stay the same (tiny model, CPU)."""
+"""make_fast: what it changes in a Pipeline's models and records in its state, and that the pictures stay the same
+(tiny model, CPU)."""
 
 import logging
 
@@ -8,7 +9,7 @@ import torch
 from diffusers.models.attention_processor import FusedAttnProcessor2_0
 
 from ldmkit import Pipeline
-from ldmkit.fast import FastUNet, compile_models, make_fast, use_fp16
+from ldmkit.fast import FastUNet, compile_models, use_fp16
 
 KWARGS = {
     "prompt": "an otter in a river",
@@ -29,8 +30,8 @@ def pixels(pipe):
 def test_make_fast_on_cpu_changes_nothing(tiny_components):
     # Compile, fp16 and the layouts that serve the compiled UNet were measured to pay on CUDA only.
     pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
-    make_fast(pipe)
-    assert not isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
+    pipe.make_fast()
+    assert pipe.state.transforms == () and pipe.state.run_unet is pipe.unet
     assert pipe.dtype == torch.float32
     assert not any(isinstance(p, FusedAttnProcessor2_0) for p in pipe.unet.attn_processors.values())
     assert not pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
@@ -39,7 +40,8 @@ def test_make_fast_on_cpu_changes_nothing(tiny_components):
 def test_fused_qkv_and_channels_last_keep_the_images(tiny_components):
     eager = pixels(Pipeline(tiny_components, torch.device("cpu"), torch.float32))
     pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
-    make_fast(pipe, channels_last=True, fuse_qkv=True, compile=False)
+    pipe.make_fast(channels_last=True, fuse_qkv=True, compile=False)
+    assert pipe.state.transforms == ("fused_qkv", "channels_last")
     for model in (pipe.unet, pipe.vae):
         processors = model.attn_processors.values()
         assert processors and all(isinstance(p, FusedAttnProcessor2_0) for p in processors)
@@ -54,34 +56,34 @@ def test_compile_models_wraps_unet_and_decoder_once(tiny_components, tmp_path, m
     eager = pixels(Pipeline(tiny_components, torch.device("cpu"), torch.float32))
     pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
     unet = pipe.unet
-    compile_models(pipe)
-    assert isinstance(pipe.unet, FastUNet) and pipe.unet._orig_mod is unet
-    assert pipe.unet.config.in_channels == unet.config.in_channels  # the pipeline reads .config through the wrapper
-    decode = pipe.vae.decode
-    compile_models(pipe)
-    assert pipe.unet._orig_mod is unet and pipe.vae.decode is decode
+    pipe.apply(compile_models)
+    forward, decode = pipe.state.unet_forward, pipe.state.vae_decode
+    assert isinstance(forward, FastUNet) and forward.unet is unet and pipe.unet is unet
+    assert pipe.state.transforms == ("compiled:default",)
+    pipe.apply(compile_models)
+    assert pipe.state.unet_forward is forward and pipe.state.vae_decode is decode
     assert np.abs(pixels(pipe) - eager).max() <= 1
     pipe.generate(**{**KWARGS, "sampler": "Euler"})  # float timesteps, where DDIM's are integers
-    assert len(pipe.unet._call.compiled) == 1  # one compiled UNet serves both samplers
+    assert len(forward.call.compiled) == 1  # one compiled UNet serves both samplers
     assert len(list(tmp_path.glob("unet_forward-*.bin"))) == 1 and len(list(tmp_path.glob("vae_decode-*.bin"))) == 1
 
     caplog.clear()
     again = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
-    compile_models(again)
+    again.apply(compile_models)
     assert np.array_equal(pixels(again), pixels(pipe))
     assert caplog.text.count("precompile: loaded") == 2 and "saved" not in caplog.text
 
 
 def test_modes_with_inductor_graphs_use_plain_torch_compile(tiny_components):
     pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
-    compile_models(pipe, mode="reduce-overhead")
-    assert isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
+    pipe.apply(lambda state: compile_models(state, mode="reduce-overhead"))
+    assert isinstance(pipe.state.unet_forward, torch._dynamo.eval_frame.OptimizedModule)
 
 
 def test_use_fp16_casts_models_and_pipeline_dtype(tiny_components):
     pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
-    use_fp16(pipe)
-    assert pipe.dtype == torch.float16
+    pipe.apply(use_fp16)
+    assert pipe.dtype == torch.float16 and pipe.state.transforms == ("fp16",)
     for model in (pipe.text_encoder, pipe.unet, pipe.vae):
         assert next(model.parameters()).dtype == torch.float16
 
@@ -89,7 +91,7 @@ def test_use_fp16_casts_models_and_pipeline_dtype(tiny_components):
 def test_unknown_compile_mode_is_refused(tiny_components):
     pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="compile mode"):
-        make_fast(pipe, mode="fastest")
+        pipe.make_fast(mode="fastest")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

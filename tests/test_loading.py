@@ -8,11 +8,12 @@ import torch
 from conftest import make_tiny_components
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
+from support.convert import save_single_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldmkit import loading
-from ldmkit.convert import save_single_file
 from ldmkit.errors import ModelLoadError
+from ldmkit.families import reference_pipeline
 from ldmkit.loading import (
     SD1_CONFIG,
     SD2_EPSILON_CONFIG,
@@ -70,13 +71,10 @@ def test_saved_folder_loads_in_diffusers(tiny_components, tiny_folder):
 
 
 def test_components_build_a_diffusers_pipeline(tiny_components):
-    """Others construct diffusers' pipeline from Components; check it runs end to end."""
+    """Tests, bench and saving build diffusers' pipeline from Components (families.reference_pipeline): it runs."""
     c = tiny_components
-    scheduler = DDIMScheduler.from_config(c.scheduler_config)
-    pipe = StableDiffusionPipeline(
-        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+    pipe = reference_pipeline(c, DDIMScheduler.from_config(c.scheduler_config))
+    assert isinstance(pipe, StableDiffusionPipeline) and pipe.unet is c.unet and pipe.safety_checker is None
     image = pipe("a cat", num_inference_steps=2, height=16, width=16, output_type="np").images
     assert image.shape == (1, 16, 16, 3)
 

@@ -8,11 +8,12 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import make_tiny_components
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 
 from ldmkit.errors import InvalidRequest, LdmError
+from ldmkit.families import reference_pipeline
 from ldmkit.lora import applied_loras, extract_lora_tags, lora_hashes_infotext, lora_shorthash, resolve_lora
 
 UNET_TARGETS = re.compile(r"attentions\.\d+\.transformer_blocks\.\d+\.attn\d\.(to_q|to_k|to_v|to_out\.0)$")
@@ -97,10 +98,7 @@ def assert_same_state(before, after):
 def diffusers_reference(components, loras):
     """The same LoRAs through diffusers' own StableDiffusionPipeline, on copies of the models."""
     parts = copy.deepcopy(components)
-    pipe = StableDiffusionPipeline(
-        parts.vae, parts.text_encoder, parts.tokenizer, parts.unet, DDIMScheduler(steps_offset=1, clip_sample=False),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+    pipe = reference_pipeline(parts)
     for i, (path, _) in enumerate(loras):
         pipe.load_lora_weights(str(path), adapter_name=f"ref{i}")
     pipe.set_adapters([f"ref{i}" for i in range(len(loras))], [weight for _, weight in loras])
@@ -161,7 +159,7 @@ def test_kohya_lora_adds_weight_times_alpha_over_rank_times_up_down(tmp_path, co
         for name, delta in deltas.items():
             modules[name].weight += 0.7 * delta
     expected = outputs(merged)
-    with applied_loras(components, [(tmp_path / "k.safetensors", 0.7)]):
+    with applied_loras(reference_pipeline(components), [(tmp_path / "k.safetensors", 0.7)]):
         actual = outputs(components)
     for got, want in zip(actual, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -179,7 +177,7 @@ def test_several_loras_match_diffusers_with_the_same_weights(tmp_path, component
         ),
     ]
     expected = diffusers_reference(components, loras)
-    with applied_loras(components, loras):
+    with applied_loras(reference_pipeline(components), loras):
         actual = outputs(components)
     for got, want in zip(actual, expected, strict=True):
         assert torch.equal(got, want)
@@ -187,7 +185,7 @@ def test_several_loras_match_diffusers_with_the_same_weights(tmp_path, component
 
 def test_peft_lora_changes_text_encoder_and_unet(tmp_path, components):
     plain = outputs(components)
-    with applied_loras(components, [(peft_lora(tmp_path, "p.safetensors"), 1.0)]):
+    with applied_loras(reference_pipeline(components), [(peft_lora(tmp_path, "p.safetensors"), 1.0)]):
         hidden, prediction = outputs(components)
     assert not torch.allclose(hidden, plain[0]) and not torch.allclose(prediction, plain[1])
 
@@ -195,7 +193,9 @@ def test_peft_lora_changes_text_encoder_and_unet(tmp_path, components):
 def test_removal_restores_exact_weights_and_outputs(tmp_path, components):
     before, plain = state(components), outputs(components)
     kohya_lora(tmp_path / "k.safetensors", components)
-    with applied_loras(components, [(tmp_path / "k.safetensors", 1.0), (peft_lora(tmp_path, "p.safetensors"), 0.5)]):
+    with applied_loras(
+        reference_pipeline(components), [(tmp_path / "k.safetensors", 1.0), (peft_lora(tmp_path, "p.safetensors"), 0.5)]
+    ):
         pass
     assert_same_state(before, state(components))
     assert all(torch.equal(a, b) for a, b in zip(plain, outputs(components), strict=True))
@@ -206,7 +206,7 @@ def test_removal_happens_when_the_request_fails(tmp_path, components):
     kohya_lora(tmp_path / "k.safetensors", components)
     with (
         pytest.raises(RuntimeError, match="sampler broke"),
-        applied_loras(components, [(tmp_path / "k.safetensors", 1.0)]),
+        applied_loras(reference_pipeline(components), [(tmp_path / "k.safetensors", 1.0)]),
     ):
         raise RuntimeError("sampler broke")
     assert_same_state(before, state(components))
@@ -217,7 +217,10 @@ def test_a_file_that_is_not_a_lora_is_refused_and_nothing_stays_applied(tmp_path
     kohya_lora(tmp_path / "k.safetensors", components)
     safetensors.torch.save_file({"model.weight": torch.zeros(2, 2)}, tmp_path / "checkpoint.safetensors")
     loras = [(tmp_path / "k.safetensors", 1.0), (tmp_path / "checkpoint.safetensors", 1.0)]
-    with pytest.raises(LdmError, match="cannot apply LoRA checkpoint.safetensors"), applied_loras(components, loras):
+    with (
+        pytest.raises(LdmError, match="cannot apply LoRA checkpoint.safetensors"),
+        applied_loras(reference_pipeline(components), loras),
+    ):
         pass
     assert_same_state(before, state(components))
 

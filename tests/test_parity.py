@@ -7,27 +7,16 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
 from ldmkit import Pipeline
+from ldmkit.families import reference_pipeline
 from ldmkit.samplers import SAMPLERS, get_sampler
 
 PARITY_SAMPLERS = ["DDIM", "Euler", "DPM++ 2M Karras", "UniPC"]
 
 
-def diffusers_kwargs(components, sampler_name):
-    return dict(
-        unet=components.unet,
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        scheduler=get_sampler(sampler_name).make_scheduler(components.scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 def diffusers_images(pipeline_class, components, sampler_name, seeds, *args, **kwargs):
     """diffusers' own pipeline on the same components, one CPU generator per image seeded like ours."""
-    reference = pipeline_class(**diffusers_kwargs(components, sampler_name))
+    scheduler = get_sampler(sampler_name).make_scheduler(components.scheduler_config)
+    reference = reference_pipeline(components, scheduler, pipeline_class)
     reference.set_progress_bar_config(disable=True)
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     return reference(*args, **kwargs, generator=generators, output_type="np").images

@@ -103,9 +103,10 @@ def test_a_size_that_cannot_fit_is_refused_before_allocating(pipe, monkeypatch):
 def test_memory_estimate_grows_with_pixels_and_batch(pipe):
     from ldmkit.memory import estimate_peak_bytes
 
-    base = estimate_peak_bytes(pipe, 64, 64, 1, True)
-    assert estimate_peak_bytes(pipe, 128, 128, 1, True) == 4 * base
-    assert estimate_peak_bytes(pipe, 64, 64, 2, True) == 2 * base
+    model = pipe.memory_footprint()
+    base = estimate_peak_bytes(model, 64, 64, 1, True)
+    assert estimate_peak_bytes(model, 128, 128, 1, True) == 4 * base
+    assert estimate_peak_bytes(model, 64, 64, 2, True) == 2 * base
 
 
 @pytest.mark.parametrize(
@@ -136,12 +137,14 @@ def test_vae_tiling_bounds_the_memory_estimate_and_still_generates(tiny_componen
     from ldmkit.memory import estimate_peak_bytes, vae_pixels
 
     pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
-    untiled = estimate_peak_bytes(pipe, 256, 256, 1, False)
+    untiled = estimate_peak_bytes(pipe.memory_footprint(), 256, 256, 1, False)
     monkeypatch.setattr("ldmkit.memory.available_bytes", lambda device: untiled // 2)
     with pytest.raises(InvalidRequest, match=r"or VAE tiling \(--vae-tiling\)"):
         pipe.generate("otter", steps=1, guidance=1.0, width=256, height=256)
-    assert vae_pixels(pipe, 256 * 256) == 256 * 256
-    pipe.vae.enable_tiling()  # the tiny VAE's tiles are 16 px
-    assert vae_pixels(pipe, 256 * 256) == 16 * 16
-    image = pipe.generate("otter", steps=1, guidance=1.0, width=48, height=40, seed=0).images[0]
-    assert image.size == (48, 40)
+    assert vae_pixels(pipe.memory_footprint(), 1024 * 1024) == 1024 * 1024
+    pipe.enable_vae_tiling()  # 512 px tiles
+    assert vae_pixels(pipe.memory_footprint(), 1024 * 1024) == 512 * 512
+    monkeypatch.undo()
+    pipe.enable_vae_tiling(80)  # smaller than the image: the decode runs in tiles (with 32 px of context each)
+    image = pipe.generate("otter", steps=1, guidance=1.0, width=96, height=80, seed=0).images[0]
+    assert image.size == (96, 80)

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from ldmkit import Pipeline
-from ldmkit.previews import fast_preview, make_grid, preview_images, save_animation
+from ldmkit.previews import make_grid, preview_images, save_animation
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def test_fast_preview_is_image_sized_and_tracks_colour(pipe):
     blue = torch.zeros(1, 3, 16, 16)
     blue[:, 2] = 1.0
     latents_blue = pipe.vae.encode(blue).latent_dist.mean * pipe.vae.config.scaling_factor
-    rgb_red, rgb_blue = fast_preview(pipe, latents), fast_preview(pipe, latents_blue)
+    rgb_red, rgb_blue = pipe.fast_preview(latents), pipe.fast_preview(latents_blue)
     assert rgb_red.shape == (1, 3, 16, 16)
     assert rgb_red[:, 0].mean() - rgb_red[:, 2].mean() > rgb_blue[:, 0].mean() - rgb_blue[:, 2].mean()
 

@@ -86,13 +86,13 @@ def server():
 def test_out_of_memory_fails_that_request_only(server, monkeypatch, error):
     url, pipe, _ = server
     emptied = []
-    original = pipe.generate
+    original = pipe.run
 
     def fails_once(*args, **kwargs):
-        monkeypatch.setattr(pipe, "generate", original)
+        monkeypatch.setattr(pipe, "run", original)
         raise error
 
-    monkeypatch.setattr(pipe, "generate", fails_once)
+    monkeypatch.setattr(pipe, "run", fails_once)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
     response = requests.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "x", **FAST}, timeout=30)
@@ -106,13 +106,13 @@ def test_out_of_memory_fails_that_request_only(server, monkeypatch, error):
 
 def test_out_of_memory_in_openais_shape(server, monkeypatch):
     url, pipe, _ = server
-    original = pipe.generate
+    original = pipe.run
 
     def fails_once(*args, **kwargs):
-        monkeypatch.setattr(pipe, "generate", original)
+        monkeypatch.setattr(pipe, "run", original)
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(pipe, "generate", fails_once)
+    monkeypatch.setattr(pipe, "run", fails_once)
     response = requests.post(f"{url}/v1/images/generations", json={"prompt": "x", "size": "16x16"}, timeout=30)
     assert response.status_code == 503
     assert response.json()["error"] == {

@@ -35,25 +35,23 @@ def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 2.0) -> float:
 
 
 @contextlib.contextmanager
-def tiling(vae, tile_px: int | None = None, ours: bool = True):
-    """The VAE tiles (with our methods, or diffusers' alone) at `tile_px`, and is untiled again after."""
-    if ours:
-        tiled_vae.enable(vae)
+def diffusers_tiling(vae, tile_px: int):
+    """diffusers' own tiling at `tile_px` (it keeps the size in image and in latent pixels), off again after."""
     vae.enable_tiling()
-    if tile_px is not None:
-        tiled_vae.set_tile_size(vae, tile_px)
+    vae.tile_sample_min_size, vae.tile_latent_min_size = tile_px, tile_px // tiled_vae.scale_factor(vae)
     try:
         yield
     finally:
         vae.disable_tiling()
-        vae.__dict__.pop("tiled_decode", None)
-        vae.__dict__.pop("_tiled_encode", None)
 
 
 def tiled_results(vae, pixels, latents, ours: bool):
     """(decoded, encoded) with diffusers' tiling or ours, at TILE_PX tiles."""
-    with tiling(vae, TILE_PX, ours), torch.inference_mode():
-        return vae.decode(latents).sample, vae.encode(pixels).latent_dist.mean
+    with torch.inference_mode():
+        if ours:
+            return tiled_vae.decode(vae, latents, TILE_PX), tiled_vae.encode(vae, pixels, TILE_PX).mean
+        with diffusers_tiling(vae, TILE_PX):
+            return vae.decode(latents).sample, vae.encode(pixels).latent_dist.mean
 
 
 def test_tiles_that_share_statistics_stay_close_to_the_whole_image_where_diffusers_tiles_drift(vae):
@@ -74,13 +72,12 @@ def test_tiles_that_share_statistics_stay_close_to_the_whole_image_where_diffuse
 
 def test_tiling_starts_above_the_tile_size_and_keeps_the_image_shape(vae):
     latents = torch.randn(1, 4, 24, 40, generator=torch.Generator().manual_seed(0))
-    with tiling(vae), torch.inference_mode():
-        assert tiled_vae.will_tile(vae, latents) is False  # 320 px wide: inside a 512 px tile
-        tiled_vae.set_tile_size(vae, 256)
-        assert tiled_vae.will_tile(vae, latents)
-        # one tile of 32 latent px holds 24 rows; the 40 columns take two: compare with whole
-        split = vae.tiled_decode(latents).sample
+    assert tiled_vae.default_tile_px(vae) == tiled_vae.MIN_TILE_PX  # the shipped VAE's own 128 px, raised
+    assert not tiled_vae.needs_tiles(latents, 512 // 8)  # 320 px wide: inside a 512 px tile
+    assert tiled_vae.needs_tiles(latents, 256 // 8)
     with torch.inference_mode():
+        # one tile of 32 latent px holds 24 rows; the 40 columns take two: compare with whole
+        split = tiled_vae.decode(vae, latents, 256)
         whole = vae.decode(latents).sample
     assert split.shape == whole.shape == (1, 3, 192, 320)
     assert psnr(whole, split) > 30
@@ -97,14 +94,17 @@ def test_spans_cover_the_length_in_aligned_parts_no_longer_than_the_core(length,
     assert all(start % align == 0 for start, _ in spans)
 
 
-def test_the_fast_decoder_leaves_tiled_decodes_to_eager(vae):
+def test_tiled_decodes_run_eager_even_on_the_fast_path(vae):
     from ldmkit.fast import FastDecode
+    from ldmkit.model_state import ModelState
 
     def compiled(latents):
         raise AssertionError("a tiled decode reached the compiled decoder")
 
-    with tiling(vae, 128), torch.inference_mode():
-        image = FastDecode(vae, compiled)(torch.randn(1, 4, 24, 24), return_dict=False)[0]
+    state = ModelState(None, None, None, vae, torch.device("cpu"), torch.float32)
+    state = state.with_transform("compiled", vae_decode=FastDecode(vae, compiled), vae_tile_px=128)
+    with torch.inference_mode():
+        image = state.decode(torch.randn(1, 4, 24, 24))
     assert image.shape == (1, 3, 192, 192)
 
 
@@ -120,10 +120,9 @@ def test_group_norm_layers_get_their_own_forward_back_after_a_failing_tile(vae):
 def test_the_pipeline_tiles_with_shared_statistics_when_asked():
     plain = Pipeline.from_pretrained(None)
     tiled = Pipeline.from_pretrained(None, vae_tiling=True)
-    assert tiled.vae.tiled_decode.func is tiled_vae.tiled_decode
-    assert tiled.vae.tile_sample_min_size == tiled_vae.MIN_TILE_PX  # the shipped VAE's own 128 px, raised
-    tiled_vae.set_tile_size(tiled.vae, 128)  # so that 256 px tiles
+    assert tiled.state.vae_tile_px == tiled_vae.MIN_TILE_PX and tiled.state.transforms == ("vae_tiling:512",)
+    tiled.enable_vae_tiling(128)  # so that 256 px tiles
     request = {"steps": 4, "width": 256, "height": 256, "seed": 3}
     images = [pipe.generate("a red apple", **request).images[0] for pipe in (plain, tiled)]
     pixels = [torch.from_numpy(np.asarray(image, dtype=np.float32)) / 127.5 - 1 for image in images]
-    assert psnr(pixels[0], pixels[1]) > 28
+    assert psnr(pixels[0], pixels[1]) > 28 and not torch.equal(pixels[0], pixels[1])  # tiled, and closely

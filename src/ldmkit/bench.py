@@ -45,17 +45,6 @@ DIFFUSERS_TUTORIAL_INDUCTOR = {
 
 
 @dataclasses.dataclass
-class Settings:
-    size: int
-    steps: int
-    sampler: str
-    batch: int
-    warmup: int
-    repeats: int
-    seed: int
-
-
-@dataclasses.dataclass
 class RowResult:
     name: str
     its: float = math.nan  # steps / median end-to-end latency
@@ -108,25 +97,29 @@ def run_bench(args) -> int:
     import torch
 
     from ldmkit.errors import InvalidRequest
-    from ldmkit.pipeline import check_size, resolve_device, resolve_dtype
-    from ldmkit.samplers import get_sampler
+    from ldmkit.params import GenerationParams
+    from ldmkit.pipeline import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     rows = select_rows(args, device)
-    settings = Settings(args.size, args.steps, get_sampler(args.sampler).name, args.batch, args.warmup, args.repeats, args.seed)
-    check_size(settings.size, settings.size)
-    if settings.steps < 1 or settings.batch < 1 or settings.repeats < 1 or settings.warmup < 0:
-        raise InvalidRequest("--steps, --batch and --repeats must be at least 1, --warmup at least 0")
+    if args.repeats < 1 or args.warmup < 0:
+        raise InvalidRequest("--repeats must be at least 1, --warmup at least 0")
+    request = GenerationParams(
+        PROMPT, steps=args.steps, guidance=GUIDANCE, sampler=args.sampler, seed=args.seed,
+        width=args.size, height=args.size, num_images=args.batch,
+    )  # fmt: skip
+    request.validate()
+    request = request.resolved(args.size)
     dtype = resolve_dtype(args.dtype, device)
 
     log(f"bench: {describe_device(device)}, torch {torch.__version__}, {dtype}, rows {', '.join(rows)}")
     master = load_master(args.model, device, dtype)
-    header = f"{master.name}, {settings.size}x{settings.size}, {settings.steps} {settings.sampler} steps, batch {settings.batch}, guidance {GUIDANCE}, {describe_device(device)}, {str(dtype).removeprefix('torch.')}"
+    header = f"{master.name}, {args.size}x{args.size}, {request.steps} {request.sampler} steps, batch {request.num_images}, guidance {GUIDANCE}, {describe_device(device)}, {str(dtype).removeprefix('torch.')}"
     results: list[RowResult] = []
     images: dict[str, list] = {}
     for name in rows:
         log(f"bench: row {name} ...")
-        result, row_images = bench_row(name, master, device, dtype, settings)
+        result, row_images = bench_row(name, master, device, dtype, request, args.warmup, args.repeats)
         results.append(result)
         if row_images is not None:
             images[name] = row_images
@@ -218,11 +211,12 @@ def place(master, device, dtype):
 # ---- rows ----
 
 
-def bench_row(name: str, master, device, dtype, settings: Settings):
-    """Time one row; a row that fails is reported in the table and the others still run."""
+def bench_row(name: str, master, device, dtype, request, warmup: int, repeats: int):
+    """Time one row (the same request for every row, seeds seed, seed + 1, ...); a row that fails is reported in
+    the table and the others still run."""
     import torch
 
-    result = RowResult(name, steps=settings.steps)
+    result = RowResult(name, steps=request.steps)
     on_cuda = device.type == "cuda"
     row_images = None
     try:
@@ -231,22 +225,22 @@ def bench_row(name: str, master, device, dtype, settings: Settings):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        generate = RUNNERS[name](components, device, dtype, settings)
-        generate(settings.seed)
+        generate = RUNNERS[name](components, device, dtype, request)
+        generate(request.seed)
         result.first_image_s = time.perf_counter() - start
-        for _ in range(settings.warmup):
-            generate(settings.seed)
+        for _ in range(warmup):
+            generate(request.seed)
         latencies, row_images = [], []
-        for k in range(settings.repeats):
+        for k in range(repeats):
             start = time.perf_counter()
-            row_images.append(generate(settings.seed + k))
+            row_images.append(generate(request.seed + k))
             latencies.append(time.perf_counter() - start)
         log(f"bench: {name} images: mean {row_images[0].mean():.1f}, std {row_images[0].std():.1f} (8-bit)")
         result.latency_s = statistics.median(latencies)
-        result.its = settings.steps / result.latency_s
+        result.its = request.steps / result.latency_s
         if on_cuda:
             result.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
-            result.unet_ms, result.decode_ms = time_parts(generate, components, device, dtype, settings)
+            result.unet_ms, result.decode_ms = time_parts(generate, components, device, dtype, request)
     except Exception as error:  # noqa: BLE001 - one broken row must not lose the others' numbers
         traceback.print_exc()
         result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
@@ -257,7 +251,7 @@ def bench_row(name: str, master, device, dtype, settings: Settings):
     return result, row_images
 
 
-def time_parts(generate, components, device, dtype, settings: Settings, calls: int = 20):
+def time_parts(generate, components, device, dtype, request, calls: int = 20):
     """Mean ms of one UNet call and one VAE decode, called as the row's pipeline calls them.
 
     With the whole run's latency this says how much of a step is not the UNet: the sampler's small
@@ -267,10 +261,10 @@ def time_parts(generate, components, device, dtype, settings: Settings, calls: i
 
     try:
         factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
-        side = settings.size // factor
-        latents = torch.randn(settings.batch, components.unet.config.in_channels, side, side, device=device, dtype=dtype)
+        side = request.width // factor
+        latents = torch.randn(request.num_images, components.unet.config.in_channels, side, side, device=device, dtype=dtype)
         model_input = torch.cat([latents] * 2)
-        hidden = torch.randn(2 * settings.batch, 77, components.text_encoder.config.hidden_size, device=device, dtype=dtype)
+        hidden = torch.randn(2 * request.num_images, 77, components.text_encoder.config.hidden_size, device=device, dtype=dtype)
         timestep = torch.tensor(500, device=device)  # int64 on the device, as the schedulers' timesteps
         with generate.grad_mode():
             unet_ms = _mean_cuda_ms(lambda: generate.unet(model_input, timestep, encoder_hidden_states=hidden, return_dict=False)[0], calls)
@@ -308,33 +302,24 @@ def release(device) -> None:
 
 
 def ours(fast_options: dict | None = None) -> Callable:
-    """A runner for ldmkit's Pipeline; with options (even empty), make_fast(pipe, **options) first."""
+    """A runner for ldmkit's Pipeline; with options (even empty), pipe.make_fast(**options) first."""
 
-    def runner(components, device, dtype, settings: Settings):
+    def runner(components, device, dtype, request):
         import numpy as np
         import torch
 
-        from ldmkit.fast import make_fast
         from ldmkit.pipeline import Pipeline
 
         pipe = Pipeline(components, device, dtype)
         if fast_options is not None:
-            make_fast(pipe, **fast_options)
+            pipe.make_fast(**fast_options)
 
         def generate(seed: int):
-            result = pipe.generate(
-                PROMPT,
-                steps=settings.steps,
-                guidance=GUIDANCE,
-                sampler=settings.sampler,
-                seed=seed,
-                width=settings.size,
-                height=settings.size,
-                num_images=settings.batch,
-            )
+            result = pipe.run(dataclasses.replace(request, seed=seed))
             return np.stack([np.asarray(image) for image in result.images])
 
-        generate.unet, generate.decode, generate.grad_mode = pipe.unet, pipe.vae.decode, torch.inference_mode
+        state = pipe.state
+        generate.unet, generate.decode, generate.grad_mode = state.run_unet, state.vae_decode or state.vae.decode, torch.inference_mode
         return generate
 
     return runner
@@ -343,24 +328,15 @@ def ours(fast_options: dict | None = None) -> Callable:
 def diffusers_pipeline(compiled: bool) -> Callable:
     """A runner for diffusers' StableDiffusionPipeline; compiled as diffusers' docs recommend."""
 
-    def runner(components, device, dtype, settings: Settings):
+    def runner(components, device, dtype, request):
         import numpy as np
         import torch
-        from diffusers import StableDiffusionPipeline
 
+        from ldmkit.families import reference_pipeline
         from ldmkit.samplers import get_sampler
 
-        sampler = get_sampler(settings.sampler)
-        pipe = StableDiffusionPipeline(
-            vae=components.vae,
-            text_encoder=components.text_encoder,
-            tokenizer=components.tokenizer,
-            unet=components.unet,
-            scheduler=sampler.make_scheduler(components.scheduler_config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        sampler = get_sampler(request.sampler)
+        pipe = reference_pipeline(components, sampler.make_scheduler(components.scheduler_config))
         pipe.set_progress_bar_config(disable=True)
         if compiled:
             pipe.fuse_qkv_projections()
@@ -371,20 +347,20 @@ def diffusers_pipeline(compiled: bool) -> Callable:
         factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
 
         def generate(seed: int):
-            seeds = [seed + i for i in range(settings.batch)]
+            seeds = [seed + i for i in range(request.num_images)]
             # Our starting noise, drawn as ldmkit's Pipeline.prepare_latents draws it, so the rows
             # compare the same computation.
-            shape = (1, components.unet.config.in_channels, settings.size // factor, settings.size // factor)
+            shape = (1, components.unet.config.in_channels, request.height // factor, request.width // factor)
             noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in seeds]
             # Only stochastic samplers need generators; passing them would also reach vae.decode.
             generator = [torch.Generator("cpu").manual_seed(s) for s in seeds] if sampler.stochastic else None
             images = pipe(
-                PROMPT,
-                num_inference_steps=settings.steps,
-                guidance_scale=GUIDANCE,
-                height=settings.size,
-                width=settings.size,
-                num_images_per_prompt=settings.batch,
+                request.prompt,
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance,
+                height=request.height,
+                width=request.width,
+                num_images_per_prompt=request.num_images,
                 latents=torch.cat(noise).to(device, dtype),
                 generator=generator,
                 output_type="pil",

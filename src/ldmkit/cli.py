@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import random
 import signal
 import sys
 import tempfile
@@ -145,35 +145,24 @@ def run_generate(args) -> int:
             raise LdmError(f"{what} not found: {folder}")
     init_image = load_image(args.init_image, "init image") if args.init_image else None
     mask_image = load_image(args.mask, "mask") if args.mask else None
-    width, height = args.size if args.size else (None, None)
-
-    from ldmkit.distributed import start_workers  # torch and diffusers load only when needed
-    from ldmkit.hires import HiresFix
-    from ldmkit.inpainting import check_inpainting
-    from ldmkit.job import GenerateJob
-    from ldmkit.metadata import next_free_index
-    from ldmkit.pipeline import MAX_SEED, Pipeline, check_inputs, check_size
-
-    n = args.num_images
-    for j, prompt in enumerate(prompts):
-        seed = None if args.seed is None else args.seed + j * n
-        check_inputs(prompt, args.negative, args.steps, args.guidance, args.sampler, seed, n, init_image, args.strength)
-    if args.size:
-        check_size(width, height)
-    check_inpainting(mask_image, args.mask_blur, init_image)
-    hires = None
-    if args.hires_scale is not None:
-        hires = HiresFix(args.hires_scale, args.hires_strength, args.hires_steps, args.hires_upscaler)
-        if args.size:
-            hires.check(args.steps, width, height)
+    requests = generation_params(args, prompts, init_image, mask_image)
+    for request in requests:
+        request.validate()
 
     from diffusers.utils import logging as diffusers_logging
+
+    from ldmkit.distributed import start_workers  # torch and diffusers load only when needed
+    from ldmkit.job import GenerateJob
+    from ldmkit.metadata import next_free_index
+    from ldmkit.params import random_seed
+    from ldmkit.pipeline import Pipeline
 
     diffusers_logging.disable_progress_bar()  # shard-loading bars; ours is the one over steps
     workers = start_workers(args.device)
     # Prompt j's images get seeds base + j*n + i and indices first + j*n + i, agreed by all ranks,
     # so a split run fills the folder exactly as one process would.
-    base_seed = workers.share(args.seed if args.seed is not None else random.randrange(MAX_SEED + 2 - n * len(prompts)))
+    n = args.num_images
+    base_seed = workers.share(args.seed if args.seed is not None else random_seed(n * len(prompts)))
     first_index = workers.share(next_free_index(args.output_dir))
     pipe = Pipeline.from_pretrained(
         args.model,
@@ -197,14 +186,30 @@ def run_generate(args) -> int:
     if workers.world_size > 1:
         print(f"ldm: process {workers.rank + 1}/{workers.world_size}: {len(mine)} of {len(prompts)} prompts", file=sys.stderr)
     for j in mine:
-        paths = job.run(
-            first_index=first_index + j * n,
-            prompt=prompts[j],
+        request = dataclasses.replace(requests[j], seed=base_seed + j * n)
+        for path in job.run(first_index=first_index + j * n, **request.as_kwargs()):
+            print(path, flush=True)
+    workers.barrier()
+    return 0
+
+
+def generation_params(args, prompts: list[str], init_image, mask_image) -> list:
+    """One GenerationParams per prompt; prompt j's seeds follow prompt j-1's (seed None: drawn after loading)."""
+    from ldmkit.params import GenerationParams, HiresFix
+
+    hires = None
+    if args.hires_scale is not None:
+        hires = HiresFix(args.hires_scale, args.hires_strength, args.hires_steps, args.hires_upscaler)
+    width, height = args.size if args.size else (None, None)
+    n = args.num_images
+    return [
+        GenerationParams(
+            prompt=prompt,
             negative_prompt=args.negative,
             steps=args.steps,
             guidance=args.guidance,
             sampler=args.sampler,
-            seed=base_seed + j * n,
+            seed=None if args.seed is None else args.seed + j * n,
             width=width,
             height=height,
             num_images=n,
@@ -215,10 +220,8 @@ def run_generate(args) -> int:
             hires=hires,
             clip_skip=args.clip_skip,
         )
-        for path in paths:
-            print(path, flush=True)
-    workers.barrier()
-    return 0
+        for j, prompt in enumerate(prompts)
+    ]
 
 
 def read_prompts(args) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from ldmkit.tiled_vae import will_tile
+from ldmkit.model_state import ModelState
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Modes whose options turn on inductor's own CUDA graphs: those compile in-process, as torch.compile does.
@@ -27,7 +27,7 @@ INDUCTOR_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def make_fast(
-    pipe,
+    state: ModelState,
     *,
     channels_last: bool | None = None,
     fuse_qkv: bool | None = None,
@@ -35,71 +35,74 @@ def make_fast(
     mode: str = "default",
     inductor_options: dict | None = None,
     cuda_graphs: bool = True,
-) -> None:
-    """Apply the exact speed-ups to `pipe` (an ldmkit.Pipeline) in place.
+) -> ModelState:
+    """The exact speed-ups applied to the state's models (in place) and recorded: Pipeline.make_fast installs it.
 
     `compile=None` compiles on CUDA only: that is where it was measured to pay; on the CPU the
     compile time (minutes) outweighs what it saves on a few images. `channels_last` and `fuse_qkv`
     (None) follow `compile`: on an H100 both together made the eager UNet slower; under compile,
     fused QKV made it 2% faster and channels_last is diffusers' advice (docs/benchmarks.md).
-    Fused attention reads `to_qkv`/`to_kv`, so LoRA adapters put on to_q/to_k/to_v afterwards are
-    silently unused: unfuse (`unet.unfuse_qkv_projections()`) while such a LoRA is applied.
+    Fused attention reads `to_qkv`/`to_kv`, so LoRA adapters put on to_q/to_k/to_v afterwards would be
+    silently unused: the Pipeline refuses LoRAs once "fused_qkv" is on record.
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
-    on_cuda = pipe.device.type == "cuda"
+    on_cuda = state.device.type == "cuda"
     compile = on_cuda if compile is None else compile
     channels_last = compile if channels_last is None else channels_last
     fuse_qkv = compile if fuse_qkv is None else fuse_qkv
-    if on_cuda and pipe.dtype == torch.float32:
-        use_fp16(pipe)
-    unet, vae = _original(pipe.unet), pipe.vae
+    if on_cuda and state.dtype == torch.float32:
+        state = use_fp16(state)
     if fuse_qkv:
         # FusedAttnProcessor2_0 calls F.scaled_dot_product_attention: SDPA comes with the fusion.
-        unet.fuse_qkv_projections()
-        vae.fuse_qkv_projections()
+        state.unet.fuse_qkv_projections()
+        state.vae.fuse_qkv_projections()
+        state = state.with_transform("fused_qkv")
     if channels_last:
-        unet.to(memory_format=torch.channels_last)
-        vae.to(memory_format=torch.channels_last)
+        state.unet.to(memory_format=torch.channels_last)
+        state.vae.to(memory_format=torch.channels_last)
+        state = state.with_transform("channels_last")
     if compile:
-        compile_models(pipe, mode, inductor_options, cuda_graphs)
+        state = compile_models(state, mode, inductor_options, cuda_graphs)
+    return state
 
 
-def use_fp16(pipe) -> None:
-    """Cast the models to fp16; later stages read `pipe.dtype`, so it follows."""
-    for module in (pipe.text_encoder, _original(pipe.unet), pipe.vae):
+def use_fp16(state: ModelState) -> ModelState:
+    """The models cast to fp16; later stages read the state's dtype, so the activations follow."""
+    for module in (state.text_encoder, state.unet, state.vae):
         torch.nn.Module.to(module, dtype=torch.float16)
-    pipe.dtype = torch.float16
+    return state.with_transform("fp16", dtype=torch.float16)
 
 
-def compile_models(pipe, mode: str = "default", inductor_options: dict | None = None, cuda_graphs: bool = True) -> None:
-    """Compile the UNet (every step) and the VAE decoder (once an image) in place.
+def compile_models(
+    state: ModelState, mode: str = "default", inductor_options: dict | None = None, cuda_graphs: bool = True
+) -> ModelState:
+    """The UNet (every step) and the VAE decoder (once an image) compiled, as the state's unet_forward and
+    vae_decode.
 
     In the default mode both go through ldmkit.precompile (loaded from disk after the first process)
     and, on CUDA with `cuda_graphs`, the UNet call replays as a CUDA graph. Modes with inductor's own CUDA graphs
     ("reduce-overhead", "max-autotune") use plain torch.compile, as diffusers' docs do.
-    The UNet's stand-in forwards attribute reads (`.config`, `.dtype`) to the module it wraps; the
-    compiled decoder replaces `vae.decode` on this VAE instance only.
     """
-    if hasattr(pipe.unet, "_orig_mod"):
-        return  # already compiled: compiling twice would only stack wrappers
+    if state.has("compiled"):
+        return state  # compiling twice would only stack wrappers
     from torch._inductor import list_mode_options
 
     options = {**list_mode_options(mode), **(inductor_options or {})}
-    vae = pipe.vae
+    unet, vae = state.unet, state.vae
     if mode in INDUCTOR_GRAPH_MODES:
-        pipe.unet = torch.compile(pipe.unet, fullgraph=True, options=options)
-        vae.decode = torch.compile(vae.decode, fullgraph=True, options=options)
-        return
+        compiled_unet = torch.compile(unet, fullgraph=True, options=options)
+        compiled_decode = torch.compile(vae.decode, fullgraph=True, options=options)
+        return state.with_transform(f"compiled:{mode}", unet_forward=compiled_unet, vae_decode=compiled_decode)
     from ldmkit.precompile import PrecompiledCall
 
-    unet_call = PrecompiledCall(unet_forward, pipe.unet, options)
-    if cuda_graphs and pipe.device.type == "cuda":
+    unet_call = PrecompiledCall(unet_forward, unet, options)
+    if cuda_graphs and state.device.type == "cuda":
         from ldmkit.cuda_graphs import CUDAGraphed
 
-        unet_call = CUDAGraphed(unet_call, pipe.unet)
-    pipe.unet = FastUNet(pipe.unet, unet_call)
-    vae.decode = FastDecode(vae, PrecompiledCall(vae_decode, vae, options))
+        unet_call = CUDAGraphed(unet_call, unet)
+    fast_decode = FastDecode(vae, PrecompiledCall(vae_decode, vae, options))
+    return state.with_transform(f"compiled:{mode}", unet_forward=FastUNet(unet, unet_call), vae_decode=fast_decode)
 
 
 def unet_forward(unet, sample, timestep, encoder_hidden_states):
@@ -107,46 +110,36 @@ def unet_forward(unet, sample, timestep, encoder_hidden_states):
 
 
 def vae_decode(vae, latents):
-    return type(vae).decode(vae, latents, return_dict=False)[0]  # the class's: vae.decode is the stand-in
+    return vae.decode(latents, return_dict=False)[0]
 
 
 class FastUNet:
-    """Stands in for the UNet: the pipeline's calls go to the compiled call, attribute reads to the UNet."""
+    """Called as the UNet is; the pipeline's calls go to the compiled call, any other to the UNet itself."""
 
     def __init__(self, unet, call):
-        self._orig_mod, self._call = unet, call
-
-    def __getattr__(self, name):  # only for names not set in __init__
-        if name in ("_orig_mod", "_call"):
-            raise AttributeError(name)
-        return getattr(self._orig_mod, name)
+        self.unet, self.call = unet, call
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs):
         if kwargs or encoder_hidden_states is None:  # what the pipeline never passes: not compiled for it
-            return self._orig_mod(sample, timestep, encoder_hidden_states, return_dict=return_dict, **kwargs)
+            return self.unet(sample, timestep, encoder_hidden_states, return_dict=return_dict, **kwargs)
         # One graph for every sampler: the UNet embeds timesteps as float32 whatever their dtype.
         timestep = torch.as_tensor(timestep, device=sample.device).to(torch.float32)
-        output = self._call(sample, timestep, encoder_hidden_states)
+        output = self.call(sample, timestep, encoder_hidden_states)
         return UNet2DConditionOutput(sample=output) if return_dict else (output,)
 
 
 class FastDecode:
-    """Stands in for `vae.decode` with the same signature, compiled for the VAE's dtype at the time.
+    """Called as `vae.decode` is, compiled for the VAE's dtype at the time.
 
     The pipeline's retry of an fp16 overflow casts the VAE to fp32: that rare call runs eager rather
-    than compiling for minutes. So do tiled decodes (ldmkit.tiled_vae swaps layers' forward per tile).
+    than compiling for minutes. Tiled decodes never come here (ModelState.decode runs ldmkit.tiled_vae).
     """
 
     def __init__(self, vae, call):
-        self.vae, self._call, self.dtype = vae, call, vae.dtype
+        self.vae, self.call, self.dtype = vae, call, vae.dtype
 
     def __call__(self, latents, return_dict=True, **kwargs):
-        if kwargs or latents.dtype != self.dtype or will_tile(self.vae, latents):
-            return type(self.vae).decode(self.vae, latents, return_dict=return_dict, **kwargs)
-        image = self._call(latents)
+        if kwargs or latents.dtype != self.dtype:
+            return self.vae.decode(latents, return_dict=return_dict, **kwargs)
+        image = self.call(latents)
         return DecoderOutput(sample=image) if return_dict else (image,)
-
-
-def _original(module: torch.nn.Module) -> torch.nn.Module:
-    """The module under a torch.compile wrapper or FastUNet, or the module itself."""
-    return getattr(module, "_orig_mod", module)

@@ -1,43 +1,36 @@
-"""Inpainting inputs: the mask (white = repaint) at pixel and latent size, and known-region blending."""
+"""Inpainting: the mask (white = repaint) at pixel size, and regular models' known region as a per-step hook."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 
-from ldmkit.errors import InvalidRequest
-
-MAX_MASK_BLUR = 64
+from ldmkit.denoise import Schedule
+from ldmkit.images import mask_to_tensor
 
 
 @dataclass
-class Inpainting:
-    start_latents: torch.Tensor  # (B, C, h, w) where the sampler starts
-    noise: torch.Tensor  # (B, C, h, w) the start noise, reused to re-noise the known region
-    image_latents: torch.Tensor | None  # (B, C, h, w) the init image's latents (regular models)
-    mask: torch.Tensor  # (B, 1, h, w) 1 = repaint
-    masked_latents: torch.Tensor | None  # (B, C, h, w) the masked image's latents (9-channel models)
+class KnownRegion:
+    """Regular (4-channel) models inpaint by getting the original back outside the mask at every step."""
 
-    def keep_known_region(self, latents, scheduler, timesteps, i) -> torch.Tensor:
-        """Regular models: put the original, noised to the next step's level, back outside the mask."""
+    image_latents: torch.Tensor  # (B, C, h, w) the init image's latents
+    noise: torch.Tensor  # (B, C, h, w) the start noise, reused to re-noise the known region
+    mask: torch.Tensor  # (B, 1, h, w) 1 = repaint
+    schedule: Schedule
+
+    def after_step(self, latents: torch.Tensor, step: int) -> torch.Tensor:
+        """The original, noised to the next step's level, outside the mask."""
         known = self.image_latents
-        if i < len(timesteps) - 1:
-            known = scheduler.add_noise(known, self.noise, timesteps[i + 1 : i + 2])
+        if step < len(self.schedule) - 1:
+            timesteps = self.schedule.timesteps[step + 1 : step + 2]
+            known = self.schedule.scheduler.add_noise(known, self.noise, timesteps)
         return (1 - self.mask) * known + self.mask * latents
 
-
-def check_inpainting(mask_image, mask_blur, init_image) -> None:
-    if mask_image is None:
-        return
-    if not isinstance(mask_image, Image.Image):
-        raise InvalidRequest(f"mask must be a PIL image, not {type(mask_image).__name__}")
-    if init_image is None:
-        raise InvalidRequest("inpainting needs an init image as well as the mask")
-    if not isinstance(mask_blur, int) or isinstance(mask_blur, bool) or not 0 <= mask_blur <= MAX_MASK_BLUR:
-        raise InvalidRequest(f"mask blur must be an integer from 0 to {MAX_MASK_BLUR} pixels, got {mask_blur!r}")
+    def clean(self, x0: torch.Tensor) -> torch.Tensor:
+        """What the finished latents will hold: the original itself outside the mask."""
+        return (1 - self.mask) * self.image_latents + self.mask * x0
 
 
 def prepare_mask(mask_image: Image.Image, width: int, height: int, blur: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,10 +38,5 @@ def prepare_mask(mask_image: Image.Image, width: int, height: int, blur: int) ->
 
     The binary one is what inpainting UNets were trained on (diffusers thresholds at 0.5 too).
     """
-    mask = mask_image.convert("L")
-    if mask.size != (width, height):
-        mask = mask.resize((width, height), Image.Resampling.LANCZOS)
-    if blur > 0:
-        mask = mask.filter(ImageFilter.GaussianBlur(blur))
-    soft = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
+    soft = mask_to_tensor(mask_image, width, height, blur)
     return soft, (soft >= 0.5).float()

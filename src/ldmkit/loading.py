@@ -12,10 +12,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import diffusers
 import huggingface_hub
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
@@ -117,19 +116,9 @@ def load_components(
 
 def save_pretrained(components: Components, folder: str | os.PathLike) -> Path:
     """Write a diffusers-layout folder that both `load_components` and diffusers' pipelines load."""
-    scheduler_config = dict(components.scheduler_config)
-    scheduler_cls = getattr(diffusers, scheduler_config.pop("_class_name", "DDIMScheduler"))
-    pipeline = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
-        scheduler=scheduler_cls.from_config(scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(folder)
+    from ldmkit.families import reference_pipeline
+
+    reference_pipeline(components).save_pretrained(folder)
     return Path(folder)
 
 

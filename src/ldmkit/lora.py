@@ -7,6 +7,7 @@ adapters: the model's own weights are never modified, so removing the adapters r
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import warnings
@@ -14,9 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
 
-from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors import safe_open
 
 from ldmkit.errors import InvalidRequest, LdmError
@@ -26,19 +25,34 @@ LORA_SUFFIX = ".safetensors"
 _LORA_TAG = re.compile(r"<lora:([^>]+)>")
 
 
-class LoraTarget(Protocol):
-    """What a LoRA is applied to: `Components`, or a pipeline holding the same modules."""
-
-    tokenizer: object
-    text_encoder: object
-    unet: object
-    vae: object
-
-
 def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     """The prompt without its `<lora:NAME:WEIGHT>` tags, and the (NAME, WEIGHT) pairs; WEIGHT defaults to 1.0."""
     loras = [_parse_tag(match.group(1)) for match in _LORA_TAG.finditer(prompt)]
-    return _LORA_TAG.sub("", prompt), loras  # A1111 removes the tag alone, leaving the spaces around it
+    return strip_lora_tags(prompt), loras
+
+
+def strip_lora_tags(prompt: str) -> str:
+    return _LORA_TAG.sub("", prompt)  # A1111 removes the tag alone, leaving the spaces around it
+
+
+def prompt_loras(prompts: tuple[str, ...] | list[str]) -> list[tuple[str, float]]:
+    """The distinct (NAME, WEIGHT) pairs the prompts' tags ask for, in order of first use.
+
+    A tag repeated is one LoRA (applied once); the same NAME with two weights is refused, as neither can be meant.
+    Names are checked here (no folders), before any file is looked up.
+    """
+    weights: dict[str, float] = {}
+    for prompt in prompts:
+        for name, weight in extract_lora_tags(prompt)[1]:
+            check_lora_name(name)
+            if weights.setdefault(name, weight) != weight:
+                raise InvalidRequest(f"<lora:{name}> is given two weights, {weights[name]} and {weight}; give one")
+    return list(weights.items())
+
+
+def check_lora_name(name: str) -> None:
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise InvalidRequest(f"LoRA name '{name}' must be a file name without folders")
 
 
 def _parse_tag(args: str) -> tuple[str, float]:
@@ -46,15 +60,17 @@ def _parse_tag(args: str) -> tuple[str, float]:
     if len(weights) > 1:
         raise InvalidRequest(f"<lora:{args}>: only one weight is supported, as in <lora:{name}:0.8>")
     try:
-        return name, float(weights[0]) if weights else 1.0
+        weight = float(weights[0]) if weights else 1.0
     except ValueError:
         raise InvalidRequest(f"<lora:{args}>: the weight '{weights[0]}' is not a number") from None
+    if not math.isfinite(weight):
+        raise InvalidRequest(f"<lora:{args}>: the weight must be a finite number")
+    return name, weight
 
 
 def resolve_lora(name: str, lora_dir: str | os.PathLike) -> Path:
     """The file `NAME.safetensors` in `lora_dir` or one of its subfolders (A1111 names a LoRA by its file stem)."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-        raise InvalidRequest(f"LoRA name '{name}' must be a file name without folders")
+    check_lora_name(name)
     lora_dir = Path(lora_dir)
     matches = sorted(p for p in lora_dir.rglob(f"*{LORA_SUFFIX}") if p.stem == name and p.is_file())
     if not matches:
@@ -65,17 +81,18 @@ def resolve_lora(name: str, lora_dir: str | os.PathLike) -> Path:
 
 
 @contextmanager
-def applied_loras(target: LoraTarget, loras: list[tuple[str | os.PathLike, float]]) -> Iterator[None]:
-    """Apply LoRA files with their weights to the target's UNet and text encoder, and remove them on exit.
+def applied_loras(host, loras: list[tuple[str | os.PathLike, float]]) -> Iterator[None]:
+    """Apply LoRA files with their weights to the UNet and text encoder of `host`, and remove them on exit.
 
-    The weight scales the file's update as in A1111 (weight * alpha / rank * up @ down). Requests must not
-    overlap on the same modules: the adapters live in them while the context is open, and on exit every
-    LoRA layer leaves them, so a LoRA loaded in some other way would go too.
+    `host` is a diffusers pipeline around the models (ldmkit.families' diffusers_pipeline: no copies), whose LoRA
+    loader reads kohya/A1111 and diffusers/peft files. The weight scales the file's update as in A1111
+    (weight * alpha / rank * up @ down). Requests must not overlap on the same modules: the adapters live in
+    them while the context is open, and on exit every LoRA layer leaves them, so a LoRA loaded in some other way
+    would go too.
     """
     if not loras:
         yield
         return
-    host = _diffusers_host(target)
     names = [f"ldmkit_lora_{i}" for i in range(len(loras))]
     try:
         for name, (path, _) in zip(names, loras, strict=True):
@@ -86,21 +103,7 @@ def applied_loras(target: LoraTarget, loras: list[tuple[str | os.PathLike, float
         host.unload_lora_weights()  # takes the peft layers out again, leaving the original modules
 
 
-def _diffusers_host(target: LoraTarget) -> StableDiffusionPipeline:
-    """A throwaway diffusers pipeline around the target's own modules (no copies), for its LoRA loader."""
-    return StableDiffusionPipeline(
-        vae=target.vae,
-        text_encoder=target.text_encoder,
-        tokenizer=target.tokenizer,
-        unet=target.unet,
-        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),  # unused; these settings keep diffusers quiet
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-def _load(host: StableDiffusionPipeline, path: Path, adapter_name: str) -> None:
+def _load(host, path: Path, adapter_name: str) -> None:
     if path.suffix != LORA_SUFFIX or not path.is_file():
         raise LdmError(f"LoRA file not found or not {LORA_SUFFIX}: {path}")
     try:

@@ -9,6 +9,8 @@ batch 2, 0.21 GB (about 80 bytes x block_out_channels[0] per latent pixel per ba
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ldmkit.errors import InvalidRequest
@@ -18,21 +20,32 @@ UNET_FACTOR = 80
 HEADROOM = 0.9  # use at most this share of what is free
 
 
-def estimate_peak_bytes(pipe, width: int, height: int, num_images: int, use_guidance: bool) -> int:
+@dataclass(frozen=True)
+class Footprint:
+    """What the estimate needs to know of the loaded model (Pipeline.memory_footprint)."""
+
+    dtype: torch.dtype
+    vae_scale_factor: int
+    unet_channels: int  # the UNet's block_out_channels[0]
+    vae_channels: int  # the VAE's block_out_channels[0]
+    vae_tile_px: int | None = None  # the VAE's tile size when it runs in tiles
+
+
+def estimate_peak_bytes(model: Footprint, width: int, height: int, num_images: int, use_guidance: bool) -> int:
     """Activation bytes of the larger of one UNet call and the VAE decode (weights are already loaded)."""
-    dtype_bytes = torch.finfo(pipe.dtype).bits // 8
+    dtype_bytes = torch.finfo(model.dtype).bits // 8
     pixels = width * height
-    latent_pixels = pixels // pipe.vae_scale_factor**2
+    latent_pixels = pixels // model.vae_scale_factor**2
     unet_batch = num_images * (2 if use_guidance else 1)
-    unet = UNET_FACTOR * pipe.unet.config.block_out_channels[0] * latent_pixels * unet_batch * dtype_bytes
-    vae = VAE_DECODE_FACTOR * pipe.vae.config.block_out_channels[0] * vae_pixels(pipe, pixels) * num_images * dtype_bytes
+    unet = UNET_FACTOR * model.unet_channels * latent_pixels * unet_batch * dtype_bytes
+    vae = VAE_DECODE_FACTOR * model.vae_channels * vae_pixels(model, pixels) * num_images * dtype_bytes
     return max(unet, vae)
 
 
-def vae_pixels(pipe, pixels: int) -> int:
+def vae_pixels(model: Footprint, pixels: int) -> int:
     """Pixels the VAE holds at once: the whole image, or one tile when tiling is on."""
-    if getattr(pipe.vae, "use_tiling", False):
-        return min(pixels, pipe.vae.tile_sample_min_size**2)
+    if model.vae_tile_px is not None:
+        return min(pixels, model.vae_tile_px**2)
     return pixels
 
 
@@ -52,12 +65,14 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_memory(pipe, width: int, height: int, num_images: int, use_guidance: bool) -> None:
-    need = estimate_peak_bytes(pipe, width, height, num_images, use_guidance)
-    free = available_bytes(pipe.device)
+def check_memory(
+    model: Footprint, device: torch.device, width: int, height: int, num_images: int, use_guidance: bool
+) -> None:
+    need = estimate_peak_bytes(model, width, height, num_images, use_guidance)
+    free = available_bytes(device)
     if free is not None and need > free * HEADROOM:
-        tiling = "" if getattr(pipe.vae, "use_tiling", False) else ", or VAE tiling (--vae-tiling)"
+        tiling = "" if model.vae_tile_px is not None else ", or VAE tiling (--vae-tiling)"
         raise InvalidRequest(
-            f"{num_images} image(s) of {width}x{height} need about {need / 2**30:.1f} GiB on {pipe.device.type}, "
+            f"{num_images} image(s) of {width}x{height} need about {need / 2**30:.1f} GiB on {device.type}, "
             f"but only {free / 2**30:.1f} GiB is free; use a smaller size or fewer images{tiling}"
         )

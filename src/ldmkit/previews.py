@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldmkit.pipeline import Pipeline, StepInfo, tensor_to_pil
+from ldmkit.denoise import StepInfo
+from ldmkit.images import tensor_to_pil
 
 PREVIEW_MODES = ("full", "fast")
 
@@ -22,46 +24,49 @@ SD_VAE_BLOCKS = [128, 256, 512, 512]
 _fitted_projections: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-@torch.inference_mode()
-def preview_images(pipe: Pipeline, step: StepInfo, mode: str = "full") -> list[Image.Image]:
-    """The step's predicted clean images: 'full' decodes with the VAE, 'fast' projects latents to RGB."""
+def preview_images(pipe, step: StepInfo, mode: str = "full") -> list[Image.Image]:
+    """The step's predicted clean images: 'full' decodes with the pipeline's VAE, 'fast' projects latents to RGB.
+
+    `pipe` is used through its public methods latents_to_images and fast_preview only.
+    """
     if mode == "full":
-        return tensor_to_pil(pipe.decode_latents(step.denoised))
+        return pipe.latents_to_images(step.denoised)
     if mode == "fast":
-        return tensor_to_pil(fast_preview(pipe, step.denoised))
+        return tensor_to_pil(pipe.fast_preview(step.denoised))
     raise ValueError(f"unknown preview mode {mode!r}; use one of {PREVIEW_MODES}")
 
 
-@torch.inference_mode()
-def fast_preview(pipe: Pipeline, latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) latents -> (B, 3, H, W) in [0, 1] through a linear map, upsampled to image size."""
-    weight, bias = latent_rgb_projection(pipe)
+def fast_preview(latents: torch.Tensor, projection: tuple[torch.Tensor, torch.Tensor], scale: int) -> torch.Tensor:
+    """(B, C, h, w) latents -> (B, 3, H, W) in [0, 1] through a linear map, upsampled `scale` times."""
+    weight, bias = projection
     rgb = (
         torch.einsum("bchw,cr->brhw", latents.float(), weight.to(latents.device))
         + bias.to(latents.device)[:, None, None]
     )
-    rgb = F.interpolate(rgb, scale_factor=pipe.vae_scale_factor, mode="bilinear", align_corners=False)
+    rgb = F.interpolate(rgb, scale_factor=scale, mode="bilinear", align_corners=False)
     return ((rgb + 1) / 2).clamp(0, 1)
 
 
-def latent_rgb_projection(pipe: Pipeline) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, 3) weight and (3,) bias: SD's known factors for SD's VAE, else a fit to this VAE (cached)."""
-    vae = pipe.vae
+def latent_rgb_projection(vae, to_latents: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, 3) weight and (3,) bias: SD's known factors for SD's VAE, else a fit to this VAE (cached).
+
+    `to_latents` turns the VAE's samples into the UNet's latents (the model family's scaling).
+    """
     if vae.config.latent_channels == 4 and list(vae.config.block_out_channels) == SD_VAE_BLOCKS:
         return SD_LATENT_RGB, torch.zeros(3)
     if vae not in _fitted_projections:
-        _fitted_projections[vae] = fit_latent_rgb(pipe)
+        _fitted_projections[vae] = fit_latent_rgb(vae, to_latents)
     return _fitted_projections[vae]
 
 
 @torch.inference_mode()
-def fit_latent_rgb(pipe: Pipeline, count: int = 16, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_latent_rgb(vae, to_latents: Callable, count: int = 16, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares map from latents to the colours they encode, over smooth random colour fields."""
     generator = torch.Generator("cpu").manual_seed(0)
     coarse = torch.rand(count, 3, 4, 4, generator=generator) * 2 - 1
     images = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
-    posterior = pipe.vae.encode(images.to(pipe.device, pipe.vae.dtype)).latent_dist
-    latents = posterior.mean.float().cpu() * pipe.vae.config.scaling_factor  # (N, C, h, w)
+    posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    latents = to_latents(posterior.mean).float().cpu()  # (N, C, h, w)
     colours = F.adaptive_avg_pool2d(images, latents.shape[-2:])  # (N, 3, h, w)
     x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
     x = torch.cat([x, torch.ones(len(x), 1)], dim=1)

@@ -12,6 +12,8 @@ come out in different brightness and contrast, and blending their overlap does n
   layer's per-group mean and variance over the image, and the pass that makes the output uses them.
 The output then differs from the untiled decode only by the statistics' small estimation error and
 by what lies beyond a tile's margin; tile memory is what diffusers' tiling uses.
+These are functions of the VAE; the Pipeline calls them when its ModelState has a tile size (diffusers' own
+tiling switch and methods are left alone).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import math
 from fractions import Fraction
 
 import torch
-from diffusers.models.autoencoders.vae import DecoderOutput
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 MIN_TILE_PX = 512  # SD's tile size; smaller VAEs get no smaller tiles (fewer tiles, fewer joins)
 # Context kept around each tile: an eighth of the tile, and at least 32 px. With 16 px (128 px tiles)
@@ -31,29 +33,22 @@ MIN_TILE_PX = 512  # SD's tile size; smaller VAEs get no smaller tiles (fewer ti
 MIN_MARGIN_PX = 32
 
 
-def enable(vae) -> None:
-    """Turn on tiling for large images (diffusers' switch and size rule) with these methods in place."""
-    vae.enable_tiling()
-    set_tile_size(vae, max(vae.tile_sample_min_size, MIN_TILE_PX))
-    vae.tiled_decode = functools.partial(tiled_decode, vae)
-    vae._tiled_encode = functools.partial(tiled_encode, vae)
-
-
-def set_tile_size(vae, tile_px: int) -> None:
-    """Tiles of `tile_px` image pixels; diffusers keeps the size in latent pixels too, which must agree."""
-    vae.tile_sample_min_size, vae.tile_latent_min_size = tile_px, tile_px // scale_factor(vae)
+def default_tile_px(vae) -> int:
+    """diffusers' tile size for this VAE (its sample size), but at least MIN_TILE_PX."""
+    return max(vae.tile_sample_min_size, MIN_TILE_PX)
 
 
 def scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def will_tile(vae, latents: torch.Tensor) -> bool:
-    """Whether diffusers' `_decode` sends these latents to `tiled_decode`."""
-    return getattr(vae, "use_tiling", False) and max(latents.shape[-2:]) > vae.tile_latent_min_size
+def needs_tiles(x: torch.Tensor, tile: int) -> bool:
+    """Whether an image or latents larger than one tile (in their own pixels): diffusers' rule."""
+    return max(x.shape[-2:]) > tile
 
 
-def tiled_decode(vae, z: torch.Tensor, return_dict: bool = True):
+def decode(vae, z: torch.Tensor, tile_px: int) -> torch.Tensor:
+    """vae.decode(z).sample, computed in tiles of `tile_px` image pixels."""
     decoder = vae.decoder
     if vae.post_quant_conv is not None:
         z = vae.post_quant_conv(z)
@@ -65,13 +60,14 @@ def tiled_decode(vae, z: torch.Tensor, return_dict: bool = True):
             x = block(x, None)
         return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(x)))
 
-    tile, factor = vae.tile_latent_min_size, scale_factor(vae)
+    factor = scale_factor(vae)
+    tile = tile_px // factor
     margin = max(tile // 8, MIN_MARGIN_PX // factor)
-    image = run_tiled(upsample, [decoder.up_blocks, decoder.conv_norm_out], features, tile, margin, Fraction(factor), 1)
-    return DecoderOutput(sample=image) if return_dict else (image,)
+    return run_tiled(upsample, [decoder.up_blocks, decoder.conv_norm_out], features, tile, margin, Fraction(factor), 1)
 
 
-def tiled_encode(vae, x: torch.Tensor) -> torch.Tensor:
+def encode(vae, x: torch.Tensor, tile_px: int) -> DiagonalGaussianDistribution:
+    """vae.encode(x).latent_dist, computed in tiles of `tile_px` image pixels."""
     encoder, factor = vae.encoder, scale_factor(vae)
 
     def downsample(pixels):
@@ -80,11 +76,10 @@ def tiled_encode(vae, x: torch.Tensor) -> torch.Tensor:
             pixels = block(pixels)
         return pixels
 
-    tile = vae.tile_sample_min_size
-    margin = max(tile // 8 // factor, MIN_MARGIN_PX // factor) * factor  # whole latent pixels
-    features = run_tiled(downsample, [encoder.down_blocks], x, tile, margin, Fraction(1, factor), factor)
-    latents = encoder.conv_out(encoder.conv_act(encoder.conv_norm_out(encoder.mid_block(features))))
-    return vae.quant_conv(latents) if vae.quant_conv is not None else latents
+    margin = max(tile_px // 8 // factor, MIN_MARGIN_PX // factor) * factor  # whole latent pixels
+    features = run_tiled(downsample, [encoder.down_blocks], x, tile_px, margin, Fraction(1, factor), factor)
+    moments = encoder.conv_out(encoder.conv_act(encoder.conv_norm_out(encoder.mid_block(features))))
+    return DiagonalGaussianDistribution(vae.quant_conv(moments) if vae.quant_conv is not None else moments)
 
 
 def run_tiled(fn, modules, x: torch.Tensor, tile: int, margin: int, scale: Fraction, align: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import time
@@ -17,14 +18,14 @@ from safetensors import SafetensorError, safe_open
 import ldmkit
 from ldmkit.embeddings import read_embedding
 from ldmkit.errors import InvalidRequest, LdmError
-from ldmkit.hires import HiresFix
 from ldmkit.lora import LORA_SUFFIX
 from ldmkit.metadata import PARAMETERS_KEY, parse_infotext
-from ldmkit.pipeline import MAX_SIDE, MAX_STEPS, GenerationResult, Pipeline
+from ldmkit.params import MAX_SIDE, MAX_STEPS, GenerationParams, HiresFix
+from ldmkit.pipeline import GenerationResult, Pipeline
 from ldmkit.previews import make_grid, preview_images
 from ldmkit.samplers import SAMPLERS
 from ldmkit.server.imaging import MAX_INPUT_PIXELS, decode_base64_image, encode_all, encode_png_base64
-from ldmkit.server.queue import GenerationQueue, GenerationRequest, Job, wait_for_result
+from ldmkit.server.queue import GenerationQueue, Job, wait_for_result
 
 DEFAULT_HR_STRENGTH = 0.7  # A1111's default denoising strength for the hires fix
 # A1111's hires upscaler names -> ldmkit's two upscalers. Every latent mode is bilinear here; the
@@ -200,7 +201,8 @@ def create_router(queue: GenerationQueue) -> APIRouter:
     @router.post("/txt2img", response_model=ImagesResponse)
     async def txt2img(body: Txt2ImgRequest, request: Request):
         generation = _generation_request(body, pipe.model_name)
-        generation.hires = _hires(body) if body.enable_hr else None
+        if body.enable_hr:
+            generation = dataclasses.replace(generation, hires=_hires(body))
         return await _generate(queue, body, request, generation)
 
     @router.post("/img2img", response_model=ImagesResponse)
@@ -212,16 +214,23 @@ def create_router(queue: GenerationQueue) -> APIRouter:
         if body.inpainting_mask_invert not in (0, 1):
             raise InvalidRequest(f"inpainting_mask_invert must be 0 or 1, got {body.inpainting_mask_invert}")
         generation = _generation_request(body, pipe.model_name)
-        generation.strength, generation.mask_blur = body.denoising_strength, body.mask_blur
-        generation.init_image = await asyncio.to_thread(
+        init_image = await asyncio.to_thread(
             lambda: decode_base64_image(body.init_images[0], "init_images[0]", queue.limits.max_input_pixels).convert(
                 "RGB"
             )
         )
+        mask_image = None
         if body.mask:
-            generation.mask_image = await asyncio.to_thread(
+            mask_image = await asyncio.to_thread(
                 _decode_mask, body.mask, bool(body.inpainting_mask_invert), queue.limits.max_input_pixels
             )
+        generation = dataclasses.replace(
+            generation,
+            init_image=init_image,
+            strength=body.denoising_strength,
+            mask_image=mask_image,
+            mask_blur=body.mask_blur,
+        )
         response = await _generate(queue, body, request, generation)
         if not body.include_init_images:
             response["parameters"]["init_images"] = None
@@ -304,9 +313,9 @@ def create_router(queue: GenerationQueue) -> APIRouter:
     return router
 
 
-def _generation_request(body: ProcessingRequest, model_name: str) -> GenerationRequest:
+def _generation_request(body: ProcessingRequest, model_name: str) -> GenerationParams:
     """The fields txt2img and img2img share."""
-    return GenerationRequest(
+    return GenerationParams(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
         steps=body.steps,
@@ -315,14 +324,14 @@ def _generation_request(body: ProcessingRequest, model_name: str) -> GenerationR
         seed=None if body.seed == -1 else body.seed,
         width=body.width,
         height=body.height,
-        batch_size=body.batch_size,
-        n_iter=body.n_iter,
+        num_images=body.batch_size,
+        batch_count=body.n_iter,
         clip_skip=_clip_skip(body.override_settings, model_name),
     )
 
 
 async def _generate(
-    queue: GenerationQueue, body: ProcessingRequest, request: Request, generation: GenerationRequest
+    queue: GenerationQueue, body: ProcessingRequest, request: Request, generation: GenerationParams
 ) -> dict:
     job = queue.submit(generation)
     result = await wait_for_result(queue, job, request.is_disconnected)
@@ -365,10 +374,10 @@ def _hires(body: Txt2ImgRequest) -> HiresFix:
             f"hr_second_pass_steps must be from 0 (as steps) to {MAX_STEPS}, got {body.hr_second_pass_steps}"
         )
     strength = DEFAULT_HR_STRENGTH if body.denoising_strength is None else body.denoising_strength
-    hires = HiresFix(body.hr_scale, strength, body.hr_second_pass_steps or None, HR_UPSCALERS[upscaler_name])
+    scale = body.hr_scale
     if body.hr_resize_x or body.hr_resize_y:
-        hires.scale = _resize_scale(body.width, body.height, body.hr_resize_x, body.hr_resize_y)
-    return hires
+        scale = _resize_scale(body.width, body.height, body.hr_resize_x, body.hr_resize_y)
+    return HiresFix(scale, strength, body.hr_second_pass_steps or None, HR_UPSCALERS[upscaler_name])
 
 
 def _resize_scale(width: int, height: int, target_width: int, target_height: int) -> float:
@@ -447,7 +456,7 @@ def _info(job: Job, result: GenerationResult, pipe: Pipeline) -> dict:
         "sampler_name": r.sampler,
         "cfg_scale": r.guidance,
         "steps": r.steps,
-        "batch_size": r.batch_size,
+        "batch_size": r.num_images,
         "restore_faces": False,
         "face_restoration_model": None,
         "sd_model_name": pipe.model_name,
@@ -476,7 +485,7 @@ def _state(job: Job | None) -> dict:
         "interrupted": job is not None and job.stop == "interrupt",
         "stopping_generation": False,
         "job": "" if job is None else "img2img" if job.request.init_image is not None else "txt2img",
-        "job_count": 0 if job is None else job.request.n_iter,
+        "job_count": 0 if job is None else job.request.batch_count,
         "job_timestamp": "0" if job is None else _timestamp(job.created),
         "job_no": 0 if job is None else job.batch,
         "sampling_step": 0 if step is None else step.step + 1,

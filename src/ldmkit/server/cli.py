@@ -36,6 +36,7 @@ LIMIT_FLAGS = [
     ("--max-steps", "max_steps", "denoising steps per image (default 250)"),
     ("--max-images", "max_images", "images per request (default 16)"),
     ("--max-prompt-chars", "max_prompt_chars", "characters per prompt (default 10000)"),
+    ("--max-loras", "max_loras", "different LoRAs per request (default 8)"),
     ("--max-body-bytes", "max_body_bytes", "request body size (default 32 MiB)"),
 ]
 

@@ -1,6 +1,6 @@
 """The server's limits: what one request may ask for, and the request body size limit as ASGI middleware.
 
-The pipeline has its own hard limits (ldmkit.pipeline.MAX_STEPS, MAX_SIDE, MAX_IMAGES, and a memory
+The pipeline has its own hard limits (ldmkit.params.MAX_STEPS, MAX_SIDE, MAX_IMAGES, and a memory
 estimate); a server shared by several clients wants tighter ones, so no single request holds the
 one worker for long or takes all the memory. A request beyond them is a 4xx whose message names the
 limit, as the field of ServerLimits (`ldm serve --max-steps` and so on set them).
@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ldmkit.errors import InvalidRequest
+from ldmkit.params import is_int
 
 
 @dataclass(frozen=True)
@@ -21,12 +22,13 @@ class ServerLimits:
     max_steps: int = 250  # denoising steps per image: as many as the ADM paper sampled with; DPM++ needs ~30
     max_images: int = 16  # per request: batch_size * n_iter (AUTOMATIC1111), n (OpenAI)
     max_prompt_chars: int = 10_000  # prompt and negative prompt, each
+    max_loras: int = 8  # distinct LoRAs one request applies (each is a file to read and layers to add)
     max_body_bytes: int = 32 * 1024 * 1024  # a few large base64 PNGs; a larger body is refused (413)
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise InvalidRequest(f"server limit {field.name} must be a positive integer, got {value!r}")
 
     def check(self, prompt, negative_prompt, steps, num_images) -> None:
@@ -34,9 +36,9 @@ class ServerLimits:
         for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
             if isinstance(text, str) and len(text) > self.max_prompt_chars:
                 raise LimitExceeded(f"{name} of {len(text)} characters", "max_prompt_chars", self.max_prompt_chars)
-        if _is_int(steps) and steps > self.max_steps:
+        if is_int(steps) and steps > self.max_steps:
             raise LimitExceeded(f"{steps} steps", "max_steps", self.max_steps)
-        if _is_int(num_images) and num_images > self.max_images:
+        if is_int(num_images) and num_images > self.max_images:
             raise LimitExceeded(f"{num_images} images in one request", "max_images", self.max_images)
 
     def check_input(self, image, what: str) -> None:
@@ -44,6 +46,10 @@ class ServerLimits:
         if image is not None and image.width * image.height > self.max_input_pixels:
             size = f"{image.width}x{image.height}"
             raise LimitExceeded(f"{what} of {size} pixels", "max_input_pixels", self.max_input_pixels, "pixels")
+
+    def check_loras(self, count: int) -> None:
+        if count > self.max_loras:
+            raise LimitExceeded(f"{count} different LoRAs in one request", "max_loras", self.max_loras)
 
     def check_size(self, width: int, height: int) -> None:
         if width * height > self.max_pixels:
@@ -61,10 +67,6 @@ class LimitExceeded(InvalidRequest):
     def __init__(self, what: str, limit: str, value: int, unit: str = ""):
         super().__init__(f"{what} is over this server's limit {limit} = {value}{' ' + unit if unit else ''}")
         self.limit = limit
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class BodySizeLimit:

@@ -11,8 +11,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from ldmkit.errors import InvalidRequest
+from ldmkit.params import GenerationParams
 from ldmkit.server.imaging import encode_all
-from ldmkit.server.queue import GenerationQueue, GenerationRequest, wait_for_result
+from ldmkit.server.queue import GenerationQueue, wait_for_result
 
 _SIZE_RE = re.compile(r"([0-9]{1,6})x([0-9]{1,6})")  # bounded: int() refuses numbers of 4300+ digits
 
@@ -51,8 +52,8 @@ def create_router(queue: GenerationQueue) -> APIRouter:
     async def generate_images(body: ImageGenerationRequest, request: Request):
         width, height = parse_size(body.size)
         # OpenAI's clients cannot choose the steps: ldmkit's default, or fewer where the server allows fewer.
-        steps = min(GenerationRequest.steps, queue.limits.max_steps)
-        generation = GenerationRequest(prompt=body.prompt, steps=steps, width=width, height=height, batch_size=body.n)
+        steps = min(GenerationParams.steps, queue.limits.max_steps)
+        generation = GenerationParams(prompt=body.prompt, steps=steps, width=width, height=height, num_images=body.n)
         job = queue.submit(generation)
         result = await wait_for_result(queue, job, request.is_disconnected)
         encoded = await asyncio.to_thread(encode_all, result)

@@ -13,24 +13,17 @@ import dataclasses
 import gc
 import logging
 import math
-import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 from PIL import Image
 
-from ldmkit.errors import InvalidRequest
-from ldmkit.hires import HiresFix
-from ldmkit.inpainting import check_inpainting
-from ldmkit.pipeline import MAX_SEED, GenerationResult, Pipeline, StepInfo, check_inputs
-from ldmkit.previews import latent_rgb_projection
-from ldmkit.prompts import check_clip_skip
-from ldmkit.samplers import DEFAULT_SAMPLER
+from ldmkit.params import GenerationParams
+from ldmkit.pipeline import GenerationResult, Pipeline, StepInfo
 from ldmkit.server.limits import DEFAULT_LIMITS, ServerLimits
 
 logger = logging.getLogger(__name__)
@@ -62,35 +55,15 @@ class _Interrupted(Exception):
         self.images = images
 
 
-@dataclass
-class GenerationRequest:
-    prompt: str
-    negative_prompt: str = ""
-    steps: int = 25
-    guidance: float = 7.5
-    sampler: str = DEFAULT_SAMPLER
-    seed: int | None = None  # None: random; batch k of n_iter uses seed + k * batch_size onwards
-    width: int | None = None  # None: the init image's or the model's native size
-    height: int | None = None
-    batch_size: int = 1
-    n_iter: int = 1
-    init_image: Image.Image | None = None
-    strength: float = 0.75
-    mask_image: Image.Image | None = None  # inpainting: white = repaint
-    mask_blur: int = 4
-    hires: HiresFix | None = None
-    clip_skip: int = 1
-
-
 class Job:
     """A submitted request: its future result, and its progress for previews and progress bars."""
 
-    def __init__(self, request: GenerationRequest):
-        self.request = request  # normalized: seed, size and sampler name are concrete
+    def __init__(self, request: GenerationParams):
+        self.request = request  # prepared by the pipeline: seed, size and sampler name are concrete
         self.future: Future[GenerationResult] = Future()
         self.created = time.time()
         self.started_at: float | None = None
-        self.batch = 0  # index of the batch (of n_iter) being generated
+        self.batch = 0  # index of the batch (of batch_count) being generated
         self.step: StepInfo | None = None  # the latest denoising step
         self.steps_taken = 0  # over all batches; lets a watcher tell a new step from the last one
         self.stop: str | None = None  # "cancel" or "interrupt", read by the worker at each step
@@ -103,7 +76,7 @@ class Job:
         """Fraction of the job's denoising steps done, over all its batches."""
         if self.step is None:
             return 0.0
-        return (self.batch + (self.step.step + 1) / self.step.total) / self.request.n_iter
+        return (self.batch + (self.step.step + 1) / self.step.total) / self.request.batch_count
 
     def eta(self) -> float:
         """Seconds left, extrapolated from the time the steps so far took."""
@@ -142,9 +115,9 @@ class GenerationQueue:
         if self._thread.is_alive():
             self._thread.join()
 
-    def submit(self, request: GenerationRequest) -> Job:
+    def submit(self, request: GenerationParams) -> Job:
         """Validate (InvalidRequest) and enqueue (QueueFull when every place is taken)."""
-        job = Job(self.prepare(request))
+        job = Job(self.pipe.prepare(request, self.limits))
         with self._lock:
             if self._closed:
                 raise QueueFull(self.retry_after())
@@ -185,38 +158,10 @@ class GenerationQueue:
         # A place frees when the running job ends: about one job's time.
         return max(1, math.ceil(self._mean_seconds))
 
-    def prepare(self, request: GenerationRequest) -> GenerationRequest:
-        """Check everything the pipeline would, before the request takes a place in the queue."""
-        pipe, r = self.pipe, request
-        for name, value in (("batch size", r.batch_size), ("batch count", r.n_iter)):
-            if not isinstance(value, int) or value < 1:
-                raise InvalidRequest(f"{name} must be a positive integer, got {value!r}")
-        total = r.batch_size * r.n_iter  # check_inputs bounds the request's whole image count and seed range
-        self.limits.check(r.prompt, r.negative_prompt, r.steps, total)
-        for name, text in (("prompt", r.prompt), ("negative prompt", r.negative_prompt)):
-            check_unicode(name, text)
-        sampler = check_inputs(
-            r.prompt, r.negative_prompt, r.steps, r.guidance, r.sampler, r.seed, total, r.init_image, r.strength
-        )
-        check_clip_skip(r.clip_skip, pipe.text_encoder)
-        check_inpainting(r.mask_image, r.mask_blur, r.init_image)
-        self.limits.check_input(r.init_image, "init image")
-        self.limits.check_input(r.mask_image, "mask")
-        width, height = pipe.resolve_size(r.width, r.height, r.init_image)
-        self.limits.check_size(width, height)
-        if r.hires is not None:
-            if r.init_image is not None:
-                raise InvalidRequest("hires fix is for text-to-image; with an init image, set the size directly")
-            r.hires.check(r.steps, width, height)
-            self.limits.check(r.prompt, r.negative_prompt, r.hires.steps or r.steps, total)
-            self.limits.check_size(*r.hires.target_size(width, height))
-        seed = random.randrange(MAX_SEED + 2 - total) if r.seed is None else r.seed
-        return dataclasses.replace(r, sampler=sampler.name, width=width, height=height, seed=seed)
-
     # -- the worker -----------------------------------------------------------------------------
 
     def _work(self) -> None:
-        latent_rgb_projection(self.pipe)  # fit (once) here, so preview threads never touch the VAE
+        self.pipe.latent_rgb_projection()  # fit (once) here, so preview threads never touch the VAE
         while True:
             with self._lock:
                 while not self._waiting and not self._closed:
@@ -253,39 +198,19 @@ class GenerationQueue:
     def _generate(self, job: Job) -> GenerationResult:
         r = job.request
         result = GenerationResult(images=[], seeds=[], infotexts=[])
-        for batch in range(r.n_iter):
+        for batch in range(r.batch_count):
             if job.stop:
                 break
             job.batch = batch
-            seed = r.seed + batch * r.batch_size
+            seeds = r.image_seeds()[batch * r.batch_size : (batch + 1) * r.batch_size]
             try:
-                part = self.pipe.generate(
-                    prompt=r.prompt,
-                    negative_prompt=r.negative_prompt,
-                    steps=r.steps,
-                    guidance=r.guidance,
-                    sampler=r.sampler,
-                    seed=seed,
-                    width=r.width,
-                    height=r.height,
-                    num_images=r.batch_size,
-                    init_image=r.init_image,
-                    strength=r.strength,
-                    callback=partial(self._on_step, job),
-                    mask_image=r.mask_image,
-                    mask_blur=r.mask_blur,
-                    hires=r.hires,
-                    clip_skip=r.clip_skip,
+                part = self.pipe.run(
+                    dataclasses.replace(r, seed=seeds[0], batch_count=1), callback=partial(self._on_step, job)
                 )
             except _Interrupted as stop:
-                seeds = [seed + i for i in range(r.batch_size)]
                 extra = {"Denoising strength": r.strength if r.init_image is not None else None}
-                infotexts = [
-                    self.pipe.infotext(
-                        r.prompt, r.negative_prompt, r.steps, r.guidance, r.sampler, s, r.width, r.height, extra
-                    )
-                    for s in seeds
-                ]
+                prompts = [prompt for prompt in r.prompts for _ in range(r.num_images)]
+                infotexts = [self.pipe.infotext(r, prompt, s, extra) for prompt, s in zip(prompts, seeds)]
                 part = GenerationResult(images=stop.images, seeds=seeds, infotexts=infotexts)
             result.images += part.images
             result.seeds += part.seeds
@@ -302,15 +227,6 @@ class GenerationQueue:
         if job.stop == "interrupt":
             # Like AUTOMATIC1111's interrupt: the answer is what the image looks like now.
             raise _Interrupted(self.pipe.latents_to_images(step.denoised))
-
-
-def check_unicode(name: str, text) -> None:
-    """JSON's "\\ud800" escape decodes to a lone surrogate: a str that is no text, which the tokenizer refuses."""
-    if isinstance(text, str) and not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidRequest(f"{name} is not valid Unicode text ({exc.reason} at {exc.start})") from None
 
 
 async def wait_for_result(

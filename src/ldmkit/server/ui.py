@@ -15,14 +15,13 @@ import html
 import gradio as gr
 
 from ldmkit.errors import LdmError
-from ldmkit.hires import MAX_HIRES_SCALE, HiresFix
-from ldmkit.inpainting import MAX_MASK_BLUR
 from ldmkit.metadata import PARAMETERS_KEY, parse_infotext
+from ldmkit.params import MAX_HIRES_SCALE, MAX_MASK_BLUR, GenerationParams, HiresFix
 from ldmkit.previews import make_grid, preview_images
 from ldmkit.samplers import DEFAULT_SAMPLER, SAMPLERS
 from ldmkit.server.a1111 import mask_from_image
 from ldmkit.server.imaging import decode_image
-from ldmkit.server.queue import Cancelled, GenerationQueue, GenerationRequest, Job, OutOfMemory, QueueFull, as_asyncio
+from ldmkit.server.queue import Cancelled, GenerationQueue, Job, OutOfMemory, QueueFull, as_asyncio
 
 POLL_SECONDS = 0.1  # how often the page may get a new preview
 
@@ -198,35 +197,35 @@ def _image_size(path: str | None):
     return max(8, min(2048, width // 8 * 8)), max(8, min(2048, height // 8 * 8))
 
 
-def _request(v: dict) -> GenerationRequest:
+def _request(v: dict) -> GenerationParams:
     """The tab's input values -> a queue request; uploads are decoded here (off the event loop)."""
-    request = GenerationRequest(
-        prompt=v["prompt"],
-        negative_prompt=v["negative"],
-        steps=int(v["steps"]),
-        guidance=float(v["guidance"]),
-        sampler=v["sampler"],
-        seed=None if v["seed"] in (None, -1) else int(v["seed"]),
-        width=int(v["width"]),
-        height=int(v["height"]),
-        batch_size=int(v["batch_size"]),
-        n_iter=int(v["n_iter"]),
-        clip_skip=int(v["clip_skip"]),
-    )
+    fields = {
+        "prompt": v["prompt"],
+        "negative_prompt": v["negative"],
+        "steps": int(v["steps"]),
+        "guidance": float(v["guidance"]),
+        "sampler": v["sampler"],
+        "seed": None if v["seed"] in (None, -1) else int(v["seed"]),
+        "width": int(v["width"]),
+        "height": int(v["height"]),
+        "num_images": int(v["batch_size"]),
+        "batch_count": int(v["n_iter"]),
+        "clip_skip": int(v["clip_skip"]),
+    }
     if "init_image" in v:
         if v["init_image"] is None:
             raise gr.Error("Upload an init image first.")
-        request.init_image = decode_image(v["init_image"], "init image").convert("RGB")
-        request.strength = float(v["strength"])
+        fields["init_image"] = decode_image(v["init_image"], "init image").convert("RGB")
+        fields["strength"] = float(v["strength"])
     if "mask" in v:
         if v["mask"] is None:
             raise gr.Error("Upload a mask too: white where the image is to be repainted.")
-        request.mask_image = mask_from_image(decode_image(v["mask"], "mask"))
-        request.mask_blur = int(v["mask_blur"])
+        fields["mask_image"] = mask_from_image(decode_image(v["mask"], "mask"))
+        fields["mask_blur"] = int(v["mask_blur"])
     if v.get("hires"):
         scale, strength, steps = float(v["hires_scale"]), float(v["hires_strength"]), int(v["hires_steps"])
-        request.hires = HiresFix(scale, strength, steps or None, HIRES_UPSCALERS[v["hires_upscaler"]])
-    return request
+        fields["hires"] = HiresFix(scale, strength, steps or None, HIRES_UPSCALERS[v["hires_upscaler"]])
+    return GenerationParams(**fields)
 
 
 async def _watch(queue: GenerationQueue, job: Job, progress: gr.Progress):
@@ -242,7 +241,7 @@ async def _watch(queue: GenerationQueue, job: Job, progress: gr.Progress):
             previews = await asyncio.to_thread(preview_images, queue.pipe, step, "fast")
             r = job.request
             line = f"Step {step.step + 1}/{step.total}" + (
-                f", batch {job.batch + 1}/{r.n_iter}" if r.n_iter > 1 else ""
+                f", batch {job.batch + 1}/{r.batch_count}" if r.batch_count > 1 else ""
             )
             progress(job.progress(), desc=line)
             yield make_grid(previews), f"{line}…"

@@ -1,0 +1,303 @@
+"""One generation request as data: what every front end (CLI, HTTP APIs, web UI, Python) builds and `Pipeline.run` runs.
+
+Torch-free and model-free, so a request is checked before a model loads (the CLI) or before it takes a place in
+the server's queue. `GenerationParams.validate(limits)` is the one place the request's values are checked; what
+depends on the loaded model (the default size, clip skip's range, LoRA files, memory) `Pipeline.prepare` adds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Protocol
+
+from PIL import Image
+
+from ldmkit.errors import InvalidRequest
+from ldmkit.lora import prompt_loras
+
+MAX_SEED = 2**32 - 1  # AUTOMATIC1111's seed range, so infotexts round-trip between tools
+MAX_STEPS = 1000
+MAX_IMAGES = 64  # images in one batch (one UNet call per step holds them all)
+MAX_SIDE = 8192
+MAX_GUIDANCE = 100.0  # far past any useful scale; larger ones overflow the guided prediction into NaN
+MAX_MASK_BLUR = 64
+MAX_HIRES_SCALE = 4.0
+HIRES_UPSCALERS = ("latent", "pixel")
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """AUTOMATIC1111's hires fix: generate at the base size, upscale, then repaint details with an img2img pass."""
+
+    scale: float = 2.0
+    strength: float = 0.5  # denoising strength of the second pass
+    steps: int | None = None  # second-pass steps; None = the first pass's
+    upscaler: str = "latent"  # "latent": bilinear on latents; "pixel": decode, Lanczos, encode
+
+    def check(self, steps: int, width: int | None = None, height: int | None = None) -> None:
+        """The pass's own values; with the base size known, also the upscaled size."""
+        if not _is_number(self.scale) or not 1.0 < self.scale <= MAX_HIRES_SCALE:
+            raise InvalidRequest(f"hires scale must be above 1 and at most {MAX_HIRES_SCALE}, got {self.scale!r}")
+        if not _is_number(self.strength) or not 0.0 < self.strength <= 1.0:
+            raise InvalidRequest(f"hires strength must be in (0, 1], got {self.strength!r}")
+        hires_steps = self.pass_steps(steps)
+        if not is_int(hires_steps) or not 1 <= hires_steps <= MAX_STEPS or int(hires_steps * self.strength) < 1:
+            raise InvalidRequest(f"hires steps {hires_steps!r} at strength {self.strength} leave no denoising step")
+        if self.upscaler not in HIRES_UPSCALERS:
+            raise InvalidRequest(f"unknown hires upscaler {self.upscaler!r}; use one of {', '.join(HIRES_UPSCALERS)}")
+        if width is not None and height is not None:
+            check_size(*self.target_size(width, height))
+
+    def pass_steps(self, base_steps: int) -> int:
+        return self.steps or base_steps
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """The upscaled size, rounded down to multiples of 8."""
+        return int(width * self.scale) // 8 * 8, int(height * self.scale) // 8 * 8
+
+    def infotext_params(self, base_steps: int) -> dict:
+        return {
+            "Hires upscale": self.scale,
+            "Hires steps": self.steps if self.steps and self.steps != base_steps else None,
+            "Hires upscaler": "Latent" if self.upscaler == "latent" else "Lanczos",
+            "Denoising strength": self.strength,
+        }
+
+
+class RequestLimits(Protocol):
+    """Tighter limits a shared server sets (ldmkit.server.limits.ServerLimits); each raises InvalidRequest."""
+
+    def check(self, prompt, negative_prompt, steps, num_images) -> None: ...
+    def check_input(self, image, what: str) -> None: ...
+    def check_size(self, width: int, height: int) -> None: ...
+    def check_loras(self, count: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """A generation request. Field names are `Pipeline.generate`'s keywords; lists given for tuples become tuples."""
+
+    prompt: str | tuple[str, ...]  # several prompts: num_images images of each, in one batch
+    negative_prompt: str = ""
+    steps: int = 25
+    guidance: float = 7.5  # classifier-free guidance scale; <= 1 runs the conditional pass only
+    sampler: str | None = None  # a name of ldmkit.samplers (any case); None: its DEFAULT_SAMPLER
+    seed: int | tuple[int, ...] | None = None  # image i uses seed + i; or one seed per image; None: random
+    width: int | None = None  # None: the init image's size, else the model's native size
+    height: int | None = None
+    num_images: int = 1  # per prompt, per batch (AUTOMATIC1111's batch_size)
+    batch_count: int = 1  # batches run one after another (AUTOMATIC1111's n_iter)
+    init_image: Image.Image | None = None  # img2img
+    strength: float = 0.75  # img2img: how much of the init image is repainted
+    mask_image: Image.Image | None = None  # inpainting: white = repaint (needs init_image)
+    mask_blur: int = 4  # inpainting: Gaussian blur of the mask, in pixels
+    hires: HiresFix | None = None
+    clip_skip: int = 1
+    loras: tuple[tuple[str, float], ...] = ()  # (file, weight) pairs, besides the prompt's <lora:NAME:WEIGHT> tags
+
+    def __post_init__(self):
+        for name in ("prompt", "seed", "loras"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(tuple(v) if isinstance(v, list) else v for v in value))
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        return (self.prompt,) if isinstance(self.prompt, str) else self.prompt
+
+    @property
+    def batch_size(self) -> int:
+        """Images per batch: every prompt's num_images."""
+        return len(self.prompts) * self.num_images
+
+    @property
+    def total_images(self) -> int:
+        return self.batch_size * self.batch_count
+
+    @property
+    def use_guidance(self) -> bool:
+        return self.guidance > 1.0
+
+    @property
+    def final_size(self) -> tuple[int, int]:
+        """The size of the images made (the hires pass's, with one); needs a concrete size."""
+        return self.hires.target_size(self.width, self.height) if self.hires else (self.width, self.height)
+
+    def image_seeds(self) -> list[int]:
+        """One seed per image, in order; needs a concrete seed."""
+        if isinstance(self.seed, tuple):
+            return list(self.seed)
+        return [self.seed + i for i in range(self.total_images)]
+
+    def as_kwargs(self) -> dict:
+        """The fields as `Pipeline.generate`'s keyword arguments (not copied)."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    def validate(self, limits: RequestLimits | None = None) -> None:
+        """Refuse (InvalidRequest, naming the value) what no model could run; `limits` adds a server's limits.
+
+        Sizes left None are checked once known: `Pipeline.prepare` validates again after filling them in. What
+        depends on the model (clip skip's range, LoRA files, memory) is `Pipeline.prepare`'s to check.
+        """
+        if limits is not None:  # first: they bound the work every later check does (the prompt's length)
+            counts = (self.num_images, self.batch_count)
+            total = self.total_images if all(is_int(n) for n in counts) else None
+            for prompt in self.prompts if isinstance(self.prompt, (str, tuple)) else ():
+                limits.check(prompt, self.negative_prompt, self.steps, total)
+        self._check_text()
+        self._check_counts()
+        self._check_sampling()
+        self._check_size()
+        self._check_images()
+        if self.hires is not None:
+            self._check_hires()
+        self._check_loras()
+        if limits is not None:
+            self._check_limits(limits)
+
+    def resolved(self, default_size: int) -> GenerationParams:
+        """With the size, sampler name and seed made concrete (a random seed drawn where none is given)."""
+        from ldmkit.samplers import DEFAULT_SAMPLER, get_sampler  # imports diffusers: only once a model is at hand
+
+        fallback_w, fallback_h = self.init_image.size if self.init_image is not None else (default_size,) * 2
+        return dataclasses.replace(
+            self,
+            width=fallback_w // 8 * 8 if self.width is None else self.width,
+            height=fallback_h // 8 * 8 if self.height is None else self.height,
+            sampler=get_sampler(self.sampler or DEFAULT_SAMPLER).name,
+            seed=random_seed(self.total_images) if self.seed is None else self.seed,
+        )
+
+    # -- the checks, in the order a reader of the request meets its fields ------------------------------------------
+
+    def _check_text(self) -> None:
+        if not isinstance(self.prompt, (str, tuple)) or not self.prompts:
+            raise InvalidRequest(f"prompt must be text or a list of texts, not {type(self.prompt).__name__}")
+        texts = [("prompt", p) for p in self.prompts] + [("negative prompt", self.negative_prompt)]
+        for name, text in texts:
+            if not isinstance(text, str):
+                raise InvalidRequest(f"{name} must be text, not {type(text).__name__}")
+            if has_lone_surrogate(text):
+                raise InvalidRequest(f"{name} is not valid Unicode text (it has a lone surrogate code point)")
+
+    def _check_counts(self) -> None:
+        if not is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
+            raise InvalidRequest(f"steps must be an integer from 1 to {MAX_STEPS}, got {self.steps!r}")
+        if not is_int(self.num_images) or self.num_images < 1:
+            raise InvalidRequest(
+                f"batch size must be a positive integer (the number of images of a prompt), got {self.num_images!r}"
+            )
+        if not is_int(self.batch_count) or self.batch_count < 1:
+            raise InvalidRequest(f"batch count must be a positive integer, got {self.batch_count!r}")
+        if self.batch_size > MAX_IMAGES:
+            raise InvalidRequest(f"number of images must be from 1 to {MAX_IMAGES} per batch, got {self.batch_size}")
+        total = self.total_images
+        if isinstance(self.seed, tuple):
+            if len(self.seed) != total or not all(is_int(s) and 0 <= s <= MAX_SEED for s in self.seed):
+                raise InvalidRequest(f"seeds must be {total} integers from 0 to {MAX_SEED}, one per image")
+        elif self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED + 1 - total):
+            raise InvalidRequest(f"seed must be an integer from 0 to {MAX_SEED + 1 - total}, got {self.seed!r}")
+
+    def _check_sampling(self) -> None:
+        if not _is_number(self.guidance) or not 0 <= self.guidance <= MAX_GUIDANCE:
+            raise InvalidRequest(f"guidance must be a finite number from 0 to {MAX_GUIDANCE}, got {self.guidance!r}")
+        if self.sampler is not None:
+            from ldmkit.samplers import get_sampler  # the registry imports diffusers
+
+            get_sampler(self.sampler)
+
+    def _check_size(self) -> None:
+        if self.width is not None or self.height is not None:
+            check_size(self.width if self.width is not None else 8, self.height if self.height is not None else 8)
+
+    def _check_images(self) -> None:
+        if self.init_image is not None:
+            if not isinstance(self.init_image, Image.Image):
+                raise InvalidRequest(f"init image must be a PIL image, not {type(self.init_image).__name__}")
+            if not _is_number(self.strength) or not 0.0 <= self.strength <= 1.0:
+                raise InvalidRequest(f"strength must be between 0 and 1, got {self.strength!r}")
+            if int(self.steps * self.strength) < 1:
+                raise InvalidRequest(
+                    f"strength {self.strength} with {self.steps} steps leaves no denoising step; raise either"
+                )
+        if self.mask_image is not None:
+            if not isinstance(self.mask_image, Image.Image):
+                raise InvalidRequest(f"mask must be a PIL image, not {type(self.mask_image).__name__}")
+            if self.init_image is None:
+                raise InvalidRequest("inpainting needs an init image as well as the mask")
+            if not is_int(self.mask_blur) or not 0 <= self.mask_blur <= MAX_MASK_BLUR:
+                raise InvalidRequest(
+                    f"mask blur must be an integer from 0 to {MAX_MASK_BLUR} pixels, got {self.mask_blur!r}"
+                )
+
+    def _check_hires(self) -> None:
+        if not isinstance(self.hires, HiresFix):
+            raise InvalidRequest(f"hires must be a HiresFix, not {type(self.hires).__name__}")
+        if self.init_image is not None:
+            raise InvalidRequest("hires fix is for text-to-image; with an init image, set the size directly")
+        self.hires.check(self.steps, self.width, self.height)
+
+    def _check_loras(self) -> None:
+        self.prompt_loras()  # parses and checks the tags
+        for entry in self.loras:
+            if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], (str, os.PathLike))):
+                raise InvalidRequest(f"loras must be (file, weight) pairs, got {entry!r}")
+            if not _is_number(entry[1]):
+                raise InvalidRequest(f"LoRA {entry[0]!r} weight must be a finite number, got {entry[1]!r}")
+
+    def _check_limits(self, limits: RequestLimits) -> None:
+        """A server's limits on what the checks above found well formed."""
+        limits.check_input(self.init_image, "init image")
+        limits.check_input(self.mask_image, "mask")
+        limits.check_loras(len(self.prompt_loras()) + len({str(path) for path, _ in self.loras}))
+        if self.width is None or self.height is None:
+            return
+        limits.check_size(self.width, self.height)
+        if self.hires is not None:
+            limits.check("", "", self.hires.pass_steps(self.steps), self.total_images)
+            limits.check_size(*self.hires.target_size(self.width, self.height))
+
+    def prompt_loras(self) -> list[tuple[str, float]]:
+        """The distinct (NAME, WEIGHT) of every prompt's <lora:...> tags, checked; see ldmkit.lora.prompt_loras."""
+        return prompt_loras(self.prompts)
+
+    def text_prompts(self) -> tuple[str, ...]:
+        """The prompts without their <lora:...> tags: what the text encoder reads."""
+        from ldmkit.lora import strip_lora_tags
+
+        return tuple(strip_lora_tags(p) for p in self.prompts)
+
+
+def check_size(width, height) -> None:
+    for name, side in (("width", width), ("height", height)):
+        if not is_int(side) or side < 8 or side % 8 or side > MAX_SIDE:
+            raise InvalidRequest(f"{name} must be a multiple of 8 from 8 to {MAX_SIDE}, got {side!r}")
+
+
+def random_seed(count: int = 1) -> int:
+    """The one random-seed rule: a seed whose `count` images (seed, seed + 1, ...) all stay within MAX_SEED."""
+    return random.randrange(MAX_SEED + 2 - count)
+
+
+def is_int(value) -> bool:
+    """An int that is not a bool (JSON's true would otherwise count as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """JSON's "\\ud800" escape decodes to a str that is no text, which the tokenizer (and UTF-8) refuse."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

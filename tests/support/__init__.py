@@ -1,0 +1,1 @@
+"""Test support: tiny random models, the original-format writer, reference pipelines."""
