@@ -6,9 +6,9 @@ import pickle
 
 import pytest
 import torch
-from controlnet_support import make_tiny_controlnet, original_state_dict, write_config
 from diffusers import ControlNetModel
 from safetensors.torch import save_file
+from support.controlnet import make_tiny_controlnet, original_state_dict, write_config
 
 from ldmkit.controlnet import SD1_CONFIG, SD2_CONFIG, ControlNetLibrary, load_controlnet, model_hash
 from ldmkit.errors import InvalidRequest, ModelLoadError
@@ -165,22 +165,32 @@ def test_library_titles_carry_a1111s_short_hash(library):
 
 
 def test_library_resolves_titles_and_any_case(library):
-    assert library.resolve("scribble [0123abcd]").name == "scribble.safetensors"
-    assert library.resolve("depth").name == "Depth.pth"
-    assert library.resolve("diffusers_canny").is_dir()
+    assert library.resolve_name("scribble [0123abcd]").name == "scribble.safetensors"
+    assert library.resolve_name("depth").name == "Depth.pth"
+    assert library.resolve_name("diffusers_canny").is_dir()
     with pytest.raises(InvalidRequest, match="not found"):
-        library.resolve("canny")
+        library.resolve_name("canny")
+
+
+def test_paths_resolve_for_the_python_api_but_not_by_name(library):
+    path = library.folder / "sub" / "scribble.safetensors"
+    assert library.resolve(str(path)) == path
+    with pytest.raises(InvalidRequest, match="not found"):
+        library.resolve_name(str(path))
+    with pytest.raises(InvalidRequest, match="not found.*--controlnet-dir"):
+        ControlNetLibrary().resolve_name("scribble")
 
 
 def test_library_refuses_an_ambiguous_name(library):
     torch.save({}, library.folder / "sub" / "depth.pt")
     with pytest.raises(InvalidRequest, match="ambiguous"):
-        library.resolve("Depth")
+        library.resolve_name("Depth")
 
 
 def test_library_loads_once(library, tiny):
-    first = library.load("diffusers_canny")
-    assert library.load("DIFFUSERS_CANNY") is first
+    cpu = torch.device("cpu")
+    first = library.load(library.resolve_name("diffusers_canny"), cpu, torch.float32)
+    assert library.load(library.resolve_name("DIFFUSERS_CANNY"), cpu, torch.float32) is first
     assert_same_weights(first, tiny)
 
 

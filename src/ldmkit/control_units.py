@@ -21,6 +21,7 @@ from ldmkit.errors import InvalidRequest
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 HR_OPTIONS = ("Both", "Low res only", "High res only")  # which passes of a hires fix the unit guides
 MAX_WEIGHT = 2.0  # the extension's range for a unit's weight
+MAX_UNITS = 8  # ControlNets in one request (the extension's UI shows 3 by default; each costs a model call per step)
 
 # Other spellings clients and the CLI use for the same values (the extension's aliases, then short CLI forms).
 _RESIZE_ALIASES = {
@@ -154,6 +155,21 @@ class ControlUnit:
         unit = cls(**kwargs)
         unit.validate()
         return unit
+
+
+def check_units(units: tuple, has_init_image: bool) -> None:
+    """A request's units (GenerationParams.controls), each validated; a unit's error names its index."""
+    if not isinstance(units, tuple) or len(units) > MAX_UNITS:
+        raise InvalidRequest(f"controls must be a list of at most {MAX_UNITS} ControlNet units")
+    for index, unit in enumerate(units):
+        if not isinstance(unit, ControlUnit):
+            raise InvalidRequest(f"ControlNet unit {index} must be a ControlUnit, not {type(unit).__name__}")
+        try:
+            unit.validate()
+        except InvalidRequest as error:
+            raise InvalidRequest(f"ControlNet unit {index}: {error}") from None
+        if unit.image is None and not has_init_image:
+            raise InvalidRequest(f"ControlNet unit {index} has no image (only img2img can use its init image)")
 
 
 def strip_model_hash(title: str) -> str:

@@ -9,11 +9,14 @@ diffusers' single-file conversion renames the weights. Nothing is fetched from t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import ControlNetModel
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
@@ -21,7 +24,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ldmkit import loading
-from ldmkit.control_units import strip_model_hash
+from ldmkit.control_preprocess import detect, fit_to_size, pixel_perfect_resolution
+from ldmkit.control_units import CONTROL_MODES, ControlUnit, strip_model_hash
+from ldmkit.denoise import Denoiser
 from ldmkit.errors import InvalidRequest, ModelLoadError
 
 SD1_CONFIG = loading.CONFIGS_DIR / "controlnet-sd15"
@@ -143,24 +148,22 @@ def _bundled_config(weights: dict, path: Path) -> Path:
 # ---- a folder of ControlNets (--controlnet-dir) ----
 
 
-@dataclass
 class ControlNetLibrary:
-    """The ControlNets in a folder and its subfolders, named by file or folder stem as A1111's model list does.
-
-    Models load on first use and stay loaded (on the CPU, fp32); a Pipeline moves its own copy to its device.
+    """The ControlNets a Pipeline can use: those in a folder and its subfolders, named by file or folder stem as
+    A1111's model list names them, and any given by path. Each loads once, onto the device it is first asked for.
     """
 
-    folder: Path
-    _loaded: dict[Path, ControlNetModel] = field(default_factory=dict, repr=False)
-
-    def __post_init__(self):
-        self.folder = Path(self.folder).expanduser()
-        if not self.folder.is_dir():
+    def __init__(self, folder: str | os.PathLike | None = None):
+        self.folder = None if folder is None else Path(folder).expanduser()
+        if self.folder is not None and not self.folder.is_dir():
             raise ModelLoadError(f"ControlNet folder {self.folder} does not exist")
+        self._loaded: dict[Path, ControlNetModel] = {}
 
     def paths(self) -> dict[str, list[Path]]:
         """Name -> every file or diffusers folder of that name (more than one: ambiguous), scanned now."""
         found: dict[str, list[Path]] = {}
+        if self.folder is None:
+            return found
         for root, dirs, files in os.walk(self.folder):
             root_path = Path(root)
             for name in sorted(dirs):
@@ -177,25 +180,45 @@ class ControlNetLibrary:
         return sorted(self.paths(), key=str.casefold)
 
     def titles(self) -> list[str]:
-        """A1111's model list entries: "name [hash]" (the short hash of the weights file)."""
-        return [f"{name} [{model_hash(paths[0])}]" for name, paths in sorted(self.paths().items())]
+        """A1111's model list entries: "name [hash]"."""
+        return [self.title(paths[0]) for _, paths in sorted(self.paths().items(), key=lambda item: item[0].casefold())]
 
-    def resolve(self, name: str) -> Path:
-        """The path of the ControlNet `name` (A1111's "name [hash]" form and any case accepted)."""
+    @staticmethod
+    def title(path: Path) -> str:
+        return f"{path.stem if path.is_file() else path.name} [{model_hash(path)}]"
+
+    def resolve_name(self, name: str) -> Path:
+        """The ControlNet of the folder named `name` (A1111's "name [hash]" and any case accepted); never a path, so
+        a server's clients reach only the folder's models."""
         wanted = strip_model_hash(name).casefold()
-        matches = [paths for stem, paths in self.paths().items() if stem.casefold() == wanted]
+        matches = [p for stem, paths in self.paths().items() if stem.casefold() == wanted for p in paths]
+        if len(matches) > 1:
+            raise InvalidRequest(f"ControlNet '{name}' is ambiguous: {', '.join(str(p) for p in matches)}")
         if not matches:
-            raise InvalidRequest(f"ControlNet '{name}' not found in {self.folder}")
-        paths = [p for group in matches for p in group]
-        if len(paths) > 1:
-            raise InvalidRequest(f"ControlNet '{name}' is ambiguous: {', '.join(str(p) for p in paths)}")
-        return paths[0]
+            where = (
+                f"in {self.folder}" if self.folder is not None else "(no ControlNet folder is set: --controlnet-dir)"
+            )
+            raise InvalidRequest(f"ControlNet '{name}' not found {where}")
+        return matches[0]
 
-    def load(self, name: str) -> ControlNetModel:
-        path = self.resolve(name)
+    def resolve(self, model: str) -> Path:
+        """A name in the folder, else a path to a ControlNet file or folder (the Python API and the CLI)."""
+        try:
+            return self.resolve_name(model)
+        except InvalidRequest:
+            path = Path(model).expanduser()
+            if not path.exists():
+                raise
+            return path
+
+    def load(self, path: Path, device: torch.device, dtype: torch.dtype) -> ControlNetModel:
+        """The model at `path`, loaded once and kept on `device` in `dtype`."""
         if path not in self._loaded:
-            self._loaded[path] = load_controlnet(path)
-        return self._loaded[path]
+            self._loaded[path] = torch.nn.Module.to(load_controlnet(path), device, dtype).eval()
+        model = self._loaded[path]
+        if model.device != device or model.dtype != dtype:
+            torch.nn.Module.to(model, device, dtype)
+        return model
 
 
 def model_hash(path: Path) -> str:
@@ -211,3 +234,158 @@ def model_hash(path: Path) -> str:
     with open(path, "rb") as file:
         file.seek(0x100000)
         return hashlib.sha256(file.read(0x10000)).hexdigest()[:8]
+
+
+# ---- guiding a generation ----
+
+# "My prompt is more important" / "ControlNet is more important" scale residual i of n (the deepest last) by
+# SOFT_INJECTION ** (n - 1 - i): the ControlNet 1.1 "guess mode" weights the extension uses (0.825 ** 12 ~ 0.1 for
+# the 13 residuals of SD's ControlNet; its source says the magic number keeps the weakest at about 0.01 of...).
+SOFT_INJECTION = 0.825
+SOFT_IN_HIRES_MODULES = ("canny", "mlsd")  # the extension weakens these in a hires pass whatever the control mode
+
+
+@dataclass
+class PreparedControl:
+    """One unit ready to run: its placed model and its control maps at each size a pass needs."""
+
+    unit: ControlUnit
+    model: ControlNetModel
+    title: str  # the model as A1111 lists it: "name [hash]"
+    maps: dict[tuple[int, int], torch.Tensor]  # (width, height) -> (1, 3, H, W) in [0, 1] on the model's device
+    detected_map: np.ndarray  # (h, w, 3) uint8: the preprocessor's output before fitting (for previews)
+
+    def active(self, step: int, steps: int) -> bool:
+        """Whether model call `step` of a pass of `steps` lies inside [guidance_start, guidance_end] (its whole span,
+        as diffusers keeps a ControlNet: the extension compares only the step's start with guidance_end)."""
+        return not (step / steps < self.unit.guidance_start or (step + 1) / steps > self.unit.guidance_end)
+
+    def residuals(self, sample, timestep, context, guided: bool, size, hires: bool):
+        """The unit's weighted down-block and mid-block residuals for a UNet input batch."""
+        image = self.maps[size]
+        cond_only = guided and (self.unit.control_mode == CONTROL_MODES[2] or self.model.config.global_pool_conditions)
+        if cond_only:  # the unconditional half gets no control: classifier-free guidance then amplifies it
+            half = sample.shape[0] // 2
+            sample, context = sample[half:], context[half:]
+        sample = sample[:, : self.model.config.in_channels]  # an inpainting UNet's extra mask/image channels
+        down, mid = self.model(
+            sample,
+            timestep,
+            encoder_hidden_states=context,
+            controlnet_cond=image.expand(sample.shape[0], -1, -1, -1),
+            conditioning_scale=1.0,
+            return_dict=False,
+        )
+        scales = self.scales(len(down) + 1, hires)
+        residuals = [r * s for r, s in zip([*down, mid], scales)]
+        if cond_only:
+            residuals = [torch.cat([torch.zeros_like(r), r]) for r in residuals]
+        return residuals[:-1], residuals[-1]
+
+    def scales(self, count: int, hires: bool) -> list[float]:
+        soft = self.unit.control_mode != CONTROL_MODES[0] or (hires and self.unit.module in SOFT_IN_HIRES_MODULES)
+        if not soft:
+            return [self.unit.weight] * count
+        return [self.unit.weight * SOFT_INJECTION ** float(count - 1 - i) for i in range(count)]
+
+
+@dataclass
+class ControlledUNet:
+    """The UNet with ControlNets' residuals added, called as diffusers' UNet is: for one pass of `steps` calls."""
+
+    unet: Callable
+    controls: list[PreparedControl]
+    steps: int
+    guided: bool  # the batch is [unconditional, conditional] halves
+    size: tuple[int, int]  # (width, height) of the pass
+    hires: bool
+    step: int = 0
+
+    def __call__(self, sample, timestep, encoder_hidden_states, **kwargs):
+        if self.step >= self.steps:
+            raise RuntimeError(f"a ControlledUNet made for {self.steps} calls was called again")
+        step, self.step = self.step, self.step + 1
+        down, mid = None, None
+        for control in self.controls:
+            if not control.active(step, self.steps):
+                continue
+            d, m = control.residuals(sample, timestep, encoder_hidden_states, self.guided, self.size, self.hires)
+            down = d if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        if down is not None:
+            kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs)
+
+
+@dataclass
+class Controls:
+    """A request's ControlNet units, prepared: `guide` gives each sampling pass its controlled denoiser."""
+
+    prepared: list[PreparedControl]
+
+    def guide(self, denoiser: Denoiser, steps: int, size: tuple[int, int], hires: bool = False) -> Denoiser:
+        """The denoiser whose UNet call adds the residuals of the units guiding this pass (hr_option)."""
+        skipped = "High res only" if not hires else "Low res only"
+        controls = [c for c in self.prepared if c.unit.hr_option != skipped]
+        if not controls:
+            return denoiser
+        unet = ControlledUNet(denoiser.unet, controls, steps, denoiser.use_guidance, size, hires)
+        return dataclasses.replace(denoiser, unet=unet)
+
+
+def check_controls(units, library: ControlNetLibrary, models) -> None:
+    """What can be checked of a request's units before any model loads: their models exist, and the UNet is run in
+    a form that takes residuals (not the fast path's compiled call)."""
+    if not units:
+        return
+    if models.unet_forward is not None:
+        raise InvalidRequest(
+            "ControlNets are not supported on the fast path (compiled UNet); load the model without --fast"
+        )
+    for index, unit in enumerate(units):
+        try:
+            library.resolve(unit.model)
+        except InvalidRequest as error:
+            raise InvalidRequest(f"ControlNet unit {index}: {error}") from None
+
+
+def prepare_controls(
+    units, library: ControlNetLibrary, unet, sizes: list[tuple[int, int]], init_image, device, dtype
+) -> Controls:
+    """Load each unit's model onto the device and make its control map at every pass size (`sizes`, the base pass's
+    first). A unit without an image uses the init image, as A1111's img2img does."""
+    prepared = []
+    final_width, final_height = sizes[-1]
+    for index, unit in enumerate(units):
+        path = library.resolve(unit.model)
+        model = library.load(path, device, dtype)
+        _check_fits(model, unet, index)
+        image = unit.image if unit.image is not None else init_image
+        processor_res = unit.processor_res
+        if unit.pixel_perfect:
+            processor_res = pixel_perfect_resolution(image.size, final_width, final_height, unit.resize_mode)
+        detected = detect(image, unit.module, processor_res, unit.threshold_a, unit.threshold_b)
+        maps = {size: _map_tensor(fit_to_size(detected, *size, unit.resize_mode), device, dtype) for size in sizes}
+        prepared.append(PreparedControl(unit, model, library.title(path), maps, detected))
+    return Controls(prepared)
+
+
+def _check_fits(model: ControlNetModel, unet, index: int) -> None:
+    """A ControlNet guides a UNet of its own family: same text width, same latents, RGB control maps."""
+    theirs, ours = model.config.cross_attention_dim, unet.config.cross_attention_dim
+    if theirs != ours:
+        raise InvalidRequest(
+            f"ControlNet unit {index}: its ControlNet reads {theirs}-wide text states, this model's UNet {ours}-wide "
+            "(an SD 1.x ControlNet on an SD 2.x model, or the reverse)"
+        )
+    if model.config.conditioning_channels != 3:
+        raise InvalidRequest(
+            f"ControlNet unit {index}: its ControlNet takes {model.config.conditioning_channels}-channel control "
+            "images (an inpainting ControlNet's image and mask); ldmkit makes RGB control maps"
+        )
+
+
+def _map_tensor(control_map: np.ndarray, device, dtype) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H, W) in [0, 1], as diffusers' control image processor makes it."""
+    tensor = torch.tensor(control_map, dtype=torch.float32) / 255.0
+    return tensor.permute(2, 0, 1)[None].to(device, dtype)

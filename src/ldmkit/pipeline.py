@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldmkit import loading, tiled_vae
+from ldmkit.control_units import ControlUnit
+from ldmkit.controlnet import ControlNetLibrary, Controls, check_controls, prepare_controls
 from ldmkit.denoise import Denoiser, Schedule, StepInfo, sample
 from ldmkit.embeddings import load_embeddings, ti_hashes_infotext
 from ldmkit.errors import InvalidRequest
@@ -80,7 +82,13 @@ class Pipeline:
     """Text-to-image and image-to-image with classifier-free guidance over one loaded model."""
 
     def __init__(
-        self, components: Components, device: torch.device, dtype: torch.dtype, lora_dir=None, embeddings_dir=None
+        self,
+        components: Components,
+        device: torch.device,
+        dtype: torch.dtype,
+        lora_dir=None,
+        embeddings_dir=None,
+        controlnet_dir=None,
     ):
         self.components = components
         self.family = family_of(components)  # what differs between SD 1.x/2.x and other families
@@ -97,6 +105,7 @@ class Pipeline:
         # SD inpainting UNets also take the mask and the masked image's latents: 4 + 1 + 4 channels.
         self.is_inpainting_model = self.unet.config.in_channels == 2 * self.latent_channels + 1
         self.lora_dir = lora_dir  # where <lora:NAME:W> prompt tags are looked up
+        self.controlnets = ControlNetLibrary(controlnet_dir)  # ControlNets by name (and any by path)
         self.embeddings = {}  # textual inversion name -> file, usable as words in prompts
         if embeddings_dir is not None:
             self.embeddings = load_embeddings(embeddings_dir, self.tokenizer, self.text_encoder)
@@ -113,6 +122,7 @@ class Pipeline:
         vae_tiling=False,
         lora_dir=None,
         embeddings_dir=None,
+        controlnet_dir=None,
     ) -> Pipeline:
         """Load a diffusers folder, a cached Hub repo id, an original single file, or (None) the default model.
 
@@ -124,7 +134,8 @@ class Pipeline:
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        pipe = cls(loading.load_components(source, config=config), device, dtype, lora_dir, embeddings_dir)
+        components = loading.load_components(source, config=config)
+        pipe = cls(components, device, dtype, lora_dir, embeddings_dir, controlnet_dir)
         if vae_tiling:
             pipe.enable_vae_tiling()
         if fast:
@@ -224,6 +235,7 @@ class Pipeline:
         clip_skip: int = 1,
         loras: list[tuple[str, float]] | None = None,
         batch_count: int = 1,
+        controls: list[ControlUnit] | None = None,
     ) -> GenerationResult:
         """Images for a prompt (or a list of prompts: num_images of each); GenerationParams describes each argument."""
         params = GenerationParams(
@@ -244,6 +256,7 @@ class Pipeline:
             hires=hires,
             clip_skip=clip_skip,
             loras=tuple(loras or ()),
+            controls=tuple(controls or ()),
         )
         return self.run(params, callback)
 
@@ -254,13 +267,14 @@ class Pipeline:
         p = self.prepare(params)
         lora_files = self.lora_files(p)
         seeds = p.image_seeds()
+        controls = self.prepare_controls(p)
         # 2. LoRAs, applied only for this request.
         with self.loras_applied(lora_files):
             batches = []
             for batch in range(p.batch_count):
                 batch_seeds = seeds[batch * p.batch_size : (batch + 1) * p.batch_size]
                 step_callback = None if callback is None else _with_batch(callback, batch)
-                batches.append((batch_seeds, self.sample(p, batch_seeds, step_callback)))
+                batches.append((batch_seeds, self.sample(p, batch_seeds, step_callback, controls)))
         # 6. Decode, post-process, describe.
         result = GenerationResult(images=[], seeds=[], infotexts=[])
         extra = self.infotext_params(p, lora_files)
@@ -284,11 +298,15 @@ class Pipeline:
         if self.is_inpainting_model and p.mask_image is None:
             raise InvalidRequest("this is an inpainting model: give an init image and a mask")
         self.lora_files(p)
+        check_controls(p.controls, self.controlnets, self._state)
         check_memory(self.memory_footprint(), self.device, *p.final_size, p.batch_size, p.use_guidance)
         return p
 
-    def sample(self, p: GenerationParams, seeds: list[int], callback) -> torch.Tensor:
-        """Stages 3-5 for one batch: prompt -> conditioning -> start latents -> denoised latents."""
+    def sample(self, p: GenerationParams, seeds: list[int], callback, controls: Controls | None = None) -> torch.Tensor:
+        """Stages 3-5 for one batch: prompt -> conditioning -> start latents -> denoised latents.
+
+        `controls` (ControlNets) add their residuals to the UNet call of each pass they guide.
+        """
         # Image i owns a CPU generator seeded seeds[i]: the same seed gives the same image on any
         # device and in any batch; it also feeds the VAE posterior samples and ancestral noise.
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -304,6 +322,9 @@ class Pipeline:
         # 4. The base pass: txt2img from noise, img2img from the init image noised to `strength`, or inpainting.
         strength = p.strength if p.init_image is not None else None
         schedule = Schedule.make(sampler, self.scheduler_config, p.steps, strength)
+        base_denoiser = denoiser
+        if controls is not None:
+            denoiser = controls.guide(base_denoiser, len(schedule), (p.width, p.height))
         if p.mask_image is not None:
             latents, hook, extra_channels = self.prepare_inpainting(p, generators, schedule)
             denoiser = dataclasses.replace(denoiser, extra_channels=extra_channels)
@@ -319,6 +340,9 @@ class Pipeline:
         if p.hires is not None:
             schedule = Schedule.make(sampler, self.scheduler_config, p.hires.pass_steps(p.steps), p.hires.strength)
             latents = upscale(p.hires, latents, self.vae_scale_factor, self.latents_to_images, self.images_to_latents)
+            denoiser = base_denoiser
+            if controls is not None:
+                denoiser = controls.guide(base_denoiser, len(schedule), p.final_size, hires=True)
             latents = self.img2img(denoiser, schedule, latents, generators, noise_generators, callback)
         return latents
 
@@ -326,6 +350,13 @@ class Pipeline:
         """Noise clean latents to the schedule's first step, then denoise them (img2img, and hires fix's 2nd pass)."""
         noise = self.prepare_latents(generators, *clean_latents.shape[-2:], in_latent_space=True)
         return sample(denoiser, schedule, schedule.add_noise(clean_latents, noise), noise_generators, None, callback)
+
+    def prepare_controls(self, p: GenerationParams) -> Controls | None:
+        """The request's ControlNets on this pipeline's device, with their control maps at each pass's size."""
+        if not p.controls:
+            return None
+        sizes = [(p.width, p.height)] + ([p.final_size] if p.hires is not None else [])
+        return prepare_controls(p.controls, self.controlnets, self.unet, sizes, p.init_image, self.device, self.dtype)
 
     def lora_files(self, p: GenerationParams) -> list[tuple[str, Path, float]]:
         """(name as written, file, weight) of every LoRA the request asks for: its prompt tags, then `loras`."""
@@ -456,6 +487,8 @@ class Pipeline:
         params.update(clip_skip_infotext(p.clip_skip))
         params.update(ti_hashes_infotext(self.tokenizer, [*p.text_prompts(), p.negative_prompt], self.embeddings))
         params.update(lora_hashes_infotext([(name, path) for name, path, _ in lora_files]))
+        for index, unit in enumerate(p.controls):
+            params[f"ControlNet {index}"] = unit.infotext(self.controlnets.title(self.controlnets.resolve(unit.model)))
         return params
 
     def infotext(self, p: GenerationParams, prompt: str, seed: int, extra: dict) -> str:

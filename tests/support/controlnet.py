@@ -1,4 +1,4 @@
-"""Tiny random ControlNets matching conftest's tiny UNet, and the original (lllyasviel) key layout of a ControlNet."""
+"""Tiny random ControlNets matching the tiny UNet (support.tiny), and the original (lllyasviel) key layout."""
 
 from __future__ import annotations
 
