@@ -79,7 +79,7 @@ def _none(image: np.ndarray, a, b) -> np.ndarray:
 
 def _canny(image: np.ndarray, low: float, high: float) -> np.ndarray:
     """Canny edges (OpenCV) with hysteresis thresholds `low` and `high`: white edges on black."""
-    cv2 = _cv2()
+    cv2 = opencv()
     return _gray_to_rgb(cv2.Canny(image, low, high))
 
 
@@ -90,7 +90,7 @@ def _invert(image: np.ndarray, a, b) -> np.ndarray:
 
 def _threshold(image: np.ndarray, level: float, b) -> np.ndarray:
     """White where the image is brighter than `level`, black elsewhere."""
-    gray = _cv2().cvtColor(image, _cv2().COLOR_RGB2GRAY)
+    gray = opencv().cvtColor(image, opencv().COLOR_RGB2GRAY)
     return _gray_to_rgb(np.where(gray > level, 255, 0).astype(np.uint8))
 
 
@@ -124,7 +124,7 @@ def _lineart_standard(image: np.ndarray, a, b) -> np.ndarray:
 
 def _darker_than_surroundings(image: np.ndarray, fine_sigma: float, wide_sigma: float) -> np.ndarray:
     """(H, W) float32, >= 0: how much darker than its wide-blurred surroundings each pixel is, in its darkest channel."""
-    cv2 = _cv2()
+    cv2 = opencv()
     pixels = image.astype(np.float32)
     fine = cv2.GaussianBlur(pixels, (0, 0), fine_sigma) if fine_sigma > 0 else pixels
     wide = cv2.GaussianBlur(pixels, (0, 0), wide_sigma)
@@ -233,7 +233,7 @@ def _resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     map_h, map_w = pixels.shape[:2]
     if (map_w, map_h) == (width, height):
         return pixels
-    cv2 = _cv2()
+    cv2 = opencv()
     colours = np.unique(pixels.reshape(-1, 3), axis=0)
     binary = len(colours) == 2 and colours.min() < 16 and colours.max() > 240
     if 2 < len(colours) < 200:
@@ -252,7 +252,7 @@ def _resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def _resize_short_side(pixels: np.ndarray, resolution: int) -> np.ndarray:
     """Scale so the short side is `resolution`, both sides rounded to multiples of 64 (the extension's rule)."""
-    cv2 = _cv2()
+    cv2 = opencv()
     height, width = pixels.shape[:2]
     scale = resolution / min(height, width)
     new_w, new_h = (max(64, round(side * scale / 64) * 64) for side in (width, height))
@@ -264,7 +264,7 @@ def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
     return np.repeat(gray[:, :, None], 3, axis=2)
 
 
-def _cv2():
+def opencv():
     try:
         import cv2
     except ImportError:

@@ -144,14 +144,13 @@ class ControlUnit:
         for name in ("processor_res", "threshold_a", "threshold_b"):
             if kwargs.get(name) == -1:
                 kwargs[name] = None
-        if "resize_mode" in kwargs:
-            kwargs["resize_mode"] = parse_choice("resize_mode", kwargs["resize_mode"], RESIZE_MODES, _RESIZE_ALIASES)
-        if "control_mode" in kwargs:
-            kwargs["control_mode"] = parse_choice(
-                "control_mode", kwargs["control_mode"], CONTROL_MODES, _CONTROL_MODE_ALIASES
-            )
-        if "hr_option" in kwargs:
-            kwargs["hr_option"] = parse_choice("hr_option", kwargs["hr_option"], HR_OPTIONS, _HR_ALIASES)
+        for name, parse in (
+            ("resize_mode", parse_resize_mode),
+            ("control_mode", parse_control_mode),
+            ("hr_option", parse_hr_option),
+        ):
+            if name in kwargs:
+                kwargs[name] = parse(kwargs[name])
         unit = cls(**kwargs)
         unit.validate()
         return unit
@@ -200,6 +199,10 @@ def parse_resize_mode(value) -> str:
 
 def parse_control_mode(value) -> str:
     return parse_choice("control_mode", value, CONTROL_MODES, _CONTROL_MODE_ALIASES)
+
+
+def parse_hr_option(value) -> str:
+    return parse_choice("hr_option", value, HR_OPTIONS, _HR_ALIASES)
 
 
 # Fields of the extension's unit that ldmkit implements.

@@ -239,8 +239,8 @@ def model_hash(path: Path) -> str:
 # ---- guiding a generation ----
 
 # "My prompt is more important" / "ControlNet is more important" scale residual i of n (the deepest last) by
-# SOFT_INJECTION ** (n - 1 - i): the ControlNet 1.1 "guess mode" weights the extension uses (0.825 ** 12 ~ 0.1 for
-# the 13 residuals of SD's ControlNet; its source says the magic number keeps the weakest at about 0.01 of...).
+# SOFT_INJECTION ** (n - 1 - i), the ControlNet 1.1 "guess mode" weights the extension uses: for SD's 13 residuals
+# the shallowest gets 0.825 ** 12 ~ 0.1 of the unit's weight, the middle block all of it.
 SOFT_INJECTION = 0.825
 SOFT_IN_HIRES_MODULES = ("canny", "mlsd")  # the extension weakens these in a hires pass whatever the control mode
 
