@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from diffusers import ControlNetModel
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -252,8 +253,8 @@ class PreparedControl:
     unit: ControlUnit
     model: ControlNetModel
     title: str  # the model as A1111 lists it: "name [hash]"
-    maps: dict[tuple[int, int], torch.Tensor]  # (width, height) -> (1, 3, H, W) in [0, 1] on the model's device
-    detected_map: np.ndarray  # (h, w, 3) uint8: the preprocessor's output before fitting (for previews)
+    fitted: dict[tuple[int, int], np.ndarray]  # (width, height) of a pass -> its (H, W, 3) uint8 control map
+    maps: dict[tuple[int, int], torch.Tensor]  # the same as (1, 3, H, W) in [0, 1] on the model's device
 
     def active(self, step: int, steps: int) -> bool:
         """Whether model call `step` of a pass of `steps` lies inside [guidance_start, guidance_end] (its whole span,
@@ -332,6 +333,10 @@ class Controls:
         unet = ControlledUNet(denoiser.unet, controls, steps, denoiser.use_guidance, size, hires)
         return dataclasses.replace(denoiser, unet=unet)
 
+    def control_maps(self) -> list[Image.Image]:
+        """Each unit's control map as the ControlNet saw it, at each pass's size (A1111's "detected maps")."""
+        return [Image.fromarray(m) for control in self.prepared for m in control.fitted.values()]
+
 
 def check_controls(units, library: ControlNetLibrary, models) -> None:
     """What can be checked of a request's units before any model loads: their models exist, and the UNet is run in
@@ -365,8 +370,9 @@ def prepare_controls(
         if unit.pixel_perfect:
             processor_res = pixel_perfect_resolution(image.size, final_width, final_height, unit.resize_mode)
         detected = detect(image, unit.module, processor_res, unit.threshold_a, unit.threshold_b)
-        maps = {size: _map_tensor(fit_to_size(detected, *size, unit.resize_mode), device, dtype) for size in sizes}
-        prepared.append(PreparedControl(unit, model, library.title(path), maps, detected))
+        fitted = {size: fit_to_size(detected, *size, unit.resize_mode) for size in sizes}
+        maps = {size: _map_tensor(fitted_map, device, dtype) for size, fitted_map in fitted.items()}
+        prepared.append(PreparedControl(unit, model, library.title(path), fitted, maps))
     return Controls(prepared)
 
 

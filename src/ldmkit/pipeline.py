@@ -43,6 +43,7 @@ class GenerationResult:
     images: list[Image.Image]
     seeds: list[int]  # image i used seeds[i] (seed + i unless a seed per image was given)
     infotexts: list[str]  # AUTOMATIC1111-style 'parameters' text, one per image
+    control_maps: list[Image.Image] = dataclasses.field(default_factory=list)  # each ControlNet unit's map, per pass
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -277,6 +278,8 @@ class Pipeline:
                 batches.append((batch_seeds, self.sample(p, batch_seeds, step_callback, controls)))
         # 6. Decode, post-process, describe.
         result = GenerationResult(images=[], seeds=[], infotexts=[])
+        if controls is not None:
+            result.control_maps = controls.control_maps()
         extra = self.infotext_params(p, lora_files)
         prompts = [prompt for prompt in p.prompts for _ in range(p.num_images)]
         for batch_seeds, latents in batches:
