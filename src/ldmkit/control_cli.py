@@ -42,9 +42,6 @@ def add_control_options(parser) -> None:
     parser.add_argument(
         "--control-pixel-perfect", action="store_true", help="every unit: preprocessor resolution from the image size"
     )
-    parser.add_argument(
-        "--controlnet-dir", type=Path, default=None, help="folder of ControlNets, each named by its file or folder stem"
-    )
 
 
 def units_from_args(args: argparse.Namespace, load_image) -> tuple[ControlUnit, ...]:

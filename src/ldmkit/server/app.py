@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 import ldmkit
 from ldmkit.errors import LdmError
 from ldmkit.pipeline import Pipeline
-from ldmkit.server import a1111, openai_api
+from ldmkit.server import a1111, controlnet_api, openai_api
 from ldmkit.server.limits import DEFAULT_LIMITS, BodySizeLimit, ServerLimits
 from ldmkit.server.queue import Cancelled, GenerationQueue, OutOfMemory, QueueFull
 
@@ -44,6 +44,7 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, error=error_response)
     _add_error_handlers(app)
     app.include_router(a1111.create_router(queue))
+    app.include_router(controlnet_api.create_router(queue))
     app.include_router(openai_api.create_router(queue))
     if ui:
         import gradio as gr  # the heaviest import; API-only apps (and their tests) skip it

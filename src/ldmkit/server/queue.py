@@ -215,6 +215,7 @@ class GenerationQueue:
             result.images += part.images
             result.seeds += part.seeds
             result.infotexts += part.infotexts
+            result.control_maps = result.control_maps or part.control_maps
         if job.stop == "cancel":
             raise Cancelled("cancelled")
         return result
