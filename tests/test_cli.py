@@ -284,3 +284,25 @@ def test_lora_tags_and_clip_skip_from_the_command_line(tiny_model, tmp_path):
     assert code == 0
     params = parse_infotext(read_infotext(tmp_path / "o" / "00001-4.png"))
     assert params["Clip skip"] == "2" and params["Lora hashes"].startswith("ink: ")
+
+
+@pytest.mark.parametrize(
+    "prompt,args,message",
+    [
+        ("otter", ["--hires-scale", "nan"], "hires scale must be above 1 and at most 4.0, got nan"),
+        ("otter <lora:../x>", [], "LoRA name '../x' must be a file name without folders"),
+        ("otter <lora:x:0.5> <lora:x>", [], "<lora:x> is given two weights, 0.5 and 1.0; give one"),
+    ],
+)
+def test_request_errors_are_reported_before_the_model_loads(tmp_path, capsys, prompt, args, message):
+    code = main(["generate", prompt, *args, "--model", str(tmp_path / "no-such-model"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"ldm: error: {message}"
+
+
+def test_hires_intermediates_are_numbered_over_both_passes(tiny_model, tmp_path):
+    argv = ["generate", "apple", "--size", "16x16", "--steps", "3", "--hires-scale", "2", "--hires-steps", "4"]
+    out = tmp_path / "out"
+    assert main([*argv, "--seed", "1", "--model", str(tiny_model), "-o", str(out), "--save-intermediates", "-q"]) == 0
+    # 3 base steps, then 2 of the hires pass (4 at strength 0.5), numbered on
+    assert sorted(p.name for p in (out / "00001-1-steps").iterdir()) == [f"step-00{n}.png" for n in range(1, 6)]

@@ -23,17 +23,18 @@ def diffusers_images(pipeline_class, components, sampler_name, seeds, *args, **k
 
 
 def ours_as_float(pipe, **kwargs):
-    """Our images as floats in [0, 1] before 8-bit quantization, plus the 8-bit images."""
-    captured = {}
+    """Our images as floats in [0, 1] before 8-bit quantization (decoded one at a time), plus the 8-bit images."""
+    captured = []
     decode = pipe.decode_latents
 
     def capture(latents):
-        captured["floats"] = decode(latents).permute(0, 2, 3, 1).numpy()
-        return decode(latents)
+        image = decode(latents)
+        captured.append(image.permute(0, 2, 3, 1).numpy())
+        return image
 
     pipe.decode_latents = capture
     result = pipe.generate(**kwargs)
-    return captured["floats"], np.stack([np.asarray(im) for im in result.images])
+    return np.concatenate(captured), np.stack([np.asarray(im) for im in result.images])
 
 
 def assert_parity(ours_float, ours_uint8, theirs_float):

@@ -6,6 +6,7 @@ import torch
 
 from ldmkit import Pipeline
 from ldmkit.errors import InvalidRequest
+from ldmkit.params import GenerationParams
 
 
 @pytest.fixture
@@ -100,13 +101,28 @@ def test_a_size_that_cannot_fit_is_refused_before_allocating(pipe, monkeypatch):
     pipe.generate("otter", steps=2, width=64, height=64)  # a small one still fits
 
 
-def test_memory_estimate_grows_with_pixels_and_batch(pipe):
+def test_memory_estimate_grows_with_pixels_batch_and_prompt_chunks(pipe):
     from ldmkit.memory import estimate_peak_bytes
 
     model = pipe.memory_footprint()
     base = estimate_peak_bytes(model, 64, 64, 1, True)
-    assert estimate_peak_bytes(model, 128, 128, 1, True) == 4 * base
+    assert 4 * base > estimate_peak_bytes(model, 128, 128, 1, True) > 3 * base
     assert estimate_peak_bytes(model, 64, 64, 2, True) == 2 * base
+    assert estimate_peak_bytes(model, 64, 64, 1, True, context_tokens=77 * 100) > base
+
+
+def test_a_prompt_of_many_chunks_is_counted_in_the_memory_check(pipe, monkeypatch):
+    from ldmkit.memory import estimate_peak_bytes
+
+    one_chunk = estimate_peak_bytes(
+        pipe.memory_footprint(), 8, 8, 1, True
+    )  # a tiny image: the conditioning's share shows
+    monkeypatch.setattr("ldmkit.memory.available_bytes", lambda device: 2 * one_chunk)
+    pipe.prepare(GenerationParams("otter BREAK otter", width=8, height=8, steps=1))  # 2 chunks fit
+    with pytest.raises(InvalidRequest, match="need about"):
+        pipe.prepare(GenerationParams("otter" + " BREAK otter" * 30, width=8, height=8, steps=1))
+    with pytest.raises(InvalidRequest, match="need about"):  # the negative prompt's chunks count as much
+        pipe.prepare(GenerationParams("otter", negative_prompt="x" + " BREAK x" * 30, width=8, height=8, steps=1))
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import signal
@@ -201,12 +202,44 @@ def run_generate(args) -> int:
             f"ldm: process {workers.rank + 1}/{workers.world_size}: {len(mine)} of {len(prompts)} prompts",
             file=sys.stderr,
         )
-    for j in mine:
-        request = dataclasses.replace(requests[j], seed=base_seed + j * n)
-        for path in job.run(first_index=first_index + j * n, **request.as_kwargs()):
-            print(path, flush=True)
+    stop = StopOnSignal()
+    with stop.installed():
+        for j in mine:
+            request = dataclasses.replace(requests[j], seed=base_seed + j * n)
+            for path in job.run(first_index=first_index + j * n, should_stop=stop, **request.as_kwargs()):
+                print(path, flush=True)
+    if stop.signalled:  # after the last check: what was written is complete, the run still ends as interrupted
+        raise KeyboardInterrupt
     workers.barrier()
     return 0
+
+
+class StopOnSignal:
+    """Ctrl-C or SIGTERM while generating: the first ends the run at the pipeline's next check (a step, a LoRA
+    file, a phase), so its LoRAs come off and no file is half-written; a second ends it at once."""
+
+    def __init__(self):
+        self.signalled = False
+
+    def __call__(self) -> bool:
+        """The pipeline's should_stop: a signalled run is abandoned (KeyboardInterrupt), not finished early."""
+        if self.signalled:
+            raise KeyboardInterrupt
+        return False
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signalled:
+            raise KeyboardInterrupt
+        self.signalled = True
 
 
 def generation_params(args, prompts: list[str], init_image, mask_image, controls=()) -> list:

@@ -142,6 +142,14 @@ class StepHook(Protocol):
     def clean(self, x0: torch.Tensor) -> torch.Tensor: ...
 
 
+@dataclass
+class Sampled:
+    """A pass's outcome: the final latents, or, stopped early, the clean latents its last step predicted."""
+
+    latents: torch.Tensor | None  # None: stopped before its first step
+    interrupted: bool = False
+
+
 def sample(
     denoiser: Denoiser,
     schedule: Schedule,
@@ -149,18 +157,30 @@ def sample(
     generators: list[torch.Generator] | None = None,
     hook: StepHook | None = None,
     callback: Callable[[StepInfo], None] | None = None,
-) -> torch.Tensor:
-    """Run the scheduler over `schedule` from `latents`; `generators` feed stochastic samplers' fresh noise."""
+    should_stop: Callable[[], bool] | None = None,
+) -> Sampled:
+    """Run the scheduler over `schedule` from `latents`; `generators` feed stochastic samplers' fresh noise.
+
+    should_stop() is asked before every step; True ends the pass with the clean latents of the last step taken.
+    """
     scheduler = schedule.scheduler
     step_kwargs = {"generator": generators} if generators is not None else {}
     unet_timesteps = schedule.timesteps.to(latents.device)  # one copy, not one blocking copy per step
+    prediction = None
     for i, t in enumerate(schedule.timesteps):
+        if should_stop is not None and should_stop():
+            return Sampled(None if prediction is None else _clean(prediction, hook), interrupted=True)
         model_input = scheduler.scale_model_input(latents, t)
         prediction = denoiser(model_input, unet_timesteps[i], schedule.alpha_bars[i])
         latents = scheduler.step(prediction.output, t, latents, **step_kwargs, return_dict=False)[0]
         if hook is not None:
             latents = hook.after_step(latents, i)
         if callback is not None:
-            x0 = prediction.x0 if hook is None else hook.clean(prediction.x0)
+            x0 = _clean(prediction, hook)
             callback(StepInfo(i, len(schedule), float(t), prediction.sigma, latents, x0))
-    return latents
+    return Sampled(latents)
+
+
+def _clean(prediction: Prediction, hook: StepHook | None) -> torch.Tensor:
+    """The clean latents a step predicts, as the finished image would hold them (through the hook)."""
+    return prediction.x0 if hook is None else hook.clean(prediction.x0)

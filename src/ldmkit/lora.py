@@ -11,12 +11,12 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ldmkit.errors import InvalidRequest, LdmError
 
@@ -80,24 +80,45 @@ def resolve_lora(name: str, lora_dir: str | os.PathLike) -> Path:
     return matches[0]
 
 
+def check_lora_file(path: Path) -> None:
+    """Refuse (InvalidRequest) before any compute a file that is no LoRA: not .safetensors, unreadable or empty,
+    or without LoRA layers (kohya's lora_up/lora_down, peft's lora_A/lora_B). Reads the header only."""
+    if path.suffix != LORA_SUFFIX:
+        raise InvalidRequest(f"LoRA file {path.name} is not a {LORA_SUFFIX} file")
+    try:
+        with safe_open(path, "pt") as file:
+            keys = list(file.keys())
+    except (SafetensorError, OSError) as error:
+        raise InvalidRequest(f"LoRA file {path.name} is not a readable safetensors file ({error})") from None
+    if not any("lora" in key.lower() for key in keys):
+        raise InvalidRequest(f"LoRA file {path.name} holds no LoRA layers ({len(keys)} tensors, none named lora)")
+
+
 @contextmanager
-def applied_loras(host, loras: list[tuple[str | os.PathLike, float]]) -> Iterator[None]:
+def applied_loras(
+    host, loras: list[tuple[str | os.PathLike, float]], should_stop: Callable[[], bool] | None = None
+) -> Iterator[None]:
     """Apply LoRA files with their weights to the UNet and text encoder of `host`, and remove them on exit.
 
     `host` is a diffusers pipeline around the models (ldmkit.families' diffusers_pipeline: no copies), whose LoRA
     loader reads kohya/A1111 and diffusers/peft files. The weight scales the file's update as in A1111
     (weight * alpha / rank * up @ down). Requests must not overlap on the same modules: the adapters live in
     them while the context is open, and on exit every LoRA layer leaves them, so a LoRA loaded in some other way
-    would go too.
+    would go too. should_stop() is asked before each file: once it says True, no more are loaded (the caller is
+    stopping and uses none); it may raise to leave at once.
     """
     if not loras:
         yield
         return
-    names = [f"ldmkit_lora_{i}" for i in range(len(loras))]
+    names = []
     try:
-        for name, (path, _) in zip(names, loras, strict=True):
-            _load(host, Path(path), name)
-        host.set_adapters(names, adapter_weights=[weight for _, weight in loras])
+        for path, _ in loras:
+            if should_stop is not None and should_stop():
+                break
+            names.append(f"ldmkit_lora_{len(names)}")
+            _load(host, Path(path), names[-1])
+        if names:
+            host.set_adapters(names, adapter_weights=[weight for _, weight in loras[: len(names)]])
         yield
     finally:
         host.unload_lora_weights()  # takes the peft layers out again, leaving the original modules
@@ -111,7 +132,7 @@ def _load(host, path: Path, adapter_name: str) -> None:
             # peft warns about every adapter after the first; several at once is what we ask for.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             host.load_lora_weights(str(path), adapter_name=adapter_name)
-    except (ValueError, KeyError, RuntimeError, OSError) as error:
+    except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as error:
         raise LdmError(f"cannot apply LoRA {path.name} to this model: {error}") from None
 
 

@@ -5,6 +5,8 @@ on CUDA and on the CPU, so convolution activations dominate. The constants were 
 SD1.5 architecture in fp32 on the CPU (peak RSS growth of one forward): VAE decode at 512x512,
 1.0 GB (about 8 bytes x block_out_channels[0] per pixel per byte of dtype); UNet at 256x256 with
 batch 2, 0.21 GB (about 80 bytes x block_out_channels[0] per latent pixel per batch item per byte).
+Long prompts add their conditioning to the UNet's share: the context itself and the keys and values one
+cross-attention layer makes of it (at the widest layer), per batch item; counted from tensor sizes.
 """
 
 from __future__ import annotations
@@ -28,18 +30,25 @@ class Footprint:
     vae_scale_factor: int
     unet_channels: int  # the UNet's block_out_channels[0]
     vae_channels: int  # the VAE's block_out_channels[0]
+    context_dim: int  # width of the cross-attention context (the text encoder's hidden size)
+    attention_width: int  # the widest cross-attention layer (the UNet's block_out_channels[-1])
     vae_tile_px: int | None = None  # the VAE's tile size when it runs in tiles
 
 
-def estimate_peak_bytes(model: Footprint, width: int, height: int, num_images: int, use_guidance: bool) -> int:
-    """Activation bytes of the larger of one UNet call and the VAE decode (weights are already loaded)."""
+def estimate_peak_bytes(
+    model: Footprint, width: int, height: int, num_images: int, use_guidance: bool, context_tokens: int = 77
+) -> int:
+    """Activation bytes of the larger of one UNet call and one image's VAE decode (the pipeline decodes one at a
+    time; weights are already loaded). `context_tokens`: the conditioning's length (77 per 75-token CLIP chunk).
+    """
     dtype_bytes = torch.finfo(model.dtype).bits // 8
     pixels = width * height
     latent_pixels = pixels // model.vae_scale_factor**2
     unet_batch = num_images * (2 if use_guidance else 1)
     unet = UNET_FACTOR * model.unet_channels * latent_pixels * unet_batch * dtype_bytes
-    vae = VAE_DECODE_FACTOR * model.vae_channels * vae_pixels(model, pixels) * num_images * dtype_bytes
-    return max(unet, vae)
+    context = context_tokens * (model.context_dim + 2 * model.attention_width) * unet_batch * dtype_bytes
+    vae = VAE_DECODE_FACTOR * model.vae_channels * vae_pixels(model, pixels) * dtype_bytes
+    return max(unet + context, vae)
 
 
 def vae_pixels(model: Footprint, pixels: int) -> int:
@@ -66,9 +75,15 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def check_memory(
-    model: Footprint, device: torch.device, width: int, height: int, num_images: int, use_guidance: bool
+    model: Footprint,
+    device: torch.device,
+    width: int,
+    height: int,
+    num_images: int,
+    use_guidance: bool,
+    context_tokens: int = 77,
 ) -> None:
-    need = estimate_peak_bytes(model, width, height, num_images, use_guidance)
+    need = estimate_peak_bytes(model, width, height, num_images, use_guidance, context_tokens)
     free = available_bytes(device)
     if free is not None and need > free * HEADROOM:
         tiling = "" if model.vae_tile_px is not None else ", or VAE tiling (--vae-tiling)"

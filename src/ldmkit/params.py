@@ -135,6 +135,11 @@ class GenerationParams:
             return list(self.seed)
         return [self.seed + i for i in range(self.total_images)]
 
+    def batch_seeds(self) -> list[list[int]]:
+        """The seeds of each batch; needs a concrete seed."""
+        seeds = self.image_seeds()
+        return [seeds[b * self.batch_size : (b + 1) * self.batch_size] for b in range(self.batch_count)]
+
     def as_kwargs(self) -> dict:
         """The fields as `Pipeline.generate`'s keyword arguments (not copied)."""
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}

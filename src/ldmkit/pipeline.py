@@ -20,7 +20,7 @@ from PIL import Image
 from ldmkit import loading, tiled_vae
 from ldmkit.control_units import ControlUnit
 from ldmkit.controlnet import ControlNetLibrary, Controls, check_controls, prepare_controls
-from ldmkit.denoise import Denoiser, Schedule, StepInfo, sample
+from ldmkit.denoise import Denoiser, Sampled, Schedule, StepInfo, sample
 from ldmkit.embeddings import load_embeddings, ti_hashes_infotext
 from ldmkit.errors import InvalidRequest
 from ldmkit.families import Conditioning, family_of, scheduler_from_config
@@ -28,7 +28,7 @@ from ldmkit.hires import upscale
 from ldmkit.images import pil_to_tensor, tensor_to_pil
 from ldmkit.inpainting import KnownRegion, prepare_mask
 from ldmkit.loading import Components
-from ldmkit.lora import applied_loras, lora_hashes_infotext, resolve_lora
+from ldmkit.lora import applied_loras, check_lora_file, lora_hashes_infotext, resolve_lora
 from ldmkit.memory import Footprint, check_memory
 from ldmkit.metadata import format_infotext
 from ldmkit.model_state import ModelState
@@ -43,7 +43,18 @@ class GenerationResult:
     images: list[Image.Image]
     seeds: list[int]  # image i used seeds[i] (seed + i unless a seed per image was given)
     infotexts: list[str]  # AUTOMATIC1111-style 'parameters' text, one per image
+    interrupted: bool = False  # stopped early: the images are those formed so far (none if it stopped first)
     control_maps: list[Image.Image] = dataclasses.field(default_factory=list)  # each ControlNet unit's map, per pass
+
+
+@dataclass
+class Formed:
+    """One batch's latents as sampling left them."""
+
+    seeds: list[int]
+    latents: torch.Tensor | None  # None: stopped before an image formed
+    interrupted: bool = False
+    hires_done: bool = True  # False: the latents are the base pass's (stopped before the hires pass ran)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -199,6 +210,8 @@ class Pipeline:
             vae_scale_factor=self.vae_scale_factor,
             unet_channels=self.unet.config.block_out_channels[0],
             vae_channels=self.vae.config.block_out_channels[0],
+            context_dim=self.unet.config.cross_attention_dim,
+            attention_width=self.unet.config.block_out_channels[-1],
             vae_tile_px=self._state.vae_tile_px,
         )
 
@@ -236,6 +249,7 @@ class Pipeline:
         clip_skip: int = 1,
         loras: list[tuple[str, float]] | None = None,
         batch_count: int = 1,
+        should_stop: Callable[[], bool] | None = None,
         controls: list[ControlUnit] | None = None,
     ) -> GenerationResult:
         """Images for a prompt (or a list of prompts: num_images of each); GenerationParams describes each argument."""
@@ -259,40 +273,47 @@ class Pipeline:
             loras=tuple(loras or ()),
             controls=tuple(controls or ()),
         )
-        return self.run(params, callback)
+        return self.run(params, callback, should_stop)
 
     @torch.inference_mode()
-    def run(self, params: GenerationParams, callback: Callable[[StepInfo], None] | None = None) -> GenerationResult:
-        """Run one request: its batches one after another, each from prompt to images."""
-        # 1. Validate everything before spending compute.
+    def run(
+        self,
+        params: GenerationParams,
+        callback: Callable[[StepInfo], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> GenerationResult:
+        """Run one request: its batches one after another, each from the prompt to images.
+
+        should_stop() is asked before each LoRA file, batch, pass, denoising step and decode. True interrupts:
+        no more forming, and the result holds the images formed so far, as they look at that step (decoded,
+        described as what they are). To abandon the run instead (cancel, shutdown), should_stop raises.
+        """
+        stop = _Stop(should_stop)
+        # 1. Check the request against this model, before any compute.
         p = self.prepare(params)
         lora_files = self.lora_files(p)
-        seeds = p.image_seeds()
         controls = self.prepare_controls(p)
-        # 2. LoRAs, applied only for this request.
-        with self.loras_applied(lora_files):
-            batches = []
-            for batch in range(p.batch_count):
-                batch_seeds = seeds[batch * p.batch_size : (batch + 1) * p.batch_size]
-                step_callback = None if callback is None else _with_batch(callback, batch)
-                batches.append((batch_seeds, self.sample(p, batch_seeds, step_callback, controls)))
-        # 6. Decode, post-process, describe.
-        result = GenerationResult(images=[], seeds=[], infotexts=[])
+        # 2. LoRAs, applied for this request only.
+        formed = []
+        with self.loras_applied(lora_files, stop):
+            # 3-5. Each batch: prompt -> conditioning -> base pass -> hires pass.
+            for batch, seeds in enumerate(p.batch_seeds()):
+                if stop():
+                    break
+                formed.append(self.sample(p, seeds, batch, callback, stop, controls))
+                if formed[-1].interrupted:
+                    break
+        # 6. Decode and describe.
+        result = self.finish(p, lora_files, formed, stop)
         if controls is not None:
             result.control_maps = controls.control_maps()
-        extra = self.infotext_params(p, lora_files)
-        prompts = [prompt for prompt in p.prompts for _ in range(p.num_images)]
-        for batch_seeds, latents in batches:
-            result.images += self.latents_to_images(latents)
-            result.seeds += batch_seeds
-            result.infotexts += [self.infotext(p, prompt, seed, extra) for prompt, seed in zip(prompts, batch_seeds)]
         return result
 
     def prepare(self, params: GenerationParams, limits: RequestLimits | None = None) -> GenerationParams:
         """The request made concrete for this model (size, sampler name, seed) and checked, before any compute.
 
-        `limits` adds a server's limits to GenerationParams.validate; the model's own checks follow: clip skip
-        within the text encoder, a mask for an inpainting model, LoRA files, and the memory the request needs.
+        `limits` adds a server's limits to GenerationParams.validate; the model's own checks follow: its family's
+        (clip skip), a mask for an inpainting model, LoRA files, and the memory the request needs.
         """
         params.validate(limits)
         p = params.resolved(self.default_size)
@@ -302,11 +323,14 @@ class Pipeline:
             raise InvalidRequest("this is an inpainting model: give an init image and a mask")
         self.lora_files(p)
         check_controls(p.controls, self.controlnets, self._state)
-        check_memory(self.memory_footprint(), self.device, *p.final_size, p.batch_size, p.use_guidance)
+        context_tokens = self.family.context_tokens(self._state, [*p.text_prompts(), p.negative_prompt])
+        check_memory(self.memory_footprint(), self.device, *p.final_size, p.batch_size, p.use_guidance, context_tokens)
         return p
 
-    def sample(self, p: GenerationParams, seeds: list[int], callback, controls: Controls | None = None) -> torch.Tensor:
-        """Stages 3-5 for one batch: prompt -> conditioning -> start latents -> denoised latents.
+    def sample(
+        self, p: GenerationParams, seeds: list[int], batch: int, callback, stop: _Stop, controls: Controls | None = None
+    ) -> Formed:
+        """Stages 3-5 for one batch: prompt -> conditioning -> the base pass -> (hires) the img2img pass again.
 
         `controls` (ControlNets) add their residuals to the UNet call of each pass they guide.
         """
@@ -314,45 +338,72 @@ class Pipeline:
         # device and in any batch; it also feeds the VAE posterior samples and ancestral noise.
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         sampler = get_sampler(p.sampler)
-        noise_generators = generators if sampler.stochastic else None
-        # 3. Prompt -> CLIP hidden states, unconditional (negative) first as in diffusers.
+        # 3. Prompt -> conditioning (unconditional half first, as in diffusers), in the denoiser.
         conditioning = self.encode_prompt(p)
+        if stop():
+            return Formed(seeds, None, interrupted=True)
         prediction_type = self.scheduler_config["prediction_type"]
         denoiser = Denoiser(
             self._state.run_unet, conditioning.context, p.guidance, prediction_type, conditioning.unet_kwargs
         )
+        base = Schedule.make(sampler, self.scheduler_config, p.steps, p.strength if p.init_image else None)
+        second = None
+        if p.hires is not None:
+            second = Schedule.make(sampler, self.scheduler_config, p.hires.pass_steps(p.steps), p.hires.strength)
+        steps = _Steps(callback, batch, len(base) + (len(second) if second else 0))  # one count over both passes
+        noise_generators = generators if sampler.stochastic else None
+        unguided = denoiser
+        if controls is not None:
+            denoiser = controls.guide(unguided, len(base), (p.width, p.height))
 
         # 4. The base pass: txt2img from noise, img2img from the init image noised to `strength`, or inpainting.
-        strength = p.strength if p.init_image is not None else None
-        schedule = Schedule.make(sampler, self.scheduler_config, p.steps, strength)
-        base_denoiser = denoiser
-        if controls is not None:
-            denoiser = controls.guide(base_denoiser, len(schedule), (p.width, p.height))
         if p.mask_image is not None:
-            latents, hook, extra_channels = self.prepare_inpainting(p, generators, schedule)
-            denoiser = dataclasses.replace(denoiser, extra_channels=extra_channels)
-            latents = sample(denoiser, schedule, latents, noise_generators, hook, callback)
+            latents, hook, extra_channels = self.prepare_inpainting(p, generators, base)
+            inpainting = dataclasses.replace(denoiser, extra_channels=extra_channels)
+            done = sample(inpainting, base, latents, noise_generators, hook, steps.callback, stop)
         elif p.init_image is not None:
             image_latents = self.encode_samples(self.image_to_tensor(p.init_image, p.width, p.height), generators)
-            latents = self.img2img(denoiser, schedule, image_latents, generators, noise_generators, callback)
+            done = self.img2img(denoiser, base, image_latents, generators, noise_generators, steps.callback, stop)
         else:
-            latents = self.prepare_latents(generators, p.height, p.width) * schedule.scheduler.init_noise_sigma
-            latents = sample(denoiser, schedule, latents, noise_generators, None, callback)
+            latents = self.prepare_latents(generators, p.height, p.width) * base.scheduler.init_noise_sigma
+            done = sample(denoiser, base, latents, noise_generators, None, steps.callback, stop)
+        if not second or done.interrupted or stop():
+            return Formed(seeds, done.latents, done.interrupted or stop.requested, hires_done=False)
 
         # 5. Hires fix: upscale, then the img2img stage again at the larger size.
-        if p.hires is not None:
-            schedule = Schedule.make(sampler, self.scheduler_config, p.hires.pass_steps(p.steps), p.hires.strength)
-            latents = upscale(p.hires, latents, self.vae_scale_factor, self.latents_to_images, self.images_to_latents)
-            denoiser = base_denoiser
-            if controls is not None:
-                denoiser = controls.guide(base_denoiser, len(schedule), p.final_size, hires=True)
-            latents = self.img2img(denoiser, schedule, latents, generators, noise_generators, callback)
-        return latents
+        upscaled = upscale(p.hires, done.latents, self.vae_scale_factor, self.latents_to_images, self.images_to_latents)
+        steps.before = len(base)
+        if controls is not None:
+            denoiser = controls.guide(unguided, len(second), p.final_size, hires=True)
+        hires = self.img2img(denoiser, second, upscaled, generators, noise_generators, steps.callback, stop)
+        if hires.latents is None:  # stopped before its first step: the base pass's image is the one formed
+            return Formed(seeds, done.latents, interrupted=True, hires_done=False)
+        return Formed(seeds, hires.latents, hires.interrupted, hires_done=True)
 
-    def img2img(self, denoiser, schedule, clean_latents, generators, noise_generators, callback) -> torch.Tensor:
+    def img2img(self, denoiser, schedule, clean_latents, generators, noise_generators, callback, stop) -> Sampled:
         """Noise clean latents to the schedule's first step, then denoise them (img2img, and hires fix's 2nd pass)."""
         noise = self.prepare_latents(generators, *clean_latents.shape[-2:], in_latent_space=True)
-        return sample(denoiser, schedule, schedule.add_noise(clean_latents, noise), noise_generators, None, callback)
+        latents = schedule.add_noise(clean_latents, noise)
+        return sample(denoiser, schedule, latents, noise_generators, None, callback, stop)
+
+    def finish(self, p: GenerationParams, lora_files, formed: list[Formed], stop: _Stop) -> GenerationResult:
+        """Stage 6: decode every image formed, one at a time, and describe each as what it is."""
+        result = GenerationResult(images=[], seeds=[], infotexts=[], interrupted=stop.requested)
+        stop.ask()  # a cancel still leaves before the embeddings' hashes and the decodes
+        extra = self.infotext_params(p, lora_files)
+        prompts = [prompt for prompt in p.prompts for _ in range(p.num_images)]
+        for batch in formed:
+            if batch.latents is None:
+                continue
+            # An image interrupted before its hires pass is the base pass's: its size and parameters say so.
+            described = p if batch.hires_done or p.hires is None else dataclasses.replace(p, hires=None)
+            batch_extra = extra if described is p else self.infotext_params(described, lora_files)
+            for latents, prompt, seed in zip(batch.latents.split(1), prompts, batch.seeds):
+                stop.ask()
+                result.images += self.latents_to_images(latents)
+                result.seeds.append(seed)
+                result.infotexts.append(self.infotext(described, prompt, seed, batch_extra))
+        return result
 
     def prepare_controls(self, p: GenerationParams) -> Controls | None:
         """The request's ControlNets on this pipeline's device, with their control maps at each pass's size."""
@@ -372,19 +423,22 @@ class Pipeline:
             if not path.is_file():
                 raise InvalidRequest(f"LoRA file not found: {path}")
             files.append((path.stem, path, weight))
+        for _, path, _ in files:
+            check_lora_file(path)
         if files and self._state.has("fused_qkv"):
             # fast.make_fast fused q/k/v into one projection, which a LoRA's q/k/v layers would bypass.
             raise InvalidRequest("LoRAs are not supported on the fast path (fused QKV); load the model without --fast")
         return files
 
     @contextlib.contextmanager
-    def loras_applied(self, lora_files: list[tuple[str, Path, float]]):
-        """The LoRAs in the models, and on record in the state, while the context is open (one request's)."""
+    def loras_applied(self, lora_files: list[tuple[str, Path, float]], should_stop: Callable[[], bool] | None = None):
+        """The LoRAs in the models, and on record in the state, while the context is open (one request's);
+        should_stop is asked before each file is read (lora.applied_loras)."""
         if not lora_files:
             yield
             return
         host = self.family.diffusers_pipeline(self._state, scheduler_from_config(self.scheduler_config))
-        with applied_loras(host, [(path, weight) for _, path, weight in lora_files]):
+        with applied_loras(host, [(path, weight) for _, path, weight in lora_files], should_stop):
             before = self._state
             record = "loras:" + ",".join(f"{name}@{weight}" for name, _, weight in lora_files)
             self._state = before.with_transform(record)
@@ -514,5 +568,36 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
     return torch.nn.Module.to(module, device, dtype).eval()
 
 
-def _with_batch(callback: Callable[[StepInfo], None], batch: int) -> Callable[[StepInfo], None]:
-    return lambda step: callback(dataclasses.replace(step, batch=batch))
+class _Stop:
+    """The caller's should_stop, asked at each check; a True answer (interrupt) is kept."""
+
+    def __init__(self, should_stop: Callable[[], bool] | None):
+        self.should_stop, self.requested = should_stop, False
+
+    def __call__(self) -> bool:
+        if not self.requested and self.should_stop is not None:
+            self.requested = bool(self.should_stop())
+        return self.requested
+
+    def ask(self) -> None:
+        """Give should_stop its chance to raise (cancel) where an interrupt changes nothing: decoding goes on."""
+        if self.should_stop is not None:
+            self.should_stop()
+
+
+@dataclass
+class _Steps:
+    """Numbers a batch's steps for the callback as one run: the hires pass goes on from the base pass's count."""
+
+    user_callback: Callable[[StepInfo], None] | None
+    batch: int
+    total: int
+    before: int = 0  # steps of the passes already run
+
+    @property
+    def callback(self) -> Callable[[StepInfo], None] | None:
+        if self.user_callback is None:
+            return None  # the loop then computes no x0
+        return lambda step: self.user_callback(
+            dataclasses.replace(step, step=self.before + step.step, total=self.total, batch=self.batch)
+        )

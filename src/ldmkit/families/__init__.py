@@ -46,6 +46,11 @@ class ModelFamily(ABC):
         """Refuse (InvalidRequest) what this family's models cannot do, e.g. a clip skip beyond the text encoder."""
 
     @abstractmethod
+    def context_tokens(self, models, texts: list[str]) -> int:
+        """How long the conditioning of these texts (prompts and negative prompt, batched together) will be:
+        what the memory estimate counts before encoding."""
+
+    @abstractmethod
     def encode_prompt(
         self,
         models,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ldmkit.families import Conditioning, ModelFamily
-from ldmkit.prompts import check_clip_skip, encode_prompts
+from ldmkit.prompts import CHUNK_LENGTH, check_clip_skip, encode_prompts, prompt_token_count
 
 
 class StableDiffusion(ModelFamily):
@@ -21,6 +21,11 @@ class StableDiffusion(ModelFamily):
 
     def check(self, models, params) -> None:
         check_clip_skip(params.clip_skip, models.text_encoder)
+
+    def context_tokens(self, models, texts) -> int:
+        # Every text is padded to the most 75-token chunks any of them has; each chunk is CLIP's 77 tokens.
+        chunks = max(prompt_token_count(models.tokenizer, text)[1] // CHUNK_LENGTH for text in texts)
+        return chunks * (CHUNK_LENGTH + 2)
 
     def encode_prompt(self, models, prompts, negative_prompt, num_images, use_guidance, clip_skip, size):
         """(B or 2B, 77k, D) CLIP hidden states; A1111 prompt syntax: (emphasis:1.2), [de-emphasis], BREAK, and

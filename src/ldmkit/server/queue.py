@@ -2,14 +2,14 @@
 
 Web UI and both HTTP APIs submit here, so the model runs one request at a time whoever asks, a
 full queue is refused up front (503), and a request that is cancelled or whose client leaves gives
-its place back at once (waiting) or at the next denoising step (running).
+its place back at once (waiting) or at the pipeline's next check (running: between LoRA files, phases, steps
+and decoded images).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import gc
 import logging
 import math
@@ -20,7 +20,6 @@ from concurrent.futures import Future
 from functools import partial
 
 import torch
-from PIL import Image
 
 from ldmkit.params import GenerationParams
 from ldmkit.pipeline import GenerationResult, Pipeline, StepInfo
@@ -48,13 +47,6 @@ class OutOfMemory(Exception):
         super().__init__("out of GPU memory; try a smaller size or batch")
 
 
-class _Interrupted(Exception):
-    """Raised from the step callback to stop sampling; carries the images decoded so far."""
-
-    def __init__(self, images: list[Image.Image]):
-        self.images = images
-
-
 class Job:
     """A submitted request: its future result, and its progress for previews and progress bars."""
 
@@ -63,10 +55,14 @@ class Job:
         self.future: Future[GenerationResult] = Future()
         self.created = time.time()
         self.started_at: float | None = None
-        self.batch = 0  # index of the batch (of batch_count) being generated
         self.step: StepInfo | None = None  # the latest denoising step
         self.steps_taken = 0  # over all batches; lets a watcher tell a new step from the last one
-        self.stop: str | None = None  # "cancel" or "interrupt", read by the worker at each step
+        self.stop: str | None = None  # "cancel" or "interrupt", read by the worker at each check (should_stop)
+
+    @property
+    def batch(self) -> int:
+        """Index of the batch (of batch_count) being generated."""
+        return self.step.batch if self.step is not None else 0
 
     @property
     def done(self) -> bool:
@@ -128,7 +124,7 @@ class GenerationQueue:
         return job
 
     def cancel(self, job: Job) -> None:
-        """Drop a waiting job now, or stop a running one at its next step."""
+        """Drop a waiting job now, or stop a running one at the pipeline's next check."""
         with self._lock:
             if job in self._waiting:
                 self._waiting.remove(job)
@@ -137,7 +133,7 @@ class GenerationQueue:
                 job.stop = "cancel"
 
     def interrupt(self) -> bool:
-        """Stop the running job at its next step; it still answers with the images formed so far."""
+        """Stop the running job at the pipeline's next check; it still answers with the images formed so far."""
         with self._lock:
             if self.current is None:
                 return False
@@ -196,26 +192,7 @@ class GenerationQueue:
             torch.cuda.empty_cache()
 
     def _generate(self, job: Job) -> GenerationResult:
-        r = job.request
-        result = GenerationResult(images=[], seeds=[], infotexts=[])
-        for batch in range(r.batch_count):
-            if job.stop:
-                break
-            job.batch = batch
-            seeds = r.image_seeds()[batch * r.batch_size : (batch + 1) * r.batch_size]
-            try:
-                part = self.pipe.run(
-                    dataclasses.replace(r, seed=seeds[0], batch_count=1), callback=partial(self._on_step, job)
-                )
-            except _Interrupted as stop:
-                extra = {"Denoising strength": r.strength if r.init_image is not None else None}
-                prompts = [prompt for prompt in r.prompts for _ in range(r.num_images)]
-                infotexts = [self.pipe.infotext(r, prompt, s, extra) for prompt, s in zip(prompts, seeds)]
-                part = GenerationResult(images=stop.images, seeds=seeds, infotexts=infotexts)
-            result.images += part.images
-            result.seeds += part.seeds
-            result.infotexts += part.infotexts
-            result.control_maps = result.control_maps or part.control_maps
+        result = self.pipe.run(job.request, partial(self._on_step, job), partial(self._should_stop, job))
         if job.stop == "cancel":
             raise Cancelled("cancelled")
         return result
@@ -223,11 +200,15 @@ class GenerationQueue:
     def _on_step(self, job: Job, step: StepInfo) -> None:
         job.step = step
         job.steps_taken += 1
+
+    @staticmethod
+    def _should_stop(job: Job) -> bool:
+        """The pipeline asks between its phases and at every step: a cancelled job (its client left, or the server
+        is closing) ends there; an interrupted one answers with what its images look like now (AUTOMATIC1111's
+        interrupt)."""
         if job.stop == "cancel":
             raise Cancelled("cancelled")
-        if job.stop == "interrupt":
-            # Like AUTOMATIC1111's interrupt: the answer is what the image looks like now.
-            raise _Interrupted(self.pipe.latents_to_images(step.denoised))
+        return job.stop == "interrupt"
 
 
 async def wait_for_result(
