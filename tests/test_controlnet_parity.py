@@ -161,6 +161,7 @@ def test_img2img_matches_diffusers(setup, sampler, strength, start, end):
         controls=units(folder, [1.0], [start], [end], [control]),
     )
     assert_parity(ours_float, ours_uint8, expected)
+    print(f"img2img {sampler}: max abs diff {np.abs(ours_float - expected).max():.2e}")
 
 
 @pytest.mark.parametrize(("sampler", "strength"), [("DDIM", 1.0), ("UniPC", 0.8)])
@@ -202,3 +203,4 @@ def test_inpainting_matches_diffusers(setup, sampler, strength):
         controls=units(folder, [1.0], [0.0], [1.0], [control]),
     )
     assert_parity(ours_float, ours_uint8, expected)
+    print(f"inpainting {sampler}: max abs diff {np.abs(ours_float - expected).max():.2e}")

@@ -15,10 +15,11 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="server extras not installed (pip install -e .[server])")
 webuiapi = pytest.importorskip("webuiapi", reason="test extras not installed")
 
-from e2e.serving import GatedPipeline, serve  # noqa: E402
+from e2e.serving import serve  # noqa: E402
 from support.controlnet import make_tiny_controlnet  # noqa: E402
 from support.tiny import make_tiny_components  # noqa: E402
 
+from ldmkit import Pipeline  # noqa: E402
 from ldmkit.metadata import parse_infotext, read_infotext  # noqa: E402
 from ldmkit.server.app import create_app  # noqa: E402
 
@@ -41,7 +42,7 @@ def b64(image: Image.Image) -> str:
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("controlnets")
     make_tiny_controlnet(1).save_pretrained(folder / "control_sketch")
-    pipe = GatedPipeline(make_tiny_components(), torch.device("cpu"), torch.float32, controlnet_dir=folder)
+    pipe = Pipeline(make_tiny_components(), torch.device("cpu"), torch.float32, controlnet_dir=folder)
     with serve(create_app(pipe, ui=False)) as url:
         yield url
 
