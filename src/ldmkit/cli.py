@@ -18,6 +18,7 @@ for _var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from ldmkit.cli_options import add_model_options  # noqa: E402
+from ldmkit.control_cli import add_control_options, units_from_args  # noqa: E402
 from ldmkit.errors import InvalidRequest, LdmError  # noqa: E402
 from ldmkit.samplers import ALGORITHMS, DEFAULT_SAMPLER, REFUSED, get_sampler  # noqa: E402
 from ldmkit.schedules import SCHEDULE_TYPES  # noqa: E402
@@ -111,6 +112,7 @@ def add_generate(sub) -> None:
         "--clip-skip", type=int, default=1, help="use the text encoder's N-th last layer (A1111's clip skip)"
     )
     add_model_options(gen)
+    add_control_options(gen)
     gen.add_argument("-o", "--output-dir", type=Path, default=Path("outputs"))
     gen.add_argument(
         "--fast",
@@ -159,15 +161,25 @@ def run_generate(args) -> int:
     if args.every < 1:
         raise InvalidRequest(f"--every must be >= 1, got {args.every}")
     ensure_writable(args.output_dir)
-    for folder, what in ((args.lora_dir, "LoRA folder"), (args.embeddings_dir, "embeddings folder")):
+    folders = ((args.lora_dir, "LoRA folder"), (args.embeddings_dir, "embeddings folder"))
+    for folder, what in (*folders, (args.controlnet_dir, "ControlNet folder")):
         if folder is not None and not folder.is_dir():
             raise LdmError(f"{what} not found: {folder}")
     init_image = load_image(args.init_image, "init image") if args.init_image else None
     mask_image = load_image(args.mask, "mask") if args.mask else None
     args.sampler = get_sampler(args.sampler, args.scheduler).name  # the one label the pipeline takes
-    requests = generation_params(args, prompts, init_image, mask_image)
+    controls = units_from_args(args, load_image)
+    requests = generation_params(args, prompts, init_image, mask_image, controls)
     for request in requests:
         request.validate()
+    if controls:
+        from ldmkit.control_preprocess import opencv
+        from ldmkit.controlnet import ControlNetLibrary
+
+        opencv()  # the preprocessors and map fitting need it: say so before loading anything
+        library = ControlNetLibrary(args.controlnet_dir)
+        for unit in controls:
+            library.resolve(unit.model)
 
     from diffusers.utils import logging as diffusers_logging
 
@@ -193,6 +205,7 @@ def run_generate(args) -> int:
         vae_tiling=args.vae_tiling,
         lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir,
+        controlnet_dir=args.controlnet_dir,
     )
     job = GenerateJob(
         pipe,
@@ -204,7 +217,10 @@ def run_generate(args) -> int:
     )
     mine = workers.mine(list(range(len(prompts))))
     if workers.world_size > 1:
-        print(f"ldm: process {workers.rank + 1}/{workers.world_size}: {len(mine)} of {len(prompts)} prompts", file=sys.stderr)
+        print(
+            f"ldm: process {workers.rank + 1}/{workers.world_size}: {len(mine)} of {len(prompts)} prompts",
+            file=sys.stderr,
+        )
     stop = StopOnSignal()
     with stop.installed():
         for j in mine:
@@ -245,7 +261,7 @@ class StopOnSignal:
         self.signalled = True
 
 
-def generation_params(args, prompts: list[str], init_image, mask_image) -> list:
+def generation_params(args, prompts: list[str], init_image, mask_image, controls=()) -> list:
     """One GenerationParams per prompt; prompt j's seeds follow prompt j-1's (seed None: drawn after loading)."""
     from ldmkit.params import GenerationParams, HiresFix
 
@@ -271,6 +287,7 @@ def generation_params(args, prompts: list[str], init_image, mask_image) -> list:
             mask_blur=args.mask_blur,
             hires=hires,
             clip_skip=args.clip_skip,
+            controls=controls,
         )
         for j, prompt in enumerate(prompts)
     ]

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from PIL import Image
 
+from ldmkit.control_units import check_units
 from ldmkit.errors import InvalidRequest
 from ldmkit.lora import prompt_loras
 
@@ -98,9 +99,10 @@ class GenerationParams:
     hires: HiresFix | None = None
     clip_skip: int = 1
     loras: tuple[tuple[str, float], ...] = ()  # (file, weight) pairs, besides the prompt's <lora:NAME:WEIGHT> tags
+    controls: tuple = ()  # ControlNet units (ldmkit.control_units.ControlUnit), each guiding with its image
 
     def __post_init__(self):
-        for name in ("prompt", "seed", "loras"):
+        for name in ("prompt", "seed", "loras", "controls"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(tuple(v) if isinstance(v, list) else v for v in value))
@@ -161,6 +163,8 @@ class GenerationParams:
         if self.hires is not None:
             self._check_hires()
         self._check_loras()
+        if self.controls:
+            check_units(self.controls, self.init_image is not None)
         if limits is not None:
             self._check_limits(limits)
 
@@ -258,6 +262,8 @@ class GenerationParams:
         """A server's limits on what the checks above found well formed."""
         limits.check_input(self.init_image, "init image")
         limits.check_input(self.mask_image, "mask")
+        for index, unit in enumerate(self.controls):
+            limits.check_input(unit.image, f"ControlNet unit {index} image")
         limits.check_loras(len(self.prompt_loras()) + len({str(path) for path, _ in self.loras}))
         if self.width is None or self.height is None:
             return

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldmkit import loading, tiled_vae
+from ldmkit.control_units import ControlUnit
+from ldmkit.controlnet import ControlNetLibrary, Controls, check_controls, prepare_controls
 from ldmkit.denoise import Denoiser, Sampled, Schedule, StepInfo, sample
 from ldmkit.embeddings import load_embeddings, ti_hashes_infotext
 from ldmkit.errors import InvalidRequest
@@ -42,6 +44,7 @@ class GenerationResult:
     seeds: list[int]  # image i used seeds[i] (seed + i unless a seed per image was given)
     infotexts: list[str]  # AUTOMATIC1111-style 'parameters' text, one per image
     interrupted: bool = False  # stopped early: the images are those formed so far (none if it stopped first)
+    control_maps: list[Image.Image] = dataclasses.field(default_factory=list)  # each ControlNet unit's map, per pass
 
 
 @dataclass
@@ -91,7 +94,13 @@ class Pipeline:
     """Text-to-image and image-to-image with classifier-free guidance over one loaded model."""
 
     def __init__(
-        self, components: Components, device: torch.device, dtype: torch.dtype, lora_dir=None, embeddings_dir=None
+        self,
+        components: Components,
+        device: torch.device,
+        dtype: torch.dtype,
+        lora_dir=None,
+        embeddings_dir=None,
+        controlnet_dir=None,
     ):
         self.components = components
         self.family = family_of(components)  # what differs between SD 1.x/2.x and other families
@@ -111,6 +120,7 @@ class Pipeline:
         # SD inpainting UNets also take the mask and the masked image's latents: 4 + 1 + 4 channels.
         self.is_inpainting_model = self.unet.config.in_channels == 2 * self.latent_channels + 1
         self.lora_dir = lora_dir  # where <lora:NAME:W> prompt tags are looked up
+        self.controlnets = ControlNetLibrary(controlnet_dir)  # ControlNets by name (and any by path)
         self.embeddings = {}  # textual inversion name -> file, usable as words in prompts
         if embeddings_dir is not None:
             if components.text_encoder_2 is not None:  # SDXL files hold a vector per encoder (clip_l, clip_g)
@@ -129,6 +139,7 @@ class Pipeline:
         vae_tiling=False,
         lora_dir=None,
         embeddings_dir=None,
+        controlnet_dir=None,
     ) -> Pipeline:
         """Load a diffusers folder, a cached Hub repo id, an original single file, or (None) the default model.
 
@@ -140,7 +151,8 @@ class Pipeline:
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        pipe = cls(loading.load_components(source, config=config), device, dtype, lora_dir, embeddings_dir)
+        components = loading.load_components(source, config=config)
+        pipe = cls(components, device, dtype, lora_dir, embeddings_dir, controlnet_dir)
         if vae_tiling:
             pipe.enable_vae_tiling()
         if fast:
@@ -243,6 +255,7 @@ class Pipeline:
         loras: list[tuple[str, float]] | None = None,
         batch_count: int = 1,
         should_stop: Callable[[], bool] | None = None,
+        controls: list[ControlUnit] | None = None,
     ) -> GenerationResult:
         """Images for a prompt (or a list of prompts: num_images of each); GenerationParams describes each argument."""
         params = GenerationParams(
@@ -263,6 +276,7 @@ class Pipeline:
             hires=hires,
             clip_skip=clip_skip,
             loras=tuple(loras or ()),
+            controls=tuple(controls or ()),
         )
         return self.run(params, callback, should_stop)
 
@@ -283,6 +297,7 @@ class Pipeline:
         # 1. Check the request against this model, before any compute.
         p = self.prepare(params)
         lora_files = self.lora_files(p)
+        controls = self.prepare_controls(p)
         # 2. LoRAs, applied for this request only.
         formed = []
         with self.loras_applied(lora_files, stop):
@@ -290,11 +305,14 @@ class Pipeline:
             for batch, seeds in enumerate(p.batch_seeds()):
                 if stop():
                     break
-                formed.append(self.sample(p, seeds, batch, callback, stop))
+                formed.append(self.sample(p, seeds, batch, callback, stop, controls))
                 if formed[-1].interrupted:
                     break
         # 6. Decode and describe.
-        return self.finish(p, lora_files, formed, stop)
+        result = self.finish(p, lora_files, formed, stop)
+        if controls is not None:
+            result.control_maps = controls.control_maps()
+        return result
 
     def prepare(self, params: GenerationParams, limits: RequestLimits | None = None) -> GenerationParams:
         """The request made concrete for this model (size, sampler name, seed) and checked, before any compute.
@@ -309,12 +327,18 @@ class Pipeline:
         if self.is_inpainting_model and p.mask_image is None:
             raise InvalidRequest("this is an inpainting model: give an init image and a mask")
         self.lora_files(p)
+        check_controls(p.controls, self.controlnets, self._state)
         context_tokens = self.family.context_tokens(self._state, [*p.text_prompts(), p.negative_prompt])
         check_memory(self.memory_footprint(), self.device, *p.final_size, p.batch_size, p.use_guidance, context_tokens)
         return p
 
-    def sample(self, p: GenerationParams, seeds: list[int], batch: int, callback, stop: _Stop) -> Formed:
-        """Stages 3-5 for one batch: prompt -> conditioning -> the base pass -> (hires) the img2img pass again."""
+    def sample(
+        self, p: GenerationParams, seeds: list[int], batch: int, callback, stop: _Stop, controls: Controls | None = None
+    ) -> Formed:
+        """Stages 3-5 for one batch: prompt -> conditioning -> the base pass -> (hires) the img2img pass again.
+
+        `controls` (ControlNets) add their residuals to the UNet call of each pass they guide.
+        """
         # Image i owns a CPU generator seeded seeds[i]: the same seed gives the same image on any
         # device and in any batch; it also feeds the VAE posterior samples and ancestral noise.
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -333,6 +357,9 @@ class Pipeline:
             second = Schedule.make(sampler, self.scheduler_config, p.hires.pass_steps(p.steps), p.hires.strength)
         steps = _Steps(callback, batch, len(base) + (len(second) if second else 0))  # one count over both passes
         noise_generators = generators if sampler.stochastic else None
+        unguided = denoiser
+        if controls is not None:
+            denoiser = controls.guide(unguided, len(base), (p.width, p.height))
 
         # 4. The base pass: txt2img from noise, img2img from the init image noised to `strength`, or inpainting.
         if p.mask_image is not None:
@@ -354,6 +381,8 @@ class Pipeline:
         denoiser = dataclasses.replace(denoiser, context=conditioning.context, unet_kwargs=conditioning.unet_kwargs)
         upscaled = upscale(p.hires, done.latents, self.vae_scale_factor, self.latents_to_images, self.images_to_latents)
         steps.before = len(base)
+        if controls is not None:
+            denoiser = controls.guide(unguided, len(second), p.final_size, hires=True)
         hires = self.img2img(denoiser, second, upscaled, generators, noise_generators, steps.callback, stop)
         if hires.latents is None:  # stopped before its first step: the base pass's image is the one formed
             return Formed(seeds, done.latents, interrupted=True, hires_done=False)
@@ -383,6 +412,13 @@ class Pipeline:
                 result.seeds.append(seed)
                 result.infotexts.append(self.infotext(described, prompt, seed, batch_extra))
         return result
+
+    def prepare_controls(self, p: GenerationParams) -> Controls | None:
+        """The request's ControlNets on this pipeline's device, with their control maps at each pass's size."""
+        if not p.controls:
+            return None
+        sizes = [(p.width, p.height)] + ([p.final_size] if p.hires is not None else [])
+        return prepare_controls(p.controls, self.controlnets, self.unet, sizes, p.init_image, self.device, self.dtype)
 
     def lora_files(self, p: GenerationParams) -> list[tuple[str, Path, float]]:
         """(name as written, file, weight) of every LoRA the request asks for: its prompt tags, then `loras`."""
@@ -517,6 +553,8 @@ class Pipeline:
         params.update(clip_skip_infotext(p.clip_skip))
         params.update(ti_hashes_infotext(self.tokenizer, [*p.text_prompts(), p.negative_prompt], self.embeddings))
         params.update(lora_hashes_infotext([(name, path) for name, path, _ in lora_files]))
+        for index, unit in enumerate(p.controls):
+            params[f"ControlNet {index}"] = unit.infotext(self.controlnets.title(self.controlnets.resolve(unit.model)))
         return params
 
     def infotext(self, p: GenerationParams, prompt: str, seed: int, extra: dict) -> str:

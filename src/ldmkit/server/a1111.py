@@ -25,6 +25,7 @@ from ldmkit.pipeline import GenerationResult, Pipeline
 from ldmkit.previews import make_grid, preview_images
 from ldmkit.samplers import ALGORITHMS, get_sampler
 from ldmkit.schedules import SCHEDULE_TYPES
+from ldmkit.server.controlnet_api import detected_maps, units_from_scripts
 from ldmkit.server.imaging import MAX_INPUT_PIXELS, decode_base64_image, encode_all, encode_png_base64
 from ldmkit.server.queue import GenerationQueue, Job, wait_for_result
 
@@ -66,7 +67,8 @@ CLIP_SKIP_SETTING = "CLIP_stop_at_last_layers"  # A1111's name for clip skip
 
 
 # Field names and defaults are AUTOMATIC1111's (modules/api/models.py, StableDiffusionProcessing);
-# fields of A1111 features ldmkit lacks (scripts, styles, face restoration...) are accepted and ignored.
+# fields of A1111 features ldmkit lacks (styles, face restoration...) are accepted and ignored; of the always-on
+# scripts, ControlNet runs and any other is refused.
 class ProcessingRequest(BaseModel):
     prompt: str = ""
     negative_prompt: str = ""
@@ -89,6 +91,9 @@ class ProcessingRequest(BaseModel):
         description="read: CLIP_stop_at_last_layers (clip skip), sd_model_checkpoint; others are ignored",
     )
     send_images: bool = True
+    alwayson_scripts: dict[str, Any] = Field(
+        default_factory=dict, description="controlnet: {'args': [units]} as the ControlNet extension takes them"
+    )
 
 
 class Txt2ImgRequest(ProcessingRequest):
@@ -348,9 +353,12 @@ def _generation_request(body: ProcessingRequest, model_name: str) -> GenerationP
 async def _generate(
     queue: GenerationQueue, body: ProcessingRequest, request: Request, generation: GenerationParams
 ) -> dict:
-    job = queue.submit(generation)
+    controls, save_maps = await asyncio.to_thread(
+        units_from_scripts, body.alwayson_scripts, queue.pipe.controlnets, queue.limits.max_input_pixels
+    )
+    job = queue.submit(dataclasses.replace(generation, controls=controls))
     result = await wait_for_result(queue, job, request.is_disconnected)
-    images = await asyncio.to_thread(encode_all, result)
+    images = await asyncio.to_thread(lambda: encode_all(result) + detected_maps(result, save_maps))
     return {
         "images": images if body.send_images else [],
         "parameters": body.model_dump(),

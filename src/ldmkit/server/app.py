@@ -17,7 +17,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 import ldmkit
 from ldmkit.errors import LdmError
 from ldmkit.pipeline import Pipeline
-from ldmkit.server import a1111, openai_api
+from ldmkit.server import a1111, controlnet_api, openai_api
 from ldmkit.server.limits import DEFAULT_LIMITS, BodySizeLimit, ServerLimits
 from ldmkit.server.queue import Cancelled, GenerationQueue, OutOfMemory, QueueFull
 
@@ -67,6 +67,7 @@ def create_app(
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or LOOPBACK_HOSTS)
     _add_error_handlers(app)
     app.include_router(a1111.create_router(queue))
+    app.include_router(controlnet_api.create_router(queue))
     app.include_router(openai_api.create_router(queue))
     if ui:
         from ldmkit.server.ui import mount_ui  # Gradio is the heaviest import; API-only apps skip it

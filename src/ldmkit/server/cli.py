@@ -60,7 +60,8 @@ def run_serve(args) -> int:
 
     if args.queue_size < 0:
         raise InvalidRequest(f"--queue-size must be >= 0, got {args.queue_size}")
-    for folder, option in ((args.lora_dir, "--lora-dir"), (args.embeddings_dir, "--embeddings-dir")):
+    folders = ((args.lora_dir, "--lora-dir"), (args.embeddings_dir, "--embeddings-dir"))
+    for folder, option in (*folders, (args.controlnet_dir, "--controlnet-dir")):
         if folder is not None and not folder.is_dir():
             raise InvalidRequest(f"{option}: folder not found: {folder}")
     from ldmkit.server.limits import ServerLimits
@@ -81,6 +82,7 @@ def run_serve(args) -> int:
         config=args.config,
         lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir,
+        controlnet_dir=args.controlnet_dir,
         fast=args.fast,
         vae_tiling=args.vae_tiling,
     )
