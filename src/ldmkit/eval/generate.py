@@ -41,6 +41,11 @@ def load_model(folder: Path, device: str | torch.device = "cpu", dtype: torch.dt
     )
 
 
+def default_size(model: Model) -> int:
+    """The model's native square size in pixels (the pipeline's default): UNet sample size x VAE factor."""
+    return model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
+
+
 @torch.no_grad()
 def generate(
     model: Model,
@@ -49,12 +54,13 @@ def generate(
     steps: int = 25,
     guidance: float = 7.5,
     batch_size: int = 128,
-    height: int = 128,
-    width: int = 128,
+    height: int | None = None,
+    width: int | None = None,
 ) -> torch.Tensor:
     """One image per (prompt, seed) pair -> (N, 3, H, W) uint8 on the CPU; noise drawn per seed on the CPU."""
     from diffusers import DPMSolverMultistepScheduler
 
+    height, width = height or default_size(model), width or default_size(model)
     tokenizer = load_tokenizer()
     dtype = next(model.unet.parameters()).dtype
     uncond = model.text_encoder(tokenize(tokenizer, [EMPTY_CAPTION]).to(model.device)).last_hidden_state
@@ -109,10 +115,29 @@ GRID_PROMPTS = (
 )
 
 
+SCENE_GRID_PROMPTS = (
+    "an otter wearing sunglasses relaxing on a floating tube in a swimming pool, on a sunny day",
+    "a cute blue-green space rover with cute eyes, lost on a strange planet, cool earth tones",
+    "a cat on the left and a rocket on the right",
+    "a blue banana",
+    "three red apples",
+    "a dog wearing a crown",
+    "a frog wearing a top hat, 3d render",
+    "a penguin in the snow",
+)
+
+
 def sample_grid(
-    model: Model, prompts=GRID_PROMPTS, seeds=(0, 1, 2, 3, 4, 5), steps: int = 25, guidance: float = 7.5
+    model: Model,
+    prompts=GRID_PROMPTS,
+    seeds=(0, 1, 2, 3, 4, 5),
+    steps: int = 25,
+    guidance: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
 ) -> PIL.Image.Image:
     """One row per prompt, one column per seed."""
     pairs = [(p, s) for p in prompts for s in seeds]
-    images = generate(model, [p for p, _ in pairs], [s for _, s in pairs], steps=steps, guidance=guidance)
+    prompts_, seeds_ = [p for p, _ in pairs], [s for _, s in pairs]
+    images = generate(model, prompts_, seeds_, steps=steps, guidance=guidance, height=height, width=width)
     return grid(images, columns=len(seeds))
