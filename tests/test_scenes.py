@@ -132,8 +132,8 @@ def test_wearing_puts_the_glasses_on_the_eyes(catalogue):
     _, infos, sampler = catalogue
     seen = 0
     for scene in _scenes(sampler, "wearing", 100):
-        wearer = [o for o in scene.objects if infos[o.sprite].record.name == "cat face"][0]
-        glasses = [o for o in scene.objects if infos[o.sprite].record.key == "1f576"][0]
+        wearer = next(o for o in scene.objects if infos[o.sprite].record.name == "cat face")
+        glasses = next(o for o in scene.objects if infos[o.sprite].record.key == "1f576")
         said = "shades" if "shades" in scene.caption else "glasses"
         assert scene.caption.index("cat face") < scene.caption.index(said)  # wearer first, then what it wears
         x0, y0, x1, y1 = sampler.box(wearer)

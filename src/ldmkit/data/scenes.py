@@ -126,7 +126,9 @@ class SpriteInfo:
     keywords: list[str] = field(default_factory=list)
 
 
-def measure_sprites(sprites: np.ndarray, records: list[EmojiRecord], keywords: dict[str, list[str]]) -> list[SpriteInfo]:
+def measure_sprites(
+    sprites: np.ndarray, records: list[EmojiRecord], keywords: dict[str, list[str]]
+) -> list[SpriteInfo]:
     """Per sprite: opaque box, head box and dominant hue, from (N, S, S, 4) uint8 RGBA."""
     infos = []
     for i in range(0, len(sprites), 512):
@@ -158,7 +160,7 @@ def _opaque_box(mask: np.ndarray) -> tuple[float, float, float, float]:
 
 def _top_box(mask: np.ndarray, bbox) -> tuple[float, float, float, float]:
     """A body's head, guessed: the opaque columns of the top band of its box, as tall as it is wide (at most)."""
-    x0, y0, x1, y1 = bbox
+    _x0, y0, _x1, y1 = bbox
     s = mask.shape[0]
     band = mask[int(y0 * s) : max(int(y0 * s) + 1, int((y0 + 0.35 * (y1 - y0)) * s))]
     cols = np.flatnonzero(band.any(0))
@@ -269,7 +271,9 @@ class SceneSampler:
         size = rng.uniform(0.3, 0.8) if region == "center" else rng.uniform(0.25, 0.45)
         cx, cy = _region_point(rng, region, size, width, height)
         placed = self._place(rng, index, cx, cy, size, hue_shift)
-        size_word = "small " if size < 0.35 and rng.random() < 0.5 else "big " if size > 0.65 and rng.random() < 0.5 else ""
+        size_word = (
+            "small " if size < 0.35 and rng.random() < 0.5 else "big " if size > 0.65 and rng.random() < 0.5 else ""
+        )
         noun = self._noun(rng, info, colour=colour, prefix=size_word)
         if region != "center" and rng.random() < 0.9:
             noun = _with_position(rng, noun, region)
@@ -291,22 +295,32 @@ class SceneSampler:
             bottom = self._place(rng, b, width / 2 + rng.uniform(-0.15, 0.15), height - 0.05 - size_b / 2, size_b)
             bx0, by0, bx1, _ = self.box(bottom)
             size_a = size_b * rng.uniform(0.45, 0.7)
-            top = self._place_box(rng, a, (bx0 + bx1) / 2 + rng.uniform(-0.1, 0.1) * size_b, by0 + 0.12 * size_b, size_a)
+            top = self._place_box(
+                rng, a, (bx0 + bx1) / 2 + rng.uniform(-0.1, 0.1) * size_b, by0 + 0.12 * size_b, size_a
+            )
             objects = [bottom, top]
             text = rng.choice(["{a} on {b}", "{a} on top of {b}", "{a} sitting on {b}", "{a} standing on {b}"])
         elif relation == "above-below":
             size = rng.uniform(0.28, min(0.45, height / 2 - 0.04))
             x = width / 2 + rng.uniform(-0.2, 0.2)
-            upper = self._place(rng, a, x + rng.uniform(-0.1, 0.1), rng.uniform(size / 2 + 0.02, height / 2 - size / 2), size)
-            lower = self._place(rng, b, x + rng.uniform(-0.1, 0.1), rng.uniform(height / 2 + size / 2, height - size / 2 - 0.02), size)
+            upper = self._place(
+                rng, a, x + rng.uniform(-0.1, 0.1), rng.uniform(size / 2 + 0.02, height / 2 - size / 2), size
+            )
+            lower = self._place(
+                rng, b, x + rng.uniform(-0.1, 0.1), rng.uniform(height / 2 + size / 2, height - size / 2 - 0.02), size
+            )
             objects = [upper, lower]
             text = rng.choice(["{a} above {b}", "{b} below {a}", "{a} at the top and {b} at the bottom",
                                "{b} at the bottom and {a} at the top", "{b} under {a}"])  # fmt: skip
         else:
             size = rng.uniform(0.28, min(0.45, width / 2 - 0.04))
             y = height / 2 + rng.uniform(-0.15, 0.15)
-            left = self._place(rng, a, rng.uniform(size / 2 + 0.02, width / 2 - size / 2), y + rng.uniform(-0.05, 0.05), size)
-            right = self._place(rng, b, rng.uniform(width / 2 + size / 2, width - size / 2 - 0.02), y + rng.uniform(-0.05, 0.05), size)
+            left = self._place(
+                rng, a, rng.uniform(size / 2 + 0.02, width / 2 - size / 2), y + rng.uniform(-0.05, 0.05), size
+            )
+            right = self._place(
+                rng, b, rng.uniform(width / 2 + size / 2, width - size / 2 - 0.02), y + rng.uniform(-0.05, 0.05), size
+            )
             objects = [left, right]
             if relation == "next-to":
                 text = rng.choice(["{a} next to {b}", "{b} next to {a}", "{a} beside {b}", "{a} and {b} side by side",
@@ -317,7 +331,9 @@ class SceneSampler:
                                    "on the left {a}, on the right {b}", "{a} left, {b} right"])  # fmt: skip
         noun = text.format(a=na, b=nb)
         background, grade = self._background(rng), self._grade(rng)
-        return Scene(objects, background, grade, self._finish(rng, noun, style, background, grade, rng.random()), "pair")
+        return Scene(
+            objects, background, grade, self._finish(rng, noun, style, background, grade, rng.random()), "pair"
+        )
 
     def count(self, rng, width, height) -> Scene:
         style = rng.choice(self.styles)
@@ -347,7 +363,9 @@ class SceneSampler:
             number = rng.choice(["several", "some"])
         noun = f"{number} {words.plural(name)}"
         background, grade = self._background(rng), self._grade(rng)
-        return Scene(objects, background, grade, self._finish(rng, noun, style, background, grade, rng.random()), "count")
+        return Scene(
+            objects, background, grade, self._finish(rng, noun, style, background, grade, rng.random()), "count"
+        )
 
     def wearing(self, rng, width, height, ring: bool | None = None) -> Scene:
         style = rng.choice(self.styles)
@@ -355,7 +373,9 @@ class SceneSampler:
             return None
         accessory = rng.choice(self.accessories[style])
         # glasses need eyes: only on faces; a hat sits on any head, guessed from the top of a body
-        wearers = self.heads[style] if ACCESSORIES[self.infos[accessory].record.key][0] == "eyes" else self.wearers[style]
+        wearers = (
+            self.heads[style] if ACCESSORIES[self.infos[accessory].record.key][0] == "eyes" else self.wearers[style]
+        )
         if not wearers:
             return None
         wearer = rng.choice(wearers)
@@ -374,7 +394,9 @@ class SceneSampler:
             noun = f"{noun} {rng.choice(FLOAT_VERBS)} {rng.choice(RING_WORDS)}"
             background = rng.choice(["pool", "pool", "sea", "white"])
         grade = self._grade(rng)
-        return Scene(objects, background, grade, self._finish(rng, noun, style, background, grade, rng.random()), "wearing")
+        return Scene(
+            objects, background, grade, self._finish(rng, noun, style, background, grade, rng.random()), "wearing"
+        )
 
     def floating(self, rng, width, height) -> Scene:
         style = rng.choice([s for s in self.styles if s in self.rings] or self.styles)
@@ -387,7 +409,9 @@ class SceneSampler:
         background = rng.choice(["pool", "pool", "sea", "white"])
         grade = self._grade(rng)
         objects = [self._ring_under(rng, body, style), body]
-        return Scene(objects, background, grade, self._finish(rng, noun, style, background, grade, rng.random()), "float")
+        return Scene(
+            objects, background, grade, self._finish(rng, noun, style, background, grade, rng.random()), "float"
+        )
 
     # --- placement ---------------------------------------------------------------------------------------------
 

@@ -167,7 +167,9 @@ def centre_square(images: torch.Tensor, half: str) -> torch.Tensor:
     return images[:, :, top : top + side, left : left + side]
 
 
-def score(images: dict[str, torch.Tensor], clip, names: list[str], data_images: dict[str, torch.Tensor], device) -> dict:
+def score(
+    images: dict[str, torch.Tensor], clip, names: list[str], data_images: dict[str, torch.Tensor], device
+) -> dict:
     """All composition metrics for the images of `prompt_sets()` (uint8, generated in its order)."""
     from ldmkit.eval import metrics
 

@@ -42,9 +42,7 @@ def register(subparsers) -> None:
     train.add_argument("--minutes", type=float, default=None, help="wall-time budget (the LR decay ends there)")
     train.add_argument("--steps", type=int, default=None, help="step budget")
     train.add_argument("--out", type=Path, default=None, help="export: the model folder to write")
-    train.add_argument(
-        "--vae", type=Path, default=None, help="export and scene: the VAE folder (default RUNS/vae/vae)"
-    )
+    train.add_argument("--vae", type=Path, default=None, help="export and scene: the VAE folder (default RUNS/vae/vae)")
     train.add_argument(
         "--set",
         action="append",

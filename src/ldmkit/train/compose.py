@@ -112,7 +112,9 @@ class Compositor:
             pixels = size * unit
             level = (pixels < 0.75 * self.sprite_size).long() + (pixels < 0.375 * self.sprite_size).long()
             src = self.bank[level, batch.sprite[rows, k]].float() / 255.0  # (n, 4, S, S)
-            src = torch.cat([hue_rotate(src[:, :3], batch.hue[rows, k]).clamp(min=0).minimum(src[:, 3:]), src[:, 3:]], 1)
+            src = torch.cat(
+                [hue_rotate(src[:, :3], batch.hue[rows, k]).clamp(min=0).minimum(src[:, 3:]), src[:, 3:]], 1
+            )
             scale_x, scale_y = width / pixels, height / pixels
             theta = torch.zeros(len(rows), 2, 3, device=device)
             flip = torch.where(batch.flip[rows, k], -1.0, 1.0)
@@ -255,7 +257,9 @@ def _grass(f: Field) -> torch.Tensor:
 def _snow(f: Field) -> torch.Tensor:
     horizon = f.uniform(0.2, 0.45) + 0.04 * torch.sin(5 * f.x + f.uniform(0, 6))
     sky = f.mix(f.colour((0.6, 0.75, 0.92)), f.colour((0.85, 0.9, 0.97)), (f.y / f.h).clamp(0, 1))
-    snow = f.colour((0.95, 0.97, 1.0), 0.02) - 0.12 * f.noise(6) * torch.tensor([1.0, 0.7, 0.2], device=f.device).view(1, 3, 1, 1)
+    snow = f.colour((0.95, 0.97, 1.0), 0.02) - 0.12 * f.noise(6) * torch.tensor([1.0, 0.7, 0.2], device=f.device).view(
+        1, 3, 1, 1
+    )
     return _ground(f, horizon, sky, snow)
 
 

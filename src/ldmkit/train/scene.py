@@ -173,9 +173,7 @@ def train(cfg: SceneTrainConfig) -> dict:
 
 def export(model: TextToNoise, ema: common.EMA, out_dir: Path) -> None:
     """EMA weights as fp16 diffusers folders out_dir/unet and out_dir/text_encoder, and the scheduler config."""
-    shipped = TextToNoise(
-        CLIPTextModel(model.text_encoder.config), UNet2DConditionModel.from_config(model.unet.config)
-    )
+    shipped = TextToNoise(CLIPTextModel(model.text_encoder.config), UNet2DConditionModel.from_config(model.unet.config))
     ema.copy_to(shipped)
     shipped.unet.half().save_pretrained(out_dir / "unet")
     shipped.text_encoder.half().save_pretrained(out_dir / "text_encoder")
