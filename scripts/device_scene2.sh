@@ -2,7 +2,9 @@
 # GPU call 2 of 2 for the scene model, on the machine call 1 left warm (it keeps .data/ and .runs/): resume the
 # scene stage for SCENE_SESSION minutes, train the eval CLIP, export, run `ldm eval` on the new model and on the
 # shipped (old) one, draw the sample grids of both, and return the model folder, the metrics and the grids.
-# The tree must hold the old model at src/ldmkit/assets/default-model; .dev holds the sources and diffusers-slim.zip.
+# The tree must hold the old model at src/ldmkit/assets/default-model; .dev holds the sources and diffusers-slim.zip
+# (the tree plus .dev must stay under 64 MiB: link .dev/src/ldmkit/configs to the tree's src/ldmkit/configs).
+# What comes back must stay under 64 MiB too: the model parts (58 MB) and the grids quantized to 128 colours.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -54,6 +56,12 @@ styles = ("cartoon emoji", "flat icon", "flat illustration", "3d render")
 prompts = [f"{n}, {s}" for n in names for s in styles]
 grid(generate(new, prompts, [0] * len(prompts)), columns=4).save(out + "new-styles.png")
 PY
+python3 -c "
+import glob
+from PIL import Image
+for path in glob.glob('$OUT/grids/*.png'):
+    Image.open(path).convert('RGB').quantize(colors=128, dither=Image.Dither.NONE).save(path, optimize=True)
+"
 say grids
 cp "$OUT"/eval-*.json "$OUT/grids/" && tar cf "$OUT/results.tar" -C "$OUT" grids && rm -rf "$OUT/grids" "$OUT"/eval-*.json
 ls -la "$OUT"; say done
