@@ -66,6 +66,11 @@ def packages(tmp_path):
         },
         aliases={"flipped": {"parent": "otter", "hFlip": True}},
     )
+    # emojilib: "coffee" names one emoji (a synonym), "animal" names three (a category, dropped by `specific`)
+    with tarfile.open(cache / "emojilib-4.0.3.tgz", "w:gz") as tar:
+        table = {"\U0001f9a6": ["otter", "animal", "playful"], "\u2764\ufe0f": ["red_heart", "animal", "love"],
+                 "\u2615": ["hot_beverage", "coffee", "animal"], "\U0001f436": ["dog_face", "animal", "puppy"]}  # fmt: skip
+        _add(tar, "package/dist/emoji-en-US.json", json.dumps(table).encode())
     # transparent pixels must come out white; 2764 has no name in the iconify set but unicodedata knows it
     write_webp_package(
         cache / "fake-emoji-3d-2.0.0.tgz",
@@ -120,6 +125,15 @@ def test_build_renders_on_white_and_writes_files(packages, tmp_path):
     assert tuple(by_key[("1f9a6", "3d render")][64, 64]) == (0, 0, 255)
     assert (by_key[("2764", "3d render")] == 255).all()
     assert "MIT" in (out / "LICENSES.md").read_text()
+    sprites, _ = emoji.load_sprites(out)
+    assert sprites.shape == (len(records), 128, 128, 4)
+    alpha = {(r.key, r.style): sprites[i, :, :, 3] for i, r in enumerate(loaded)}
+    assert alpha[("1f9a6", "flat icon")][64, 64] == 255 and alpha[("1f9a6", "flat icon")][2, 2] == 0  # alpha kept
+    from ldmkit.data import keywords
+
+    raw = keywords.load_keywords(out)
+    assert raw["2764"] == ["red heart", "animal", "love"]  # keyed like the sprites: presentation selector dropped
+    assert keywords.specific(raw)["2615"] == ["coffee", "hot beverage"]  # "animal" names 4 emoji: not a synonym
 
 
 def test_missing_dataset_is_a_one_line_error(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ldmkit.data.emoji import EmojiRecord
-from ldmkit.train import clip, common, export, unet, vae
+from ldmkit.train import clip, common, export, scene, unet, vae
 
 SIZE = 32
 NAMES = ["red square", "green circle", "blue bar", "yellow cross"]
@@ -84,6 +84,31 @@ TINY_UNET = {
 
 def losses(result):
     return [loss for _, loss in result["history"]]
+
+
+@pytest.fixture(scope="module")
+def sprite_dir(data_dir, tmp_path_factory):
+    """The same shapes as RGBA sprites (white is transparent), as `ldm data emoji` writes them now."""
+    folder = tmp_path_factory.mktemp("sprites")
+    rgb = np.load(data_dir / "images.npy")
+    alpha = np.where((rgb < 250).any(-1, keepdims=True), 255, 0).astype(np.uint8)
+    np.save(folder / "sprites.npy", np.concatenate([rgb, alpha], -1))
+    (folder / "records.json").write_text((data_dir / "records.json").read_text())
+    (folder / "LICENSES.md").write_text("test shapes\n")
+    return folder
+
+
+TINY_SCENE = {
+    "block_out_channels": (16, 32),
+    "attention_heads": (2, 2),
+    "norm_num_groups": 8,
+    "sizes": ((32, 32, 0.7), (32, 48, 0.3)),
+    "batch_size": 8,
+    "lr": 2e-3,
+    "warmup_steps": 2,
+    "log_every": 5,
+    "workers": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +190,38 @@ def test_export_assembles_the_pipeline_folder(trained, data_dir, tmp_path):
     assert components.scheduler_config["prediction_type"] == "v_prediction"
     ids = components.tokenizer("red square", padding="max_length", max_length=77).input_ids
     assert len(ids) == 77 and ids[0] == 49406
+
+
+def test_vae_fine_tunes_on_scenes(trained, sprite_dir, tmp_path):
+    runs, _ = trained
+    cfg = vae.VaeTrainConfig(
+        data_dir=str(sprite_dir), out_dir=str(tmp_path / "vae"), max_steps=6, init_dir=str(runs / "vae" / "vae"),
+        scenes=True, scene_size=32, workers=0, **TINY_VAE,
+    )  # fmt: skip
+    result = vae.train(cfg)
+    assert result["steps"] == 6 and result["scaling_factor"] > 0
+    assert (tmp_path / "vae" / "vae" / "config.json").exists()
+
+
+def test_scene_stage_trains_text_encoder_and_unet_together(trained, sprite_dir, tmp_path):
+    runs, _ = trained
+    cfg = scene.SceneTrainConfig(
+        data_dir=str(sprite_dir), out_dir=str(tmp_path / "scene"), vae_dir=str(runs / "vae" / "vae"),
+        text_encoder_dir=str(runs / "clip" / "text_encoder"), max_steps=12, **TINY_SCENE,
+    )  # fmt: skip
+    first = scene.train(cfg)
+    assert first["steps"] == 12 and all(np.isfinite(losses(first)))
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    trained_text = CLIPTextModel.from_pretrained(tmp_path / "scene" / "text_encoder")
+    start_text = CLIPTextModel.from_pretrained(runs / "clip" / "text_encoder")
+    moved = [(a - b).abs().max() for a, b in zip(trained_text.parameters(), start_text.parameters())]
+    assert max(moved) > 0  # the text encoder learned too
+    unet_model = UNet2DConditionModel.from_pretrained(tmp_path / "scene" / "unet")
+    assert unet_model.config.down_block_types[0] == "DownBlock2D"  # no attention at the full latent size
+    cfg.max_steps = 15
+    assert scene.train(cfg)["steps"] == 15  # resumed from ckpt.pt
 
 
 def test_contrastive_loss_counts_every_matching_caption():

@@ -1,4 +1,7 @@
-"""Emoji dataset: four open emoji sets from the npm registry, rendered to 128x128 RGB on white, captioned by name."""
+"""Emoji dataset: four open emoji sets from the npm registry, rendered to 128x128 RGBA sprites, captioned by name.
+
+The alpha channel is kept (scenes paste sprites onto backgrounds); `load` gives the classic RGB-on-white view.
+"""
 
 from __future__ import annotations
 
@@ -75,27 +78,24 @@ def normalize_key(codepoints: str) -> str:
 
 def fetch_packages(cache_dir: Path, sources=SOURCES) -> dict[str, Path]:
     """`npm pack` each source package into cache_dir (kept if already there); returns package -> .tgz."""
+    return {source.package: npm_pack(source.package, cache_dir) for source in sources}
+
+
+def npm_pack(package: str, cache_dir: Path) -> Path:
+    """The package's .tgz in cache_dir, fetched with `npm pack` unless it is there already."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tarballs = {}
-    for source in sources:
-        stem = source.package.lstrip("@").replace("/", "-")
+    stem = package.lstrip("@").replace("/", "-")
+    found = sorted(cache_dir.glob(f"{stem}-[0-9]*.tgz"))
+    if not found:
+        if shutil.which("npm") is None:
+            raise LdmError(f"npm is needed to fetch {package}; install Node.js or put the .tgz in {cache_dir}")
+        result = subprocess.run(
+            ["npm", "pack", package, "--pack-destination", str(cache_dir)], capture_output=True, text=True, check=False
+        )
         found = sorted(cache_dir.glob(f"{stem}-[0-9]*.tgz"))
-        if not found:
-            if shutil.which("npm") is None:
-                raise LdmError(
-                    f"npm is needed to fetch {source.package}; install Node.js or put the .tgz in {cache_dir}"
-                )
-            result = subprocess.run(
-                ["npm", "pack", source.package, "--pack-destination", str(cache_dir)],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            found = sorted(cache_dir.glob(f"{stem}-[0-9]*.tgz"))
-            if result.returncode != 0 or not found:
-                raise LdmError(f"npm pack {source.package} failed: {result.stderr.strip().splitlines()[-1:]}")
-        tarballs[source.package] = found[-1]
-    return tarballs
+        if result.returncode != 0 or not found:
+            raise LdmError(f"npm pack {package} failed: {result.stderr.strip().splitlines()[-1:]}")
+    return found[-1]
 
 
 def _read_member(tar: tarfile.TarFile, name: str) -> bytes:
@@ -151,26 +151,31 @@ def emoji_name(key: str, icon_names: dict[str, str]) -> str | None:
     return None
 
 
-def _on_white(rgba: Image.Image) -> np.ndarray:
-    rgba = rgba.convert("RGBA")
-    if rgba.size != (RESOLUTION, RESOLUTION):
-        rgba = rgba.resize((RESOLUTION, RESOLUTION), Image.LANCZOS)
-    canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    canvas.alpha_composite(rgba)
-    return np.asarray(canvas.convert("RGB"), dtype=np.uint8)
+def _rgba(image: Image.Image) -> np.ndarray:
+    image = image.convert("RGBA")
+    if image.size != (RESOLUTION, RESOLUTION):
+        image = image.resize((RESOLUTION, RESOLUTION), Image.LANCZOS)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def on_white(rgba: np.ndarray) -> np.ndarray:
+    """(..., H, W, 4) uint8 RGBA -> (..., H, W, 3) uint8 composited on white."""
+    alpha = rgba[..., 3:].astype(np.float32) / 255.0
+    rgb = rgba[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+    return np.round(rgb).astype(np.uint8)
 
 
 def render_svg(svg: str) -> np.ndarray:
-    """SVG markup -> (128, 128, 3) uint8 on white, rasterized by resvg."""
+    """SVG markup -> (128, 128, 4) uint8 RGBA, rasterized by resvg."""
     import resvg_py
 
     png = resvg_py.svg_to_bytes(svg_string=svg, width=RESOLUTION, height=RESOLUTION, skip_system_fonts=True)
-    return _on_white(Image.open(io.BytesIO(bytes(png))))
+    return _rgba(Image.open(io.BytesIO(bytes(png))))
 
 
 def render_webp(data: bytes) -> np.ndarray:
-    """WebP bytes (any size, with alpha) -> (128, 128, 3) uint8 on white."""
-    return _on_white(Image.open(io.BytesIO(data)))
+    """WebP bytes (any size, with alpha) -> (128, 128, 4) uint8 RGBA."""
+    return _rgba(Image.open(io.BytesIO(data)))
 
 
 def _render(item: tuple[str, str | bytes]) -> np.ndarray:
@@ -212,6 +217,8 @@ def write_licenses(out_dir: Path, sources=SOURCES) -> None:
         "Apache-2.0: https://www.apache.org/licenses/LICENSE-2.0",
         "CC-BY-4.0: https://creativecommons.org/licenses/by/4.0/ (Twemoji graphics by Twitter, Inc and other contributors)",
         "MIT: https://github.com/microsoft/fluentui-emoji/blob/main/LICENSE",
+        "",
+        "Caption keywords: emojilib (npm), Mu-An Chiou and contributors. License: MIT.",
     ]
     (out_dir / "LICENSES.md").write_text("\n".join(lines) + "\n")
 
@@ -223,8 +230,9 @@ def build(
     limit: int | None = None,
     skin_tones: bool = False,
     sources=SOURCES,
+    keywords: bool = True,
 ) -> list[EmojiRecord]:
-    """Fetch, render and caption: writes images.npy (N, 128, 128, 3) uint8, records.json and LICENSES.md."""
+    """Fetch, render and caption: sprites.npy (N, 128, 128, 4) uint8 RGBA, records.json, keywords.json, LICENSES.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tarballs = fetch_packages(cache_dir or out_dir / "packages", sources)
     records, jobs = collect(tarballs, sources, skin_tones)
@@ -238,17 +246,35 @@ def build(
             images = list(pool.map(_render, jobs, chunksize=64))
     else:
         images = [_render(job) for job in jobs]
-    np.save(out_dir / "images.npy", np.stack(images))
+    np.save(out_dir / "sprites.npy", np.stack(images))
+    if keywords:
+        from ldmkit.data import keywords as keyword_list
+
+        table = keyword_list.read_emojilib(npm_pack(keyword_list.PACKAGE, cache_dir or out_dir / "packages"))
+        (out_dir / "keywords.json").write_text(json.dumps(table))
     (out_dir / "records.json").write_text(json.dumps([r.__dict__ for r in records]))
     write_licenses(out_dir, sources)
     return records
 
 
 def load(data_dir: Path) -> tuple[np.ndarray, list[EmojiRecord]]:
-    """images (N, 128, 128, 3) uint8 and their records, as `build` wrote them."""
+    """images (N, 128, 128, 3) uint8 on white and their records, as `build` wrote them."""
     data_dir = Path(data_dir)
-    if not (data_dir / "images.npy").exists():
+    if (data_dir / "sprites.npy").exists():
+        sprites, records = load_sprites(data_dir)
+        return np.concatenate([on_white(sprites[i : i + 1024]) for i in range(0, len(sprites), 1024)]), records
+    if not (data_dir / "images.npy").exists():  # RGB on white, as earlier versions wrote it
         raise LdmError(f"no dataset in {data_dir}: run `ldm data emoji --out {data_dir}` first")
-    images = np.load(data_dir / "images.npy", mmap_mode="r")
-    records = [EmojiRecord(**r) for r in json.loads((data_dir / "records.json").read_text())]
-    return images, records
+    return np.load(data_dir / "images.npy", mmap_mode="r"), _records(data_dir)
+
+
+def load_sprites(data_dir: Path) -> tuple[np.ndarray, list[EmojiRecord]]:
+    """sprites (N, 128, 128, 4) uint8 RGBA and their records."""
+    data_dir = Path(data_dir)
+    if not (data_dir / "sprites.npy").exists():
+        raise LdmError(f"no sprites in {data_dir}: run `ldm data emoji --out {data_dir}` first")
+    return np.load(data_dir / "sprites.npy", mmap_mode="r"), _records(data_dir)
+
+
+def _records(data_dir: Path) -> list[EmojiRecord]:
+    return [EmojiRecord(**r) for r in json.loads((data_dir / "records.json").read_text())]

@@ -28,10 +28,12 @@ def generate(
     steps: int = 25,
     guidance: float = 7.5,
     batch_size: int = 64,
-    height: int = 128,
-    width: int = 128,
+    height: int | None = None,
+    width: int | None = None,
 ) -> torch.Tensor:
-    """One image per (prompt, seed) pair -> (N, 3, H, W) uint8 on the CPU; `batch_size` prompts per UNet batch."""
+    """One image per (prompt, seed) pair -> (N, 3, H, W) uint8 on the CPU; `batch_size` prompts per UNet batch.
+
+    The size defaults to the model's native one."""
     images = []
     for start in range(0, len(prompts), batch_size):
         batch = pipe.generate(
@@ -73,10 +75,29 @@ GRID_PROMPTS = (
 )
 
 
+SCENE_GRID_PROMPTS = (
+    "an otter wearing sunglasses relaxing on a floating tube in a swimming pool, on a sunny day",
+    "a cute blue-green space rover with cute eyes, lost on a strange planet, cool earth tones",
+    "a cat on the left and a rocket on the right",
+    "a blue banana",
+    "three red apples",
+    "a dog wearing a crown",
+    "a frog wearing a top hat, 3d render",
+    "a penguin in the snow",
+)
+
+
 def sample_grid(
-    model: Pipeline, prompts=GRID_PROMPTS, seeds=(0, 1, 2, 3, 4, 5), steps: int = 25, guidance: float = 7.5
+    model: Pipeline,
+    prompts=GRID_PROMPTS,
+    seeds=(0, 1, 2, 3, 4, 5),
+    steps: int = 25,
+    guidance: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
 ) -> PIL.Image.Image:
     """One row per prompt, one column per seed."""
     pairs = [(p, s) for p in prompts for s in seeds]
-    images = generate(model, [p for p, _ in pairs], [s for _, s in pairs], steps=steps, guidance=guidance)
+    prompts_, seeds_ = [p for p, _ in pairs], [s for _, s in pairs]
+    images = generate(model, prompts_, seeds_, steps=steps, guidance=guidance, height=height, width=width)
     return grid(images, columns=len(seeds))

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from ldmkit.data.emoji import SOURCES
-from ldmkit.eval import metrics
-from ldmkit.eval.generate import generate, load_model
+from ldmkit.eval import metrics, scenes
+from ldmkit.eval.generate import default_size, generate, load_model
 from ldmkit.loading import DEFAULT_MODEL_DIR
 from ldmkit.train.common import holdout_mask, load_dataset
 
@@ -48,11 +48,17 @@ def generate_eval_images(
     model = load_model(Path(model_dir or DEFAULT_MODEL_DIR), device)
     prompts = eval_prompts()[:num_prompts]
     styled = styled_prompts(prompts, style_table())
+    size = default_size(model)
     start = time.perf_counter()
-    plain = generate(model, prompts, [seed] * len(prompts), steps=steps, guidance=guidance)
-    with_style = generate(model, [f"{p}, {s}" for p, s in styled], [seed] * len(styled), steps=steps, guidance=guidance)
+    plain = generate(model, prompts, [seed] * len(prompts), steps, guidance, height=size, width=size)
     seconds = torch.tensor(time.perf_counter() - start)
-    return {"plain": plain, "styled": with_style, "seconds": seconds}
+    styled_prompts_ = [f"{p}, {s}" for p, s in styled]
+    with_style = generate(model, styled_prompts_, [seed] * len(styled), steps, guidance, height=size, width=size)
+    images = {"plain": plain, "styled": with_style, "seconds": seconds}
+    for name, set_prompts in scenes.prompt_sets().items():
+        seeds = [seed + s for s in scenes.seeds_for(name, len(set_prompts))]
+        images[name] = generate(model, set_prompts, seeds, steps, guidance, height=size, width=size)
+    return images
 
 
 def evaluate(
@@ -113,4 +119,12 @@ def evaluate(
         options = metrics.text_features(clip, [f"{p}, {o}" for o in styles], device)  # (4, D)
         hits.append(int((styled_feats[i] @ options.T).argmax()) == styles.index(s))
     results["style_top1_generated"] = sum(hits) / len(hits)
+
+    # Composition: prompts as people type them, spatial, colour, counting, seed diversity.
+    if all(key in images for key in scenes.prompt_sets()):
+        by_name = {}
+        for i, record in enumerate(dataset.records):
+            by_name.setdefault(record.name, []).append(i)
+        data_images = {n: dataset.images[by_name[n]] for n in scenes.DIVERSITY_NAMES if n in by_name}
+        results["composition"] = scenes.score(images, clip, names, data_images, device)
     return results

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ldmkit.errors import LdmError
 
-STAGES = ("clip", "vae", "unet")
+STAGES = ("clip", "vae", "unet", "scene")
 
 
 def register(subparsers) -> None:
@@ -32,12 +32,17 @@ def register(subparsers) -> None:
     emoji.set_defaults(func=run_data)
 
     train = subparsers.add_parser("train", help="train a stage of the default model (accelerate: CPU, GPU, multi-GPU)")
-    train.add_argument("stage", choices=STAGES + ("export",), help="clip, vae, unet; export assembles the model folder")
+    train.add_argument(
+        "stage",
+        choices=STAGES + ("export",),
+        help="clip, vae, unet (single emoji), scene (text encoder + 256 px UNet on scenes); export assembles the model",
+    )
     train.add_argument("--data", type=Path, default=Path(".data/emoji"))
     train.add_argument("--runs", type=Path, default=Path(".runs"), help="stage outputs go to RUNS/<stage>")
     train.add_argument("--minutes", type=float, default=None, help="wall-time budget (the LR decay ends there)")
     train.add_argument("--steps", type=int, default=None, help="step budget")
     train.add_argument("--out", type=Path, default=None, help="export: the model folder to write")
+    train.add_argument("--vae", type=Path, default=None, help="export and scene: the VAE folder (default RUNS/vae/vae)")
     train.add_argument(
         "--set",
         action="append",
@@ -84,19 +89,27 @@ def run_data(args) -> int:
 
 def stage_config(stage: str, args):
     """The stage's dataclass config with paths from --data/--runs and --set overrides applied."""
-    from ldmkit.train import clip, unet, vae
+    from ldmkit.train import clip, scene, unet, vae
 
     runs = args.runs
+    vae_dir = str(args.vae or runs / "vae" / "vae")
     if stage == "clip":
         cfg = clip.ClipTrainConfig(data_dir=str(args.data), out_dir=str(runs / "clip"))
     elif stage == "vae":
         cfg = vae.VaeTrainConfig(data_dir=str(args.data), out_dir=str(runs / "vae"))
-    else:
+    elif stage == "unet":
         cfg = unet.UnetTrainConfig(
             data_dir=str(args.data),
             out_dir=str(runs / "unet"),
             text_encoder_dir=str(runs / "clip" / "text_encoder"),
-            vae_dir=str(runs / "vae" / "vae"),
+            vae_dir=vae_dir,
+        )
+    else:
+        cfg = scene.SceneTrainConfig(
+            data_dir=str(args.data),
+            out_dir=str(runs / "scene"),
+            text_encoder_dir=str(runs / "clip" / "text_encoder"),
+            vae_dir=vae_dir,
         )
     if args.minutes is not None:
         cfg.max_minutes = args.minutes
@@ -128,11 +141,14 @@ def run_train(args) -> int:
         out = args.out or Path(".runs/default-model")
         runs = args.runs
         licenses = args.data / "LICENSES.md"
+        # the scene stage trains its own text encoder; the single-emoji UNet uses the CLIP's frozen one
+        denoiser = runs / "scene" if (runs / "scene" / "unet").exists() else runs / "unet"
+        text_encoder = denoiser / "text_encoder" if denoiser.name == "scene" else runs / "clip" / "text_encoder"
         export.assemble(
-            runs / "clip" / "text_encoder",
-            runs / "vae" / "vae",
-            runs / "unet" / "unet",
-            runs / "unet" / "scheduler",
+            text_encoder,
+            args.vae or runs / "vae" / "vae",
+            denoiser / "unet",
+            denoiser / "scheduler",
             out,
             licenses if licenses.exists() else None,
         )
@@ -167,15 +183,15 @@ def run_eval(args) -> int:
         args.generate_only.mkdir(parents=True, exist_ok=True)
         for key, value in images.items():
             torch.save(value, args.generate_only / f"{key}.pt")
-        print(
-            f"{len(images['plain'])} + {len(images['styled'])} images in {float(images['seconds']):.1f}s -> {args.generate_only}"
-        )
+        count = sum(len(v) for k, v in images.items() if k != "seconds")
+        print(f"{count} images -> {args.generate_only}")
         return 0
     images = None
     if args.images:
-        images = {
-            key: torch.load(args.images / f"{key}.pt", weights_only=True) for key in ("plain", "styled", "seconds")
-        }
+        images = {path.stem: torch.load(path, weights_only=True) for path in sorted(args.images.glob("*.pt"))}
+        missing = {"plain", "styled", "seconds"} - set(images)
+        if missing:
+            raise LdmError(f"--images {args.images}: missing {', '.join(sorted(missing))}.pt")
     metrics = report.evaluate(
         model_dir=args.model,
         clip_dir=args.clip,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,10 @@ class VaeTrainConfig:
     kl_weight: float = 1e-6  # per latent element, against per-pixel reconstruction: keeps latents near N(0, s^2)
     mse_weight: float = 1.0  # L1 + MSE: L1 keeps edges sharp, MSE is what PSNR measures
     holdout_fraction: float = 0.02  # images never trained on, for the PSNR in `ldm eval`
+    init_dir: str | None = None  # start from this VAE (diffusers folder) instead of random weights
+    scenes: bool = False  # train on scenes pasted on the GPU (backgrounds, several objects) instead of single emoji
+    scene_size: int = 256  # their side in pixels; batch_size counts 128x128 images, so the batch shrinks to match
+    workers: int = 6  # CPU processes drawing scene layouts
     log_every: int = 200
     seed: int = 0
     limit: int | None = None
@@ -82,7 +87,8 @@ def train(cfg: VaeTrainConfig) -> dict:
     dataset = common.load_dataset(Path(cfg.data_dir), cfg.limit)
     train_set = dataset.subset(~common.holdout_mask(dataset, cfg.holdout_fraction)).to(accelerator.device)
 
-    model = Autoencode(build_model(cfg).to(memory_format=torch.channels_last))
+    base = AutoencoderKL.from_pretrained(cfg.init_dir, torch_dtype=torch.float32) if cfg.init_dir else build_model(cfg)
+    model = Autoencode(base.to(memory_format=torch.channels_last))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     model, optimizer = accelerator.prepare(model, optimizer)
     schedule = common.Schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.max_minutes)
@@ -91,10 +97,14 @@ def train(cfg: VaeTrainConfig) -> dict:
     n, batch = len(train_set), min(cfg.batch_size, len(train_set))
     progress = common.Progress(accelerator, optimizer, schedule, "vae img/s", cfg.log_every, step, elapsed)
     generator = common.process_generator(accelerator, cfg.seed, step)
+    draw = scene_images(cfg, accelerator, step, generator) if cfg.scenes else None
     model.train()
     for step in progress:
-        index = torch.randint(0, n, (batch,), device=accelerator.device, generator=generator)
-        images = common.to_model_range(train_set.images[index])  # (B, 3, 128, 128)
+        if draw is not None:
+            images = next(draw)  # (B, 3, S, S) scenes, B = batch_size * (128 / S)^2
+        else:
+            index = torch.randint(0, n, (batch,), device=accelerator.device, generator=generator)
+            images = common.to_model_range(train_set.images[index])  # (B, 3, 128, 128)
         with accelerator.autocast():
             loss, _ = vae_loss(model, images, cfg)
         optimizer.zero_grad(set_to_none=True)
@@ -106,6 +116,9 @@ def train(cfg: VaeTrainConfig) -> dict:
 
     vae = accelerator.unwrap_model(model).vae
     vae.eval()
+    if draw is not None:  # the latents the UNet will see: scenes
+        sample = torch.cat([next(draw) for _ in range(max(1, 1024 // cfg.batch_size))])
+        train_set = dataclasses.replace(train_set, images=((sample + 1) * 127.5).round().to(torch.uint8))
     scaling_factor = latent_scaling_factor(vae, train_set.images, accelerator)
     vae.register_to_config(scaling_factor=scaling_factor)
     common.save_checkpoint(
@@ -115,6 +128,23 @@ def train(cfg: VaeTrainConfig) -> dict:
         export(vae, out_dir)
         (out_dir / "train.json").write_text(json.dumps({"steps": step, "minutes": elapsed / 60, "history": history}))
     return {"steps": step, "minutes": elapsed / 60, "history": history, "scaling_factor": scaling_factor}
+
+
+def scene_images(cfg: VaeTrainConfig, accelerator, step: int, generator):
+    """Endless batches of scenes in [-1, 1], channels_last, drawn and pasted on the training device."""
+    from ldmkit.data.scenes import load_sampler
+    from ldmkit.train.compose import Compositor, scene_batches, to_device
+
+    sprites, sampler = load_sampler(Path(cfg.data_dir), cfg.limit)
+    compositor = Compositor(sprites, accelerator.device)
+    size = cfg.scene_size
+    batch = max(1, cfg.batch_size * 128 * 128 // (size * size))
+    seed = cfg.seed + step + 7919 * accelerator.process_index
+    stream = scene_batches(sampler, ((size, size, 1.0),), batch, cfg.workers, seed, None)
+    for height, width, scene_batch, _ in stream:
+        with torch.no_grad():
+            images = compositor(to_device(scene_batch, accelerator.device), height, width, generator)
+        yield images.contiguous(memory_format=torch.channels_last)
 
 
 @torch.no_grad()

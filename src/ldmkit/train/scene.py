@@ -1,0 +1,180 @@
+"""Stage 4: the text encoder and a 256x256 UNet trained together on scenes synthesised on the fly.
+
+Every step draws fresh scenes (`ldmkit.data.scenes`) in CPU worker processes (layout + caption + tokens), pastes
+them on the GPU (`ldmkit.train.compose`), encodes them with the frozen VAE and trains the UNet and the text
+encoder jointly on the v objective: the text encoder has to carry word order ("a cat on the left and a rocket
+on the right", "X wearing Y") because the denoiser needs it, which a frozen contrastive tower never had to.
+Canvas sizes vary per step (square, portrait, landscape, larger), with the layout in size-free units, so 256,
+512 and non-square requests draw one coherent picture.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel
+
+from ldmkit.data import scenes
+from ldmkit.train import common
+from ldmkit.train.compose import Compositor, scene_batches, to_device
+from ldmkit.train.unet import SCHEDULER_CONFIG, diffusion_loss
+
+
+@dataclass
+class SceneTrainConfig:
+    data_dir: str = ".data/emoji"
+    out_dir: str = ".runs/scene"
+    vae_dir: str = ".runs/vae/vae"  # frozen; convolutional, so 128 px training carries to 256 px scenes
+    text_encoder_dir: str = ".runs/clip/text_encoder"  # the starting point: it already knows the emoji names
+    # 16.9M params (34 MB fp16); no attention at the 32x32 level keeps 50 CPU forwards at ~2.2x the old 16x16 cost
+    block_out_channels: tuple[int, ...] = (64, 128, 192, 192)
+    layers_per_block: int = 1
+    attention_heads: tuple[int, ...] = (2, 4, 6, 6)
+    norm_num_groups: int = 32
+    # (height, width, share of steps): the batch shrinks with the area so every step costs about the same
+    sizes: tuple = ((256, 256, 0.6), (256, 384, 0.1), (384, 256, 0.1), (384, 384, 0.1), (512, 512, 0.1))
+    batch_size: int = 256  # at the first size; smaller at larger sizes
+    max_steps: int = 100_000
+    max_minutes: float | None = None  # the whole run's budget: the LR schedule ends there
+    session_minutes: float | None = None  # stop this process after this long (checkpointed; resume continues)
+    lr: float = 5e-4
+    text_lr_scale: float = 0.4  # the text encoder starts trained: move it more gently
+    min_lr: float = 2e-5
+    warmup_steps: int = 300
+    weight_decay: float = 0.01
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    workers: int = 6  # CPU processes drawing scenes and tokenizing captions
+    checkpoint_minutes: float = 3.0
+    log_every: int = 100
+    seed: int = 0
+    limit: int | None = None
+    mixed_precision: str = "auto"
+
+
+class TextToNoise(torch.nn.Module):
+    """Text encoder and UNet as one module, so DDP synchronises both and one EMA tracks both."""
+
+    def __init__(self, text_encoder: CLIPTextModel, unet: UNet2DConditionModel):
+        super().__init__()
+        self.text_encoder, self.unet = text_encoder, unet
+
+    def forward(self, noisy, timesteps, tokens):
+        return self.unet(noisy, timesteps, self.text_encoder(tokens).last_hidden_state)
+
+
+class _Bound(torch.nn.Module):
+    """diffusion_loss calls unet(noisy, t, states); here the 'states' are tokens and the text encoder runs inside."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, noisy, timesteps, tokens):
+        return _Sample(self.model(noisy, timesteps, tokens))
+
+
+class _Sample:
+    def __init__(self, output):
+        self.sample = output.sample
+
+
+def build_unet(cfg: SceneTrainConfig, cross_attention_dim: int) -> UNet2DConditionModel:
+    levels = len(cfg.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=32,  # 256x256 by default: the pipeline's default size is sample_size * 8
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        attention_head_dim=tuple(cfg.attention_heads),
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=cfg.norm_num_groups,
+    )
+
+
+def train(cfg: SceneTrainConfig) -> dict:
+    """Train (resumable from out_dir/ckpt.pt); export EMA weights to out_dir/{unet,text_encoder,scheduler}."""
+    accelerator = common.make_accelerator(cfg.mixed_precision)
+    device = accelerator.device
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(cfg.out_dir)
+    sprites, sampler = scenes.load_sampler(Path(cfg.data_dir), cfg.limit)
+    compositor = Compositor(sprites, device)
+    del sprites
+
+    vae = AutoencoderKL.from_pretrained(cfg.vae_dir, torch_dtype=torch.float32).to(device).eval().requires_grad_(False)
+    vae = vae.to(memory_format=torch.channels_last)
+    text_encoder = CLIPTextModel.from_pretrained(cfg.text_encoder_dir, torch_dtype=torch.float32)
+    unet = build_unet(cfg, text_encoder.config.hidden_size).to(memory_format=torch.channels_last)
+    model = TextToNoise(text_encoder, unet).to(device)
+    ema = common.EMA(model, cfg.ema_decay)
+    groups = [
+        {"params": list(model.unet.parameters()), "scale": 1.0},
+        {"params": list(model.text_encoder.parameters()), "scale": cfg.text_lr_scale},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.params = [p.to(device) for p in ema.params]
+    schedule = common.Schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.max_minutes)
+    step, elapsed, checkpoint = common.resume(out_dir / "ckpt.pt", accelerator, model, optimizer, "scene")
+    if checkpoint is not None:
+        ema.load_state_dict(checkpoint["ema"])
+    alphas_cumprod = DDPMScheduler.from_config(SCHEDULER_CONFIG).alphas_cumprod.to(device)
+    scaling_factor = vae.config.scaling_factor
+
+    seed = cfg.seed + step + 7919 * accelerator.process_index
+    stream = scene_batches(sampler, cfg.sizes, cfg.batch_size, cfg.workers, seed, cfg.caption_dropout)
+    progress = common.Progress(accelerator, optimizer, schedule, "scene samples/s", cfg.log_every, step, elapsed)
+    generator = common.process_generator(accelerator, cfg.seed, step)
+    bound = _Bound(model)
+    last_save = session_start = elapsed
+    model.train()
+    for step in progress:
+        if cfg.session_minutes and progress.elapsed - session_start > 60 * cfg.session_minutes:
+            break  # the agreed clock: every rank stops at the same step
+        for group in optimizer.param_groups:
+            group["lr"] *= group["scale"]
+        height, width, scene_batch, tokens = next(stream)
+        scene_batch = to_device(scene_batch, device)
+        with torch.no_grad(), accelerator.autocast():
+            images = compositor(scene_batch, height, width, generator).contiguous(memory_format=torch.channels_last)
+            posterior = vae.encode(images).latent_dist
+            noise = torch.randn(posterior.mean.shape, device=device, generator=generator)
+            latents = (posterior.mean + posterior.std * noise).float() * scaling_factor
+        with accelerator.autocast():
+            loss = diffusion_loss(bound, latents, tokens.to(device), alphas_cumprod, cfg, generator)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        ema.update(accelerator.unwrap_model(model), step)
+        progress.done(loss, latents.shape[0])
+        if progress.elapsed - last_save > 60 * cfg.checkpoint_minutes:
+            last_save = progress.elapsed
+            common.save_checkpoint(
+                out_dir / "ckpt.pt", accelerator, model, optimizer, cfg, progress.step, progress.elapsed,
+                ema=ema.state_dict(),
+            )  # fmt: skip
+    step, elapsed, history = progress.step, progress.finish(), progress.history
+    common.save_checkpoint(out_dir / "ckpt.pt", accelerator, model, optimizer, cfg, step, elapsed, ema=ema.state_dict())
+    if accelerator.is_main_process:
+        export(accelerator.unwrap_model(model), ema, out_dir)
+        (out_dir / "train.json").write_text(json.dumps({"steps": step, "minutes": elapsed / 60, "history": history}))
+    return {"steps": step, "minutes": elapsed / 60, "history": history}
+
+
+def export(model: TextToNoise, ema: common.EMA, out_dir: Path) -> None:
+    """EMA weights as fp16 diffusers folders out_dir/unet and out_dir/text_encoder, and the scheduler config."""
+    shipped = TextToNoise(CLIPTextModel(model.text_encoder.config), UNet2DConditionModel.from_config(model.unet.config))
+    ema.copy_to(shipped)
+    shipped.unet.half().save_pretrained(out_dir / "unet")
+    shipped.text_encoder.half().save_pretrained(out_dir / "text_encoder")
+    DDPMScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(out_dir / "scheduler")

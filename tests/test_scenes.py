@@ -1,0 +1,184 @@
+"""Scene synthesis: captions say only what the layout shows, and the GPU compositor draws that layout."""
+
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from ldmkit.data import scenes, words
+from ldmkit.data.emoji import EmojiRecord
+from ldmkit.train.compose import Compositor, SceneBatch, hue_rotate, paint_backgrounds
+
+S = 32  # sprite size in these tests
+# key, name, colour of an opaque disc (or None: a grey disc)
+FAKE = [
+    ("1f431", "cat face", (0.9, 0.6, 0.1)),
+    ("1f34c", "banana", (1.0, 0.9, 0.1)),
+    ("1f680", "rocket", None),
+    ("1f34e", "red apple", (0.9, 0.05, 0.05)),
+    ("1f576", "dark sunglasses", None),
+    ("1f6df", "ring buoy", (1.0, 0.3, 0.2)),
+]
+STYLES = ("flat icon", "3d render")
+
+
+def make_sprite(colour) -> np.ndarray:
+    yy, xx = np.mgrid[:S, :S]
+    disc = (yy - 16) ** 2 + (xx - 16) ** 2 < 12**2  # opaque box [5, 28) of 32
+    rgba = np.zeros((S, S, 4), np.uint8)
+    rgba[disc, :3] = np.array(colour or (0.5, 0.5, 0.5)) * 255
+    rgba[disc, 3] = 255
+    return rgba
+
+
+@pytest.fixture(scope="module")
+def catalogue():
+    records = [EmojiRecord(key=k, name=n, style=s, package="test") for s in STYLES for k, n, _ in FAKE]
+    sprites = np.stack([make_sprite(c) for _ in STYLES for _, _, c in FAKE])
+    infos = scenes.measure_sprites(sprites, records, {"1f34c": ["bananas", "banana"]})
+    return sprites, infos, scenes.SceneSampler(infos)
+
+
+def test_words():
+    assert words.with_article("otter") == "an otter" and words.with_article("unicorn") == "a unicorn"
+    assert words.plural("red apple") == "red apples" and words.plural("cherry") == "cherries"
+    assert words.plural("face with tears of joy") == "faces with tears of joy"
+    assert words.plural("man cook") == "man cooks" and words.plural("mouse") == "mice"
+    assert words.strip_colour("red apple") == "apple"
+    assert words.nearest_colour(230.0) == "blue"
+
+
+def test_measure_sprites_box_and_hue(catalogue):
+    _, infos, _ = catalogue
+    by_name = {i.record.name: i for i in infos}
+    assert by_name["banana"].bbox == pytest.approx((5 / 32, 5 / 32, 28 / 32, 28 / 32))
+    assert words.nearest_colour(by_name["banana"].hue) == "yellow"
+    assert words.nearest_colour(by_name["red apple"].hue) == "red"
+    assert by_name["rocket"].hue is None  # grey: never recoloured
+    assert by_name["cat face"].head == by_name["cat face"].bbox  # a face: glasses go by the whole face
+    assert by_name["banana"].keywords == ["bananas"]
+
+
+def _scenes(sampler, kind, n=200, width=1.0, height=1.0):
+    rng = random.Random(0)
+    generator = getattr(sampler, kind)
+    out = [generator(rng, width, height) for _ in range(n)]
+    return [s for s in out if s is not None]
+
+
+def test_single_positions_and_colours_match_the_caption(catalogue):
+    _, infos, sampler = catalogue
+    for scene in _scenes(sampler, "single", 400, width=1.5):
+        (obj,) = scene.objects
+        x0, y0, x1, y1 = sampler.box(obj)
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        assert -1e-6 <= x0 and x1 <= 1.5 + 1e-6 and -1e-6 <= y0 and y1 <= 1 + 1e-6  # inside the canvas
+        caption = scene.caption
+        if re.search(r"\bleft\b", caption):
+            assert cx < 0.5
+        if re.search(r"\bright\b", caption):
+            assert cx > 1.0
+        if re.search(r"\btop\b", caption):
+            assert cy < 0.35
+        if re.search(r"\bbottom\b", caption):
+            assert cy > 0.65
+        if obj.hue:
+            said = [c for c in words.COLOUR_HUES if re.search(rf"(^|\s){c}\s", caption)]
+            new_hue = (infos[obj.sprite].hue + obj.hue) % 360
+            assert any(words.hue_distance(new_hue, words.COLOUR_HUES[c]) < 1.0 for c in said), caption
+        else:
+            own, name = infos[obj.sprite].hue, infos[obj.sprite].record.name
+            for c in words.BASIC_COLOURS:
+                if f"{c} {name}" in caption and not name.startswith(c):
+                    assert words.nearest_colour(own) == c, caption
+
+
+def test_pairs_put_each_object_where_the_caption_says(catalogue):
+    _, infos, sampler = catalogue
+    checked = 0
+    for scene in _scenes(sampler, "pair", 300):
+        first, second = scene.objects
+        name_a, name_b = infos[first.sprite].record.name, infos[second.sprite].record.name
+        caption = scene.caption
+        if " on the left and " in caption and name_a in caption and name_b in caption and name_a != name_b:
+            left = caption.split(" on the left and ")[0]
+            left_obj, right_obj = (first, second) if name_a in left else (second, first)
+            assert sampler.box(left_obj)[2] <= sampler.box(right_obj)[0] + 1e-6  # wholly to its left
+            checked += 1
+        if " above " in caption:
+            assert first.cy < second.cy
+    assert checked > 5
+
+
+def test_counts_have_that_many_objects(catalogue):
+    _, _, sampler = catalogue
+    numbers = {v: k for k, v in words.NUMBER_WORDS.items()} | {str(k): k for k in words.NUMBER_WORDS}
+    for scene in _scenes(sampler, "count", 200):
+        said = [numbers[w] for w in re.findall(r"[a-z0-9]+", scene.caption) if w in numbers]
+        if said:
+            assert said[0] == len(scene.objects), scene.caption
+        else:
+            assert re.search(r"\b(several|some)\b", scene.caption) and len(scene.objects) >= 3
+        boxes = [sampler.box(o) for o in scene.objects]
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                a, b = boxes[i], boxes[j]
+                assert a[2] <= b[0] + 1e-6 or b[2] <= a[0] + 1e-6 or a[3] <= b[1] + 1e-6 or b[3] <= a[1] + 1e-6
+
+
+def test_wearing_puts_the_glasses_on_the_eyes(catalogue):
+    _, infos, sampler = catalogue
+    seen = 0
+    for scene in _scenes(sampler, "wearing", 100):
+        wearer = next(o for o in scene.objects if infos[o.sprite].record.name == "cat face")
+        glasses = next(o for o in scene.objects if infos[o.sprite].record.key == "1f576")
+        said = "shades" if "shades" in scene.caption else "glasses"
+        assert scene.caption.index("cat face") < scene.caption.index(said)  # wearer first, then what it wears
+        x0, y0, x1, y1 = sampler.box(wearer)
+        gx0, gy0, gx1, gy1 = sampler.box(glasses)
+        assert (gx0 + gx1) / 2 == pytest.approx((x0 + x1) / 2, abs=1e-6)
+        assert (gy0 + gy1) / 2 == pytest.approx(y0 + 0.42 * (y1 - y0), abs=1e-6)
+        if any(infos[o.sprite].record.key == "1f6df" for o in scene.objects):
+            assert scene.objects[0].sprite in {i for i, info in enumerate(infos) if info.record.key == "1f6df"}
+        seen += 1
+    assert seen > 50
+
+
+def test_sample_draws_every_kind(catalogue):
+    _, _, sampler = catalogue
+    rng = random.Random(1)
+    kinds = {sampler.sample(rng, 1.0, 1.0).kind for _ in range(300)}
+    assert kinds == {"classic", "single", "pair", "count", "wearing", "float"}
+
+
+def test_compositor_places_recolours_and_mirrors():
+    red_left_half = np.zeros((S, S, 4), np.uint8)
+    red_left_half[:, : S // 2] = (255, 0, 0, 255)  # opaque red on the sprite's left half only
+    compositor = Compositor(torch.from_numpy(red_left_half[None]), "cpu")
+    objects = [scenes.Placed(0, cx=0.5, cy=0.5, size=1.0)]
+    gen = torch.Generator().manual_seed(0)
+    image = compositor(SceneBatch([scenes.Scene(objects)], "cpu"), 64, 64, gen)[0]
+    assert image[:, 32, 8].tolist() == pytest.approx([1.0, -1.0, -1.0], abs=0.02)  # red on the left
+    assert image[:, 32, 56].tolist() == pytest.approx([1.0, 1.0, 1.0], abs=0.02)  # white background on the right
+    mirrored = [scenes.Placed(0, cx=0.5, cy=0.5, size=1.0, flip=True, hue=120.0)]
+    image = compositor(SceneBatch([scenes.Scene(mirrored)], "cpu"), 64, 64, gen)[0]
+    assert image[:, 32, 56].tolist() == pytest.approx([-1.0, 1.0, -1.0], abs=0.05)  # mirrored and now green
+    # a small object on a wide canvas: the layout unit is the shorter side
+    small = [scenes.Placed(0, cx=1.25, cy=0.5, size=0.5)]
+    image = compositor(SceneBatch([scenes.Scene(small)], "cpu"), 64, 128, gen)[0]
+    red = (image[0] > 0.5) & (image[1] < -0.5)
+    cols = red.any(0).nonzero().squeeze(1)
+    assert cols.min().item() == 64 and cols.max().item() == 79  # x from 1.0 to 1.25 units: pixels 64..79
+
+
+def test_hue_rotation_and_backgrounds():
+    red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    assert hue_rotate(red, torch.tensor([120.0])).flatten().tolist() == pytest.approx([0, 1, 0], abs=1e-5)
+    kinds = torch.arange(len(scenes.BACKGROUNDS))
+    for height, width in ((32, 32), (32, 48)):
+        painted = paint_backgrounds(kinds, height, width, torch.Generator().manual_seed(0))
+        assert painted.shape == (len(kinds), 3, height, width) and torch.isfinite(painted).all()
+        assert painted[0].eq(1).all()  # white
+        assert painted[1:].std(dim=(2, 3)).sum(1).gt(0.01).all()  # the others are not flat
