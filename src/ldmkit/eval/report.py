@@ -9,7 +9,7 @@ import torch
 
 from ldmkit.data.emoji import SOURCES
 from ldmkit.eval import metrics, scenes
-from ldmkit.eval.generate import default_size, generate, load_model
+from ldmkit.eval.generate import generate, load_model
 from ldmkit.loading import DEFAULT_MODEL_DIR
 from ldmkit.train.common import holdout_mask, load_dataset
 
@@ -48,7 +48,7 @@ def generate_eval_images(
     model = load_model(Path(model_dir or DEFAULT_MODEL_DIR), device)
     prompts = eval_prompts()[:num_prompts]
     styled = styled_prompts(prompts, style_table())
-    size = default_size(model)
+    size = model.default_size
     start = time.perf_counter()
     plain = generate(model, prompts, [seed] * len(prompts), steps, guidance, height=size, width=size)
     seconds = torch.tensor(time.perf_counter() - start)
