@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except LdmError as exc:
         print(f"ldm: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ldm: interrupted; nothing partial was written", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # run_generate adds what it had written; a bare Ctrl-C elsewhere has nothing to say about files.
+        print(f"ldm: interrupted{'; ' + exc.args[0] if exc.args else ''}", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as exc:
         # torch.OutOfMemoryError (CUDA) is a RuntimeError; matched by name so the CLI need not import torch
@@ -185,6 +186,12 @@ def run_generate(args) -> int:
         lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir,
     )
+    written: list[Path] = []
+
+    def saved(path: Path) -> None:  # each file is listed as soon as it is complete
+        written.append(path)
+        print(path, flush=True)
+
     job = GenerateJob(
         pipe,
         output_dir=args.output_dir,
@@ -192,33 +199,44 @@ def run_generate(args) -> int:
         preview_mode=args.preview,
         animation_format=args.animation_format,
         progress=not args.quiet,
+        on_saved=saved,
     )
     mine = workers.mine(list(range(len(prompts))))
     if workers.world_size > 1:
         print(f"ldm: process {workers.rank + 1}/{workers.world_size}: {len(mine)} of {len(prompts)} prompts", file=sys.stderr)
-    for j in mine:
-        paths = job.run(
-            first_index=first_index + j * n,
-            prompt=prompts[j],
-            negative_prompt=args.negative,
-            steps=args.steps,
-            guidance=args.guidance,
-            sampler=args.sampler,
-            seed=base_seed + j * n,
-            width=width,
-            height=height,
-            num_images=n,
-            init_image=init_image,
-            strength=args.strength,
-            mask_image=mask_image,
-            mask_blur=args.mask_blur,
-            hires=hires,
-            clip_skip=args.clip_skip,
-        )
-        for path in paths:
-            print(path, flush=True)
+    try:
+        for j in mine:
+            job.run(
+                first_index=first_index + j * n,
+                prompt=prompts[j],
+                negative_prompt=args.negative,
+                steps=args.steps,
+                guidance=args.guidance,
+                sampler=args.sampler,
+                seed=base_seed + j * n,
+                width=width,
+                height=height,
+                num_images=n,
+                init_image=init_image,
+                strength=args.strength,
+                mask_image=mask_image,
+                mask_blur=args.mask_blur,
+                hires=hires,
+                clip_skip=args.clip_skip,
+            )
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(written_note(written)) from None
+    except LdmError as exc:
+        raise LdmError(f"{exc}; {written_note(written)}") from None
     workers.barrier()
     return 0
+
+
+def written_note(written: list[Path]) -> str:
+    """What a generate run that stopped early leaves: complete files only (each is written whole, then linked)."""
+    if not written:
+        return "no file was written"
+    return f"{len(written)} file(s) were written, listed above; none is partial"
 
 
 def read_prompts(args) -> list[str]:
