@@ -340,7 +340,23 @@ def test_a_full_disk_is_one_line_naming_the_images_already_written(tiny_model, t
         return real_save(self, fp, *args, **kwargs)
 
     monkeypatch.setattr(Image.Image, "save", disk_full_on_the_second_image)
-    code = main(["generate", "otter", "-n", "3", "--steps", "2", "--seed", "5", "--model", str(tiny_model), "-q", "-o", str(tmp_path)])
+    code = main(
+        [
+            "generate",
+            "otter",
+            "-n",
+            "3",
+            "--steps",
+            "2",
+            "--seed",
+            "5",
+            "--model",
+            str(tiny_model),
+            "-q",
+            "-o",
+            str(tmp_path),
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 2
     assert out.splitlines() == [str(tmp_path / "00001-5.png")]
@@ -361,12 +377,24 @@ def test_a_ckpt_whose_state_dict_holds_itself_is_refused_not_looped_over(tmp_pat
     checkpoint["state_dict"] = checkpoint
     torch.save(checkpoint, tmp_path / "loop.ckpt")
     out = subprocess.run(
-        [sys.executable, "-m", "ldmkit.cli", "generate", "x", "--model", str(tmp_path / "loop.ckpt"), "-o", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "ldmkit.cli",
+            "generate",
+            "x",
+            "--model",
+            str(tmp_path / "loop.ckpt"),
+            "-o",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert out.returncode == 2 and out.stderr == "ldm: error: loop.ckpt is not a checkpoint: its state_dict holds itself\n"
+    assert (
+        out.returncode == 2 and out.stderr == "ldm: error: loop.ckpt is not a checkpoint: its state_dict holds itself\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -396,3 +424,15 @@ def test_ldm_info_on_hostile_pngs_is_one_line(tmp_path):
         out = ldm("info", tmp_path / "bomb.png")
         assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr
         assert out.stderr.startswith(f"ldm: error: cannot read {tmp_path / 'bomb.png'} as an image: ")
+
+
+def test_init_images_and_masks_are_read_upright(tmp_path):
+    from ldmkit.cli import load_image
+
+    stored = Image.new("RGB", (4, 2), "black")
+    stored.putpixel((0, 0), (255, 255, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    stored.save(tmp_path / "photo.png", exif=exif)
+    image = load_image(tmp_path / "photo.png", "init image")
+    assert image.size == (2, 4) and image.getpixel((1, 0)) == (255, 255, 255)

@@ -160,7 +160,9 @@ def dimension_bomb(path):
     path.write_bytes(png[:8] + header + png[33:])
 
 
-@pytest.mark.parametrize("make, reason", [(ztxt_bomb, "Decompressed data too large"), (dimension_bomb, "exceeds limit")])
+@pytest.mark.parametrize(
+    "make, reason", [(ztxt_bomb, "Decompressed data too large"), (dimension_bomb, "exceeds limit")]
+)
 def test_hostile_pngs_are_an_ldm_error(tmp_path, make, reason):
     make(tmp_path / "bomb.png")
     with pytest.raises(LdmError, match=reason):

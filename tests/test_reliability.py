@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, PngImagePlugin
 
 pytest.importorskip("fastapi", reason="server extras not installed (pip install -e .[server])")
 httpx = pytest.importorskip("httpx", reason="server test extras not installed")
@@ -31,7 +32,9 @@ import loadtest
 from e2e.serving import serve, serve_tiny, tiny_pipeline
 
 from ldmkit.errors import InvalidRequest
+from ldmkit.server.a1111 import _decode_mask
 from ldmkit.server.app import create_app
+from ldmkit.server.imaging import decode_base64_image
 from ldmkit.server.limits import ServerLimits
 
 FAST = {"width": 16, "height": 16, "steps": 3}
@@ -251,3 +254,98 @@ def wait_for(condition, timeout: float = 15.0):
             return value
         time.sleep(0.02)
     raise AssertionError("condition not met in time")
+
+
+# -- issue 15: client input that used to get a 500, answers that leaked the server's insides --------------
+
+
+def encoded(image: Image.Image, format: str, **save_args) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **save_args)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_a_lab_tiff_mask_is_read_as_any_other_mask(server):
+    """Pillow cannot convert LAB to L: the mask used to be a 500."""
+    body = {
+        "prompt": "x",
+        "init_images": [png_b64(Image.new("RGB", (16, 16), "orange"))],
+        "mask": encoded(Image.new("LAB", (16, 16), (255, 128, 128)), "TIFF"),
+        **FAST,
+    }
+    response = requests.post(f"{server[0]}/sdapi/v1/img2img", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+
+
+def test_override_settings_nested_deeply_get_400_before_any_compute(server, monkeypatch):
+    url, pipe, _ = server
+    calls = []
+    monkeypatch.setattr(pipe, "generate", lambda *a, **k: calls.append(a))
+    nested = 0
+    for _ in range(300):
+        nested = [nested]
+    body = {"prompt": "x", "override_settings": {"some_setting": nested}, **FAST}
+    response = requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"] == "override_settings is nested more than 8 levels deep"
+    assert calls == []
+
+
+ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}|object at ")
+
+
+def test_answers_name_no_server_path_and_no_memory_address(server, monkeypatch):
+    url, pipe, _ = server
+    monkeypatch.setattr(pipe.components, "source", "/srv/private/models/v1-5.safetensors")
+    answers = [
+        requests.post(f"{url}/sdapi/v1/png-info", json={"image": "aGVsbG8gd29ybGQ="}, timeout=30),
+        requests.post(
+            f"{url}/sdapi/v1/png-info", json={"image": encoded(Image.new("RGB", (8, 8)), "PNG")[:60]}, timeout=30
+        ),
+        requests.post(
+            f"{url}/sdapi/v1/img2img",
+            json={
+                "prompt": "x",
+                "init_images": [png_b64(Image.new("RGB", (16, 16)))],
+                "mask": "bm90IGFuIGltYWdl",
+                **FAST,
+            },
+            timeout=30,
+        ),
+        requests.get(f"{url}/sdapi/v1/sd-models", timeout=30),
+    ]
+    assert [a.status_code for a in answers] == [400, 400, 400, 200]
+    assert "not a readable image (unknown or unsupported image format)" in answers[0].json()["detail"]
+    assert answers[3].json()[0]["filename"] == "v1-5.safetensors"
+    for answer in answers:
+        assert not ADDRESS.search(answer.text), answer.text
+        assert "/srv/private" not in answer.text and str(Path.cwd()) not in answer.text, answer.text
+
+
+def test_mime_wrapped_base64_is_read_as_automatic1111_reads_it(server):
+    """76-character lines with CRLF, as MIME (and `base64`, `openssl base64`) write base64."""
+    buffer = io.BytesIO()
+    pnginfo = PngImagePlugin.PngInfo()
+    pnginfo.add_text("parameters", "an otter\nSteps: 3, Sampler: Euler, Seed: 1")
+    Image.new("RGB", (64, 64)).save(buffer, format="PNG", pnginfo=pnginfo)
+    wrapped = base64.encodebytes(buffer.getvalue()).decode().replace("\n", "\r\n")
+    assert max(len(line) for line in wrapped.splitlines()) == 76 and wrapped.count("\r\n") > 1
+    response = requests.post(f"{server[0]}/sdapi/v1/png-info", json={"image": wrapped}, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["parameters"]["Prompt"] == "an otter"
+    junk = wrapped.replace("\r\n", "*", 1)  # anything besides whitespace is still refused
+    response = requests.post(f"{server[0]}/sdapi/v1/png-info", json={"image": junk}, timeout=30)
+    assert response.status_code == 400 and "not valid base64" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("format", ["JPEG", "PNG"])
+def test_exif_orientation_is_applied_to_init_images_and_masks(format):
+    """A phone photo stored sideways with 'Orientation: rotate 90 CW' is used as it is shown, upright."""
+    stored = Image.new("L", (4, 2), 0)
+    stored.putpixel((0, 0), 255)  # top left as stored: top right once rotated
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    text = encoded(stored.convert("RGB"), format, exif=exif, **({"quality": 100} if format == "JPEG" else {}))
+    for image in (decode_base64_image(text, "init_images[0]").convert("L"), _decode_mask(text, invert=False)):
+        assert image.size == (2, 4)
+        assert image.getpixel((1, 0)) > 200 and image.getpixel((0, 0)) < 50

@@ -203,7 +203,10 @@ def run_generate(args) -> int:
     )
     mine = workers.mine(list(range(len(prompts))))
     if workers.world_size > 1:
-        print(f"ldm: process {workers.rank + 1}/{workers.world_size}: {len(mine)} of {len(prompts)} prompts", file=sys.stderr)
+        print(
+            f"ldm: process {workers.rank + 1}/{workers.world_size}: {len(mine)} of {len(prompts)} prompts",
+            file=sys.stderr,
+        )
     try:
         for j in mine:
             job.run(
@@ -266,8 +269,9 @@ def ensure_writable(folder: Path) -> None:
 
 
 def load_image(path: Path, what: str):
-    """Open and fully decode an input image, refusing non-images, truncated files and decompression bombs."""
-    from PIL import Image
+    """Open and fully decode an input image, upright (its EXIF orientation applied), refusing non-images,
+    truncated files and decompression bombs."""
+    from PIL import Image, ImageOps
 
     if not path.is_file():
         raise LdmError(f"{what} not found: {path}")
@@ -278,7 +282,7 @@ def load_image(path: Path, what: str):
                     f"{what} {path} is {image.width}x{image.height}, over the {MAX_INPUT_PIXELS} pixel limit"
                 )
             image.load()
-            return image.convert("RGB")
+            return ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
         raise LdmError(f"cannot read {what} {path}: {exc}") from None
 

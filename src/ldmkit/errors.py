@@ -22,7 +22,7 @@ def describe(error: Exception) -> str:
     from PIL import UnidentifiedImageError  # here: errors is imported where Pillow is not needed
 
     if isinstance(error, UnidentifiedImageError):
-        return "not an image in a format this program reads"
+        return "unknown or unsupported image format"
     if isinstance(error, OSError) and (error.filename is not None or error.strerror):
         return error.strerror or type(error).__name__
     return str(error) or type(error).__name__
