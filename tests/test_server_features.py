@@ -351,7 +351,15 @@ def test_serve_passes_its_lora_and_embeddings_folders_to_the_pipeline(monkeypatc
     (tmp_path / "loras").mkdir()
     (tmp_path / "embeddings").mkdir()
     args = parser.parse_args(
-        ["serve", "--lora-dir", str(tmp_path / "loras"), "--embeddings-dir", str(tmp_path / "embeddings")]
+        [
+            "serve",
+            "--port",
+            "0",
+            "--lora-dir",
+            str(tmp_path / "loras"),
+            "--embeddings-dir",
+            str(tmp_path / "embeddings"),
+        ]
     )
     loaded = {}
 

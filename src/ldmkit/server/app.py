@@ -15,6 +15,7 @@ from ldmkit.errors import LdmError
 from ldmkit.pipeline import Pipeline
 from ldmkit.server import a1111, openai_api
 from ldmkit.server.limits import DEFAULT_LIMITS, BodySizeLimit, ServerLimits
+from ldmkit.server.origins import CrossOriginGuard
 from ldmkit.server.queue import Cancelled, GenerationQueue, OutOfMemory, QueueFull
 
 
@@ -23,10 +24,12 @@ def create_app(
     queue_size: int = 8,
     ui: bool = True,
     limits: ServerLimits = DEFAULT_LIMITS,
+    allowed_origins: tuple[str, ...] = (),
 ) -> FastAPI:
     """The app over an already loaded pipeline; its worker starts and stops with the app's lifespan.
 
-    `limits` bounds what one request may ask for, the body size included.
+    `limits` bounds what one request may ask for, the body size included. State-changing requests
+    from web pages of other origins than this server's and `allowed_origins` are refused (403).
     """
     queue = GenerationQueue(pipe, max_waiting=queue_size, limits=limits)
 
@@ -41,7 +44,10 @@ def create_app(
     app = FastAPI(title="ldmkit", version=ldmkit.__version__, lifespan=lifespan, description=_DESCRIPTION)
     app.state.queue = queue
     app.state.limits = limits
-    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, error=error_response)
+    app.add_middleware(
+        BodySizeLimit, max_bytes=limits.max_body_bytes, error=error_response, in_flight=limits.max_body_bytes_in_flight
+    )
+    app.add_middleware(CrossOriginGuard, error=error_response, allowed_origins=allowed_origins)  # outermost
     _add_error_handlers(app)
     app.include_router(a1111.create_router(queue))
     app.include_router(openai_api.create_router(queue))

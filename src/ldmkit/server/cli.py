@@ -19,6 +19,14 @@ def register(subparsers) -> None:
         "--queue-size", type=int, default=8, metavar="N", help="requests that may wait while one runs; more get 503"
     )
     serve.add_argument("--no-ui", action="store_true", help="HTTP APIs only, without the web UI")
+    serve.add_argument(
+        "--allowed-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a web origin (https://host[:port]) besides this server's own whose pages may send requests that "
+        "change state; e.g. the public address behind a reverse proxy (repeatable)",
+    )
     limits = serve.add_argument_group("limits (a request beyond one gets a 4xx naming it; docs/reliability.md)")
     for flag, field, help_text in LIMIT_FLAGS:
         limits.add_argument(flag, dest=field, type=int, default=None, metavar="N", help=help_text)
@@ -37,6 +45,13 @@ LIMIT_FLAGS = [
     ("--max-images", "max_images", "images per request (default 16)"),
     ("--max-prompt-chars", "max_prompt_chars", "characters per prompt (default 10000)"),
     ("--max-body-bytes", "max_body_bytes", "request body size (default 32 MiB)"),
+    (
+        "--max-body-bytes-in-flight",
+        "max_body_bytes_in_flight",
+        "bytes of large request bodies handled at once; more wait their turn (default 64 MiB)",
+    ),
+    ("--max-header-seconds", "max_header_seconds", "seconds to send a request's head (default 10)"),
+    ("--max-body-seconds", "max_body_seconds", "seconds to send a request's body (default 60)"),
 ]
 
 
@@ -49,32 +64,47 @@ def run_serve(args) -> int:
         if folder is not None and not folder.is_dir():
             raise InvalidRequest(f"{option}: folder not found: {folder}")
     from ldmkit.server.limits import ServerLimits
+    from ldmkit.server.origins import normalize_origin
 
     limits = ServerLimits(
         **{field: getattr(args, field) for _, field, _ in LIMIT_FLAGS if getattr(args, field) is not None}
     )
-    # Heavy imports only now, so `ldm --help` stays fast.
-    import uvicorn
+    for origin in args.allowed_origin:
+        if normalize_origin(origin) is None:
+            raise InvalidRequest(f"--allowed-origin must look like https://host or http://host:port, got {origin!r}")
+    from ldmkit.server.connections import listening_socket, uvicorn_config
 
-    from ldmkit.pipeline import Pipeline
-    from ldmkit.server.app import create_app
+    sock = listening_socket(args.host, args.port)  # a bad or busy port is an error before the model loads
+    try:
+        # Heavy imports only now, so `ldm --help` stays fast.
+        import uvicorn
 
-    pipe = Pipeline.from_pretrained(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        config=args.config,
-        lora_dir=args.lora_dir,
-        embeddings_dir=args.embeddings_dir,
-        fast=args.fast,
-        vae_tiling=args.vae_tiling,
-    )
-    if args.fast and pipe.device.type == "cuda":
-        warm_up(pipe)
-    app = create_app(pipe, queue_size=args.queue_size, ui=not args.no_ui, limits=limits)
-    print(f"ldm serve: {pipe.model_name} on {pipe.device}; web UI http://{args.host}:{args.port}/ , API docs /docs")
-    # On Ctrl-C, requests get a few seconds to finish; then they are cancelled, which stops the worker.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+        from ldmkit.pipeline import Pipeline
+        from ldmkit.server.app import create_app
+
+        pipe = Pipeline.from_pretrained(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            config=args.config,
+            lora_dir=args.lora_dir,
+            embeddings_dir=args.embeddings_dir,
+            fast=args.fast,
+            vae_tiling=args.vae_tiling,
+        )
+        if args.fast and pipe.device.type == "cuda":
+            warm_up(pipe)
+        origins = tuple(args.allowed_origin)
+        app = create_app(pipe, queue_size=args.queue_size, ui=not args.no_ui, limits=limits, allowed_origins=origins)
+        print(f"ldm serve: {pipe.model_name} on {pipe.device}; web UI http://{args.host}:{args.port}/ , API docs /docs")
+        # On Ctrl-C, requests get a few seconds to finish; then they are cancelled, which stops the worker.
+        server = uvicorn.Server(uvicorn_config(app, limits, log_level="info", timeout_graceful_shutdown=5))
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn raises the signal again once it has shut down
+            pass
+    finally:
+        sock.close()
     return 0
 
 
