@@ -307,9 +307,153 @@ def test_request_errors_are_reported_before_the_model_loads(tmp_path, capsys, pr
     assert code == 2 and err == f"ldm: error: {message}"
 
 
-def test_hires_intermediates_are_numbered_over_both_passes(tiny_model, tmp_path):
-    argv = ["generate", "apple", "--size", "16x16", "--steps", "3", "--hires-scale", "2", "--hires-steps", "4"]
-    out = tmp_path / "out"
-    assert main([*argv, "--seed", "1", "--model", str(tiny_model), "-o", str(out), "--save-intermediates", "-q"]) == 0
-    # 3 base steps, then 2 of the hires pass (4 at strength 0.5), numbered on
-    assert sorted(p.name for p in (out / "00001-1-steps").iterdir()) == [f"step-00{n}.png" for n in range(1, 6)]
+# -- files written when a run stops early, and runs that must not hang (issue 15) ----------------------------
+
+
+def test_hires_with_intermediates_numbers_steps_across_both_passes(tiny_model, tmp_path):
+    """The second pass restarts its step count; its frames used to take names already written (a busy loop)."""
+    args = ["generate", "otter", "--size", "16x16", "--steps", "3", "--hires-scale", "2", "--hires-steps", "2"]
+    args += ["--hires-strength", "1", "--seed", "1", "--model", tiny_model, "-o", tmp_path, "--save-intermediates"]
+    out = subprocess.run(
+        [sys.executable, "-m", "ldmkit.cli", *map(str, args)], capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0, out.stderr
+    frames = sorted(p.name for p in (tmp_path / "00001-1-steps").iterdir())
+    assert frames == ["step-001.png", "step-002.png", "step-003.png", "step-004.png", "step-005.png"]
+    with Image.open(tmp_path / "00001-1-progress.gif") as animation:
+        assert animation.n_frames == 5 and animation.size == (32, 32)
+
+
+def test_ctrl_c_after_some_files_says_which_were_written(tiny_model, tmp_path, capsys, monkeypatch):
+    import ldmkit.job
+
+    real_save = ldmkit.job.save_new_file
+
+    def interrupted_at_the_grid(write, path):
+        if path.name.endswith("-progress.png"):
+            raise KeyboardInterrupt
+        return real_save(write, path)
+
+    monkeypatch.setattr(ldmkit.job, "save_new_file", interrupted_at_the_grid)
+    args = ["generate", "otter", "--steps", "2", "--seed", "3", "--model", str(tiny_model), "-q"]
+    code = main([*args, "-o", str(tmp_path), "--save-intermediates"])
+    out, err = capsys.readouterr()
+    assert code == 130
+    assert out.splitlines() == [str(tmp_path / "00001-3.png"), str(tmp_path / "00001-3-steps")]
+    # (in-process, transformers' weight-loading bar comes first: the CLI's quieting applies before its import)
+    assert err.splitlines()[-1] == "ldm: interrupted; 2 file(s) were written, listed above; none is partial"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00001-3-steps", "00001-3.png"]
+    assert sorted(p.name for p in (tmp_path / "00001-3-steps").iterdir()) == ["step-001.png", "step-002.png"]
+
+
+def test_a_full_disk_is_one_line_naming_the_images_already_written(tiny_model, tmp_path, capsys, monkeypatch):
+    import errno
+
+    real_save = Image.Image.save
+    saves = []
+
+    def disk_full_on_the_second_image(self, fp, *args, **kwargs):
+        saves.append(fp)
+        if len(saves) == 2:
+            with open(fp, "wb") as file:
+                file.write(b"\x89PNG half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", disk_full_on_the_second_image)
+    code = main(
+        [
+            "generate",
+            "otter",
+            "-n",
+            "3",
+            "--steps",
+            "2",
+            "--seed",
+            "5",
+            "--model",
+            str(tiny_model),
+            "-q",
+            "-o",
+            str(tmp_path),
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out.splitlines() == [str(tmp_path / "00001-5.png")]
+    assert err.splitlines()[-1] == (
+        f"ldm: error: cannot write to {tmp_path}: No space left on device; "
+        "1 file(s) were written, listed above; none is partial"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["00001-5.png"]  # no half-written second image, no temporary
+
+
+# -- malformed checkpoints and hostile PNGs: one line, exit 2 (issue 15) -----------------------------------
+
+
+def test_a_ckpt_whose_state_dict_holds_itself_is_refused_not_looped_over(tmp_path):
+    import torch
+
+    checkpoint = {}
+    checkpoint["state_dict"] = checkpoint
+    torch.save(checkpoint, tmp_path / "loop.ckpt")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ldmkit.cli",
+            "generate",
+            "x",
+            "--model",
+            str(tmp_path / "loop.ckpt"),
+            "-o",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        out.returncode == 2 and out.stderr == "ldm: error: loop.ckpt is not a checkpoint: its state_dict holds itself\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ([1, 2, 3], "it holds a value of type list, not a state dict"),
+        ("tensor", "it holds a value of type Tensor, not a state dict"),
+        (7, "it holds a value of type int, not a state dict"),
+        ({"state_dict": [1]}, "it holds a value of type list, not a state dict"),
+        ({"epoch": 1}, "it holds no tensors"),
+    ],
+)
+def test_a_malformed_ckpt_is_one_line_and_exit_2(tmp_path, capsys, content, reason):
+    import torch
+
+    torch.save(torch.zeros(2) if content == "tensor" else content, tmp_path / "bad.ckpt")
+    code = main(["generate", "otter", "--model", str(tmp_path / "bad.ckpt"), "-o", str(tmp_path / "o")])
+    assert code == 2
+    assert capsys.readouterr().err == f"ldm: error: bad.ckpt is not a checkpoint: {reason}\n"
+
+
+def test_ldm_info_on_hostile_pngs_is_one_line(tmp_path):
+    from test_metadata import dimension_bomb, ztxt_bomb
+
+    for make in (ztxt_bomb, dimension_bomb):
+        make(tmp_path / "bomb.png")
+        out = ldm("info", tmp_path / "bomb.png")
+        assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr
+        assert out.stderr.startswith(f"ldm: error: cannot read {tmp_path / 'bomb.png'} as an image: ")
+
+
+def test_init_images_and_masks_are_read_upright(tmp_path):
+    from ldmkit.cli import load_image
+
+    stored = Image.new("RGB", (4, 2), "black")
+    stored.putpixel((0, 0), (255, 255, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    stored.save(tmp_path / "photo.png", exif=exif)
+    image = load_image(tmp_path / "photo.png", "init image")
+    assert image.size == (2, 4) and image.getpixel((1, 0)) == (255, 255, 255)

@@ -125,15 +125,33 @@ def test_fast_and_vae_tiling_reach_the_pipeline_and_warm_up_only_on_cuda(monkeyp
         return FakePipe()
 
     monkeypatch.setattr(Pipeline, "from_pretrained", staticmethod(fake_load))
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
-    args = parser.parse_args(["serve", "--fast", "--no-ui"])
+    args = parser.parse_args(["serve", "--fast", "--no-ui", "--port", "0"])
     assert args.func(args) == 0
     assert loaded["fast"] is True and warmed == []  # the CPU gets nothing to compile
     assert loaded["vae_tiling"] is False
-    assert args.func(parser.parse_args(["serve", "--vae-tiling", "--no-ui"])) == 0
+    assert args.func(parser.parse_args(["serve", "--vae-tiling", "--no-ui", "--port", "0"])) == 0
     assert loaded["vae_tiling"] is True and loaded["fast"] is False
     FakePipe.device = torch.device("cuda")
     assert args.func(args) == 0
     assert warmed == [{"steps": 2, "seed": 0}]
+
+
+def test_a_bad_port_is_one_line_before_the_model_loads(capsys):
+    from ldmkit.cli import main
+
+    assert main(["serve", "--model", "/no/such/model", "--port", "99999"]) == 2
+    assert capsys.readouterr().err == "ldm: error: --port must be from 0 to 65535, got 99999\n"
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(capsys):
+    from ldmkit.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", "/no/such/model", "--port", str(port)]) == 2
+    assert capsys.readouterr().err == f"ldm: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"

@@ -6,6 +6,7 @@ import argparse
 import base64
 import io
 import json
+import shutil
 
 import pytest
 import requests
@@ -303,6 +304,22 @@ def test_unknown_lora_and_bad_tags_are_refused(lora_server, url):
         assert reason in response.json()["detail"]
 
 
+def test_lora_errors_do_not_name_the_servers_folders(lora_server):
+    url, lora_dir = lora_server
+    (lora_dir / "other").mkdir()
+    shutil.copy(lora_dir / "styles" / "tiny-style.safetensors", lora_dir / "other")
+    try:
+        for prompt, reason in [
+            ("a cube <lora:missing:1>", "LoRA 'missing' not found: no missing.safetensors in the LoRA folder"),
+            ("a cube <lora:tiny-style:1>", "ambiguous: other/tiny-style.safetensors, styles/tiny-style.safetensors"),
+        ]:
+            response = post(url, "txt2img", prompt=prompt)
+            assert response.status_code == 400 and reason in response.json()["detail"], response.text
+            assert str(lora_dir) not in response.text
+    finally:
+        shutil.rmtree(lora_dir / "other")
+
+
 def test_loras_and_embeddings_are_listed_as_a1111_lists_them(lora_server, url):
     lora_url, lora_dir = lora_server
     loras = requests.get(f"{lora_url}/sdapi/v1/loras", timeout=10).json()
@@ -310,10 +327,11 @@ def test_loras_and_embeddings_are_listed_as_a1111_lists_them(lora_server, url):
         {
             "name": "tiny-style",
             "alias": "tiny-style",
-            "path": str(lora_dir / "styles" / "tiny-style.safetensors"),
+            "path": "styles/tiny-style.safetensors",  # within the LoRA folder: the server's disk layout stays private
             "metadata": {},
         }
     ]
+    assert str(lora_dir) not in requests.get(f"{lora_url}/sdapi/v1/loras", timeout=10).text
     assert requests.post(f"{lora_url}/sdapi/v1/refresh-loras", timeout=10).status_code == 200
     embeddings = requests.get(f"{lora_url}/sdapi/v1/embeddings", timeout=10).json()
     assert embeddings["loaded"]["StyleThree"]["vectors"] == 3 and embeddings["loaded"]["StyleThree"]["shape"] == 8
@@ -333,7 +351,15 @@ def test_serve_passes_its_lora_and_embeddings_folders_to_the_pipeline(monkeypatc
     (tmp_path / "loras").mkdir()
     (tmp_path / "embeddings").mkdir()
     args = parser.parse_args(
-        ["serve", "--lora-dir", str(tmp_path / "loras"), "--embeddings-dir", str(tmp_path / "embeddings")]
+        [
+            "serve",
+            "--port",
+            "0",
+            "--lora-dir",
+            str(tmp_path / "loras"),
+            "--embeddings-dir",
+            str(tmp_path / "embeddings"),
+        ]
     )
     loaded = {}
 

@@ -132,7 +132,7 @@ def test_no_cross_origin_reads_with_or_without_credentials(server):
 
 
 def test_a_configured_origin_may_read():
-    with serve_tiny(ui=False, cors_origins=["https://app.example"]) as (url, _pipe, _app):
+    with serve_tiny(ui=False, allowed_origins=("https://app.example",)) as (url, _pipe, _app):
         response = requests.get(f"{url}/sdapi/v1/samplers", headers={"Origin": "https://app.example"}, timeout=30)
         assert response.headers["access-control-allow-origin"] == "https://app.example"
         response = requests.get(f"{url}/sdapi/v1/samplers", headers={"Origin": "https://evil.example"}, timeout=30)

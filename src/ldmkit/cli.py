@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except LdmError as exc:
         print(f"ldm: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ldm: interrupted; nothing partial was written", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # run_generate adds what it had written; a bare Ctrl-C elsewhere has nothing to say about files.
+        print(f"ldm: interrupted{'; ' + exc.args[0] if exc.args else ''}", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as exc:
         # torch.OutOfMemoryError (CUDA) is a RuntimeError; matched by name so the CLI need not import torch
@@ -207,6 +208,12 @@ def run_generate(args) -> int:
         embeddings_dir=args.embeddings_dir,
         controlnet_dir=args.controlnet_dir,
     )
+    written: list[Path] = []
+
+    def saved(path: Path) -> None:  # each file is listed as soon as it is complete
+        written.append(path)
+        print(path, flush=True)
+
     job = GenerateJob(
         pipe,
         output_dir=args.output_dir,
@@ -214,6 +221,7 @@ def run_generate(args) -> int:
         preview_mode=args.preview,
         animation_format=args.animation_format,
         progress=not args.quiet,
+        on_saved=saved,
     )
     mine = workers.mine(list(range(len(prompts))))
     if workers.world_size > 1:
@@ -222,13 +230,17 @@ def run_generate(args) -> int:
             file=sys.stderr,
         )
     stop = StopOnSignal()
-    with stop.installed():
-        for j in mine:
-            request = dataclasses.replace(requests[j], seed=base_seed + j * n)
-            for path in job.run(first_index=first_index + j * n, should_stop=stop, **request.as_kwargs()):
-                print(path, flush=True)
-    if stop.signalled:  # after the last check: what was written is complete, the run still ends as interrupted
-        raise KeyboardInterrupt
+    try:
+        with stop.installed():
+            for j in mine:
+                request = dataclasses.replace(requests[j], seed=base_seed + j * n)
+                job.run(first_index=first_index + j * n, should_stop=stop, **request.as_kwargs())
+        if stop.signalled:  # after the last check: what was written is complete, the run still ends as interrupted
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(written_note(written)) from None
+    except LdmError as exc:
+        raise LdmError(f"{exc}; {written_note(written)}") from None
     workers.barrier()
     return 0
 
@@ -293,6 +305,13 @@ def generation_params(args, prompts: list[str], init_image, mask_image, controls
     ]
 
 
+def written_note(written: list[Path]) -> str:
+    """What a generate run that stopped early leaves: complete files only (each is written whole, then linked)."""
+    if not written:
+        return "no file was written"
+    return f"{len(written)} file(s) were written, listed above; none is partial"
+
+
 def read_prompts(args) -> list[str]:
     """The positional prompt, or the non-empty lines of --prompts FILE (exactly one of the two)."""
     if (args.prompt is None) == (args.prompts is None):
@@ -320,8 +339,9 @@ def ensure_writable(folder: Path) -> None:
 
 
 def load_image(path: Path, what: str):
-    """Open and fully decode an input image, refusing non-images, truncated files and decompression bombs."""
-    from PIL import Image
+    """Open and fully decode an input image, upright (its EXIF orientation applied), refusing non-images,
+    truncated files and decompression bombs."""
+    from PIL import Image, ImageOps
 
     if not path.is_file():
         raise LdmError(f"{what} not found: {path}")
@@ -332,7 +352,7 @@ def load_image(path: Path, what: str):
                     f"{what} {path} is {image.width}x{image.height}, over the {MAX_INPUT_PIXELS} pixel limit"
                 )
             image.load()
-            return image.convert("RGB")
+            return ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
         raise LdmError(f"cannot read {what} {path}: {exc}") from None
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
+from ldmkit.errors import LdmError, describe
 from ldmkit.metadata import save_new_file, save_png
 from ldmkit.pipeline import Pipeline, StepInfo
 from ldmkit.previews import make_grid, preview_images, save_animation
@@ -22,6 +24,9 @@ class GenerateJob:
     preview_mode: str = "full"
     animation_format: str = "gif"
     progress: bool = True
+    # Called with each file (or folder) as soon as it is complete on disk, so that whoever runs the job
+    # can say truthfully what was written when it stops early (Ctrl-C, a full disk).
+    on_saved: Callable[[Path], None] | None = None
 
     def run(self, first_index: int | None = None, **generate_kwargs) -> list[Path]:
         """Generate, then write each image (and its progression) under a fresh A1111-style name.
@@ -29,18 +34,24 @@ class GenerateJob:
         Image i is named from index first_index + i when given (so processes that split a prompt
         list name files as one process would), else from the folder's next free index.
         """
-        frames: list[tuple[int, list[Image.Image]]] = []  # (step number, one preview per image)
+        frames: list[tuple[int, list[Image.Image]]] = []  # (step number in the run, one preview per image)
         bar = None
+        taken = 0  # steps of the whole run: the hires fix's second pass counts on from the first
 
         def on_step(step: StepInfo) -> None:
-            nonlocal bar
+            nonlocal bar, taken
+            taken += 1
             if self.progress:
-                bar = bar or tqdm(total=step.total, unit="step", leave=False)
+                if bar is None:
+                    bar = tqdm(total=step.total, unit="step", leave=False)
+                elif step.step == 0:  # a further pass (the hires fix) starts
+                    bar.total += step.total
+                    bar.refresh()
                 bar.update(1)
             if self.intermediates_every and (
                 (step.step + 1) % self.intermediates_every == 0 or step.step + 1 == step.total
             ):
-                frames.append((step.step + 1, preview_images(self.pipe, step, self.preview_mode)))
+                frames.append((taken, preview_images(self.pipe, step, self.preview_mode)))
 
         try:
             result = self.pipe.generate(**generate_kwargs, callback=on_step)
@@ -50,7 +61,9 @@ class GenerateJob:
         paths = []
         for i, (image, seed, infotext) in enumerate(zip(result.images, result.seeds, result.infotexts)):
             start = None if first_index is None else first_index + i
-            path = save_png(image, self.output_dir, lambda index, s=seed: f"{index:05d}-{s}.png", infotext, start)
+            path = self._saved(
+                save_png(image, self.output_dir, lambda index, s=seed: f"{index:05d}-{s}.png", infotext, start)
+            )
             paths.append(path)
             if frames:
                 paths.extend(self.save_progression([(n, previews[i]) for n, previews in frames], path))
@@ -60,17 +73,32 @@ class GenerateJob:
         """Frames as step-NNN.png in a folder named after the image, plus a grid and an animation."""
         stem = image_path.stem
         steps_dir = self.output_dir / f"{stem}-steps"
-        steps_dir.mkdir()  # the image's index is fresh, so this name is too
+        try:
+            steps_dir.mkdir()  # the image's index is fresh, so this name is too
+        except OSError as error:
+            raise LdmError(f"cannot write to {self.output_dir}: {describe(error)}") from None
+        self._saved(steps_dir)
         for number, frame in numbered_frames:
-            save_png(frame, steps_dir, lambda index, n=number: f"step-{n:03d}.png")
-        frames = [frame for _, frame in numbered_frames]
-        grid = save_png(
-            make_grid(frames, columns=math.ceil(len(frames) / math.ceil(len(frames) / 10))), self.output_dir, lambda index: f"{stem}-progress.png"
+            save_new_file(lambda tmp, f=frame: f.save(tmp, format="PNG"), steps_dir / f"step-{number:03d}.png")
+        # The hires fix's second pass is larger: show every frame at the final size.
+        size = numbered_frames[-1][1].size
+        frames = [frame if frame.size == size else frame.resize(size) for _, frame in numbered_frames]
+        columns = math.ceil(len(frames) / math.ceil(len(frames) / 10))
+        grid = self._saved(
+            save_new_file(
+                lambda tmp: make_grid(frames, columns=columns).save(tmp, format="PNG"),
+                self.output_dir / f"{stem}-progress.png",
+            )
         )
         suffix = self.animation_format
-        animation = save_new_file(
-            lambda tmp: save_animation(frames, tmp, fmt=suffix),
-            self.output_dir,
-            lambda index: f"{stem}-progress.{suffix}",
+        animation = self._saved(
+            save_new_file(
+                lambda tmp: save_animation(frames, tmp, fmt=suffix), self.output_dir / f"{stem}-progress.{suffix}"
+            )
         )
         return [steps_dir, grid, animation]
+
+    def _saved(self, path: Path) -> Path:
+        if self.on_saved is not None:
+            self.on_saved(path)
+        return path

@@ -299,11 +299,27 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
                 f"{path} cannot be loaded safely ({type(error).__name__}); convert it to .safetensors "
                 "once with a tool you trust (e.g. diffusers' convert_original_stable_diffusion_to_diffusers.py)"
             ) from None
-        global_step = checkpoint.get("global_step")
-        while "state_dict" in checkpoint:
-            checkpoint = checkpoint["state_dict"]
-        return checkpoint, global_step
+        global_step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+        return _ckpt_state_dict(checkpoint, path), global_step if isinstance(global_step, int) else None
     raise ModelLoadError(f"{path} is not a model: expected a folder, a .safetensors or a .ckpt file")
+
+
+def _ckpt_state_dict(checkpoint, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .ckpt: the dict itself or its (possibly nested) 'state_dict'; anything else is refused."""
+    seen = []  # a pickle can make a dict that holds itself
+    while isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        if any(checkpoint is earlier for earlier in seen):
+            raise ModelLoadError(f"{path.name} is not a checkpoint: its state_dict holds itself")
+        seen.append(checkpoint)
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict):
+        kind = type(checkpoint).__name__
+        raise ModelLoadError(f"{path.name} is not a checkpoint: it holds a value of type {kind}, not a state dict")
+    # Training checkpoints keep counters and such beside the weights; only tensors are weights.
+    tensors = {key: value for key, value in checkpoint.items() if isinstance(key, str) and torch.is_tensor(value)}
+    if not tensors:
+        raise ModelLoadError(f"{path.name} is not a checkpoint: it holds no tensors")
+    return tensors
 
 
 def _bundled_config(checkpoint: dict, global_step: int | None, prediction_type: str | None, path: Path) -> Path:

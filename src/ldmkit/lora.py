@@ -74,9 +74,9 @@ def resolve_lora(name: str, lora_dir: str | os.PathLike) -> Path:
     lora_dir = Path(lora_dir)
     matches = sorted(p for p in lora_dir.rglob(f"*{LORA_SUFFIX}") if p.stem == name and p.is_file())
     if not matches:
-        raise LdmError(f"LoRA '{name}' not found: no {name}{LORA_SUFFIX} in {lora_dir}")
+        raise LdmError(f"LoRA '{name}' not found: no {name}{LORA_SUFFIX} in the LoRA folder")
     if len(matches) > 1:
-        raise LdmError(f"LoRA '{name}' is ambiguous: {', '.join(str(p) for p in matches)}")
+        raise LdmError(f"LoRA '{name}' is ambiguous: {', '.join(p.relative_to(lora_dir).as_posix() for p in matches)}")
     return matches[0]
 
 
@@ -126,7 +126,7 @@ def applied_loras(
 
 def _load(host, path: Path, adapter_name: str) -> None:
     if path.suffix != LORA_SUFFIX or not path.is_file():
-        raise LdmError(f"LoRA file not found or not {LORA_SUFFIX}: {path}")
+        raise LdmError(f"LoRA file not found or not {LORA_SUFFIX}: {path.name}")
     try:
         with warnings.catch_warnings():
             # peft warns about every adapter after the first; several at once is what we ask for.

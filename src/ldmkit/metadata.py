@@ -1,16 +1,19 @@
-"""Generation parameters in AUTOMATIC1111's 'parameters' PNG text chunk: write, read, parse."""
+"""Generation parameters in AUTOMATIC1111's 'parameters' PNG text chunk (write, read, parse), and output files
+saved atomically without overwriting."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import tempfile
+import secrets
+import warnings
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from ldmkit.errors import LdmError
+from ldmkit.errors import LdmError, describe
 
 PARAMETERS_KEY = "parameters"
 
@@ -19,6 +22,8 @@ MIN_PARAMETERS = 3  # a last line with fewer "Key: value" pairs is read as promp
 
 _KEY = re.compile(r"\s*(\w[\w \-/]*):\s*")  # the start of each "Key: value" of the parameter line
 _JSON = json.JSONDecoder(strict=False)  # quoted values are JSON strings, as A1111 writes them
+# A numbered output's index: its leading digits, before a '-' (AUTOMATIC1111's '00042-<seed>.png').
+_INDEX_RE = re.compile(r"([0-9]+)-")
 
 
 def format_infotext(prompt: str, negative_prompt: str, params: dict) -> str:
@@ -81,14 +86,20 @@ def _after_comma(line: str, position: int) -> int:
 
 
 def read_infotext(path: str | os.PathLike) -> str | None:
-    """The 'parameters' text of a PNG, or None when it has none."""
+    """The 'parameters' text of a PNG, or None when it has none.
+
+    Only the header and the text chunks before the pixels are read, never the pixels, so a huge image
+    costs nothing; Pillow caps decompressed text chunks (PngImagePlugin.MAX_TEXT_CHUNK, 1 MiB).
+    """
     try:
-        with Image.open(path) as image:
-            return image.info.get(PARAMETERS_KEY)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # no pixel is decoded here
+            with Image.open(path) as image:
+                return image.info.get(PARAMETERS_KEY)
     except FileNotFoundError:
         raise LdmError(f"no such file: {path}") from None
-    except OSError as exc:
-        raise LdmError(f"cannot read {path} as an image: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged or hostile file fails in many ways (zlib, struct, bombs)
+        raise LdmError(f"cannot read {path} as an image: {describe(exc)}") from None
 
 
 def png_info(infotext: str) -> PngImagePlugin.PngInfo:
@@ -97,39 +108,128 @@ def png_info(infotext: str) -> PngImagePlugin.PngInfo:
     return info
 
 
-def save_new_file(write, folder: Path, make_name, start_index: int | None = None) -> Path:
-    """Write a file atomically under the first free name make_name(index) gives, never overwriting.
+def save_new_file(write, path: Path) -> Path:
+    """Write a file atomically under exactly `path`, never overwriting: an existing name is an LdmError.
 
-    `write(tmp_path)` writes the content; the finished file is then hard-linked into place, which
-    fails instead of overwriting when another process took the name first. Indices start at
-    `start_index`, or one past the folder's largest.
+    `write(tmp_path)` writes the content into a temporary file beside it, which is then hard-linked into
+    place; the link fails instead of overwriting when another process took the name first.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
-    os.close(fd)
+    tmp = _write_temporary(write, path.parent)
+    try:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise LdmError(f"{path} already exists; it is not overwritten") from None
+        except OSError as error:
+            raise _write_error(path.parent, error) from None
+    finally:
+        _remove(tmp)
+    return path
+
+
+def save_numbered_file(write, folder: Path, make_name, start_index: int | None = None) -> Path:
+    """Write a file atomically under make_name(index) for an index no other file of the folder has.
+
+    Indices start at `start_index`, or one past the folder's largest (AUTOMATIC1111's numbering), and
+    are unique across processes writing into the same folder at once: an index is claimed with a
+    marker file created exclusively (O_EXCL), checked free, used, and the marker removed. A marker
+    left behind by a killed process only makes later runs skip that one index.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _write_error(folder, error) from None
+    tmp = _write_temporary(write, folder)
+    try:
+        index = next_free_index(folder) if start_index is None else start_index
+        while (path := _link_under_free_index(tmp, folder, index, make_name)) is None:
+            index += 1
+        return path
+    finally:
+        _remove(tmp)
+
+
+def _link_under_free_index(tmp: Path, folder: Path, index: int, make_name) -> Path | None:
+    """Link tmp as make_name(index) if no file holds the index yet; None if one does (or is being written)."""
+    name = make_name(index)
+    if file_index(name) != index:
+        raise ValueError(f"a numbered file name must start with its index and '-': {name!r} for {index}")
+    marker = folder / f".index-{index}.claim"
+    try:
+        _create_exclusive(marker)
+    except FileExistsError:
+        return None  # another process is saving under this index right now
+    except OSError as error:
+        raise _write_error(folder, error) from None
+    try:
+        if any(file_index(p.name) == index for p in folder.iterdir()):
+            return None
+        path = folder / name
+        os.link(tmp, path)
+        return path
+    except FileExistsError:
+        return None
+    except OSError as error:
+        raise _write_error(folder, error) from None
+    finally:
+        _remove(marker)
+
+
+def _write_temporary(write, folder: Path) -> Path:
+    """A hidden temporary file in `folder` holding what write(path) wrote; removed again if writing fails."""
+    while True:
+        tmp = folder / f".tmp-{secrets.token_hex(8)}.part"
+        try:
+            _create_exclusive(tmp)
+            break
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise _write_error(folder, error) from None
     try:
         write(tmp)
-        index = next_free_index(folder) if start_index is None else start_index
-        while True:
-            path = folder / make_name(index)
-            try:
-                os.link(tmp, path)
-                return path
-            except FileExistsError:
-                index += 1
-    finally:
-        os.unlink(tmp)
+    except OSError as error:
+        _remove(tmp)
+        raise _write_error(folder, error) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+    return tmp
+
+
+def _create_exclusive(path: Path) -> None:
+    # Mode 0666 as open() uses, so the user's umask decides the permissions (mkstemp's 0600 would not).
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _write_error(folder: Path, error: OSError) -> LdmError:
+    """One line for a failed write (a full disk, a read-only folder), without the temporary file's name."""
+    return LdmError(f"cannot write to {folder}: {error.strerror or error}")
+
+
+def file_index(name: str) -> int | None:
+    """The index a numbered file name starts with ('00042-123.png' -> 42), or None."""
+    match = _INDEX_RE.match(name)
+    return int(match[1]) if match else None
 
 
 def next_free_index(folder: Path) -> int:
-    """One past the largest leading 5-digit index among the folder's files (A1111's numbering)."""
-    indices = [int(p.name[:5]) for p in folder.iterdir() if p.name[:5].isdigit()]
-    return max(indices, default=0) + 1
+    """One past the largest index among the folder's numbered files (past 99999 the numbers grow a digit)."""
+    if not folder.is_dir():
+        return 1
+    return max((i for p in folder.iterdir() if (i := file_index(p.name)) is not None), default=0) + 1
 
 
 def save_png(
     image: Image.Image, folder: Path, make_name, infotext: str | None = None, start_index: int | None = None
 ) -> Path:
-    """Save a PNG with its parameters chunk, atomically and without overwriting."""
+    """Save a PNG with its parameters chunk under a fresh index, atomically and without overwriting."""
     pnginfo = png_info(infotext) if infotext else None
-    return save_new_file(lambda tmp: image.save(tmp, format="PNG", pnginfo=pnginfo), folder, make_name, start_index)
+    return save_numbered_file(
+        lambda tmp: image.save(tmp, format="PNG", pnginfo=pnginfo), folder, make_name, start_index
+    )

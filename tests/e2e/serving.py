@@ -39,11 +39,11 @@ def tiny_pipeline() -> GatedPipeline:
 
 
 @contextlib.contextmanager
-def serve(app):
-    """Run `app` under uvicorn in a thread; yield its base URL; stop it on exit."""
+def serve(app, **config):
+    """Run `app` under uvicorn in a thread (uvicorn.Config takes `config`); yield its base URL; stop it on exit."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1, **config)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

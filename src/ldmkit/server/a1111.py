@@ -64,6 +64,7 @@ HR_UPSCALERS = {
     ),
 }
 CLIP_SKIP_SETTING = "CLIP_stop_at_last_layers"  # A1111's name for clip skip
+MAX_SETTINGS_DEPTH = 8  # A1111's settings are numbers, strings and lists of them: depth 2 at most
 
 
 # Field names and defaults are AUTOMATIC1111's (modules/api/models.py, StableDiffusionProcessing);
@@ -310,7 +311,8 @@ def create_router(queue: GenerationQueue) -> APIRouter:
     @router.get("/sd-models", response_model=list[SDModelItem])
     async def sd_models():
         name = pipe.model_name
-        return [SDModelItem(title=name, model_name=name, hash=None, sha256=None, filename=pipe.source, config=None)]
+        filename = Path(pipe.source).name  # the file or folder, not where it is on the server's disk
+        return [SDModelItem(title=name, model_name=name, hash=None, sha256=None, filename=filename, config=None)]
 
     # Clients (Open WebUI, webuiapi) read and set the model through the options.
     @router.get("/options")
@@ -379,6 +381,7 @@ def _sampler_options(default_schedule: str) -> dict:
 
 def _clip_skip(override_settings: dict[str, Any], model_name: str) -> int:
     """Clip skip from A1111's per-request settings; a request for another model is refused, not ignored."""
+    _check_nesting(override_settings, "override_settings", MAX_SETTINGS_DEPTH)
     wanted = override_settings.get("sd_model_checkpoint", model_name)
     if wanted != model_name:
         raise InvalidRequest(f"model {wanted!r} is not loaded; this server serves {model_name!r} only")
@@ -386,6 +389,21 @@ def _clip_skip(override_settings: dict[str, Any], model_name: str) -> int:
     if isinstance(clip_skip, bool) or not isinstance(clip_skip, int):
         raise InvalidRequest(f"override_settings.{CLIP_SKIP_SETTING} must be an integer, got {clip_skip!r}")
     return clip_skip
+
+
+def _check_nesting(value: Any, name: str, max_depth: int) -> None:
+    """Refuse JSON nested deeper than max_depth: the response echoes the request, and pydantic cannot
+    serialize past ~250 levels (which used to be a 500 after the whole generation had run)."""
+    level, depth = [value], 0
+    while level:
+        level = [
+            child
+            for item in level
+            if isinstance(item, (dict, list))
+            for child in (item.values() if isinstance(item, dict) else item)
+        ]
+        if level and (depth := depth + 1) > max_depth:
+            raise InvalidRequest(f"{name} is nested more than {max_depth} levels deep")
 
 
 def _hires(body: Txt2ImgRequest) -> HiresFix:
@@ -442,8 +460,13 @@ def list_loras(lora_dir: str | Path | None) -> list[LoraItem]:
     """A1111's /loras entries: every LoRA file a <lora:NAME> tag can name."""
     if lora_dir is None:
         return []
-    files = sorted(p for p in Path(lora_dir).rglob(f"*{LORA_SUFFIX}") if p.is_file())
-    return [LoraItem(name=p.stem, alias=p.stem, path=str(p), metadata=_safetensors_metadata(p)) for p in files]
+    lora_dir = Path(lora_dir)
+    files = sorted(p for p in lora_dir.rglob(f"*{LORA_SUFFIX}") if p.is_file())
+    # The path within the LoRA folder: where the folder is on disk is not a client's business.
+    return [
+        LoraItem(name=p.stem, alias=p.stem, path=p.relative_to(lora_dir).as_posix(), metadata=_safetensors_metadata(p))
+        for p in files
+    ]
 
 
 def _safetensors_metadata(path: Path) -> dict:

@@ -19,6 +19,7 @@ from ldmkit.errors import LdmError
 from ldmkit.pipeline import Pipeline
 from ldmkit.server import a1111, controlnet_api, openai_api
 from ldmkit.server.limits import DEFAULT_LIMITS, BodySizeLimit, ServerLimits
+from ldmkit.server.origins import CrossOriginGuard
 from ldmkit.server.queue import Cancelled, GenerationQueue, OutOfMemory, QueueFull
 
 
@@ -28,14 +29,15 @@ def create_app(
     ui: bool = True,
     limits: ServerLimits = DEFAULT_LIMITS,
     allowed_hosts: list[str] | None = None,
-    cors_origins: list[str] | None = None,
+    allowed_origins: tuple[str, ...] = (),
 ) -> FastAPI:
     """The app over an already loaded pipeline; its worker starts and stops with the app's lifespan.
 
     `limits` bounds what one request may ask for, the body size included. `allowed_hosts` are the Host
     headers answered (default: this machine's loopback names, so a web page cannot reach the server
-    through a DNS name it rebinds to 127.0.0.1); `cors_origins` the web origins whose pages may read the
-    answers (default none: only the server's own pages and non-browser clients).
+    through a DNS name it rebinds to 127.0.0.1). `allowed_origins` are the web origins besides this
+    server's own whose pages may call it: read its answers (CORS) and send requests that change state;
+    state-changing requests from other origins' pages are refused (403).
     """
     queue = GenerationQueue(pipe, max_waiting=queue_size, limits=limits)
     ui_files = None
@@ -61,10 +63,13 @@ def create_app(
     app = FastAPI(title="ldmkit", version=ldmkit.__version__, lifespan=lifespan, description=_DESCRIPTION)
     app.state.queue = queue
     app.state.limits = limits
-    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, error=error_response)
+    app.add_middleware(
+        BodySizeLimit, max_bytes=limits.max_body_bytes, error=error_response, in_flight=limits.max_body_bytes_in_flight
+    )
     # Our own CORS policy also switches off Gradio's, which lets any localhost origin read with credentials.
-    app.add_middleware(CORSMiddleware, allow_origins=cors_origins or [], allow_methods=["*"], allow_headers=["*"])
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or LOOPBACK_HOSTS)
+    app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(CrossOriginGuard, error=error_response, allowed_origins=allowed_origins)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or LOOPBACK_HOSTS)  # outermost
     _add_error_handlers(app)
     app.include_router(a1111.create_router(queue))
     app.include_router(controlnet_api.create_router(queue))

@@ -26,10 +26,12 @@ def register(subparsers) -> None:
         help="a Host name clients use to reach the server (repeatable; default: loopback names and --host)",
     )
     serve.add_argument(
-        "--cors-allow-origin",
+        "--allowed-origin",
         action="append",
+        default=[],
         metavar="ORIGIN",
-        help="a web origin (https://example.org) whose pages may call the API (repeatable; default: none)",
+        help="a web origin (https://host[:port]) besides this server's own whose pages may send requests that "
+        "change state; e.g. the public address behind a reverse proxy (repeatable)",
     )
     limits = serve.add_argument_group("limits (a request beyond one gets a 4xx naming it; docs/reliability.md)")
     for flag, field, help_text in LIMIT_FLAGS:
@@ -52,6 +54,13 @@ LIMIT_FLAGS = [
     ("--max-body-bytes", "max_body_bytes", "request body size (default 32 MiB)"),
     ("--max-ui-cache-bytes", "max_ui_cache_bytes", "the web UI's cached uploads and images (default 1 GiB)"),
     ("--max-ui-cache-seconds", "max_ui_cache_seconds", "how long the web UI keeps a cached file (default 3600)"),
+    (
+        "--max-body-bytes-in-flight",
+        "max_body_bytes_in_flight",
+        "bytes of large request bodies handled at once; more wait their turn (default 64 MiB)",
+    ),
+    ("--max-header-seconds", "max_header_seconds", "seconds to send a request's head (default 10)"),
+    ("--max-body-seconds", "max_body_seconds", "seconds to send a request's body (default 60)"),
 ]
 
 
@@ -65,40 +74,54 @@ def run_serve(args) -> int:
         if folder is not None and not folder.is_dir():
             raise InvalidRequest(f"{option}: folder not found: {folder}")
     from ldmkit.server.limits import ServerLimits
+    from ldmkit.server.origins import normalize_origin
 
     limits = ServerLimits(
         **{field: getattr(args, field) for _, field, _ in LIMIT_FLAGS if getattr(args, field) is not None}
     )
-    # Heavy imports only now, so `ldm --help` stays fast.
-    import uvicorn
+    for origin in args.allowed_origin:
+        if normalize_origin(origin) is None:
+            raise InvalidRequest(f"--allowed-origin must look like https://host or http://host:port, got {origin!r}")
+    from ldmkit.server.connections import listening_socket, uvicorn_config
 
-    from ldmkit.pipeline import Pipeline
-    from ldmkit.server.app import allowed_hosts_for, create_app
+    sock = listening_socket(args.host, args.port)  # a bad or busy port is an error before the model loads
+    try:
+        # Heavy imports only now, so `ldm --help` stays fast.
+        import uvicorn
 
-    pipe = Pipeline.from_pretrained(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        config=args.config,
-        lora_dir=args.lora_dir,
-        embeddings_dir=args.embeddings_dir,
-        controlnet_dir=args.controlnet_dir,
-        fast=args.fast,
-        vae_tiling=args.vae_tiling,
-    )
-    if args.fast and pipe.device.type == "cuda":
-        warm_up(pipe)
-    app = create_app(
-        pipe,
-        queue_size=args.queue_size,
-        ui=not args.no_ui,
-        limits=limits,
-        allowed_hosts=allowed_hosts_for(args.host, args.allowed_host),
-        cors_origins=args.cors_allow_origin,
-    )
-    print(f"ldm serve: {pipe.model_name} on {pipe.device}; web UI http://{args.host}:{args.port}/ , API docs /docs")
-    # On Ctrl-C, requests get a few seconds to finish; then they are cancelled, which stops the worker.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+        from ldmkit.pipeline import Pipeline
+        from ldmkit.server.app import allowed_hosts_for, create_app
+
+        pipe = Pipeline.from_pretrained(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            config=args.config,
+            lora_dir=args.lora_dir,
+            embeddings_dir=args.embeddings_dir,
+            controlnet_dir=args.controlnet_dir,
+            fast=args.fast,
+            vae_tiling=args.vae_tiling,
+        )
+        if args.fast and pipe.device.type == "cuda":
+            warm_up(pipe)
+        app = create_app(
+            pipe,
+            queue_size=args.queue_size,
+            ui=not args.no_ui,
+            limits=limits,
+            allowed_hosts=allowed_hosts_for(args.host, args.allowed_host),
+            allowed_origins=tuple(args.allowed_origin),
+        )
+        print(f"ldm serve: {pipe.model_name} on {pipe.device}; web UI http://{args.host}:{args.port}/ , API docs /docs")
+        # On Ctrl-C, requests get a few seconds to finish; then they are cancelled, which stops the worker.
+        server = uvicorn.Server(uvicorn_config(app, limits, log_level="info", timeout_graceful_shutdown=5))
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn raises the signal again once it has shut down
+            pass
+    finally:
+        sock.close()
     return 0
 
 

@@ -6,9 +6,9 @@ import base64
 import binascii
 import io
 
-from PIL import Image
+from PIL import Image, ImageOps
 
-from ldmkit.errors import InvalidRequest
+from ldmkit.errors import InvalidRequest, describe
 from ldmkit.metadata import png_info
 from ldmkit.pipeline import GenerationResult
 from ldmkit.server.limits import ServerLimits
@@ -17,33 +17,55 @@ MAX_INPUT_PIXELS = ServerLimits.max_input_pixels
 
 # Raster formats clients send. Not every format Pillow knows: EPS, for one, would run Ghostscript.
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+# Pixel modes that convert to L, RGB and RGBA; a decoded image in another mode is converted once.
+USABLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")
+_WHITESPACE = str.maketrans("", "", " \t\r\n")
 
 
 def decode_image(data: bytes | str, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
-    """Fully decode image bytes (or a file path), checking the pixel count before any pixel is decoded."""
+    """Fully decode image bytes (or a file path), checking the pixel count before any pixel is decoded.
+
+    The image comes back upright (its EXIF orientation applied, as a viewer shows it) and in a mode
+    that converts to L, RGB and RGBA.
+    """
     # Any failure of a decoder on untrusted bytes is the image's fault (Pillow raises OSError, ValueError,
     # SyntaxError, EOFError, struct.error, zlib.error... depending on the format and the damage).
     try:
         image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data, formats=FORMATS)  # header only
     except Exception as exc:  # noqa: BLE001
-        raise InvalidRequest(f"{what} is not a readable image ({exc})") from None
+        raise InvalidRequest(f"{what} is not a readable image ({describe(exc)})") from None
     if image.width * image.height > max_pixels:
         raise InvalidRequest(
             f"{what} is {image.width}x{image.height}, over this server's pixel limit max_input_pixels = {max_pixels}"
         )
     try:
         image.load()
+        ImageOps.exif_transpose(image, in_place=True)
     except Exception as exc:  # noqa: BLE001
-        raise InvalidRequest(f"{what} is a damaged image ({exc})") from None
-    return image
+        raise InvalidRequest(f"{what} is a damaged image ({describe(exc)})") from None
+    return _usable_mode(image, what)
+
+
+def _usable_mode(image: Image.Image, what: str) -> Image.Image:
+    """Modes Pillow cannot convert to L (LAB, CMYK and other TIFF modes) become RGB or RGBA here, once."""
+    if image.mode in USABLE_MODES:
+        return image
+    try:
+        return image.convert("RGBA" if image.has_transparency_data else "RGB")
+    except ValueError:
+        raise InvalidRequest(f"{what} has pixel mode {image.mode}, which this server cannot read") from None
 
 
 def decode_base64_image(text: str, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
-    """Base64, plain or as a data: URL (AUTOMATIC1111 takes both) -> decoded PIL image. Never a file path."""
+    """Base64, plain or as a data: URL (AUTOMATIC1111 takes both) -> decoded PIL image. Never a file path.
+
+    Line breaks and spaces are skipped, so MIME-wrapped base64 (76-character lines, as `base64` and
+    `openssl base64` write it) is read as AUTOMATIC1111 reads it; any other non-base64 character is refused.
+    """
     if text.startswith("data:"):
         _, _, text = text.partition(",")
     try:
-        data = base64.b64decode(text.strip(), validate=True)
+        data = base64.b64decode(text.translate(_WHITESPACE), validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest(f"{what} is not valid base64") from None
     return decode_image(data, what, max_pixels)

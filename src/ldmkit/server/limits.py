@@ -1,4 +1,4 @@
-"""The server's limits: what one request may ask for, and the request body size limit as ASGI middleware.
+"""The server's limits: what one request may ask for, and the request body limits as ASGI middleware.
 
 The pipeline has its own hard limits (ldmkit.params.MAX_STEPS, MAX_SIDE, MAX_IMAGES, and a memory
 estimate); a server shared by several clients wants tighter ones, so no single request holds the
@@ -8,6 +8,9 @@ limit, as the field of ServerLimits (`ldm serve --max-steps` and so on set them)
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -26,6 +29,11 @@ class ServerLimits:
     max_body_bytes: int = 32 * 1024 * 1024  # a few large base64 PNGs; a larger body is refused (413)
     max_ui_cache_bytes: int = 1024 * 1024 * 1024  # the web UI's uploads and served images, oldest deleted first
     max_ui_cache_seconds: int = 3600  # and none kept longer
+    # Decoding a body costs several times its size (the bytes, the JSON text, the decoded base64, the
+    # pixels); bodies of more than 64 KiB are handled while their sizes fit this budget, others wait.
+    max_body_bytes_in_flight: int = 64 * 1024 * 1024
+    max_header_seconds: int = 10  # to send a request's head; a slower client is disconnected
+    max_body_seconds: int = 60  # to send its body: 32 MiB at 0.6 MB/s; a slower client is disconnected
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -72,16 +80,21 @@ class LimitExceeded(InvalidRequest):
 
 
 class BodySizeLimit:
-    """Checked from Content-Length, and counted for chunked bodies.
+    """Checked from Content-Length, and counted for chunked bodies; large bodies wait for their turn.
 
     Not FastAPI's own max_body_size: that answers an oversized declared body in plain text, and each
-    API's clients parse their own error shape (OpenAI's under /v1).
+    API's clients parse their own error shape (OpenAI's under /v1). A body over SMALL_BODY bytes is
+    handed to the app whole only when it fits the `in_flight` budget, which it holds until the app
+    starts its response: the app's copies of it (JSON text, base64, pixels) are made by then.
     """
 
-    def __init__(self, app, max_bytes: int, error):
+    SMALL_BODY = 64 * 1024  # control requests (interrupt, progress, a txt2img) never wait
+
+    def __init__(self, app, max_bytes: int, error, in_flight: int | None = None):
         self.app = app
         self.max_bytes = max_bytes
         self.error = error  # error(path, status, message, kind) -> Response
+        self.budget = ByteBudget(in_flight or 2 * max_bytes)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -92,11 +105,11 @@ class BodySizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await too_large(scope, receive, send)
 
-        received = 0
+        received = held = 0
         refused = False
 
         async def limited_receive():
-            nonlocal received, refused
+            nonlocal received, refused, held
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -105,10 +118,60 @@ class BodySizeLimit:
                     refused = True
                     await too_large(scope, receive, send)
                     return {"type": "http.disconnect"}
+                if not message.get("more_body", False) and received > self.SMALL_BODY and not held:
+                    held = await self.budget.acquire(received)
             return message
 
         async def guarded_send(message):
+            nonlocal held
+            if message["type"] == "http.response.start" and held:
+                self.budget.release(held)
+                held = 0
             if not refused:
                 await send(message)
 
-        await self.app(scope, limited_receive, guarded_send)
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        finally:
+            if held:
+                self.budget.release(held)
+
+
+class ByteBudget:
+    """An asyncio semaphore counted in bytes, granted first come, first served (a large body is not
+    passed over forever by smaller ones). A request larger than the whole budget takes all of it."""
+
+    def __init__(self, total: int):
+        self.total = self.free = total
+        self._waiting: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+
+    async def acquire(self, amount: int) -> int:
+        """Wait until `amount` bytes (at most the total) are free, take them, and return how many were taken."""
+        amount = min(amount, self.total)
+        if not self._waiting and amount <= self.free:
+            self.free -= amount
+            return amount
+        granted = asyncio.get_running_loop().create_future()
+        self._waiting.append((amount, granted))
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.cancelled():  # cancelled while waiting: those behind may fit now
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove((amount, granted))
+                self._grant()
+            else:  # granted just as the request was cancelled
+                self.release(amount)
+            raise
+        return amount
+
+    def release(self, amount: int) -> None:
+        self.free += amount
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiting and (self._waiting[0][1].cancelled() or self._waiting[0][0] <= self.free):
+            amount, granted = self._waiting.popleft()
+            if not granted.cancelled():
+                self.free -= amount
+                granted.set_result(None)
