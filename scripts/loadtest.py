@@ -259,10 +259,16 @@ def serve_tiny(port: int, queue_size: int) -> None:
     from e2e.serving import tiny_pipeline
 
     from ldmkit.server.app import create_app
+    from ldmkit.server.connections import uvicorn_config
+    from ldmkit.server.limits import DEFAULT_LIMITS
 
     torch.set_num_threads(1)  # a tiny model gains nothing from threads, and they spin when cores are shared
     app = create_app(tiny_pipeline(), queue_size=queue_size, ui=False)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2)
+    # Configured as `ldm serve` configures uvicorn (h11 with read deadlines).
+    config = uvicorn_config(
+        app, DEFAULT_LIMITS, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2
+    )
+    uvicorn.Server(config).run()
 
 
 # -- a real CUDA out-of-memory error ----------------------------------------------------------------

@@ -39,6 +39,7 @@ from ldmkit.server.app import create_app, error_response
 from ldmkit.server.connections import protocol_for
 from ldmkit.server.imaging import decode_base64_image
 from ldmkit.server.limits import BodySizeLimit, ServerLimits
+from ldmkit.server.origins import CrossOriginGuard
 
 FAST = {"width": 16, "height": 16, "steps": 3}
 
@@ -477,3 +478,23 @@ def test_configured_origins_may_write():
             assert (
                 requests.post(f"{url}/sdapi/v1/interrupt", headers={"Origin": origin}, timeout=10).status_code == status
             )
+
+
+def test_a_websocket_from_another_origin_is_refused_at_the_handshake():
+    from fastapi.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    async def echo(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": 1000})
+
+    client = TestClient(CrossOriginGuard(echo, error=error_response))
+    evil = {"Origin": "http://evil.example"}
+    with pytest.raises(WebSocketDisconnect) as refused, client.websocket_connect("/ws", headers=evil):
+        pass
+    assert refused.value.code == 1008
+    same_origin = {"Origin": "http://testserver"}
+    with client.websocket_connect("/ws", headers=same_origin) as socket_, pytest.raises(WebSocketDisconnect) as closed:
+        socket_.receive_text()  # accepted, then closed by the app itself
+    assert closed.value.code == 1000
