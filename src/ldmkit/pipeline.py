@@ -285,7 +285,7 @@ class Pipeline:
             for batch, seeds in enumerate(p.batch_seeds()):
                 if stop():
                     break
-                formed.append(self.sample(p, seeds, batch, callback, stop))
+                formed.append(self.sample_batch(p, seeds, batch, callback, stop))
                 if formed[-1].interrupted:
                     break
         # 6. Decode and describe.
@@ -308,7 +308,7 @@ class Pipeline:
         check_memory(self.memory_footprint(), self.device, *p.final_size, p.batch_size, p.use_guidance, context_tokens)
         return p
 
-    def sample(self, p: GenerationParams, seeds: list[int], batch: int, callback, stop: _Stop) -> Formed:
+    def sample_batch(self, p: GenerationParams, seeds: list[int], batch: int, callback, stop: _Stop) -> Formed:
         """Stages 3-5 for one batch: prompt -> conditioning -> the base pass -> (hires) the img2img pass again."""
         # Image i owns a CPU generator seeded seeds[i]: the same seed gives the same image on any
         # device and in any batch; it also feeds the VAE posterior samples and ancestral noise.
@@ -322,7 +322,7 @@ class Pipeline:
         denoiser = Denoiser(
             self._state.run_unet, conditioning.context, p.guidance, prediction_type, conditioning.unet_kwargs
         )
-        base = Schedule.make(sampler, self.scheduler_config, p.steps, p.strength if p.init_image else None)
+        base = Schedule.make(sampler, self.scheduler_config, p.steps, None if p.init_image is None else p.strength)
         second = None
         if p.hires is not None:
             second = Schedule.make(sampler, self.scheduler_config, p.hires.pass_steps(p.steps), p.hires.strength)
