@@ -188,6 +188,6 @@ def test_loras_are_refused_on_the_fused_fast_path(tmp_path):
     components = make_tiny_components()
     kohya_lora(tmp_path / "ink.safetensors", components)
     pipe = Pipeline(components, torch.device("cpu"), torch.float32, lora_dir=tmp_path)
-    pipe.make_fast(fuse_qkv=True, channels_last=False, compile=False)
+    pipe.make_fast(fuse_qkv=True, channels_last=False, compile=False)  # recorded: the pipeline knows
     with pytest.raises(InvalidRequest, match="not supported on the fast path"):
         pipe.generate("otter <lora:ink:1>", steps=2)

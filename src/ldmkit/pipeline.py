@@ -305,7 +305,7 @@ class Pipeline:
             for batch, seeds in enumerate(p.batch_seeds()):
                 if stop():
                     break
-                formed.append(self.sample(p, seeds, batch, callback, stop, controls))
+                formed.append(self.sample_batch(p, seeds, batch, callback, stop, controls))
                 if formed[-1].interrupted:
                     break
         # 6. Decode and describe.
@@ -332,7 +332,7 @@ class Pipeline:
         check_memory(self.memory_footprint(), self.device, *p.final_size, p.batch_size, p.use_guidance, context_tokens)
         return p
 
-    def sample(
+    def sample_batch(
         self, p: GenerationParams, seeds: list[int], batch: int, callback, stop: _Stop, controls: Controls | None = None
     ) -> Formed:
         """Stages 3-5 for one batch: prompt -> conditioning -> the base pass -> (hires) the img2img pass again.
@@ -351,7 +351,7 @@ class Pipeline:
         denoiser = Denoiser(
             self._state.run_unet, conditioning.context, p.guidance, prediction_type, conditioning.unet_kwargs
         )
-        base = Schedule.make(sampler, self.scheduler_config, p.steps, p.strength if p.init_image else None)
+        base = Schedule.make(sampler, self.scheduler_config, p.steps, None if p.init_image is None else p.strength)
         second = None
         if p.hires is not None:
             second = Schedule.make(sampler, self.scheduler_config, p.hires.pass_steps(p.steps), p.hires.strength)

@@ -164,15 +164,15 @@ def test_inpaint_tab_repaints_under_an_uploaded_mask(ui, tmp_path):
     assert parameters.startswith("a green cube\n") and "Mask blur: 4" in parameters and "Size: 24x16" in parameters
 
 
-def test_a_problem_found_while_generating_is_shown_with_its_reason(ui):
+def test_a_lora_problem_is_shown_with_its_reason_before_the_request_queues(ui):
     page, queue = ui
     page.click("button[role='tab']:has-text('txt2img')")
-    page.fill("#txt2img-prompt textarea", "a cube <lora:nowhere:1>")  # the worker finds there is no LoRA folder
+    page.fill("#txt2img-prompt textarea", "a cube <lora:nowhere:1>")  # Pipeline.prepare finds no LoRA folder
     page.click("#txt2img-generate")
     page.wait_for_selector(
         ".toast-body:has-text('the prompt has <lora:...> tags but no LoRA folder is set')"
     )  # escaped, not eaten as HTML
-    assert page.inner_text("#txt2img-status").startswith("Failed: the prompt has <lora:...> tags")
+    assert queue.current is None and queue.waiting() == 0  # refused before it took a place
     wait_until_idle(queue)
 
 
