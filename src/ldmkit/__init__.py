@@ -1,6 +1,6 @@
 """ldmkit: latent diffusion text-to-image (CLIP text encoder -> UNet denoiser -> VAE decoder)."""
 
-__all__ = ["Pipeline", "GenerationResult", "StepInfo"]
+__all__ = ["GenerationParams", "GenerationResult", "HiresFix", "Pipeline", "StepInfo"]
 __version__ = "0.1.0"
 
 

@@ -6,7 +6,9 @@ SD1.5 architecture in fp32 on the CPU (peak RSS growth of one forward): VAE deco
 1.0 GB (about 8 bytes x block_out_channels[0] per pixel per byte of dtype); UNet at 256x256 with
 batch 2, 0.21 GB (about 80 bytes x block_out_channels[0] per latent pixel per batch item per byte).
 Long prompts add their conditioning to the UNet's share: the context itself and the keys and values one
-cross-attention layer makes of it (at the widest layer), per batch item; counted from tensor sizes.
+cross-attention layer makes of it (at the widest layer), per batch item. Measured the same way (SD1.5
+shapes, fp32, CPU, batch 2, an 8x8 latent): 49,280 context tokens (640 chunks) took 1,152 MiB beyond a
+77-token call, context included; this count gives 1,251 MiB (24,640 tokens: 514 measured, 626 counted).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """The latent diffusion workflow: prompt -> CLIP embeddings -> denoised latents -> VAE decode -> images.
 
-`Pipeline.generate` reads as numbered stages, each one named method, like a diffusers pipeline's
-`__call__`; the components (UNet, VAE, CLIP, schedulers) are diffusers' and transformers' own.
+`Pipeline.run` reads as numbered stages, each one named method, like a diffusers pipeline's `__call__`;
+`Pipeline.generate` is its keyword form. The request is a GenerationParams (ldmkit.params), the loop is
+ldmkit.denoise's, what differs per model family is ldmkit.families'; the components (UNet, VAE, CLIP,
+schedulers) are diffusers' and transformers' own (docs/architecture.md).
 """
 
 from __future__ import annotations
