@@ -77,6 +77,8 @@ class RequestLimits(Protocol):
     def check_size(self, width: int, height: int) -> None: ...
     def check_loras(self, count: int) -> None: ...
 
+    max_prompt_chunks: int  # 75-token chunks per prompt and per negative prompt
+
 
 @dataclass(frozen=True)
 class GenerationParams:

@@ -36,7 +36,7 @@ from ldmkit.metadata import format_infotext
 from ldmkit.model_state import ModelState
 from ldmkit.params import GenerationParams, HiresFix, RequestLimits
 from ldmkit.previews import fast_preview, latent_rgb_projection
-from ldmkit.prompts import clip_skip_infotext
+from ldmkit.prompts import MAX_PROMPT_CHUNKS, check_prompt_chunks, clip_skip_infotext
 from ldmkit.samplers import DEFAULT_SAMPLER, get_sampler
 
 
@@ -326,6 +326,9 @@ class Pipeline:
         p = params.resolved(self.default_size)
         p.validate(limits)  # again, with the size known
         self.family.check(self._state, p)
+        max_chunks = MAX_PROMPT_CHUNKS if limits is None else limits.max_prompt_chunks
+        for text in p.text_prompts():  # before any LoRA file is read or any text encoded
+            check_prompt_chunks(self._state.tokenizer or self._state.tokenizer_2, text, p.negative_prompt, max_chunks)
         if self.is_inpainting_model and p.mask_image is None:
             raise InvalidRequest("this is an inpainting model: give an init image and a mask")
         self.lora_files(p)

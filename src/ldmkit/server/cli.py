@@ -50,6 +50,7 @@ LIMIT_FLAGS = [
     ("--max-steps", "max_steps", "denoising steps per image (default 250)"),
     ("--max-images", "max_images", "images per request (default 16)"),
     ("--max-prompt-chars", "max_prompt_chars", "characters per prompt (default 10000)"),
+    ("--max-prompt-chunks", "max_prompt_chunks", "75-token chunks per prompt; each BREAK starts one (default 32)"),
     ("--max-loras", "max_loras", "different LoRAs per request (default 8)"),
     ("--max-body-bytes", "max_body_bytes", "request body size (default 32 MiB)"),
     ("--max-ui-cache-bytes", "max_ui_cache_bytes", "the web UI's cached uploads and images (default 1 GiB)"),

@@ -25,6 +25,7 @@ class ServerLimits:
     max_steps: int = 250  # denoising steps per image: as many as the ADM paper sampled with; DPM++ needs ~30
     max_images: int = 16  # per request: batch_size * n_iter (AUTOMATIC1111), n (OpenAI)
     max_prompt_chars: int = 10_000  # prompt and negative prompt, each
+    max_prompt_chunks: int = 32  # 75-token chunks of the prompt and of the negative prompt (each BREAK starts one)
     max_loras: int = 8  # distinct LoRAs one request applies (each is a file to read and layers to add)
     max_body_bytes: int = 32 * 1024 * 1024  # a few large base64 PNGs; a larger body is refused (413)
     max_ui_cache_bytes: int = 1024 * 1024 * 1024  # the web UI's uploads and served images, oldest deleted first
