@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -78,6 +79,10 @@ class RequestLimits(Protocol):
     def check_loras(self, count: int) -> None: ...
 
     max_prompt_chunks: int  # 75-token chunks per prompt and per negative prompt
+
+
+# A [...] holding ':' or '|' (not escaped, no nested brackets): A1111's scheduled prompts.
+_SCHEDULED_PROMPT = re.compile(r"(?<!\\)\[[^\[\]]*(?<!\\)[:|][^\[\]]*(?<!\\)\]")
 
 
 @dataclass(frozen=True)
@@ -194,6 +199,12 @@ class GenerationParams:
                 raise InvalidRequest(f"{name} must be text, not {type(text).__name__}")
             if has_lone_surrogate(text):
                 raise InvalidRequest(f"{name} is not valid Unicode text (it has a lone surrogate code point)")
+            if (match := _SCHEDULED_PROMPT.search(text)) is not None:
+                # AUTOMATIC1111 reads these as prompt editing / alternation; ours would read them as [de-emphasis].
+                raise InvalidRequest(
+                    f"{name}: {match.group(0)!r} is AUTOMATIC1111's prompt editing ([from:to:when]) or alternation "
+                    "([a|b]), which ldmkit does not support; write \\[ \\] for literal brackets"
+                )
 
     def _check_counts(self) -> None:
         if not is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
