@@ -4,7 +4,8 @@ A prompt written for that UI conditions the model the same way here: emphasis, p
 tokens, BREAK, clip skip. The parser and the chunking are ldmkit's own, written from the syntax as A1111's wiki
 describes it (stable-diffusion-webui wiki, Features: "Attention/emphasis", and "Infinite prompt length" for the
 chunks and BREAK) and checked against the input/output examples A1111 publishes (tests/test_prompts.py). A1111's
-prompt editing ([a:b:step]) and alternation ([a|b]) are not implemented: there they read as [text].
+prompt editing ([a:b:step]) and alternation ([a|b]) are not implemented: GenerationParams.validate refuses them,
+since this parser would read them as [text].
 
 Emphasis grammar. A lexer reads the prompt left to right into these lexemes, the first that fits at each place:
 
