@@ -82,7 +82,7 @@ def test_txt2img_with_a_sketched_unit_names_it_in_the_infotext_and_shows_its_map
         1,  # the second unit, so the values reach the unit they are given to
         **{
             "Enable": True,
-            "Control image: draw, or upload (and draw over)": editor_value(path),
+            "Control image: draw (brush tool), or upload and draw over it": editor_value(path),
             "Model": title,
             "Preprocessor": "invert",
             "Control weight": 0.8,
@@ -134,7 +134,11 @@ def test_the_panel_applies_the_servers_input_pixel_limit(server):
     assert event == "error" and f"max_input_pixels = {MAX_PIXELS}" in payload["error"]
     values, labels = endpoint_values(server, "/run", Prompt="otter", Steps=1, Width=16, Height=16)
     unit_inputs(
-        values, labels, 0, Enable=True, **{"Control image: draw, or upload (and draw over)": editor_value(path)}
+        values,
+        labels,
+        0,
+        Enable=True,
+        **{"Control image: draw (brush tool), or upload and draw over it": editor_value(path)},
     )
     event, payload = call(server, "run", values)
     assert event == "error" and f"max_input_pixels = {MAX_PIXELS}" in payload["error"]
@@ -143,7 +147,7 @@ def test_the_panel_applies_the_servers_input_pixel_limit(server):
 def test_a_unit_is_validated_as_the_apis_units_are(server):
     path = upload(server, sketch())
     values, labels = endpoint_values(server, "/run", Prompt="otter", Steps=1, Width=16, Height=16)
-    image = {"Control image: draw, or upload (and draw over)": editor_value(path)}
+    image = {"Control image: draw (brush tool), or upload and draw over it": editor_value(path)}
     unit_inputs(values, labels, 0, Enable=True, **image, **{"Starting control step": 0.8, "Ending control step": 0.2})
     event, payload = call(server, "run", values)
     assert event == "error"

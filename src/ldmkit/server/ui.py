@@ -138,10 +138,6 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
                             0, 150, value=0, step=1, label="Hires steps (0: same as Steps)"
                         )
                         fields["hires_upscaler"] = gr.Dropdown(list(HIRES_UPSCALERS), value="Latent", label="Upscaler")
-            controlnet = None
-            if mode in CONTROLNET_MODES:
-                controlnet = controlnet_panel(queue.pipe.controlnets, mode, queue.limits.max_input_pixels)
-                fields.update(controlnet.inputs)
         with gr.Column(scale=3):
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id=f"{mode}-generate")
@@ -162,6 +158,10 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
             parameters = gr.Textbox(
                 label="Parameters of the selected image", lines=3, interactive=False, elem_id=f"{mode}-parameters"
             )
+    controlnet = None
+    if mode in CONTROLNET_MODES:  # full width below: the sketch pad wants room
+        controlnet = controlnet_panel(queue.pipe.controlnets, mode, queue.limits.max_input_pixels)
+        fields.update(controlnet.inputs)
     infotexts = gr.State([])
 
     running: dict[str, Job] = {}  # browser session -> its job in this tab, for the Cancel button

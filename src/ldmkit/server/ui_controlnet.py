@@ -105,27 +105,29 @@ def _unit_controls(titles: list[str], prefix: str, max_pixels: int) -> dict[str,
     c: dict[str, gr.components.Component] = {}
     c["enabled"] = gr.Checkbox(label="Enable", elem_id=f"{prefix}-enable")
     with gr.Row():
-        c["image"] = control_image_input(
-            label="Control image: draw, or upload (and draw over)",
-            type="filepath",
-            image_mode=None,
-            sources=("upload", "clipboard"),
-            brush=gr.Brush(colors=["#000000", "#ffffff"], default_color="#000000", default_size=6),
-            canvas_size=(CANVAS, CANVAS),
-            layers=False,
-            format="png",
-            height=360,
-            elem_id=f"{prefix}-image",
-        )
-        control_map = gr.Image(
-            label="Control map", format="png", interactive=False, height=360, elem_id=f"{prefix}-map"
-        )
-    with gr.Row():
-        c["model"] = gr.Dropdown(titles, value=titles[0], label="Model", elem_id=f"{prefix}-model")
-        c["module"] = gr.Dropdown(
-            list(PREPROCESSORS), value=DEFAULT_MODULE, label="Preprocessor", elem_id=f"{prefix}-module"
-        )
-        preview = gr.Button("Preview map", elem_id=f"{prefix}-preview", scale=0, min_width=120)
+        with gr.Column(scale=3):
+            c["image"] = control_image_input(
+                label="Control image: draw (brush tool), or upload and draw over it",
+                type="filepath",
+                image_mode=None,
+                sources=("upload", "clipboard"),
+                brush=gr.Brush(colors=["#000000", "#ffffff"], default_color="#000000", default_size=6),
+                canvas_size=(CANVAS, CANVAS),
+                layers=False,
+                format="png",
+                height=420,
+                elem_id=f"{prefix}-image",
+            )
+        with gr.Column(scale=2):
+            control_map = gr.Image(
+                label="Control map", format="png", interactive=False, height=260, elem_id=f"{prefix}-map"
+            )
+            c["model"] = gr.Dropdown(titles, value=titles[0], label="Model", elem_id=f"{prefix}-model")
+            with gr.Row():
+                c["module"] = gr.Dropdown(
+                    list(PREPROCESSORS), value=DEFAULT_MODULE, label="Preprocessor", elem_id=f"{prefix}-module"
+                )
+                preview = gr.Button("Preview map", elem_id=f"{prefix}-preview", scale=0, min_width=120)
     with gr.Row():
         low, high = RESOLUTION_RANGE
         shown = PREPROCESSORS[DEFAULT_MODULE]
