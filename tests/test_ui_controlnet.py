@@ -16,7 +16,7 @@ from PIL import Image
 pytest.importorskip("gradio", reason="server extras not installed (pip install -e .[server])")
 sys.path.insert(0, str(Path(__file__).parent / "e2e"))
 
-from serving import GatedPipeline, serve
+from serving import GatedPipeline, serve, serve_tiny
 from support.controlnet import make_tiny_controlnet
 from support.tiny import make_tiny_components
 from test_ui_security import call, file_data, secret_png, upload
@@ -24,6 +24,7 @@ from test_ui_security import call, file_data, secret_png, upload
 from ldmkit.metadata import parse_infotext
 from ldmkit.server.app import create_app
 from ldmkit.server.limits import ServerLimits
+from ldmkit.server.ui_controlnet import NO_MODELS
 
 MAX_PIXELS = 64 * 64
 
@@ -159,3 +160,32 @@ def test_an_empty_pad_in_txt2img_is_refused(server):
     unit_inputs(values, labels, 0, Enable=True)
     event, payload = call(server, "run", values)
     assert event == "error" and "ControlNet unit 0 has no image" in payload["error"]
+
+
+def test_img2img_unit_with_an_empty_pad_uses_the_init_image(server):
+    init = Image.new("RGB", (24, 16), "white")
+    init.paste((0, 0, 0), (4, 6, 20, 10))
+    values, labels = endpoint_values(
+        server,
+        "/run_1",
+        Prompt="otter",
+        Steps=2,
+        Width=24,
+        Height=16,
+        **{"Init image": file_data(upload(server, init)), "Resize mode": "Just Resize"},
+    )
+    unit_inputs(values, labels, 0, Enable=True)  # the pad left as it is
+    event, payload = call(server, "run_1", values)
+    assert event == "complete", payload
+    _preview, _status, gallery, parameters, _texts = payload
+    assert 'ControlNet 0: "Module: invert, Model: control_sketch [' in parameters
+    expected = np.zeros((16, 24, 3), np.uint8)  # the init image, inverted
+    expected[6:10, 4:20] = 255
+    assert np.array_equal(np.asarray(served(gallery[1]["image"]).convert("RGB")), expected)
+
+
+def test_without_controlnets_the_panel_says_how_to_add_them():
+    with serve_tiny() as (url, _pipe, _app):
+        config = requests.get(f"{url}/config", timeout=30).text
+    assert NO_MODELS in config
+    assert "Preview map" not in config

@@ -169,7 +169,9 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
     max_pixels = queue.limits.max_input_pixels
 
     async def run(session: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's way)
-        request = await asyncio.to_thread(_user_error, lambda: _request(dict(zip(fields, values)), max_pixels, controlnet))
+        request = await asyncio.to_thread(
+            _user_error, lambda: _request(dict(zip(fields, values)), max_pixels, controlnet)
+        )
         job = _user_error(lambda: queue.submit(request))
         running[session.session_hash] = job
         try:
