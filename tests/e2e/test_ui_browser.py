@@ -257,20 +257,19 @@ def test_the_ui_refuses_a_path_that_was_not_uploaded(ui, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def controlnet_ui(tmp_path_factory):
-    """A page of a server whose --controlnet-dir holds one tiny random ControlNet."""
+def controlnet_ui(ui, tmp_path_factory):
+    """A page (of `ui`'s browser: one Playwright per process) of a server whose --controlnet-dir holds one tiny
+    random ControlNet."""
     from support.controlnet import make_tiny_controlnet
 
     folder = tmp_path_factory.mktemp("controlnets")
     make_tiny_controlnet(1).save_pretrained(folder / "control_sketch")
-    pipe = tiny_pipeline(controlnet_dir=folder)
-    with serve(create_app(pipe)) as url, playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
+    with serve(create_app(tiny_pipeline(controlnet_dir=folder))) as url:
+        page = ui[0].context.browser.new_page(viewport={"width": 1400, "height": 900})
         page.set_default_timeout(30_000)
         page.goto(url + "/")
         yield page
-        browser.close()
+        page.close()
 
 
 def test_controlnet_panel_sketch_preview_and_generate(controlnet_ui):

@@ -169,10 +169,14 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
     max_pixels = queue.limits.max_input_pixels
 
     async def run(session: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's way)
-        request = await asyncio.to_thread(
-            _user_error, lambda: _request(dict(zip(fields, values)), max_pixels, controlnet)
-        )
-        job = _user_error(lambda: queue.submit(request))
+        try:  # a request refused before it runs (bad input, an unknown LoRA, a full queue) says so in the status too
+            request = await asyncio.to_thread(
+                _user_error, lambda: _request(dict(zip(fields, values)), max_pixels, controlnet)
+            )
+            job = _user_error(lambda: queue.submit(request))
+        except gr.Error as error:
+            yield {status: f"Failed: {error.message}"}
+            raise
         running[session.session_hash] = job
         try:
             async for update in _watch(queue, job, progress):

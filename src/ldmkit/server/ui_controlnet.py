@@ -59,7 +59,7 @@ class ControlNetPanel:
     def units(self, values: dict, max_pixels: int) -> tuple[ControlUnit, ...]:
         """The enabled units, as the handler's values hold them; the queue validates them."""
         units = []
-        for index in range(UNITS):
+        for index in range(len(self.inputs) // len(UNIT_FIELDS)):  # none when the folder had no ControlNet
             v = {field: values[f"controlnet_{index}_{field}"] for field in UNIT_FIELDS}
             if not v["enabled"]:
                 continue
