@@ -277,7 +277,7 @@ def test_controlnet_panel_sketch_preview_and_generate(controlnet_ui):
     shows its map after the image. LDM_UI_SCREENSHOT=docs/ui.png also writes docs/ui-controlnet.png."""
     page = controlnet_ui
     unit = "#txt2img-controlnet-0"
-    page.click("#txt2img-controlnet button")  # the accordion opens
+    open_controlnet_panel(page)
     page.click(f"{unit}-image button[aria-label='Brush']")
     canvas = page.locator(f"{unit}-image canvas").first.bounding_box()
     middle_x, middle_y = canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2
@@ -309,3 +309,22 @@ def test_controlnet_panel_sketch_preview_and_generate(controlnet_ui):
         root, extension = os.path.splitext(os.environ["LDM_UI_SCREENSHOT"])
         page.wait_for_timeout(500)  # let the gallery's images finish loading
         page.screenshot(path=f"{root}-controlnet{extension}", full_page=True)
+
+
+def test_controlnet_preprocessor_shows_its_own_sliders(controlnet_ui):
+    page = controlnet_ui
+    unit = "#txt2img-controlnet-1"
+    open_controlnet_panel(page)
+    page.click("#txt2img-controlnet button[role='tab']:has-text('Unit 1')")
+    assert not page.is_visible(f"{unit}-threshold-a")  # "invert" has no parameters
+    page.click(f"{unit}-module input")
+    page.click("ul[role='listbox'] li:has-text('canny')")
+    page.wait_for_selector(f"{unit}-threshold-a:has-text('Canny Low Threshold')")
+    assert page.input_value(f"{unit}-threshold-a input[type='number']") == "100"
+    assert page.input_value(f"{unit}-threshold-b input[type='number']") == "200"
+    assert page.is_visible(f"{unit}-res")
+
+
+def open_controlnet_panel(page):
+    if not page.is_visible("#txt2img-controlnet-0-enable"):
+        page.click("#txt2img-controlnet button")  # the accordion opens
