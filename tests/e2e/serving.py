@@ -34,8 +34,8 @@ class GatedPipeline(Pipeline):
         return super().run(params, slowed, should_stop)
 
 
-def tiny_pipeline() -> GatedPipeline:
-    return GatedPipeline(make_tiny_components(), torch.device("cpu"), torch.float32)
+def tiny_pipeline(**kwargs) -> GatedPipeline:
+    return GatedPipeline(make_tiny_components(), torch.device("cpu"), torch.float32, **kwargs)
 
 
 @contextlib.contextmanager

@@ -11,17 +11,19 @@ import os
 import shutil
 import time
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
 pytest.importorskip("gradio", reason="server extras not installed (pip install -e .[server])")
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed (see .ci/server-deps.sh)")
 
-from e2e.serving import serve, serve_tiny
+from e2e.serving import serve, serve_tiny, tiny_pipeline
 
 from ldmkit.metadata import png_info
 from ldmkit.pipeline import Pipeline
 from ldmkit.server.app import create_app
+from ldmkit.server.ui_controlnet import CANVAS
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -252,3 +254,77 @@ def test_the_ui_refuses_a_path_that_was_not_uploaded(ui, tmp_path):
     assert "secret prompt" not in answer
     served = page.request.get(f"{page.url.rstrip('/')}/gradio_api/file={secret}")
     assert served.status in (403, 404)
+
+
+@pytest.fixture(scope="module")
+def controlnet_ui(ui, tmp_path_factory):
+    """A page (of `ui`'s browser: one Playwright per process) of a server whose --controlnet-dir holds one tiny
+    random ControlNet."""
+    from support.controlnet import make_tiny_controlnet
+
+    folder = tmp_path_factory.mktemp("controlnets")
+    make_tiny_controlnet(1).save_pretrained(folder / "control_sketch")
+    with serve(create_app(tiny_pipeline(controlnet_dir=folder))) as url:
+        page = ui[0].context.browser.new_page(viewport={"width": 1400, "height": 900})
+        page.set_default_timeout(30_000)
+        page.goto(url + "/")
+        yield page
+        page.close()
+
+
+def test_controlnet_panel_sketch_preview_and_generate(controlnet_ui):
+    """Draw a stroke on the pad, preview its map, generate with the unit: the infotext names it and the gallery
+    shows its map after the image. LDM_UI_SCREENSHOT=docs/ui.png also writes docs/ui-controlnet.png."""
+    page = controlnet_ui
+    unit = "#txt2img-controlnet-0"
+    open_controlnet_panel(page)
+    page.click(f"{unit}-image button[aria-label='Brush']")
+    canvas = page.locator(f"{unit}-image canvas").first.bounding_box()
+    middle_x, middle_y = canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2
+    page.mouse.move(middle_x - 100, middle_y - 60)
+    page.mouse.down()
+    for step in range(1, 21):  # a zigzag, in small moves as a hand draws
+        page.mouse.move(middle_x - 100 + 10 * step, middle_y - 60 + (40 if step % 4 < 2 else -20) + 3 * step)
+    page.mouse.up()
+
+    page.click(f"{unit}-preview")
+    page.wait_for_selector(f"{unit}-map img")
+    control_map = Image.open(io.BytesIO(page.request.get(page.get_attribute(f"{unit}-map img", "src")).body()))
+    pixels = np.asarray(control_map.convert("L"))
+    assert pixels.shape == (CANVAS, CANVAS)  # "invert" runs on the pad's composite as it is
+    drawn = pixels > 127  # the stroke, now white on black
+    assert 0.002 < drawn.mean() < 0.2 and pixels[0, 0] == 0
+
+    page.check(f"{unit}-enable input[type='checkbox']")
+    page.fill("#txt2img-prompt textarea", "a scribbled cat")
+    steps = page.locator("input[aria-label='number input for Steps']").first
+    steps.fill("3")
+    steps.press("Enter")
+    page.click("#txt2img-generate")
+    page.wait_for_function("document.querySelector('#txt2img-status').innerText.startsWith('Done')")
+    parameters = page.input_value("#txt2img-parameters textarea")
+    assert 'ControlNet 0: "Module: invert, Model: control_sketch [' in parameters
+    page.wait_for_function("document.querySelectorAll('#txt2img-gallery img').length === 2")  # the image, its map
+    if os.environ.get("LDM_UI_SCREENSHOT"):
+        root, extension = os.path.splitext(os.environ["LDM_UI_SCREENSHOT"])
+        page.wait_for_timeout(500)  # let the gallery's images finish loading
+        page.screenshot(path=f"{root}-controlnet{extension}", full_page=True)
+
+
+def test_controlnet_preprocessor_shows_its_own_sliders(controlnet_ui):
+    page = controlnet_ui
+    unit = "#txt2img-controlnet-1"
+    open_controlnet_panel(page)
+    page.click("#txt2img-controlnet button[role='tab']:has-text('Unit 1')")
+    assert not page.is_visible(f"{unit}-threshold-a")  # "invert" has no parameters
+    page.click(f"{unit}-module input")
+    page.click("ul[role='listbox'] li:has-text('canny')")
+    page.wait_for_selector(f"{unit}-threshold-a:has-text('Canny Low Threshold')")
+    assert page.input_value(f"{unit}-threshold-a input[type='number']") == "100"
+    assert page.input_value(f"{unit}-threshold-b input[type='number']") == "200"
+    assert page.is_visible(f"{unit}-res")
+
+
+def open_controlnet_panel(page):
+    if not page.is_visible("#txt2img-controlnet-0-enable"):
+        page.click("#txt2img-controlnet button")  # the accordion opens

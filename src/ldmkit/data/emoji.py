@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ldmkit.data.codepoints import normalize_key
 from ldmkit.errors import LdmError
 
 
@@ -52,8 +53,6 @@ SOURCES = (
 
 RESOLUTION = 128
 SKIN_TONES = {"1f3fb", "1f3fc", "1f3fd", "1f3fe", "1f3ff"}
-# Code points that only select a presentation; dropped so "2764-fe0f" and "2764" are the same emoji.
-PRESENTATION_SELECTORS = {"fe0e", "fe0f"}
 
 
 @dataclass
@@ -68,12 +67,6 @@ class EmojiRecord:
     def captions(self) -> list[str]:
         """Name alone (any style answers it) and name with the style phrase (selects the style)."""
         return [self.name, f"{self.name}, {self.style}", f"{self.style} of {self.name}"]
-
-
-def normalize_key(codepoints: str) -> str:
-    """'2764-FE0F' -> '2764': lower case, hyphen separated, presentation selectors dropped."""
-    parts = [p.lower().lstrip("0") or "0" for p in codepoints.replace("_", "-").split("-") if p]
-    return "-".join(p for p in parts if p not in PRESENTATION_SELECTORS)
 
 
 def fetch_packages(cache_dir: Path, sources=SOURCES) -> dict[str, Path]:

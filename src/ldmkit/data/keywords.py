@@ -7,7 +7,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
-from ldmkit.data.emoji import normalize_key
+from ldmkit.data.codepoints import normalize_key
 
 PACKAGE = "emojilib"
 # A keyword shared by more emoji than this ("animal", "face") names a category, not a thing: it is not a synonym.

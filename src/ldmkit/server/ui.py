@@ -10,11 +10,9 @@ handler ends on "Cancelled."; a browser that leaves has Gradio cancel the task a
 from __future__ import annotations
 
 import asyncio
-import html
 
 import gradio as gr
 
-from ldmkit.errors import LdmError
 from ldmkit.metadata import PARAMETERS_KEY, parse_infotext
 from ldmkit.params import MAX_HIRES_SCALE, MAX_MASK_BLUR, GenerationParams, HiresFix
 from ldmkit.previews import make_grid, preview_images
@@ -22,7 +20,9 @@ from ldmkit.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULE_TYPE, SAMPLERS, ge
 from ldmkit.schedules import SCHEDULE_TYPES
 from ldmkit.server.a1111 import mask_from_image
 from ldmkit.server.imaging import decode_image
-from ldmkit.server.queue import Cancelled, GenerationQueue, Job, OutOfMemory, QueueFull, as_asyncio
+from ldmkit.server.queue import Cancelled, GenerationQueue, Job, as_asyncio
+from ldmkit.server.ui_controlnet import ControlNetPanel, controlnet_panel
+from ldmkit.server.ui_errors import user_error as _user_error
 
 POLL_SECONDS = 0.1  # how often the page may get a new preview
 
@@ -61,6 +61,7 @@ def build_ui(queue: GenerationQueue) -> gr.Blocks:
 
 
 MODES = ("txt2img", "img2img", "inpaint")
+CONTROLNET_MODES = ("txt2img", "img2img")  # the tabs with a ControlNet panel
 HIRES_UPSCALERS = {"Latent": "latent", "Lanczos": "pixel"}  # A1111's names for ldmkit's two upscalers
 
 
@@ -157,6 +158,10 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
             parameters = gr.Textbox(
                 label="Parameters of the selected image", lines=3, interactive=False, elem_id=f"{mode}-parameters"
             )
+    controlnet = None
+    if mode in CONTROLNET_MODES:  # full width below: the sketch pad wants room
+        controlnet = controlnet_panel(queue.pipe.controlnets, mode, queue.limits.max_input_pixels)
+        fields.update(controlnet.inputs)
     infotexts = gr.State([])
 
     running: dict[str, Job] = {}  # browser session -> its job in this tab, for the Cancel button
@@ -164,8 +169,14 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
     max_pixels = queue.limits.max_input_pixels
 
     async def run(session: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's way)
-        request = await asyncio.to_thread(_user_error, lambda: _request(dict(zip(fields, values)), max_pixels))
-        job = _user_error(lambda: queue.submit(request))
+        try:  # a request refused before it runs (bad input, an unknown LoRA, a full queue) says so in the status too
+            request = await asyncio.to_thread(
+                _user_error, lambda: _request(dict(zip(fields, values)), max_pixels, controlnet)
+            )
+            job = _user_error(lambda: queue.submit(request))
+        except gr.Error as error:
+            yield {status: f"Failed: {error.message}"}
+            raise
         running[session.session_hash] = job
         try:
             async for update in _watch(queue, job, progress):
@@ -184,11 +195,13 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
         for image, text in zip(result.images, result.infotexts):
             image.info[PARAMETERS_KEY] = text  # Gradio writes PNG text info into the files it serves
         seeds = ", ".join(map(str, result.seeds))
+        # Each ControlNet unit's map follows the images, as A1111 shows them; selecting one shows the run's text.
+        maps = [(image, f"ControlNet map {i}") for i, image in enumerate(result.control_maps)]
         yield {
             preview: make_grid(result.images),
-            gallery: [(image, f"seed {s}") for image, s in zip(result.images, result.seeds)],
+            gallery: [(image, f"seed {s}") for image, s in zip(result.images, result.seeds)] + maps,
             parameters: result.infotexts[0],
-            infotexts: result.infotexts,
+            infotexts: result.infotexts + [result.infotexts[0]] * len(maps),
             status: f"Done: {len(result.images)} image(s), seed(s) {seeds}.",
         }
 
@@ -225,7 +238,7 @@ def _image_size(path: str | None, max_pixels: int):
     return max(8, min(2048, width // 8 * 8)), max(8, min(2048, height // 8 * 8))
 
 
-def _request(v: dict, max_pixels: int) -> GenerationParams:
+def _request(v: dict, max_pixels: int, controlnet: ControlNetPanel | None = None) -> GenerationParams:
     """The tab's input values -> a queue request; uploads are decoded here (off the event loop)."""
     fields = {
         "prompt": v["prompt"],
@@ -253,6 +266,8 @@ def _request(v: dict, max_pixels: int) -> GenerationParams:
     if v.get("hires"):
         scale, strength, steps = float(v["hires_scale"]), float(v["hires_strength"]), int(v["hires_steps"])
         fields["hires"] = HiresFix(scale, strength, steps or None, HIRES_UPSCALERS[v["hires_upscaler"]])
+    if controlnet is not None:
+        fields["controls"] = controlnet.units(v, max_pixels)
     return GenerationParams(**fields)
 
 
@@ -283,14 +298,6 @@ async def _watch(queue: GenerationQueue, job: Job, progress: gr.Progress):
 
 def _selected_infotext(texts: list[str], event: gr.SelectData) -> str:
     return texts[event.index] if texts else ""
-
-
-def _user_error(make):
-    """Run make(); a problem with the user's input becomes a Gradio error toast instead of a crash."""
-    try:
-        return make()
-    except (LdmError, QueueFull, OutOfMemory) as exc:
-        raise gr.Error(html.escape(str(exc))) from None  # Gradio renders it as HTML: keep <lora:...> visible
 
 
 def _png_info_tab(max_pixels: int) -> None:
