@@ -20,6 +20,7 @@ MODEL_SETTING = "sd_model_checkpoint"
 OWN_VAE = ("Automatic", "None")
 # Settings ldmkit has, with the one value it runs, besides clip skip and the model (checked by ServerOptions).
 FIXED_SETTINGS = {"sd_vae": OWN_VAE, "eta_noise_seed_delta": (0,)}
+NO_STYLE = ("", "None")  # what clients send for no style (AIYA: ["None"]); A1111 applies nothing for them
 SAME_SAMPLER = "Use same sampler"  # A1111's UI value of hr_sampler_name: the first pass's
 SAME_SCHEDULER = "Use same scheduler"
 INPAINT_ORIGINAL = 1  # A1111's inpainting_fill 'original': what ldmkit's inpainting starts from
@@ -31,8 +32,9 @@ def refuse(name: str, value: Any, why: str) -> None:
 
 def check_processing(body, sampler) -> None:
     """The fields txt2img and img2img share; `sampler` is the request's resolved ldmkit.samplers.Sampler."""
-    if body.styles:
-        refuse("styles", body.styles, "this server has no prompt styles (GET /sdapi/v1/prompt-styles is empty)")
+    styles = [name for name in body.styles or () if name not in NO_STYLE]
+    if styles:
+        refuse("styles", styles, "this server has no prompt styles (GET /sdapi/v1/prompt-styles is empty)")
     if body.subseed_strength not in (None, 0):
         refuse("subseed_strength", body.subseed_strength, "variation seeds are not implemented (send 0)")
     for side, size in (("h", body.height), ("w", body.width)):
