@@ -20,7 +20,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="server extras not installed")
 webuiapi = pytest.importorskip("webuiapi", reason="server test extras not installed")
 
-from e2e.serving import serve_tiny  # noqa: E402
+from e2e.serving import serve_tiny
 
 FAST = {"width": 16, "height": 16, "steps": 3}  # the tiny model's native size
 
