@@ -22,6 +22,8 @@ webuiapi = pytest.importorskip("webuiapi", reason="server test extras not instal
 
 from e2e.serving import serve_tiny
 
+from ldmkit.server.inpaint_fill import fill_masked
+
 FAST = {"width": 16, "height": 16, "steps": 3}  # the tiny model's native size
 
 
@@ -132,8 +134,9 @@ def test_hires_at_scale_1_runs_a_second_pass_at_the_same_size_and_truncates_frac
     assert "Hires upscale: 1" in image.info["parameters"] and "Hires steps: 2," in image.info["parameters"]
 
 
-def test_img2img_inpainting_fields_mean_whole_picture_original_only(url):
+def test_img2img_inpainting_fields_whole_picture_with_fill_or_original(url):
     init = Image.new("RGB", (16, 16), (200, 30, 30))
+    init.paste((30, 30, 220), (6, 6, 10, 10))  # under the mask: what 'fill' replaces
     mask = Image.new("L", (16, 16), 0)
     mask.paste(255, (4, 4, 12, 12))
     body = {**BASE, "init_images": [png_b64(init)], "mask": png_b64(mask), "denoising_strength": 0.8}
@@ -142,14 +145,19 @@ def test_img2img_inpainting_fields_mean_whole_picture_original_only(url):
     assert np.array_equal(pixels(image_of(post(url, "img2img", {**body, **same}))), plain)
     for fields, reason in [
         ({"inpaint_full_res": True}, "inpaint_full_res=True is not supported"),
-        ({"inpainting_fill": 0}, "inpainting_fill=0 is not supported"),
-        ({"inpainting_fill": 2}, "inpainting_fill=2 is not supported"),
+        ({"inpainting_fill": 2}, "inpainting_fill=2 is not supported: only 0 (fill) and 1 (original)"),
+        ({"inpainting_fill": 3}, "inpainting_fill=3 is not supported"),
         ({"mask_blur_x": 4, "mask_blur_y": 8}, "mask_blur_y=8 is not supported"),
         ({"resize_mode": 1}, "resize_mode=1 is not supported"),
         ({"initial_noise_multiplier": 1.1}, "initial_noise_multiplier=1.1 is not supported"),
     ]:
         response = post(url, "img2img", {**body, **fields})
         assert response.status_code == 400 and reason in response.json()["detail"], response.text
+    # 'fill' is 'original' on the init image whose masked part is filled from around it
+    filled = post(url, "img2img", {**body, "inpainting_fill": 0})
+    prefilled = {**body, "init_images": [png_b64(fill_masked(init, mask))], "inpainting_fill": 1}
+    assert np.array_equal(pixels(image_of(filled)), pixels(image_of(post(url, "img2img", prefilled))))
+    assert not np.array_equal(pixels(image_of(filled)), plain)
     # Without a mask the inpainting fields describe nothing: A1111's defaults pass.
     no_mask = {k: v for k, v in body.items() if k != "mask"}
     image_of(post(url, "img2img", {**no_mask, "inpaint_full_res": True, "inpainting_fill": 0}))
@@ -186,6 +194,18 @@ STARTUP_LISTS = [
     "sd-models", "samplers", "schedulers", "upscalers", "latent-upscale-modes", "sd-vae", "prompt-styles",
     "face-restorers", "hypernetworks", "realesrgan-models", "loras", "script-info",
 ]  # fmt: skip
+
+
+def test_fill_takes_the_colours_around_the_mask():
+    image = Image.new("RGB", (33, 31), (200, 0, 0))
+    image.paste((0, 0, 200), (16, 0, 33, 31))
+    image.paste((255, 255, 255), (12, 12, 20, 20))  # replaced: none of its white may remain
+    mask = Image.new("L", (33, 31), 0)
+    mask.paste(255, (12, 12, 20, 20))
+    filled = np.asarray(fill_masked(image, mask)).astype(int)
+    assert np.array_equal(filled[mask_pixels := np.asarray(mask) == 0], np.asarray(image)[mask_pixels])
+    assert filled[16, 12, 0] > 150 and filled[16, 12, 2] < 50  # the left edge of the hole: red as its left side
+    assert filled[16, 19, 2] > 150 and filled[16, 19, 0] < 50  # the right edge: blue
 
 
 @pytest.mark.parametrize("route", STARTUP_LISTS)
@@ -256,9 +276,7 @@ def test_webuiapi_as_a_client(url):
     mask = Image.new("L", (16, 16), 255)
     with pytest.raises(RuntimeError, match="inpaint_full_res=True is not supported"):  # its defaults: only masked
         api.img2img(images=[init], mask_image=mask, width=16, height=16)
-    inpainted = api.img2img(
-        images=[init], mask_image=mask, width=16, height=16, inpaint_full_res=False, inpainting_fill=1
-    )
+    inpainted = api.img2img(images=[init], mask_image=mask, width=16, height=16, inpaint_full_res=False)  # fill
     assert inpainted.image.size == (16, 16)
     upscaled = api.extra_single_image(image=init, upscaler_1="Lanczos", upscaling_resize=2)
     assert upscaled.image.size == (32, 32)

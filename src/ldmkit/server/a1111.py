@@ -29,6 +29,7 @@ from ldmkit.server import a1111_fields, a1111_misc
 from ldmkit.server.a1111_fields import ServerOptions
 from ldmkit.server.controlnet_api import detected_maps, units_from_scripts
 from ldmkit.server.imaging import MAX_INPUT_PIXELS, decode_base64_image, encode_all, encode_png_base64
+from ldmkit.server.inpaint_fill import fill_masked
 from ldmkit.server.queue import GenerationQueue, Job, wait_for_result
 
 DEFAULT_HR_STRENGTH = 0.7  # A1111's default denoising strength for the hires fix
@@ -275,6 +276,10 @@ def create_router(queue: GenerationQueue) -> APIRouter:
         if body.mask:
             mask_image = await asyncio.to_thread(
                 _decode_mask, body.mask, bool(body.inpainting_mask_invert), queue.limits.max_input_pixels
+            )
+        if mask_image is not None and a1111_fields.fills_masked_area(body):
+            init_image = await asyncio.to_thread(
+                fill_masked, init_image, mask_image.resize(init_image.size, Image.Resampling.NEAREST)
             )
         generation = dataclasses.replace(
             generation,

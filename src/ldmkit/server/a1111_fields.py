@@ -23,7 +23,7 @@ FIXED_SETTINGS = {"sd_vae": OWN_VAE, "eta_noise_seed_delta": (0,)}
 NO_STYLE = ("", "None")  # what clients send for no style (AIYA: ["None"]); A1111 applies nothing for them
 SAME_SAMPLER = "Use same sampler"  # A1111's UI value of hr_sampler_name: the first pass's
 SAME_SCHEDULER = "Use same scheduler"
-INPAINT_ORIGINAL = 1  # A1111's inpainting_fill 'original': what ldmkit's inpainting starts from
+INPAINT_FILL, INPAINT_ORIGINAL = 0, 1  # A1111's inpainting_fill modes ldmkit runs; 'original' unless 'fill' is sent
 
 
 def refuse(name: str, value: Any, why: str) -> None:
@@ -113,13 +113,18 @@ def check_img2img(body, sampler) -> None:
     if not body.mask:
         return  # the inpainting fields describe the mask's use only
     # A1111's defaults here are 'only masked' (true) and 'fill' (0); an omitted field runs ldmkit's whole-picture,
-    # 'original' inpainting, which docs/server.md says; a field sent with another value is refused.
+    # 'original' inpainting, which docs/server.md says; a value sent is run or refused.
     if "inpaint_full_res" in body.model_fields_set and body.inpaint_full_res:
         refuse("inpaint_full_res", True, "'only masked' inpainting is not implemented; send false (whole picture)")
-    if "inpainting_fill" in body.model_fields_set and body.inpainting_fill != INPAINT_ORIGINAL:
-        refuse("inpainting_fill", body.inpainting_fill, "only 1 (original) is implemented")
+    if "inpainting_fill" in body.model_fields_set and body.inpainting_fill not in (INPAINT_FILL, INPAINT_ORIGINAL):
+        refuse("inpainting_fill", body.inpainting_fill, "only 0 (fill) and 1 (original) are implemented")
     if not body.mask_round:
         refuse("mask_round", False, "the mask is always rounded here (A1111's default)")
+
+
+def fills_masked_area(body) -> bool:
+    """inpainting_fill 0 sent with a mask: the init image's masked part is filled from around it first."""
+    return bool(body.mask) and "inpainting_fill" in body.model_fields_set and body.inpainting_fill == INPAINT_FILL
 
 
 def mask_blur(body) -> int:
