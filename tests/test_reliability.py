@@ -380,18 +380,18 @@ def closed_by_server(url: str, *chunks: bytes) -> bytes:
 
 
 def test_a_request_head_sent_too_slowly_is_disconnected(deadline_server):
-    assert closed_by_server(deadline_server, b"POST /sdapi/v1/interrupt HTTP/1.1\r\nHost: x\r\n") == b""
+    assert closed_by_server(deadline_server, b"POST /sdapi/v1/interrupt HTTP/1.1\r\nHost: 127.0.0.1\r\n") == b""
 
 
 def test_a_request_body_sent_too_slowly_is_disconnected(deadline_server):
     head = (
-        b"POST /sdapi/v1/png-info HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        b"POST /sdapi/v1/png-info HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
     )
     assert closed_by_server(deadline_server, head, b'{"image": "') == b""
 
 
 def test_the_next_request_on_a_kept_alive_connection_has_a_deadline_too(deadline_server):
-    request = b"GET /sdapi/v1/options HTTP/1.1\r\nHost: x\r\n\r\n"
+    request = b"GET /sdapi/v1/options HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     answer = closed_by_server(deadline_server, request, b"GET /sdapi/v1/opt")
     assert answer.startswith(b"HTTP/1.1 200 OK") and answer.count(b"HTTP/1.1") == 1
 

@@ -74,8 +74,10 @@ def test_hires_fix_gives_the_upscaled_size_and_says_so_in_the_parameters(url):
 def test_hires_fix_defaults_and_pixel_upscalers(url):
     image, _ = generated(post(url, "txt2img", enable_hr=True))
     assert image.size == (32, 32) and "Denoising strength: 0.7" in image.info["parameters"]  # A1111's default
-    image, _ = generated(post(url, "txt2img", enable_hr=True, hr_scale=1.5, hr_upscaler="R-ESRGAN 4x+"))
-    assert image.size == (24, 24) and "Hires upscaler: Lanczos" in image.info["parameters"]  # what was done
+    image, _ = generated(post(url, "txt2img", enable_hr=True, hr_scale=1.5, hr_upscaler="Lanczos"))
+    assert image.size == (24, 24) and "Hires upscaler: Lanczos" in image.info["parameters"]
+    refused = post(url, "txt2img", enable_hr=True, hr_upscaler="R-ESRGAN 4x+")  # a model upscaler: not a resize
+    assert refused.status_code == 400 and "hr_upscaler 'R-ESRGAN 4x+' is not available" in refused.json()["detail"]
     image, _ = generated(post(url, "txt2img", enable_hr=True, hr_upscaler="Latent (bicubic antialiased)"))
     assert "Hires upscaler: Latent" in image.info["parameters"]
 
@@ -107,13 +109,13 @@ def test_hires_resize_to_an_odd_size_keeps_the_aspect_ratio(url):
 @pytest.mark.parametrize(
     ("fields", "reason"),
     [
-        ({"hr_upscaler": "Waifu2x"}, "unknown hr_upscaler 'Waifu2x'; this server has: Latent, "),
-        ({"hr_scale": 1.0}, "hires scale must be above 1"),
-        ({"hr_scale": 9}, "hires scale must be above 1 and at most 4"),
+        ({"hr_upscaler": "Waifu2x"}, "hr_upscaler 'Waifu2x' is not available on this server"),
+        ({"hr_scale": 0.5}, "hires scale must be from 1 to"),
+        ({"hr_scale": 9}, "hires scale must be from 1 to 4"),
         ({"denoising_strength": 0}, "hires strength must be in (0, 1]"),
         ({"denoising_strength": 1.5}, "hires strength must be in (0, 1]"),
         ({"hr_second_pass_steps": -2}, "hr_second_pass_steps must be from 0"),
-        ({"hr_second_pass_steps": 10**400}, "hr_second_pass_steps must be from 0"),
+        ({"hr_second_pass_steps": 1001}, "hr_second_pass_steps must be from 0"),
         ({"hr_second_pass_steps": 500}, "max_steps"),  # the server's limit, below the pipeline's
         ({"hr_second_pass_steps": 1, "denoising_strength": 0.5}, "leave no denoising step"),
         ({"hr_resize_x": 40, "hr_resize_y": 24}, "keep the aspect ratio"),
@@ -257,8 +259,14 @@ def test_bad_override_settings_are_refused_with_a_reason(url, settings, reason):
     assert reason in response.json()["detail"]
 
 
-def test_other_override_settings_are_ignored(url):
-    generated(post(url, "txt2img", override_settings={"sd_model_checkpoint": "tiny", "eta_noise_seed_delta": 31337}))
+def test_override_settings_at_their_default_pass_and_others_are_refused_by_name(url):
+    generated(post(url, "txt2img", override_settings={"sd_model_checkpoint": "tiny", "eta_noise_seed_delta": 0}))
+    refused = post(url, "txt2img", override_settings={"eta_noise_seed_delta": 31337})
+    assert refused.status_code == 400 and "eta_noise_seed_delta=31337 is not supported" in refused.json()["detail"]
+    refused = post(url, "txt2img", override_settings={"sd_vae": "kl-f8.pt"})
+    assert refused.status_code == 400 and "sd_vae='kl-f8.pt' is not supported" in refused.json()["detail"]
+    refused = post(url, "txt2img", override_settings={"samples_format": "jpg"})
+    assert refused.status_code == 400 and "samples_format not supported" in refused.json()["detail"]
 
 
 # -- LoRA and embeddings ----------------------------------------------------------------------------

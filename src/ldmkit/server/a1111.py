@@ -25,13 +25,16 @@ from ldmkit.pipeline import GenerationResult, Pipeline
 from ldmkit.previews import make_grid, preview_images
 from ldmkit.samplers import ALGORITHMS, get_sampler
 from ldmkit.schedules import SCHEDULE_TYPES
+from ldmkit.server import a1111_fields, a1111_misc
+from ldmkit.server.a1111_fields import ServerOptions
 from ldmkit.server.controlnet_api import detected_maps, units_from_scripts
 from ldmkit.server.imaging import MAX_INPUT_PIXELS, decode_base64_image, encode_all, encode_png_base64
+from ldmkit.server.inpaint_fill import fill_masked
 from ldmkit.server.queue import GenerationQueue, Job, wait_for_result
 
 DEFAULT_HR_STRENGTH = 0.7  # A1111's default denoising strength for the hires fix
-# A1111's hires upscaler names -> ldmkit's two upscalers. Every latent mode is bilinear here; the
-# pixel upscalers (GANs included) are Lanczos here, which the image's parameters say.
+# A1111's hires upscaler names -> ldmkit's two upscalers. Every latent mode is bilinear here (the image's parameters
+# say 'Latent'); 'None' is a plain Lanczos resize in A1111 too. Model upscalers (ESRGAN...) are refused by name.
 HR_UPSCALERS = {
     **dict.fromkeys(
         [
@@ -44,36 +47,23 @@ HR_UPSCALERS = {
         ],
         "latent",
     ),
-    **dict.fromkeys(
-        [
-            "None",
-            "Lanczos",
-            "Nearest",
-            "ESRGAN_4x",
-            "LDSR",
-            "R-ESRGAN 4x+",
-            "R-ESRGAN 4x+ Anime6B",
-            "ScuNET",
-            "ScuNET PSNR",
-            "SwinIR 4x",
-            "DAT x2",
-            "DAT x3",
-            "DAT x4",
-        ],
-        "pixel",
-    ),
+    **dict.fromkeys(["None", "Lanczos"], "pixel"),
 }
-CLIP_SKIP_SETTING = "CLIP_stop_at_last_layers"  # A1111's name for clip skip
 MAX_SETTINGS_DEPTH = 8  # A1111's settings are numbers, strings and lists of them: depth 2 at most
 
 
-# Field names and defaults are AUTOMATIC1111's (modules/api/models.py, StableDiffusionProcessing);
-# fields of A1111 features ldmkit lacks (styles, face restoration...) are accepted and ignored; of the always-on
-# scripts, ControlNet runs and any other is refused.
+# Field names and defaults are AUTOMATIC1111 1.10's (its /sdapi/v1 request models). Every field is implemented,
+# or accepted only at a value that changes nothing (A1111's default): a1111_fields refuses the others by name.
+# Fields outside A1111's models are ignored, as A1111 ignores them.
 class ProcessingRequest(BaseModel):
     prompt: str = ""
     negative_prompt: str = ""
+    styles: list[str] | None = Field(None, description="refused unless empty: no prompt styles here")
     seed: int = Field(-1, description="-1: random; image i of the request uses seed + i")
+    subseed: int = Field(-1, description="no effect while subseed_strength is 0")
+    subseed_strength: float = Field(0, description="0 only: variation seeds are not implemented")
+    seed_resize_from_h: int = Field(-1, description="-1, 0 or the height only")
+    seed_resize_from_w: int = Field(-1, description="-1, 0 or the width only")
     sampler_name: str | None = None
     sampler_index: str = "Euler"
     scheduler: str | None = Field(
@@ -87,14 +77,40 @@ class ProcessingRequest(BaseModel):
     cfg_scale: float = 7.0
     width: int = 512
     height: int = 512
+    restore_faces: bool | None = Field(None, description="false only: no face restorer here")
+    tiling: bool | None = Field(None, description="false only")
+    do_not_save_samples: bool = Field(False, description="any: the server saves no files")
+    do_not_save_grid: bool = Field(False, description="any: the server saves no files")
+    eta: float | None = Field(None, description="the sampler's default only (1 ancestral/SDE, 0 DDIM; others: any)")
+    s_min_uncond: float | None = Field(None, description="0 only")
+    s_churn: float | None = Field(None, description="0 only")
+    s_tmax: float | None = Field(None, description="any: no effect while s_churn is 0")
+    s_tmin: float | None = Field(None, description="any: no effect while s_churn is 0")
+    s_noise: float | None = Field(None, description="1 only")
     override_settings: dict[str, Any] = Field(
         default_factory=dict,
-        description="read: CLIP_stop_at_last_layers (clip skip), sd_model_checkpoint; others are ignored",
+        description="CLIP_stop_at_last_layers (clip skip), sd_model_checkpoint (the loaded model), sd_vae"
+        " (Automatic or None: the model's own), eta_noise_seed_delta (0); other keys are refused",
     )
+    override_settings_restore_afterwards: bool = Field(
+        True, description="false: the override_settings stay, as POST /sdapi/v1/options sets them"
+    )
+    refiner_checkpoint: str | None = Field(None, description="not available yet: refused")
+    refiner_switch_at: float | None = Field(None, description="not available yet: refused")
+    disable_extra_networks: bool = Field(False, description="false only")
+    firstpass_image: str | None = Field(None, description="refused")
+    comments: dict[str, Any] | None = Field(None, description="any: shown in A1111's UI only")
+    script_name: str | None = Field(None, description="refused: no scripts here")
+    script_args: list = Field(default_factory=list, description="no effect without script_name")
     send_images: bool = True
+    save_images: bool = Field(
+        False, description="any: the images come back in the answer; the server keeps no files (SillyTavern sends true)"
+    )
     alwayson_scripts: dict[str, Any] = Field(
         default_factory=dict, description="controlnet: {'args': [units]} as the ControlNet extension takes them"
     )
+    force_task_id: str | None = Field(None, description="any: A1111's progress id")
+    infotext: str | None = Field(None, description="refused: send the fields")
 
 
 class Txt2ImgRequest(ProcessingRequest):
@@ -102,23 +118,38 @@ class Txt2ImgRequest(ProcessingRequest):
         None, description=f"of the hires fix's second pass (default {DEFAULT_HR_STRENGTH})"
     )
     enable_hr: bool = Field(False, description="hires fix: generate at width x height, upscale, repaint with img2img")
-    hr_scale: float = 2.0
-    hr_upscaler: str | None = Field(
-        None, description="Latent (any 'Latent (...)' mode) or a pixel upscaler, done with Lanczos"
-    )
-    hr_second_pass_steps: int = Field(0, description="0: as many as steps")
+    firstphase_width: int = Field(0, description="any: A1111 1.x ignores it")
+    firstphase_height: int = Field(0, description="any: A1111 1.x ignores it")
+    hr_scale: float = Field(2.0, description="1 to 4; 1 runs the second pass at the same size")
+    hr_upscaler: str | None = Field(None, description="Latent (any 'Latent (...)' mode), Lanczos or None")
+    hr_second_pass_steps: float = Field(0, description="0: as many as steps; a fraction is truncated as A1111 does")
     hr_resize_x: int = Field(0, description="target width instead of hr_scale (0: from hr_resize_y or hr_scale)")
     hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = Field(None, description="the loaded model only")
+    hr_sampler_name: str | None = Field(None, description="the first pass's only")
+    hr_scheduler: str | None = Field(None, description="the first pass's only")
+    hr_prompt: str = Field("", description="empty or the prompt only")
+    hr_negative_prompt: str = Field("", description="empty or the negative prompt only")
 
 
 class Img2ImgRequest(ProcessingRequest):
     init_images: list[str] | None = Field(None, description="one base64 image, with or without a data: prefix")
+    resize_mode: int = Field(0, description="0 (just resize) only")
+    image_cfg_scale: float | None = Field(None, description="any: for instruct-pix2pix models only")
     denoising_strength: float = 0.75
     mask: str | None = Field(
         None, description="inpainting: base64 image, white = repaint (an RGBA one with transparency: its opaque part)"
     )
-    mask_blur: int = 4
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = Field(None, description="sets mask_blur_x and _y; they must agree")
+    mask_round: bool = Field(True, description="true only")
+    inpainting_fill: int = Field(0, description="with a mask: 1 (original) only; omitted runs 1")
+    inpaint_full_res: bool = Field(True, description="with a mask: false (whole picture) only; omitted runs false")
+    inpaint_full_res_padding: int = Field(0, description="any: for 'only masked'")
     inpainting_mask_invert: int = Field(0, description="1: repaint the black part instead")
+    initial_noise_multiplier: float | None = Field(None, description="1 only")
+    latent_mask: str | None = Field(None, description="refused")
     include_init_images: bool = False
 
 
@@ -215,10 +246,12 @@ class SDModelItem(BaseModel):
 def create_router(queue: GenerationQueue) -> APIRouter:
     pipe = queue.pipe
     router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
+    options = ServerOptions(pipe.model_name, check_clip_skip=lambda n: check_clip_skip(pipe, n))
 
     @router.post("/txt2img", response_model=ImagesResponse)
     async def txt2img(body: Txt2ImgRequest, request: Request):
-        generation = _generation_request(body, pipe.model_name)
+        generation = _generation_request(body, options)
+        a1111_fields.check_txt2img(body, get_sampler(generation.sampler), pipe.model_name)
         if body.enable_hr:
             generation = dataclasses.replace(generation, hires=_hires(body))
         return await _generate(queue, body, request, generation)
@@ -231,7 +264,9 @@ def create_router(queue: GenerationQueue) -> APIRouter:
             raise InvalidRequest(f"img2img takes one init image, got {len(body.init_images)}")
         if body.inpainting_mask_invert not in (0, 1):
             raise InvalidRequest(f"inpainting_mask_invert must be 0 or 1, got {body.inpainting_mask_invert}")
-        generation = _generation_request(body, pipe.model_name)
+        generation = _generation_request(body, options)
+        a1111_fields.check_img2img(body, get_sampler(generation.sampler))
+        mask_blur = a1111_fields.mask_blur(body)
         init_image = await asyncio.to_thread(
             lambda: decode_base64_image(body.init_images[0], "init_images[0]", queue.limits.max_input_pixels).convert(
                 "RGB"
@@ -242,12 +277,16 @@ def create_router(queue: GenerationQueue) -> APIRouter:
             mask_image = await asyncio.to_thread(
                 _decode_mask, body.mask, bool(body.inpainting_mask_invert), queue.limits.max_input_pixels
             )
+        if mask_image is not None and a1111_fields.fills_masked_area(body):
+            init_image = await asyncio.to_thread(
+                fill_masked, init_image, mask_image.resize(init_image.size, Image.Resampling.NEAREST)
+            )
         generation = dataclasses.replace(
             generation,
             init_image=init_image,
             strength=body.denoising_strength,
             mask_image=mask_image,
-            mask_blur=body.mask_blur,
+            mask_blur=mask_blur,
         )
         response = await _generate(queue, body, request, generation)
         if not body.include_init_images:
@@ -297,10 +336,6 @@ def create_router(queue: GenerationQueue) -> APIRouter:
     async def loras():
         return await asyncio.to_thread(list_loras, pipe.lora_dir)
 
-    @router.post("/refresh-loras")
-    async def refresh_loras() -> None:
-        """Nothing to refresh: <lora:...> tags are looked up in the folder at each request."""
-
     @router.get("/embeddings", response_model=EmbeddingsResponse)
     async def embeddings():
         loaded = await asyncio.to_thread(
@@ -314,16 +349,16 @@ def create_router(queue: GenerationQueue) -> APIRouter:
         filename = Path(pipe.source).name  # the file or folder, not where it is on the server's disk
         return [SDModelItem(title=name, model_name=name, hash=None, sha256=None, filename=filename, config=None)]
 
-    # Clients (Open WebUI, webuiapi) read and set the model through the options.
+    # Clients (Open WebUI, webuiapi, SillyTavern) read and set the model and clip skip through the options.
     @router.get("/options")
     async def get_options() -> dict:
-        return {"sd_model_checkpoint": pipe.model_name}
+        return options.as_dict()
 
     @router.post("/options")
-    async def set_options(options: dict[str, Any]) -> None:
-        wanted = options.get("sd_model_checkpoint", pipe.model_name)
-        if wanted != pipe.model_name:
-            raise InvalidRequest(f"model {wanted!r} is not loaded; this server serves {pipe.model_name!r} only")
+    async def set_options(values: dict[str, Any]) -> None:
+        """Kept for the server's life; a key this server does not have is refused by name (A1111 ignores it)."""
+        _check_nesting(values, "options", MAX_SETTINGS_DEPTH)
+        options.update(values)
 
     @router.post("/png-info", response_model=PngInfoResponse)
     async def png_info(body: PngInfoRequest):
@@ -332,10 +367,16 @@ def create_router(queue: GenerationQueue) -> APIRouter:
         info = items.pop(PARAMETERS_KEY, "")
         return PngInfoResponse(info=info, items=items, parameters=parse_infotext(info) if info else {})
 
+    a1111_misc.add_routes(router, queue)
     return router
 
 
-def _generation_request(body: ProcessingRequest, model_name: str) -> GenerationParams:
+def check_clip_skip(pipe: Pipeline, clip_skip: int) -> None:
+    """The model's range for clip skip, checked when an option sets it rather than at every later request."""
+    pipe.family.check(pipe.state, GenerationParams(prompt="", clip_skip=clip_skip))
+
+
+def _generation_request(body: ProcessingRequest, options: ServerOptions) -> GenerationParams:
     """The fields txt2img and img2img share."""
     return GenerationParams(
         prompt=body.prompt,
@@ -348,7 +389,7 @@ def _generation_request(body: ProcessingRequest, model_name: str) -> GenerationP
         height=body.height,
         num_images=body.batch_size,
         batch_count=body.n_iter,
-        clip_skip=_clip_skip(body.override_settings, model_name),
+        clip_skip=_clip_skip(body, options),
     )
 
 
@@ -379,15 +420,13 @@ def _sampler_options(default_schedule: str) -> dict:
     return {} if schedule.sigmas is None else {"scheduler": schedule.name}
 
 
-def _clip_skip(override_settings: dict[str, Any], model_name: str) -> int:
-    """Clip skip from A1111's per-request settings; a request for another model is refused, not ignored."""
-    _check_nesting(override_settings, "override_settings", MAX_SETTINGS_DEPTH)
-    wanted = override_settings.get("sd_model_checkpoint", model_name)
-    if wanted != model_name:
-        raise InvalidRequest(f"model {wanted!r} is not loaded; this server serves {model_name!r} only")
-    clip_skip = override_settings.get(CLIP_SKIP_SETTING, 1)
-    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int):
-        raise InvalidRequest(f"override_settings.{CLIP_SKIP_SETTING} must be an integer, got {clip_skip!r}")
+def _clip_skip(body: ProcessingRequest, options: ServerOptions) -> int:
+    """Clip skip from A1111's per-request settings, else the server's option; with
+    override_settings_restore_afterwards false the request's settings stay, as in A1111."""
+    _check_nesting(body.override_settings, "override_settings", MAX_SETTINGS_DEPTH)
+    clip_skip = options.clip_skip_for(body.override_settings)
+    if not body.override_settings_restore_afterwards:
+        options.update(body.override_settings)
     return clip_skip
 
 
@@ -410,16 +449,20 @@ def _hires(body: Txt2ImgRequest) -> HiresFix:
     """A1111's hires fields -> ldmkit's HiresFix; hr_resize_x/y, when given, set the scale."""
     upscaler_name = body.hr_upscaler or "Latent"
     if upscaler_name not in HR_UPSCALERS:
-        raise InvalidRequest(f"unknown hr_upscaler {upscaler_name!r}; this server has: {', '.join(HR_UPSCALERS)}")
+        raise InvalidRequest(
+            f"hr_upscaler {upscaler_name!r} is not available on this server (no such upscaler model); it has: "
+            f"{', '.join(HR_UPSCALERS)}"
+        )
     if not 0 <= body.hr_second_pass_steps <= MAX_STEPS:
         raise InvalidRequest(
             f"hr_second_pass_steps must be from 0 (as steps) to {MAX_STEPS}, got {body.hr_second_pass_steps}"
         )
+    second_pass_steps = int(body.hr_second_pass_steps)  # A1111 truncates 7.5 to 7
     strength = DEFAULT_HR_STRENGTH if body.denoising_strength is None else body.denoising_strength
     scale = body.hr_scale
     if body.hr_resize_x or body.hr_resize_y:
         scale = _resize_scale(body.width, body.height, body.hr_resize_x, body.hr_resize_y)
-    return HiresFix(scale, strength, body.hr_second_pass_steps or None, HR_UPSCALERS[upscaler_name])
+    return HiresFix(scale, strength, second_pass_steps or None, HR_UPSCALERS[upscaler_name])
 
 
 def _resize_scale(width: int, height: int, target_width: int, target_height: int) -> float:

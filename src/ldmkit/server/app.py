@@ -106,11 +106,13 @@ _DESCRIPTION = (
 )
 
 
-def error_response(path: str, status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+def error_response(
+    path: str, status: int, message: str, kind: str, headers: dict | None = None, param: str | None = None
+) -> JSONResponse:
     """An error in the shape the path's clients parse: OpenAI's under /v1, AUTOMATIC1111's elsewhere."""
     if path.startswith("/v1/"):
         error_type = "invalid_request_error" if status < 500 else "server_error"
-        body = {"error": {"message": message, "type": error_type, "param": None, "code": kind}}
+        body = {"error": {"message": message, "type": error_type, "param": param, "code": kind}}
     else:
         body = {"error": kind, "detail": message, "body": "", "errors": message}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -119,7 +121,11 @@ def error_response(path: str, status: int, message: str, kind: str, headers: dic
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LdmError)
     async def bad_request(request: Request, exc: LdmError):
-        return error_response(request.url.path, 400, str(exc), type(exc).__name__)
+        # 400, or the status an error of the OpenAI routes carries (404 model/path, 405 with its Allow header)
+        allowed = getattr(exc, "allowed", None)
+        headers = {"Allow": ", ".join(allowed)} if allowed else None
+        status, param = getattr(exc, "status", 400), getattr(exc, "param", None)
+        return error_response(request.url.path, status, str(exc), type(exc).__name__, headers, param)
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, exc: QueueFull):

@@ -219,7 +219,9 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
     random_seed.click(lambda: -1, None, fields["seed"])
     if "init_image" in fields:  # the uploaded image's size becomes the generation size, as the APIs default
         fields["init_image"].upload(
-            lambda path: _image_size(path, max_pixels), fields["init_image"], [fields["width"], fields["height"]],
+            lambda path: _image_size(path, max_pixels),
+            fields["init_image"],
+            [fields["width"], fields["height"]],
             api_name="_image_size",
         )
     gallery.select(_selected_infotext, infotexts, parameters)

@@ -1,0 +1,216 @@
+"""AUTOMATIC1111's other endpoints, which its clients call at startup or for side jobs: lists of what the server
+has (often empty: no styles, face restorers, VAE files, hypernetworks, scripts here), the extras upscaler (Lanczos
+resizes only) and refusals by name for what needs a model this server lacks (interrogation, model upscalers)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import torch
+from fastapi import APIRouter
+from PIL import Image, ImageOps
+from pydantic import BaseModel, Field
+
+from ldmkit.errors import InvalidRequest
+from ldmkit.server.imaging import decode_base64_image, encode_png_base64
+from ldmkit.server.queue import GenerationQueue
+
+# The extras tab's upscalers this server has: resizes, as A1111's own 'None' and 'Lanczos' are.
+EXTRAS_UPSCALERS = {"None": Image.Resampling.LANCZOS, "Lanczos": Image.Resampling.LANCZOS}
+MAX_EXTRAS_SCALE = 8.0
+MAX_BATCH_IMAGES = 16
+
+
+class ExtrasOptions(BaseModel):
+    """A1111's extras fields (ExtrasBaseRequest); face restoration and a second upscaler are refused when used."""
+
+    resize_mode: int = Field(0, description="0: scale by upscaling_resize; 1: to upscaling_resize_w x _h")
+    show_extras_results: bool = True
+    gfpgan_visibility: float = Field(0, description="0 only: no face restorer")
+    codeformer_visibility: float = Field(0, description="0 only: no face restorer")
+    codeformer_weight: float = 0
+    upscaling_resize: float = 2
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaling_crop: bool = Field(True, description="resize_mode 1: crop to the aspect ratio (else stretch)")
+    upscaler_1: str = Field("None", description="None or Lanczos")
+    upscaler_2: str = Field("None", description="None only, or any with extras_upscaler_2_visibility 0")
+    extras_upscaler_2_visibility: float = 0
+    upscale_first: bool = False
+
+
+class ExtrasSingleImageRequest(ExtrasOptions):
+    image: str = Field("", description="base64 image")
+
+
+class ImageItem(BaseModel):
+    data: str
+    name: str = ""
+
+
+class ExtrasBatchImagesRequest(ExtrasOptions):
+    imageList: list[ImageItem]  # A1111 spells it so
+
+
+class InterrogateRequest(BaseModel):
+    image: str = ""
+    model: str = "clip"
+
+
+def add_routes(router: APIRouter, queue: GenerationQueue) -> None:
+    pipe = queue.pipe
+
+    @router.get("/cmd-flags")
+    async def cmd_flags() -> dict:
+        """The flags clients read (AIYA checks that the API answers); paths are not a client's business."""
+        return {"api": True, "nowebui": False, "listen": False, "lowvram": False, "medvram": False, "xformers": False}
+
+    @router.get("/prompt-styles")
+    async def prompt_styles() -> list[dict]:
+        return []  # A1111's items: {name, prompt, negative_prompt}
+
+    @router.get("/face-restorers")
+    async def face_restorers() -> list[dict]:
+        return []  # {name, cmd_dir}
+
+    @router.get("/sd-vae")
+    async def sd_vae() -> list[dict]:
+        """A1111 lists VAE files here; the model's own VAE is its 'None'/'Automatic' setting, never an entry."""
+        return []
+
+    @router.get("/hypernetworks")
+    async def hypernetworks() -> list[dict]:
+        return []
+
+    @router.get("/realesrgan-models")
+    async def realesrgan_models() -> list[dict]:
+        return []
+
+    @router.get("/scripts")
+    async def scripts() -> dict:
+        """Selectable scripts: none (script_name is refused). The ControlNet extension's own routes say it is here."""
+        return {"txt2img": [], "img2img": []}
+
+    @router.get("/script-info")
+    async def script_info() -> list[dict]:
+        return []
+
+    @router.post("/refresh-checkpoints")
+    async def refresh_checkpoints() -> None:
+        """Nothing to refresh: the server holds the one model it started with."""
+
+    @router.post("/refresh-vae")
+    async def refresh_vae() -> None:
+        """Nothing to refresh: there are no VAE files."""
+
+    @router.post("/refresh-loras")
+    async def refresh_loras() -> None:
+        """Nothing to refresh: <lora:...> tags are looked up in the folder at each request."""
+
+    @router.post("/skip")
+    async def skip() -> None:
+        raise InvalidRequest("skip is not implemented (it would drop one batch of a request); use /sdapi/v1/interrupt")
+
+    @router.get("/memory")
+    async def memory() -> dict:
+        return {"ram": _ram(), "cuda": _cuda(pipe.device)}
+
+    @router.post("/interrogate")
+    async def interrogate(body: InterrogateRequest) -> None:
+        raise InvalidRequest(f"interrogate model {body.model!r} is not available: this server has no captioning model")
+
+    @router.post("/extra-single-image")
+    async def extra_single_image(body: ExtrasSingleImageRequest) -> dict:
+        _check_extras(body)
+        limit = queue.limits.max_input_pixels
+        image = await asyncio.to_thread(lambda: _upscale(decode_base64_image(body.image, "image", limit), body, limit))
+        return {"html_info": _html_info(body), "image": image}
+
+    @router.post("/extra-batch-images")
+    async def extra_batch_images(body: ExtrasBatchImagesRequest) -> dict:
+        _check_extras(body)
+        if not 1 <= len(body.imageList) <= MAX_BATCH_IMAGES:
+            raise InvalidRequest(f"imageList must hold 1 to {MAX_BATCH_IMAGES} images, got {len(body.imageList)}")
+
+        def run() -> list[str]:
+            limit = queue.limits.max_input_pixels
+            decoded = [
+                decode_base64_image(item.data, f"imageList[{i}]", limit) for i, item in enumerate(body.imageList)
+            ]
+            return [_upscale(image, body, limit) for image in decoded]
+
+        return {"html_info": _html_info(body), "images": await asyncio.to_thread(run)}
+
+
+def _check_extras(body: ExtrasOptions) -> None:
+    """Everything refused before any image is decoded."""
+    if body.upscaler_1 not in EXTRAS_UPSCALERS:
+        raise InvalidRequest(
+            f"upscaler_1 {body.upscaler_1!r} is not available on this server (no such upscaler model);"
+            f" it has: {', '.join(EXTRAS_UPSCALERS)}"
+        )
+    if body.upscaler_2 != "None" and body.extras_upscaler_2_visibility > 0:
+        raise InvalidRequest(f"upscaler_2 {body.upscaler_2!r} is not available: a second upscaler is not implemented")
+    for name in ("gfpgan_visibility", "codeformer_visibility"):
+        if getattr(body, name) > 0:
+            raise InvalidRequest(f"{name}={getattr(body, name)!r} is not supported: this server has no face restorer")
+    if body.resize_mode not in (0, 1):
+        raise InvalidRequest(f"resize_mode must be 0 (scale) or 1 (to a size), got {body.resize_mode!r}")
+    if body.resize_mode == 0 and not 0 < body.upscaling_resize <= MAX_EXTRAS_SCALE:
+        raise InvalidRequest(
+            f"upscaling_resize must be above 0 and at most {MAX_EXTRAS_SCALE}, got {body.upscaling_resize}"
+        )
+
+
+def _target_size(image: Image.Image, body: ExtrasOptions, max_pixels: int) -> tuple[int, int]:
+    if body.resize_mode == 0:
+        size = (round(image.width * body.upscaling_resize), round(image.height * body.upscaling_resize))
+    else:
+        size = (body.upscaling_resize_w, body.upscaling_resize_h)
+    if min(size) < 1 or size[0] * size[1] > max_pixels:
+        raise InvalidRequest(
+            f"the upscaled size {size[0]}x{size[1]} must be at least 1x1 and at most {max_pixels} pixels"
+        )
+    return size
+
+
+def _upscale(image: Image.Image, body: ExtrasOptions, max_pixels: int) -> str:
+    """Resized; the result is bounded as an input image is."""
+    image = image.convert("RGBA" if image.mode in ("RGBA", "LA", "P") else "RGB")
+    width, height = _target_size(image, body, max_pixels)
+    if body.resize_mode == 1 and body.upscaling_crop:
+        result = ImageOps.fit(image, (width, height), EXTRAS_UPSCALERS[body.upscaler_1])
+    else:
+        result = image.resize((width, height), EXTRAS_UPSCALERS[body.upscaler_1])
+    return encode_png_base64(result)
+
+
+def _html_info(body: ExtrasOptions) -> str:
+    return f"<p>Postprocess upscaler: {body.upscaler_1}</p>"
+
+
+def _ram() -> dict:
+    page = os.sysconf("SC_PAGE_SIZE")
+    total, free = os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
+    return {"free": free, "used": total - free, "total": total}
+
+
+def _cuda(device: torch.device) -> dict:
+    """A1111's shape: system free/used/total and torch's allocator counters; an error text without CUDA."""
+    if device.type != "cuda":
+        return {"error": f"the model runs on {device.type}, not CUDA"}
+    free, total = torch.cuda.mem_get_info(device)
+    stats = torch.cuda.memory_stats(device)
+
+    def pair(name: str) -> dict:
+        return {"current": stats.get(f"{name}.all.current", 0), "peak": stats.get(f"{name}.all.peak", 0)}
+
+    return {
+        "system": {"free": free, "used": total - free, "total": total},
+        "active": pair("active_bytes"),
+        "allocated": pair("allocated_bytes"),
+        "reserved": pair("reserved_bytes"),
+        "inactive": pair("inactive_split_bytes"),
+        "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
+    }
