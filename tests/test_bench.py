@@ -19,11 +19,26 @@ def tiny_model(tmp_path_factory):
 
 def test_bench_table_on_cpu(tiny_model, tmp_path, capsys):
     out, raw = tmp_path / "table.md", tmp_path / "bench.json"
-    argv = ["--model", str(tiny_model), "--size", "16", "--steps", "3", "--warmup", "0", "--repeats", "2", "--device", "cpu"]
+    argv = [
+        "--model",
+        str(tiny_model),
+        "--size",
+        "16",
+        "--steps",
+        "3",
+        "--warmup",
+        "0",
+        "--repeats",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert bench.main([*argv, "--out", str(out), "--json", str(raw)]) == 0
     table = capsys.readouterr().out
     assert table == out.read_text()
-    names = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    names = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line][
+        1:
+    ]
     # diffusers-compiled is left out by default on the CPU, where compiling costs minutes.
     assert names == ["diffusers", "ours", "ours-fast"]
     rows = {row["name"]: row for row in json.loads(raw.read_text())["rows"]}
@@ -39,7 +54,21 @@ def test_bench_table_on_cpu(tiny_model, tmp_path, capsys):
 
 
 def test_bench_without_diffusers_leaves_psnr_empty(tiny_model, capsys):
-    argv = ["--model", str(tiny_model), "--size", "16", "--steps", "2", "--warmup", "0", "--repeats", "1", "--device", "cpu", "--no-diffusers"]
+    argv = [
+        "--model",
+        str(tiny_model),
+        "--size",
+        "16",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+        "--device",
+        "cpu",
+        "--no-diffusers",
+    ]
     assert bench.main(argv) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ours")]
     assert [r.split("|")[1].strip() for r in rows] == ["ours", "ours-fast"]

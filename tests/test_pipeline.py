@@ -33,9 +33,9 @@ def test_guidance_at_most_one_skips_the_unconditional_pass(pipe):
 
 
 def test_negative_prompt_changes_the_image_only_with_guidance(pipe):
-    run = lambda neg, g: np.asarray(
-        pipe.generate("otter", negative_prompt=neg, steps=3, guidance=g, seed=0).images[0], dtype=int
-    )  # noqa: E731
+    def run(neg, g):
+        return np.asarray(pipe.generate("otter", negative_prompt=neg, steps=3, guidance=g, seed=0).images[0], dtype=int)
+
     assert np.abs(run("", 7.5) - run("blurry, dark", 7.5)).max() > 0
     assert np.array_equal(run("", 1.0), run("blurry, dark", 1.0))
 

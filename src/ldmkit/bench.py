@@ -66,19 +66,31 @@ def register(subparsers) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="model to load (a folder, cached repo id, single file, or 'default'); default: SD1.5-shaped random weights")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model to load (a folder, cached repo id, single file, or 'default'); default: SD1.5-shaped random weights",
+    )
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sampler", default="DDIM")
     parser.add_argument("--batch", type=int, default=1, help="images per call")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls after the first image")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls (seeds seed, seed+1, ...); the median is reported")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed calls (seeds seed, seed+1, ...); the median is reported"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-diffusers", action="store_true", help="only our rows (PSNR columns stay empty)")
-    parser.add_argument("--rows", default=None, help=f"comma-separated rows; default {','.join(DEFAULT_ROWS)}; also {','.join(ABLATION_ROWS + COMPILE_ABLATION_ROWS)}")
+    parser.add_argument(
+        "--rows",
+        default=None,
+        help=f"comma-separated rows; default {','.join(DEFAULT_ROWS)}; also {','.join(ABLATION_ROWS + COMPILE_ABLATION_ROWS)}",
+    )
     parser.add_argument("--ablations", action="store_true", help="add the one-speed-up-at-a-time rows")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on GPUs, fp32 on the CPU")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on GPUs, fp32 on the CPU"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here, after every row")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
 
@@ -128,7 +140,9 @@ def run_bench(args) -> int:
         if args.out:
             args.out.write_text(format_table(header, results))
         if args.json:
-            args.json.write_text(json.dumps({"setup": header, "rows": [dataclasses.asdict(r) for r in results]}, indent=1))
+            args.json.write_text(
+                json.dumps({"setup": header, "rows": [dataclasses.asdict(r) for r in results]}, indent=1)
+            )
     print(format_table(header, results), end="")
     return 1 if any(r.error for r in results) else 0
 
@@ -262,12 +276,18 @@ def time_parts(generate, components, device, dtype, request, calls: int = 20):
     try:
         factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
         side = request.width // factor
-        latents = torch.randn(request.num_images, components.unet.config.in_channels, side, side, device=device, dtype=dtype)
+        latents = torch.randn(
+            request.num_images, components.unet.config.in_channels, side, side, device=device, dtype=dtype
+        )
         model_input = torch.cat([latents] * 2)
-        hidden = torch.randn(2 * request.num_images, 77, components.text_encoder.config.hidden_size, device=device, dtype=dtype)
+        hidden = torch.randn(
+            2 * request.num_images, 77, components.text_encoder.config.hidden_size, device=device, dtype=dtype
+        )
         timestep = torch.tensor(500, device=device)  # int64 on the device, as the schedulers' timesteps
         with generate.grad_mode():
-            unet_ms = _mean_cuda_ms(lambda: generate.unet(model_input, timestep, encoder_hidden_states=hidden, return_dict=False)[0], calls)
+            unet_ms = _mean_cuda_ms(
+                lambda: generate.unet(model_input, timestep, encoder_hidden_states=hidden, return_dict=False)[0], calls
+            )
             decode_ms = _mean_cuda_ms(lambda: generate.decode(latents, return_dict=False)[0], calls)
         return unet_ms, decode_ms
     except Exception:  # noqa: BLE001 - the breakdown is extra; the row's numbers stand without it
@@ -319,7 +339,11 @@ def ours(fast_options: dict | None = None) -> Callable:
             return np.stack([np.asarray(image) for image in result.images])
 
         state = pipe.state
-        generate.unet, generate.decode, generate.grad_mode = state.run_unet, state.vae_decode or state.vae.decode, torch.inference_mode
+        generate.unet, generate.decode, generate.grad_mode = (
+            state.run_unet,
+            state.vae_decode or state.vae.decode,
+            torch.inference_mode,
+        )
         return generate
 
     return runner
@@ -351,7 +375,9 @@ def diffusers_pipeline(compiled: bool) -> Callable:
             # Our starting noise, drawn as ldmkit's Pipeline.prepare_latents draws it, so the rows
             # compare the same computation.
             shape = (1, components.unet.config.in_channels, request.height // factor, request.width // factor)
-            noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in seeds]
+            noise = [
+                torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in seeds
+            ]
             # Only stochastic samplers need generators; passing them would also reach vae.decode.
             generator = [torch.Generator("cpu").manual_seed(s) for s in seeds] if sampler.stochastic else None
             images = pipe(

@@ -9,8 +9,8 @@ import time
 
 import torch
 import uvicorn
-
 from conftest import make_tiny_components
+
 from ldmkit.pipeline import Pipeline
 from ldmkit.server.app import create_app
 
