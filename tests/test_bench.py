@@ -86,3 +86,19 @@ def test_register_adds_the_bench_subcommand():
 def test_unknown_row_is_refused(tiny_model):
     with pytest.raises(InvalidRequest, match="unknown rows"):
         bench.main(["--model", str(tiny_model), "--device", "cpu", "--rows", "ours,warp-speed"])
+    with pytest.raises(InvalidRequest, match="unknown rows"):  # ablation rows are benchmarks/' only
+        bench.main(["--model", str(tiny_model), "--device", "cpu", "--rows", "ours+fused_qkv"])
+
+
+def test_benchmarks_table_adds_the_ablation_rows_which_compute_the_same_images(tiny_model, tmp_path, capsys):
+    from benchmarks import __main__ as driver
+
+    argv = ["table", "--model", str(tiny_model), "--size", "16", "--steps", "2", "--warmup", "0", "--repeats", "1"]
+    argv += ["--device", "cpu", "--rows", "diffusers,ours", "--ablations", "--out-dir", str(tmp_path)]
+    assert driver.main(argv) == 0
+    rows = {row["name"]: row for row in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert list(rows) == ["diffusers", "ours", "ours+channels_last", "ours+fused_qkv", "ours+compile_default"]
+    # the same weights, seeds and sampler in fp32 (nothing compiles on the CPU): within one 8-bit level of diffusers
+    assert all(row["error"] is None and row["psnr_eager"] > 48 for row in rows.values())
+    assert capsys.readouterr().out.endswith((tmp_path / "table.md").read_text())  # after the environment line
+    assert json.loads((tmp_path / "env.json").read_text())["gpus"] == []

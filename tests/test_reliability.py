@@ -1,6 +1,6 @@
 """The server fails safely and keeps working: under load, out of memory, over its limits, at shutdown.
 
-A smaller run of scripts/loadtest.py (the full one's figures are in docs/reliability.md), then each
+A smaller run of tests/support/loadtest.py (the full one's figures are in docs/reliability.md), then each
 way a request can go wrong, over real uvicorn servers on 127.0.0.1 serving the tiny random model.
 """
 
@@ -13,7 +13,6 @@ import json
 import logging
 import re
 import socket
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,10 +27,8 @@ pytest.importorskip("fastapi", reason="server extras not installed (pip install 
 httpx = pytest.importorskip("httpx", reason="server test extras not installed")
 psutil = pytest.importorskip("psutil", reason="server test extras not installed")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import loadtest
 from e2e.serving import serve, serve_tiny, tiny_pipeline
+from support import loadtest
 
 from ldmkit.errors import InvalidRequest
 from ldmkit.server.a1111 import _decode_mask

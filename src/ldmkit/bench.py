@@ -2,7 +2,8 @@
 
 Every row starts from the same weights (SD1.5-shaped random ones by default: speed does not depend
 on the values) and the same starting noise per seed, and reports speed, first-image time (compile
-included), peak GPU memory and PSNR against diffusers' eager images.
+included), peak GPU memory and PSNR against diffusers' eager images. Ablation rows (one speed-up at a time)
+are in the repository's benchmarks/ (`python -m benchmarks table --ablations`).
 """
 
 from __future__ import annotations
@@ -26,22 +27,6 @@ GUIDANCE = 7.5
 # Rows in the order they run. Compiled rows after the first find inductor's on-disk cache warm,
 # so ours-fast runs before diffusers-compiled: our first-image time is the cold one.
 DEFAULT_ROWS = ("diffusers", "ours", "ours-fast", "diffusers-compiled")
-# Cumulative on top of ours: channels_last, then fused QKV (both eager), then compile without CUDA graphs.
-ABLATION_ROWS = ("ours+channels_last", "ours+fused_qkv", "ours+compile_default")
-# make_fast with one piece left out or one more added, for what each buys under compile.
-COMPILE_ABLATION_ROWS = (
-    "ours-fast-no_channels_last",
-    "ours-fast-no_fused_qkv",
-    "ours-fast+inductor_tuning",
-    "ours-fast-inductor_graphs",
-)
-# The inductor settings of diffusers' "accelerate inference of text-to-image diffusion models" tutorial.
-DIFFUSERS_TUTORIAL_INDUCTOR = {
-    "conv_1x1_as_mm": True,
-    "coordinate_descent_tuning": True,
-    "epilogue_fusion": False,
-    "coordinate_descent_check_all_directions": True,
-}
 
 
 @dataclasses.dataclass
@@ -69,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="model to load (a folder, cached repo id, single file, or 'default'); default: SD1.5-shaped random weights",
+        help="model to load (a folder, cached repo id, single file, or 'default'); default: SD1.5-shaped random "
+        "weights",
     )
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--steps", type=int, default=50)
@@ -82,11 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-diffusers", action="store_true", help="only our rows (PSNR columns stay empty)")
     parser.add_argument(
-        "--rows",
-        default=None,
-        help=f"comma-separated rows; default {','.join(DEFAULT_ROWS)}; also {','.join(ABLATION_ROWS + COMPILE_ABLATION_ROWS)}",
+        "--rows", default=None, help=f"comma-separated rows, from {', '.join(DEFAULT_ROWS)} (default: all of them)"
     )
-    parser.add_argument("--ablations", action="store_true", help="add the one-speed-up-at-a-time rows")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument(
         "--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on GPUs, fp32 on the CPU"
@@ -97,15 +80,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m ldmkit.bench`: the same command without the rest of the CLI."""
-    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
-        os.environ.setdefault(var, "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    quiet_libraries()
     parser = argparse.ArgumentParser(prog="ldm bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run_bench(parser.parse_args(argv))
 
 
-def run_bench(args) -> int:
+def quiet_libraries() -> None:
+    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(var, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def run_bench(args, runners: dict[str, Callable] | None = None, extra_rows: tuple[str, ...] = ()) -> int:
+    """The table; `runners` and `extra_rows` let benchmarks/ add rows of its own after the default ones."""
     import torch
 
     from ldmkit.errors import InvalidRequest
@@ -113,7 +101,8 @@ def run_bench(args) -> int:
     from ldmkit.pipeline import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
-    rows = select_rows(args, device)
+    runners = RUNNERS if runners is None else runners
+    rows = select_rows(args, device, runners, extra_rows)
     if args.repeats < 1 or args.warmup < 0:
         raise InvalidRequest("--repeats must be at least 1, --warmup at least 0")
     request = GenerationParams(
@@ -126,12 +115,16 @@ def run_bench(args) -> int:
 
     log(f"bench: {describe_device(device)}, torch {torch.__version__}, {dtype}, rows {', '.join(rows)}")
     master = load_master(args.model, device, dtype)
-    header = f"{master.name}, {args.size}x{args.size}, {request.steps} {request.sampler} steps, batch {request.num_images}, guidance {GUIDANCE}, {describe_device(device)}, {str(dtype).removeprefix('torch.')}"
+    header = (
+        f"{master.name}, {args.size}x{args.size}, {request.steps} {request.sampler} steps, "
+        f"batch {request.num_images}, guidance {GUIDANCE}, {describe_device(device)}, "
+        f"{str(dtype).removeprefix('torch.')}"
+    )
     results: list[RowResult] = []
     images: dict[str, list] = {}
     for name in rows:
         log(f"bench: row {name} ...")
-        result, row_images = bench_row(name, master, device, dtype, request, args.warmup, args.repeats)
+        result, row_images = bench_row(name, runners[name], master, device, dtype, request, args.warmup, args.repeats)
         results.append(result)
         if row_images is not None:
             images[name] = row_images
@@ -147,7 +140,7 @@ def run_bench(args) -> int:
     return 1 if any(r.error for r in results) else 0
 
 
-def select_rows(args, device) -> list[str]:
+def select_rows(args, device, runners: dict[str, Callable], extra_rows: tuple[str, ...] = ()) -> list[str]:
     from ldmkit.errors import InvalidRequest
 
     if args.rows is None:
@@ -157,13 +150,12 @@ def select_rows(args, device) -> list[str]:
             rows.remove("diffusers-compiled")
     else:
         rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    if args.ablations:
-        rows += [r for r in ABLATION_ROWS if r not in rows]
+    rows += [r for r in extra_rows if r not in rows]
     if args.no_diffusers:
         rows = [r for r in rows if not r.startswith("diffusers")]
-    unknown = [r for r in rows if r not in RUNNERS]
+    unknown = [r for r in rows if r not in runners]
     if unknown or not rows:
-        raise InvalidRequest(f"unknown rows {unknown}; choose from {', '.join(RUNNERS)}")
+        raise InvalidRequest(f"unknown rows {unknown}; choose from {', '.join(runners)}")
     return rows
 
 
@@ -225,7 +217,7 @@ def place(master, device, dtype):
 # ---- rows ----
 
 
-def bench_row(name: str, master, device, dtype, request, warmup: int, repeats: int):
+def bench_row(name: str, runner: Callable, master, device, dtype, request, warmup: int, repeats: int):
     """Time one row (the same request for every row, seeds seed, seed + 1, ...); a row that fails is reported in
     the table and the others still run."""
     import torch
@@ -239,7 +231,7 @@ def bench_row(name: str, master, device, dtype, request, warmup: int, repeats: i
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        generate = RUNNERS[name](components, device, dtype, request)
+        generate = runner(components, device, dtype, request)
         generate(request.seed)
         result.first_image_s = time.perf_counter() - start
         for _ in range(warmup):
@@ -404,14 +396,6 @@ RUNNERS: dict[str, Callable] = {
     "diffusers-compiled": diffusers_pipeline(compiled=True),
     "ours": ours(),
     "ours-fast": ours({}),
-    "ours+channels_last": ours({"channels_last": True, "fuse_qkv": False, "compile": False}),
-    "ours+fused_qkv": ours({"channels_last": True, "fuse_qkv": True, "compile": False}),
-    "ours+compile_default": ours({"cuda_graphs": False}),
-    "ours-fast-no_channels_last": ours({"channels_last": False}),
-    "ours-fast-no_fused_qkv": ours({"fuse_qkv": False}),
-    "ours-fast+inductor_tuning": ours({"inductor_options": DIFFUSERS_TUTORIAL_INDUCTOR}),
-    # make_fast before precompile and ldmkit.cuda_graphs: torch.compile's own CUDA graphs, traced per process.
-    "ours-fast-inductor_graphs": ours({"mode": "reduce-overhead"}),
 }
 
 
@@ -469,7 +453,10 @@ def rest_per_step_ms(r: RowResult) -> float | None:
 def format_row(r: RowResult) -> str:
     if r.error:
         return f"{r.name}: failed: {r.error}"
-    return f"{r.name}: {r.its:.2f} it/s, {r.latency_s:.3f} s, first image {r.first_image_s:.1f} s, peak {_num(r.peak_mem_gib, '.2f')} GiB"
+    return (
+        f"{r.name}: {r.its:.2f} it/s, {r.latency_s:.3f} s, first image {r.first_image_s:.1f} s, "
+        f"peak {_num(r.peak_mem_gib, '.2f')} GiB"
+    )
 
 
 def _num(value, spec: str) -> str:

@@ -24,14 +24,14 @@ class GatedPipeline(Pipeline):
         self.gate.set()
         self.step_seconds = 0.0
 
-    def run(self, params, callback=None, **kwargs):
+    def run(self, params, callback=None, *args, **kwargs):
         def slowed(step):
             self.gate.wait(timeout=30)
             time.sleep(self.step_seconds)
             if callback is not None:
                 callback(step)
 
-        return super().run(params, callback=slowed, **kwargs)
+        return super().run(params, slowed, *args, **kwargs)
 
 
 def tiny_pipeline() -> GatedPipeline:
