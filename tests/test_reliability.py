@@ -13,7 +13,6 @@ import json
 import logging
 import re
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -59,8 +58,9 @@ def test_load_on_both_apis_answers_200_or_503_with_each_requests_own_images():
     assert sorted(o.index for o in result.outcomes) == list(range(60))  # each answered once, none lost
     assert counts["200"] >= 10 and counts.get("disconnected", 0) >= 1
     assert {o.api for o in result.outcomes if o.kind == "200"} == {"a1111", "openai"}
-    # The abandoned long request (~10 s of work) stopped at its next step, so the next one ran at once.
-    assert result.freed_worker_seconds < 5
+    # The abandoned long request stopped at its next step: the quick one after it did not wait for the ~248 steps
+    # the long one had left (the server's own estimate, so a loaded machine slows both sides alike).
+    assert result.freed_worker_seconds < result.abandoned_eta_seconds / 4
 
 
 # -- out of memory --------------------------------------------------------------------------------------
@@ -229,15 +229,15 @@ def test_a_request_cancelled_at_shutdown_answers_503_without_a_traceback():
     handler = logging.Handler()
     handler.emit = logged.append
     logging.getLogger("uvicorn.error").addHandler(handler)
-    pipe.gate.clear()  # the request runs until after uvicorn's 1 s grace period
+    pipe.gate.clear()  # the request is held until the shutdown has cancelled it (after uvicorn's grace period)
     try:
-        with ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(2) as pool:
             with serve(app) as url:
                 pending = pool.submit(
                     requests.post, f"{url}/sdapi/v1/txt2img", json={"prompt": "x", **FAST}, timeout=30
                 )
-                wait_for(lambda: app.state.queue.current)
-                threading.Timer(2.5, pipe.gate.set).start()
+                job = wait_for(lambda: app.state.queue.current)
+                pool.submit(lambda: wait_for(lambda: job.stop == "cancel", timeout=30) and pipe.gate.set())
             response = pending.result(timeout=30)
     finally:
         pipe.gate.set()

@@ -185,27 +185,24 @@ def test_idle_progress_and_interrupt_are_harmless(url):
 
 def test_progress_shows_a_preview_and_interrupt_returns_the_partial_image(server):
     url, pipe, app = server
-    pipe.step_seconds = 0.05
+    pipe.hold(at_step=3)  # steps 0-2 done, the job waits at step 3 until released
     try:
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(txt2img, url, seed=5, steps=200)
-            progress = wait_for(lambda: _progress_with_image(url))
-            assert 0 < progress["progress"] < 1 and progress["eta_relative"] > 0
+            assert pipe.held.wait(timeout=60)
+            progress = requests.get(f"{url}/sdapi/v1/progress", timeout=10).json()
+            assert progress["progress"] == 3 / 200 and progress["eta_relative"] > 0
             assert progress["state"]["sampling_steps"] == 200 and progress["state"]["job"] == "txt2img"
             assert png_from_b64(progress["current_image"]).size == (16, 16)
             assert requests.post(f"{url}/sdapi/v1/interrupt", timeout=10).json() == {}
+            pipe.release()
             response = pending.result(timeout=30)
     finally:
-        pipe.step_seconds = 0.0
+        pipe.release()
     assert response.status_code == 200, response.text
     info = json.loads(response.json()["info"])
     assert info["all_seeds"] == [5] and "Seed: 5," in info["infotexts"][0]
     assert png_from_b64(response.json()["images"][0]).info["parameters"] == info["infotexts"][0]
-
-
-def _progress_with_image(url):
-    progress = requests.get(f"{url}/sdapi/v1/progress", timeout=10).json()
-    return progress if progress["current_image"] else None
 
 
 @pytest.mark.parametrize(

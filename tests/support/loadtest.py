@@ -55,6 +55,7 @@ class LoadResult:
     rss_peak: int | None = None
     rss_after: int | None = None
     freed_worker_seconds: float | None = None  # a quick request's time after a running one was abandoned
+    abandoned_eta_seconds: float | None = None  # what the abandoned one still needed then, by the server's progress
 
     def counts(self) -> dict[str, int]:
         return dict(collections.Counter(o.kind for o in self.outcomes).most_common())
@@ -158,23 +159,32 @@ async def run_load(
         return LoadResult(sorted(outcomes, key=lambda o: o.index), concurrency, time.monotonic() - started)
 
 
-def check_worker_freed(url: str, timeout: float = 60) -> float:
-    """Abandon a long request once it runs; then a quick one must succeed. Returns the quick one's seconds."""
+def check_worker_freed(url: str, timeout: float = 60) -> tuple[float, float]:
+    """Abandon a long request once it runs; then a quick one must succeed. Returns the quick one's seconds and
+    the seconds the server's progress said the long one still needed when its client left."""
     with httpx.Client(timeout=timeout) as client:
         idle(client, url, timeout)
         with post_raw(url, "/sdapi/v1/txt2img", a1111_body(-1, long=True)):
-            deadline = time.monotonic() + timeout
-            while client.get(f"{url}/sdapi/v1/progress?skip_current_image=true").json()["state"]["sampling_step"] < 2:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the long request never started")
-                time.sleep(0.05)
+            progress = progress_after_two_steps(client, url, timeout)
         # Its client has left while it ran; the quick request waits for the worker to notice.
         started = time.monotonic()
         response = client.post(f"{url}/sdapi/v1/txt2img", json=a1111_body(-2))
         seconds = time.monotonic() - started
         if response.status_code != 200 or check_images("a1111", a1111_body(-2), response.json()) != "200":
             raise RuntimeError(f"the request after a disconnect failed: {response.status_code} {response.text[:200]}")
-        return seconds
+        return seconds, progress["eta_relative"]
+
+
+def progress_after_two_steps(client: httpx.Client, url: str, timeout: float) -> dict:
+    """The running request's /sdapi/v1/progress once it has taken two steps."""
+    deadline = time.monotonic() + timeout
+    while True:
+        progress = client.get(f"{url}/sdapi/v1/progress?skip_current_image=true").json()
+        if progress["state"]["sampling_step"] >= 2:
+            return progress
+        if time.monotonic() > deadline:
+            raise RuntimeError("the long request never started")
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -368,7 +378,7 @@ def measure(
     with sampler:
         rss_before = sampler.now() if pid else None
         result = asyncio.run(run_load(url, total, concurrency, disconnect_every, time_limit))
-        result.freed_worker_seconds = check_worker_freed(url)
+        result.freed_worker_seconds, result.abandoned_eta_seconds = check_worker_freed(url)
         with httpx.Client(timeout=60) as client:
             idle(client, url, 60)
     if pid:
