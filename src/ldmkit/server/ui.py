@@ -1,4 +1,5 @@
-"""The web UI (Gradio): txt2img (with hires fix), img2img and inpaint tabs with live intermediates, a gallery that keeps parameters, PNG info.
+"""The web UI (Gradio): txt2img (with hires fix), img2img and inpaint tabs with live intermediates, a gallery that
+keeps parameters, PNG info.
 
 Generation goes through the same queue as the HTTP APIs. The event handler is an async generator:
 it submits a job, then yields a cheap preview of the predicted clean image whenever the worker has
@@ -206,7 +207,9 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
     random_seed.click(lambda: -1, None, fields["seed"])
     if "init_image" in fields:  # the uploaded image's size becomes the generation size, as the APIs default
         fields["init_image"].upload(
-            lambda path: _image_size(path, max_pixels), fields["init_image"], [fields["width"], fields["height"]],
+            lambda path: _image_size(path, max_pixels),
+            fields["init_image"],
+            [fields["width"], fields["height"]],
             api_name="_image_size",
         )
     gallery.select(_selected_infotext, infotexts, parameters)
