@@ -19,11 +19,26 @@ def tiny_model(tmp_path_factory):
 
 def test_bench_table_on_cpu(tiny_model, tmp_path, capsys):
     out, raw = tmp_path / "table.md", tmp_path / "bench.json"
-    argv = ["--model", str(tiny_model), "--size", "16", "--steps", "3", "--warmup", "0", "--repeats", "2", "--device", "cpu"]
+    argv = [
+        "--model",
+        str(tiny_model),
+        "--size",
+        "16",
+        "--steps",
+        "3",
+        "--warmup",
+        "0",
+        "--repeats",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert bench.main([*argv, "--out", str(out), "--json", str(raw)]) == 0
     table = capsys.readouterr().out
     assert table == out.read_text()
-    names = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    names = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line][
+        1:
+    ]
     # diffusers-compiled is left out by default on the CPU, where compiling costs minutes.
     assert names == ["diffusers", "ours", "ours-fast"]
     rows = {row["name"]: row for row in json.loads(raw.read_text())["rows"]}
@@ -39,7 +54,21 @@ def test_bench_table_on_cpu(tiny_model, tmp_path, capsys):
 
 
 def test_bench_without_diffusers_leaves_psnr_empty(tiny_model, capsys):
-    argv = ["--model", str(tiny_model), "--size", "16", "--steps", "2", "--warmup", "0", "--repeats", "1", "--device", "cpu", "--no-diffusers"]
+    argv = [
+        "--model",
+        str(tiny_model),
+        "--size",
+        "16",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+        "--device",
+        "cpu",
+        "--no-diffusers",
+    ]
     assert bench.main(argv) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ours")]
     assert [r.split("|")[1].strip() for r in rows] == ["ours", "ours-fast"]
@@ -57,3 +86,19 @@ def test_register_adds_the_bench_subcommand():
 def test_unknown_row_is_refused(tiny_model):
     with pytest.raises(InvalidRequest, match="unknown rows"):
         bench.main(["--model", str(tiny_model), "--device", "cpu", "--rows", "ours,warp-speed"])
+    with pytest.raises(InvalidRequest, match="unknown rows"):  # ablation rows are benchmarks/' only
+        bench.main(["--model", str(tiny_model), "--device", "cpu", "--rows", "ours+fused_qkv"])
+
+
+def test_benchmarks_table_adds_the_ablation_rows_which_compute_the_same_images(tiny_model, tmp_path, capsys):
+    from benchmarks import __main__ as driver
+
+    argv = ["table", "--model", str(tiny_model), "--size", "16", "--steps", "2", "--warmup", "0", "--repeats", "1"]
+    argv += ["--device", "cpu", "--rows", "diffusers,ours", "--ablations", "--out-dir", str(tmp_path)]
+    assert driver.main(argv) == 0
+    rows = {row["name"]: row for row in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert list(rows) == ["diffusers", "ours", "ours+channels_last", "ours+fused_qkv", "ours+compile_default"]
+    # the same weights, seeds and sampler in fp32 (nothing compiles on the CPU): within one 8-bit level of diffusers
+    assert all(row["error"] is None and row["psnr_eager"] > 48 for row in rows.values())
+    assert capsys.readouterr().out.endswith((tmp_path / "table.md").read_text())  # after the environment line
+    assert json.loads((tmp_path / "env.json").read_text())["gpus"] == []

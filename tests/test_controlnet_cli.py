@@ -55,7 +55,11 @@ def test_two_controls_with_per_unit_options(files, tmp_path, capsys):
     [
         (("--control", "sketch"), "NAME=IMAGE"),
         (("--control-weight", "0.5"), "needs a --control"),
-        (("--control", "sketch={img}", "--control", "sketch={img}", *("--control-end", "1", "--control-end", "0.5", "--control-end", "1")), "given 3 times for 2"),
+        (
+            ("--control", "sketch={img}", "--control", "sketch={img}", "--control-end", "1", "--control-end", "0.5")
+            + ("--control-end", "1"),
+            "given 3 times for 2",
+        ),
         (("--control", "nothere={img}"), "ControlNet 'nothere' not found"),
         (("--control", "sketch={img}", "--control-module", "depth_midas"), "needs a preprocessor model"),
         (("--control", "sketch={img}", "--control-mode", "loud"), "control_mode must be one of"),

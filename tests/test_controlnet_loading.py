@@ -90,7 +90,13 @@ def test_wrong_config_is_refused_not_half_loaded(tmp_path, tiny):
 @pytest.mark.parametrize(
     ("weights", "message"),
     [
-        ({"control_model.label_emb.0.0.weight": torch.zeros(1), "control_model.input_hint_block.0.weight": torch.zeros(1)}, "SDXL"),
+        (
+            {
+                "control_model.label_emb.0.0.weight": torch.zeros(1),
+                "control_model.input_hint_block.0.weight": torch.zeros(1),
+            },
+            "SDXL",
+        ),
         ({"control_model.difference": torch.zeros(1)}, "difference"),
         ({"adapter.body.0.block1.weight": torch.zeros(1)}, "T2I-Adapter"),
         ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, "not a ControlNet"),

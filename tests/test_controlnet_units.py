@@ -81,8 +81,9 @@ def test_the_extensions_raw_json_with_legacy_names_and_minus_one_defaults():
 
 @pytest.mark.parametrize(
     ("resize_mode", "expected"),
-    [(1, "Crop and Resize"), (2, "Resize and Fill"), (3, "Just Resize"), ("Inner Fit (Scale to Fit)", "Crop and Resize"),
-     ("Envelope (Outer Fit)", "Resize and Fill"), ("just resize", "Just Resize")],
+    [(1, "Crop and Resize"), (2, "Resize and Fill"), (3, "Just Resize"),
+     ("Inner Fit (Scale to Fit)", "Crop and Resize"), ("Envelope (Outer Fit)", "Resize and Fill"),
+     ("just resize", "Just Resize")],
 )  # fmt: skip
 def test_resize_mode_forms(resize_mode, expected):
     assert ControlUnit.from_a1111({"model": "cn", "resize_mode": resize_mode}, decode).resize_mode == expected

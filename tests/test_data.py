@@ -69,8 +69,12 @@ def packages(tmp_path):
     )
     # emojilib: "coffee" names one emoji (a synonym), "animal" names three (a category, dropped by `specific`)
     with tarfile.open(cache / "emojilib-4.0.3.tgz", "w:gz") as tar:
-        table = {"\U0001f9a6": ["otter", "animal", "playful"], "\u2764\ufe0f": ["red_heart", "animal", "love"],
-                 "\u2615": ["hot_beverage", "coffee", "animal"], "\U0001f436": ["dog_face", "animal", "puppy"]}  # fmt: skip
+        table = {
+            "\U0001f9a6": ["otter", "animal", "playful"],
+            "\u2764\ufe0f": ["red_heart", "animal", "love"],
+            "\u2615": ["hot_beverage", "coffee", "animal"],
+            "\U0001f436": ["dog_face", "animal", "puppy"],
+        }
         _add(tar, "package/dist/emoji-en-US.json", json.dumps(table).encode())
     # transparent pixels must come out white; 2764 has no name in the iconify set but unicodedata knows it
     write_webp_package(

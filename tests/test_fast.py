@@ -50,6 +50,7 @@ def test_fused_qkv_and_channels_last_keep_the_images(tiny_components):
     assert np.abs(pixels(pipe) - eager).max() <= 1
 
 
+@pytest.mark.slow  # compiling the tiny UNet and decoder with inductor: over a minute on a CPU
 def test_compile_models_wraps_unet_and_decoder_once(tiny_components, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("LDMKIT_COMPILE_CACHE", str(tmp_path))
     caplog.set_level(logging.INFO, logger="ldmkit.precompile")

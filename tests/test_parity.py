@@ -173,9 +173,12 @@ def test_no_guidance_matches_diffusers(tiny_components):
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_every_sampler_is_reproducible_and_seed_dependent(tiny_components, sampler):
     pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
-    run = lambda seed: np.stack(
-        [np.asarray(im) for im in pipe.generate("otter", steps=4, sampler=sampler, seed=seed, num_images=2).images]
-    )
+
+    def run(seed):
+        return np.stack(
+            [np.asarray(im) for im in pipe.generate("otter", steps=4, sampler=sampler, seed=seed, num_images=2).images]
+        )
+
     first, again, other = run(3), run(3), run(4)
     assert np.array_equal(first, again)
     assert not np.array_equal(first, other)

@@ -32,12 +32,15 @@ def test_guidance_at_most_one_skips_the_unconditional_pass(pipe):
     assert sizes == [2, 2, 2]
 
 
-def test_negative_prompt_changes_the_image_only_with_guidance(pipe):
-    run = lambda neg, g: np.asarray(
-        pipe.generate("otter", negative_prompt=neg, steps=3, guidance=g, seed=0).images[0], dtype=int
-    )  # noqa: E731
-    assert np.abs(run("", 7.5) - run("blurry, dark", 7.5)).max() > 0
-    assert np.array_equal(run("", 1.0), run("blurry, dark", 1.0))
+def test_negative_prompt_is_the_unconditional_half_of_guidance(pipe):
+    def run(neg, g):
+        return np.asarray(pipe.generate("otter", negative_prompt=neg, steps=3, guidance=g, seed=0).images[0], dtype=int)
+
+    # uncond + g * (cond - uncond) with the prompt itself as the negative is the conditional prediction alone:
+    # the image guidance 1 gives (float rounding aside). Its parity with diffusers is in test_parity.py.
+    assert np.abs(run("otter", 7.5) - run("", 1.0)).max() <= 1
+    assert np.abs(run("", 7.5) - run("", 1.0)).max() > 3  # well beyond that tolerance: the test can fail
+    assert np.array_equal(run("", 1.0), run("blurry, dark", 1.0))  # without guidance the negative is not used
 
 
 def test_random_seed_is_reported_and_reproduces(pipe):

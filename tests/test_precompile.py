@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_tiny_components
+
 from ldmkit.fast import unet_forward
 from ldmkit.precompile import PrecompiledCall, call_signature
 

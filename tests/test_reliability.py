@@ -1,6 +1,6 @@
 """The server fails safely and keeps working: under load, out of memory, over its limits, at shutdown.
 
-A smaller run of scripts/loadtest.py (the full one's figures are in docs/reliability.md), then each
+A smaller run of tests/support/loadtest.py (the full one's figures are in docs/reliability.md), then each
 way a request can go wrong, over real uvicorn servers on 127.0.0.1 serving the tiny random model.
 """
 
@@ -13,8 +13,6 @@ import json
 import logging
 import re
 import socket
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,10 +26,8 @@ pytest.importorskip("fastapi", reason="server extras not installed (pip install 
 httpx = pytest.importorskip("httpx", reason="server test extras not installed")
 psutil = pytest.importorskip("psutil", reason="server test extras not installed")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import loadtest
 from e2e.serving import serve, serve_tiny, tiny_pipeline
+from support import loadtest
 
 from ldmkit.errors import InvalidRequest
 from ldmkit.server.a1111 import _decode_mask
@@ -63,8 +59,9 @@ def test_load_on_both_apis_answers_200_or_503_with_each_requests_own_images():
     assert sorted(o.index for o in result.outcomes) == list(range(60))  # each answered once, none lost
     assert counts["200"] >= 10 and counts.get("disconnected", 0) >= 1
     assert {o.api for o in result.outcomes if o.kind == "200"} == {"a1111", "openai"}
-    # The abandoned long request (~10 s of work) stopped at its next step, so the next one ran at once.
-    assert result.freed_worker_seconds < 5
+    # The abandoned long request stopped at its next step: the quick one after it did not wait for the ~248 steps
+    # the long one had left (the server's own estimate, so a loaded machine slows both sides alike).
+    assert result.freed_worker_seconds < result.abandoned_eta_seconds / 4
 
 
 # -- out of memory --------------------------------------------------------------------------------------
@@ -233,15 +230,15 @@ def test_a_request_cancelled_at_shutdown_answers_503_without_a_traceback():
     handler = logging.Handler()
     handler.emit = logged.append
     logging.getLogger("uvicorn.error").addHandler(handler)
-    pipe.gate.clear()  # the request runs until after uvicorn's 1 s grace period
+    pipe.gate.clear()  # the request is held until the shutdown has cancelled it (after uvicorn's grace period)
     try:
-        with ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(2) as pool:
             with serve(app) as url:
                 pending = pool.submit(
                     requests.post, f"{url}/sdapi/v1/txt2img", json={"prompt": "x", **FAST}, timeout=30
                 )
-                wait_for(lambda: app.state.queue.current)
-                threading.Timer(2.5, pipe.gate.set).start()
+                job = wait_for(lambda: app.state.queue.current)
+                pool.submit(lambda: wait_for(lambda: job.stop == "cancel", timeout=30) and pipe.gate.set())
             response = pending.result(timeout=30)
     finally:
         pipe.gate.set()

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from support.tiny import SCHEDULER_CONFIG
 from diffusers import EulerDiscreteScheduler
 from sampler_table import EXPECTED, reference_sigmas, training_sigmas
+from support.tiny import SCHEDULER_CONFIG
 
 from ldmkit.errors import InvalidRequest
 from ldmkit.samplers import REFUSED, SAMPLERS, get_sampler

@@ -62,7 +62,9 @@ def txt2img(url: str, **body) -> requests.Response:
 
 
 def test_txt2img_batches_continue_the_seed_sequence_and_carry_parameters(url):
-    response = txt2img(url, seed=100, batch_size=2, n_iter=2, negative_prompt="blurry", sampler_name="Euler a", cfg_scale=5)
+    response = txt2img(
+        url, seed=100, batch_size=2, n_iter=2, negative_prompt="blurry", sampler_name="Euler a", cfg_scale=5
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert set(body) == {"images", "parameters", "info"}
@@ -82,7 +84,8 @@ def test_an_image_depends_on_its_seed_only_not_on_its_batch(url):
     batch = txt2img(url, seed=7, batch_size=3).json()
     single = txt2img(url, seed=8).json()
     in_batch, alone, other = (
-        np.asarray(png_from_b64(encoded), dtype=int) for encoded in (batch["images"][1], single["images"][0], batch["images"][0])
+        np.asarray(png_from_b64(encoded), dtype=int)
+        for encoded in (batch["images"][1], single["images"][0], batch["images"][0])
     )
     assert np.abs(in_batch - alone).max() <= 2  # batched float maths may round a pixel differently
     assert np.abs(other - alone).mean() > 10
@@ -96,7 +99,14 @@ def test_seed_minus_one_picks_a_random_seed_and_reports_it(url):
 @pytest.mark.parametrize("data_url", [False, True])
 def test_img2img_takes_base64_with_or_without_data_prefix(url, data_url):
     init = Image.new("RGB", (24, 24), (200, 30, 30))
-    body = {"prompt": "a cat", "init_images": [png_b64(init, data_url)], "denoising_strength": 0.5, "seed": 3, **FAST, "steps": 4}
+    body = {
+        "prompt": "a cat",
+        "init_images": [png_b64(init, data_url)],
+        "denoising_strength": 0.5,
+        "seed": 3,
+        **FAST,
+        "steps": 4,
+    }
     response = requests.post(f"{url}/sdapi/v1/img2img", json=body, timeout=60)
     assert response.status_code == 200, response.text
     info = json.loads(response.json()["info"])
@@ -147,7 +157,12 @@ def test_schedulers_list_a1111_1_10s_schedule_types(url):
 
 def test_options_name_the_loaded_model_and_refuse_another(url):
     assert requests.get(f"{url}/sdapi/v1/options", timeout=10).json()["sd_model_checkpoint"] == "tiny"
-    assert requests.post(f"{url}/sdapi/v1/options", json={"sd_model_checkpoint": "tiny", "CLIP_stop_at_last_layers": 2}, timeout=10).status_code == 200
+    assert (
+        requests.post(
+            f"{url}/sdapi/v1/options", json={"sd_model_checkpoint": "tiny", "CLIP_stop_at_last_layers": 2}, timeout=10
+        ).status_code
+        == 200
+    )
     refused = requests.post(f"{url}/sdapi/v1/options", json={"sd_model_checkpoint": "other.safetensors"}, timeout=10)
     assert refused.status_code == 400 and "not loaded" in refused.json()["detail"]
 
@@ -170,27 +185,24 @@ def test_idle_progress_and_interrupt_are_harmless(url):
 
 def test_progress_shows_a_preview_and_interrupt_returns_the_partial_image(server):
     url, pipe, app = server
-    pipe.step_seconds = 0.05
+    pipe.hold(at_step=3)  # steps 0-2 done, the job waits at step 3 until released
     try:
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(txt2img, url, seed=5, steps=200)
-            progress = wait_for(lambda: _progress_with_image(url))
-            assert 0 < progress["progress"] < 1 and progress["eta_relative"] > 0
+            assert pipe.held.wait(timeout=60)
+            progress = requests.get(f"{url}/sdapi/v1/progress", timeout=10).json()
+            assert progress["progress"] == 3 / 200 and progress["eta_relative"] > 0
             assert progress["state"]["sampling_steps"] == 200 and progress["state"]["job"] == "txt2img"
             assert png_from_b64(progress["current_image"]).size == (16, 16)
             assert requests.post(f"{url}/sdapi/v1/interrupt", timeout=10).json() == {}
+            pipe.release()
             response = pending.result(timeout=30)
     finally:
-        pipe.step_seconds = 0.0
+        pipe.release()
     assert response.status_code == 200, response.text
     info = json.loads(response.json()["info"])
     assert info["all_seeds"] == [5] and "Seed: 5," in info["infotexts"][0]
     assert png_from_b64(response.json()["images"][0]).info["parameters"] == info["infotexts"][0]
-
-
-def _progress_with_image(url):
-    progress = requests.get(f"{url}/sdapi/v1/progress", timeout=10).json()
-    return progress if progress["current_image"] else None
 
 
 @pytest.mark.parametrize(
@@ -229,7 +241,10 @@ def test_a1111_wrong_types_get_fastapis_422(url):
 
 def test_bodies_over_the_limit_get_413_whether_declared_or_streamed(url):
     big = json.dumps({"prompt": "x" * (2 * 1024 * 1024)}).encode()
-    for path, error in (("/sdapi/v1/txt2img", lambda body: body["detail"]), ("/v1/images/generations", lambda body: body["error"]["message"])):
+    for path, error in (
+        ("/sdapi/v1/txt2img", lambda body: body["detail"]),
+        ("/v1/images/generations", lambda body: body["error"]["message"]),
+    ):
         declared = requests.post(url + path, data=big, headers={"Content-Type": "application/json"}, timeout=30)
         assert declared.status_code == 413 and "limit" in error(declared.json())
         chunks = (big[i : i + 65536] for i in range(0, len(big), 65536))  # no Content-Length: chunked
@@ -252,7 +267,9 @@ def client(url: str) -> openai.OpenAI:
 
 
 def test_openai_client_generates_images_with_any_model_name(url):
-    result = client(url).images.generate(model="dall-e-3", prompt="a lighthouse", n=2, size="16x16", response_format="b64_json")
+    result = client(url).images.generate(
+        model="dall-e-3", prompt="a lighthouse", n=2, size="16x16", response_format="b64_json"
+    )
     assert len(result.data) == 2 and result.size == "16x16"
     images = [png_from_b64(item.b64_json) for item in result.data]
     assert all(image.size == (16, 16) and "a lighthouse" in image.info["parameters"] for image in images)
@@ -266,7 +283,12 @@ def test_openai_default_size_is_the_models_and_url_format_is_a_data_url(url):
 
 @pytest.mark.parametrize(
     "kwargs, reason",
-    [({"size": "17x17"}, "multiple of 8"), ({"size": "big"}, "WIDTHxHEIGHT"), ({"n": 11}, "n: "), ({"output_format": "gif"}, "output_format")],
+    [
+        ({"size": "17x17"}, "multiple of 8"),
+        ({"size": "big"}, "WIDTHxHEIGHT"),
+        ({"n": 11}, "n: "),
+        ({"output_format": "gif"}, "output_format"),
+    ],
 )
 def test_openai_errors_come_in_openais_shape(url, kwargs, reason):
     with pytest.raises(openai.BadRequestError) as caught:

@@ -2,7 +2,8 @@
 
 Every row starts from the same weights (SD1.5-shaped random ones by default: speed does not depend
 on the values) and the same starting noise per seed, and reports speed, first-image time (compile
-included), peak GPU memory and PSNR against diffusers' eager images.
+included), peak GPU memory and PSNR against diffusers' eager images. Ablation rows (one speed-up at a time)
+are in the repository's benchmarks/ (`python -m benchmarks table --ablations`).
 """
 
 from __future__ import annotations
@@ -26,22 +27,6 @@ GUIDANCE = 7.5
 # Rows in the order they run. Compiled rows after the first find inductor's on-disk cache warm,
 # so ours-fast runs before diffusers-compiled: our first-image time is the cold one.
 DEFAULT_ROWS = ("diffusers", "ours", "ours-fast", "diffusers-compiled")
-# Cumulative on top of ours: channels_last, then fused QKV (both eager), then compile without CUDA graphs.
-ABLATION_ROWS = ("ours+channels_last", "ours+fused_qkv", "ours+compile_default")
-# make_fast with one piece left out or one more added, for what each buys under compile.
-COMPILE_ABLATION_ROWS = (
-    "ours-fast-no_channels_last",
-    "ours-fast-no_fused_qkv",
-    "ours-fast+inductor_tuning",
-    "ours-fast-inductor_graphs",
-)
-# The inductor settings of diffusers' "accelerate inference of text-to-image diffusion models" tutorial.
-DIFFUSERS_TUTORIAL_INDUCTOR = {
-    "conv_1x1_as_mm": True,
-    "coordinate_descent_tuning": True,
-    "epilogue_fusion": False,
-    "coordinate_descent_check_all_directions": True,
-}
 
 
 @dataclasses.dataclass
@@ -66,34 +51,49 @@ def register(subparsers) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="model to load (a folder, cached repo id, single file, or 'default'); default: SD1.5-shaped random weights")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model to load (a folder, cached repo id, single file, or 'default'); default: SD1.5-shaped random "
+        "weights",
+    )
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sampler", default="DDIM")
     parser.add_argument("--batch", type=int, default=1, help="images per call")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls after the first image")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls (seeds seed, seed+1, ...); the median is reported")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed calls (seeds seed, seed+1, ...); the median is reported"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-diffusers", action="store_true", help="only our rows (PSNR columns stay empty)")
-    parser.add_argument("--rows", default=None, help=f"comma-separated rows; default {','.join(DEFAULT_ROWS)}; also {','.join(ABLATION_ROWS + COMPILE_ABLATION_ROWS)}")
-    parser.add_argument("--ablations", action="store_true", help="add the one-speed-up-at-a-time rows")
+    parser.add_argument(
+        "--rows", default=None, help=f"comma-separated rows, from {', '.join(DEFAULT_ROWS)} (default: all of them)"
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on GPUs, fp32 on the CPU")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on GPUs, fp32 on the CPU"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here, after every row")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m ldmkit.bench`: the same command without the rest of the CLI."""
-    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
-        os.environ.setdefault(var, "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    quiet_libraries()
     parser = argparse.ArgumentParser(prog="ldm bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run_bench(parser.parse_args(argv))
 
 
-def run_bench(args) -> int:
+def quiet_libraries() -> None:
+    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(var, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def run_bench(args, runners: dict[str, Callable] | None = None, extra_rows: tuple[str, ...] = ()) -> int:
+    """The table; `runners` and `extra_rows` let benchmarks/ add rows of its own after the default ones."""
     import torch
 
     from ldmkit.errors import InvalidRequest
@@ -101,7 +101,8 @@ def run_bench(args) -> int:
     from ldmkit.pipeline import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
-    rows = select_rows(args, device)
+    runners = RUNNERS if runners is None else runners
+    rows = select_rows(args, device, runners, extra_rows)
     if args.repeats < 1 or args.warmup < 0:
         raise InvalidRequest("--repeats must be at least 1, --warmup at least 0")
     request = GenerationParams(
@@ -114,12 +115,16 @@ def run_bench(args) -> int:
 
     log(f"bench: {describe_device(device)}, torch {torch.__version__}, {dtype}, rows {', '.join(rows)}")
     master = load_master(args.model, device, dtype)
-    header = f"{master.name}, {args.size}x{args.size}, {request.steps} {request.sampler} steps, batch {request.num_images}, guidance {GUIDANCE}, {describe_device(device)}, {str(dtype).removeprefix('torch.')}"
+    header = (
+        f"{master.name}, {args.size}x{args.size}, {request.steps} {request.sampler} steps, "
+        f"batch {request.num_images}, guidance {GUIDANCE}, {describe_device(device)}, "
+        f"{str(dtype).removeprefix('torch.')}"
+    )
     results: list[RowResult] = []
     images: dict[str, list] = {}
     for name in rows:
         log(f"bench: row {name} ...")
-        result, row_images = bench_row(name, master, device, dtype, request, args.warmup, args.repeats)
+        result, row_images = bench_row(name, runners[name], master, device, dtype, request, args.warmup, args.repeats)
         results.append(result)
         if row_images is not None:
             images[name] = row_images
@@ -128,12 +133,14 @@ def run_bench(args) -> int:
         if args.out:
             args.out.write_text(format_table(header, results))
         if args.json:
-            args.json.write_text(json.dumps({"setup": header, "rows": [dataclasses.asdict(r) for r in results]}, indent=1))
+            args.json.write_text(
+                json.dumps({"setup": header, "rows": [dataclasses.asdict(r) for r in results]}, indent=1)
+            )
     print(format_table(header, results), end="")
     return 1 if any(r.error for r in results) else 0
 
 
-def select_rows(args, device) -> list[str]:
+def select_rows(args, device, runners: dict[str, Callable], extra_rows: tuple[str, ...] = ()) -> list[str]:
     from ldmkit.errors import InvalidRequest
 
     if args.rows is None:
@@ -143,13 +150,12 @@ def select_rows(args, device) -> list[str]:
             rows.remove("diffusers-compiled")
     else:
         rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    if args.ablations:
-        rows += [r for r in ABLATION_ROWS if r not in rows]
+    rows += [r for r in extra_rows if r not in rows]
     if args.no_diffusers:
         rows = [r for r in rows if not r.startswith("diffusers")]
-    unknown = [r for r in rows if r not in RUNNERS]
+    unknown = [r for r in rows if r not in runners]
     if unknown or not rows:
-        raise InvalidRequest(f"unknown rows {unknown}; choose from {', '.join(RUNNERS)}")
+        raise InvalidRequest(f"unknown rows {unknown}; choose from {', '.join(runners)}")
     return rows
 
 
@@ -211,7 +217,7 @@ def place(master, device, dtype):
 # ---- rows ----
 
 
-def bench_row(name: str, master, device, dtype, request, warmup: int, repeats: int):
+def bench_row(name: str, runner: Callable, master, device, dtype, request, warmup: int, repeats: int):
     """Time one row (the same request for every row, seeds seed, seed + 1, ...); a row that fails is reported in
     the table and the others still run."""
     import torch
@@ -225,7 +231,7 @@ def bench_row(name: str, master, device, dtype, request, warmup: int, repeats: i
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        generate = RUNNERS[name](components, device, dtype, request)
+        generate = runner(components, device, dtype, request)
         generate(request.seed)
         result.first_image_s = time.perf_counter() - start
         for _ in range(warmup):
@@ -262,12 +268,18 @@ def time_parts(generate, components, device, dtype, request, calls: int = 20):
     try:
         factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
         side = request.width // factor
-        latents = torch.randn(request.num_images, components.unet.config.in_channels, side, side, device=device, dtype=dtype)
+        latents = torch.randn(
+            request.num_images, components.unet.config.in_channels, side, side, device=device, dtype=dtype
+        )
         model_input = torch.cat([latents] * 2)
-        hidden = torch.randn(2 * request.num_images, 77, components.text_encoder.config.hidden_size, device=device, dtype=dtype)
+        hidden = torch.randn(
+            2 * request.num_images, 77, components.text_encoder.config.hidden_size, device=device, dtype=dtype
+        )
         timestep = torch.tensor(500, device=device)  # int64 on the device, as the schedulers' timesteps
         with generate.grad_mode():
-            unet_ms = _mean_cuda_ms(lambda: generate.unet(model_input, timestep, encoder_hidden_states=hidden, return_dict=False)[0], calls)
+            unet_ms = _mean_cuda_ms(
+                lambda: generate.unet(model_input, timestep, encoder_hidden_states=hidden, return_dict=False)[0], calls
+            )
             decode_ms = _mean_cuda_ms(lambda: generate.decode(latents, return_dict=False)[0], calls)
         return unet_ms, decode_ms
     except Exception:  # noqa: BLE001 - the breakdown is extra; the row's numbers stand without it
@@ -319,7 +331,11 @@ def ours(fast_options: dict | None = None) -> Callable:
             return np.stack([np.asarray(image) for image in result.images])
 
         state = pipe.state
-        generate.unet, generate.decode, generate.grad_mode = state.run_unet, state.vae_decode or state.vae.decode, torch.inference_mode
+        generate.unet, generate.decode, generate.grad_mode = (
+            state.run_unet,
+            state.vae_decode or state.vae.decode,
+            torch.inference_mode,
+        )
         return generate
 
     return runner
@@ -351,7 +367,9 @@ def diffusers_pipeline(compiled: bool) -> Callable:
             # Our starting noise, drawn as ldmkit's Pipeline.prepare_latents draws it, so the rows
             # compare the same computation.
             shape = (1, components.unet.config.in_channels, request.height // factor, request.width // factor)
-            noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in seeds]
+            noise = [
+                torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in seeds
+            ]
             # Only stochastic samplers need generators; passing them would also reach vae.decode.
             generator = [torch.Generator("cpu").manual_seed(s) for s in seeds] if sampler.stochastic else None
             images = pipe(
@@ -378,14 +396,6 @@ RUNNERS: dict[str, Callable] = {
     "diffusers-compiled": diffusers_pipeline(compiled=True),
     "ours": ours(),
     "ours-fast": ours({}),
-    "ours+channels_last": ours({"channels_last": True, "fuse_qkv": False, "compile": False}),
-    "ours+fused_qkv": ours({"channels_last": True, "fuse_qkv": True, "compile": False}),
-    "ours+compile_default": ours({"cuda_graphs": False}),
-    "ours-fast-no_channels_last": ours({"channels_last": False}),
-    "ours-fast-no_fused_qkv": ours({"fuse_qkv": False}),
-    "ours-fast+inductor_tuning": ours({"inductor_options": DIFFUSERS_TUTORIAL_INDUCTOR}),
-    # make_fast before precompile and ldmkit.cuda_graphs: torch.compile's own CUDA graphs, traced per process.
-    "ours-fast-inductor_graphs": ours({"mode": "reduce-overhead"}),
 }
 
 
@@ -443,7 +453,10 @@ def rest_per_step_ms(r: RowResult) -> float | None:
 def format_row(r: RowResult) -> str:
     if r.error:
         return f"{r.name}: failed: {r.error}"
-    return f"{r.name}: {r.its:.2f} it/s, {r.latency_s:.3f} s, first image {r.first_image_s:.1f} s, peak {_num(r.peak_mem_gib, '.2f')} GiB"
+    return (
+        f"{r.name}: {r.its:.2f} it/s, {r.latency_s:.3f} s, first image {r.first_image_s:.1f} s, "
+        f"peak {_num(r.peak_mem_gib, '.2f')} GiB"
+    )
 
 
 def _num(value, spec: str) -> str:

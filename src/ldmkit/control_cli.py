@@ -15,12 +15,28 @@ from ldmkit.errors import InvalidRequest
 
 # option -> (ControlUnit field, argparse type, help)
 PER_UNIT_OPTIONS = {
-    "--control-module": ("module", str, f"preprocessor making the control map: {', '.join(PREPROCESSORS)} (default none)"),
+    "--control-module": (
+        "module",
+        str,
+        f"preprocessor making the control map: {', '.join(PREPROCESSORS)} (default none)",
+    ),
     "--control-weight": ("weight", float, "scale of the ControlNet's residuals, 0-2 (default 1)"),
-    "--control-start": ("guidance_start", float, "fraction of the steps where the ControlNet starts guiding (default 0)"),
+    "--control-start": (
+        "guidance_start",
+        float,
+        "fraction of the steps where the ControlNet starts guiding (default 0)",
+    ),
     "--control-end": ("guidance_end", float, "fraction of the steps where it stops (default 1)"),
-    "--control-mode": ("control_mode", str, "balanced, prompt (my prompt is more important) or control (ControlNet is more important)"),
-    "--control-resize": ("resize_mode", str, "fitting the map to the size: resize (stretch), crop (default) or fill (pad)"),
+    "--control-mode": (
+        "control_mode",
+        str,
+        "balanced, prompt (my prompt is more important) or control (ControlNet is more important)",
+    ),
+    "--control-resize": (
+        "resize_mode",
+        str,
+        "fitting the map to the size: resize (stretch), crop (default) or fill (pad)",
+    ),
     "--control-res": ("processor_res", int, "resolution the preprocessor works at (default 512)"),
     "--control-threshold-a": ("threshold_a", float, "the preprocessor's first parameter (canny: low threshold, 100)"),
     "--control-threshold-b": ("threshold_b", float, "its second (canny: high threshold, 200)"),

@@ -123,7 +123,7 @@ def _lineart_standard(image: np.ndarray, a, b) -> np.ndarray:
 
 
 def _darker_than_surroundings(image: np.ndarray, fine_sigma: float, wide_sigma: float) -> np.ndarray:
-    """(H, W) float32, >= 0: how much darker than its wide-blurred surroundings each pixel is, in its darkest channel."""
+    """(H, W) float32, >= 0: how much darker than its wide-blurred surroundings each pixel is (darkest channel)."""
     cv2 = opencv()
     pixels = image.astype(np.float32)
     fine = cv2.GaussianBlur(pixels, (0, 0), fine_sigma) if fine_sigma > 0 else pixels

@@ -1,4 +1,4 @@
-"""Image <-> tensor conversions: diffusers' VaeImageProcessor, so ours are the very conversions of diffusers' pipelines."""
+"""Image <-> tensor conversions: diffusers' VaeImageProcessor, so ours are the conversions of diffusers' pipelines."""
 
 from __future__ import annotations
 

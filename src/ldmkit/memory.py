@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import psutil
 import torch
 
 from ldmkit.errors import InvalidRequest
@@ -64,15 +65,12 @@ def available_bytes(device: torch.device) -> int | None:
     """Free memory on the device (None where it cannot be read, e.g. MPS)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return free
+        # Blocks PyTorch's caching allocator keeps reserved after the last request are free to the next one;
+        # the driver counts them as taken, so without them a second identical request would be refused.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return free + cached
     if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as meminfo:
-                for line in meminfo:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
+        return psutil.virtual_memory().available  # what can be allocated without swapping, on every OS
     return None
 
 

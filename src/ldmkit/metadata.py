@@ -69,7 +69,7 @@ def _parameters(line: str) -> dict[str, str]:
 
 
 def _value(line: str, start: int) -> tuple[str, int]:
-    """The value at `start` (a JSON string when quoted, else the text up to the comma) and where the next pair starts."""
+    """The value at `start` (a JSON string when quoted, else the text up to the comma) and where the next begins."""
     if line.startswith('"', start):
         try:
             value, end = _JSON.raw_decode(line, start)

@@ -9,8 +9,8 @@ import time
 
 import torch
 import uvicorn
-
 from conftest import make_tiny_components
+
 from ldmkit.pipeline import Pipeline
 from ldmkit.server.app import create_app
 
@@ -23,9 +23,22 @@ class GatedPipeline(Pipeline):
         self.gate = threading.Event()  # cleared: every step waits until the test sets it
         self.gate.set()
         self.step_seconds = 0.0
+        self.hold_at_step: int | None = None  # this step closes the gate: the job waits there for the test
+        self.held = threading.Event()  # set when a job is held at hold_at_step
+
+    def hold(self, at_step: int) -> None:
+        self.held.clear()
+        self.hold_at_step = at_step
+
+    def release(self) -> None:
+        self.hold_at_step = None
+        self.gate.set()
 
     def run(self, params, callback=None, should_stop=None):
         def slowed(step):
+            if step.step == self.hold_at_step:
+                self.gate.clear()
+                self.held.set()
             self.gate.wait(timeout=30)
             time.sleep(self.step_seconds)
             if callback is not None:

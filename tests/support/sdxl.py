@@ -135,7 +135,7 @@ def clip_l_to_original(state_dict: dict) -> dict[str, torch.Tensor]:
 
 
 def bigg_to_original(state_dict: dict, prefix: str) -> dict[str, torch.Tensor]:
-    """CLIPTextModelWithProjection keys in OpenCLIP's layout; the projection is OpenCLIP's matrix, the Linear's transpose."""
+    """CLIPTextModelWithProjection keys in OpenCLIP's layout; OpenCLIP's projection is the Linear's transpose."""
     layers = {key.removeprefix("text_model."): tensor for key, tensor in state_dict.items()}
     original = {prefix + key: tensor for key, tensor in _open_clip_layout(layers).items()}
     original[prefix + "text_projection"] = state_dict["text_projection.weight"].T.contiguous()

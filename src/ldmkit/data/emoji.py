@@ -208,7 +208,8 @@ def write_licenses(out_dir: Path, sources=SOURCES) -> None:
     lines += [
         "",
         "Apache-2.0: https://www.apache.org/licenses/LICENSE-2.0",
-        "CC-BY-4.0: https://creativecommons.org/licenses/by/4.0/ (Twemoji graphics by Twitter, Inc and other contributors)",
+        "CC-BY-4.0: https://creativecommons.org/licenses/by/4.0/"
+        " (Twemoji graphics by Twitter, Inc and other contributors)",
         "MIT: https://github.com/microsoft/fluentui-emoji/blob/main/LICENSE",
         "",
         "Caption keywords: emojilib (npm), Mu-An Chiou and contributors. License: MIT.",

@@ -237,7 +237,7 @@ class SceneSampler:
     def sample(self, rng: random.Random, width: float = 1.0, height: float = 1.0) -> Scene:
         """A random scene for a canvas of (width, height) layout units (shorter side 1)."""
         pick = rng.random() * sum(p for p, _ in self.generators)
-        for p, generator in self.generators:
+        for p, generator in self.generators:  # noqa: B007 (the generator picked is used after the loop)
             pick -= p
             if pick <= 0:
                 break

@@ -1,4 +1,4 @@
-"""Batched text-to-image sampling for evaluation: many prompts per UNet call, DPM++ 2M Karras, CFG, through the Pipeline."""
+"""Batched text-to-image sampling for evaluation: many prompts per UNet call, DPM++ 2M Karras, CFG, via the Pipeline."""
 
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ from ldmkit.families.base import Conditioning, ModelFamily
 from ldmkit.families.sd import StableDiffusion
 from ldmkit.families.sdxl import StableDiffusionXL
 
-FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusionXL, StableDiffusion)  # tried in order: put a family before those it extends
+# tried in order: put a family before those it extends
+FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusionXL, StableDiffusion)
 
 __all__ = ["FAMILIES", "Conditioning", "ModelFamily", "family_of", "reference_pipeline", "scheduler_from_config"]
 

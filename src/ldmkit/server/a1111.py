@@ -474,7 +474,8 @@ def _resize_scale(width: int, height: int, target_width: int, target_height: int
         and 0 < height <= MAX_SIDE
     ):
         raise InvalidRequest(
-            f"hr_resize_x/y and the size must be from 1 to {MAX_SIDE}, got {target_width}x{target_height} from {width}x{height}"
+            f"hr_resize_x/y and the size must be from 1 to {MAX_SIDE}, "
+            f"got {target_width}x{target_height} from {width}x{height}"
         )
     ratio = target_width / width if target_width else target_height / height
     scale = math.ceil(ratio * 1e6) / 1e6  # just above the ratio, so HiresFix's rounding down lands on the target
@@ -493,7 +494,7 @@ def _decode_mask(text: str, invert: bool, max_pixels: int = MAX_INPUT_PIXELS) ->
 
 
 def mask_from_image(image: Image.Image) -> Image.Image:
-    """A1111's reading of a mask: an RGBA one with transparency is its alpha channel, rounded to 0/255; else its grey."""
+    """A1111's reading of a mask: an RGBA one with transparency is its alpha channel (rounded to 0/255); else grey."""
     if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
         return image.getchannel("A").point(lambda a: 255 if a > 128 else 0)
     return image.convert("L")

@@ -185,7 +185,7 @@ class GenerationQueue:
             del result, error  # a finished job's images and tensors go with its answer, not with the idle worker
 
     def _free_memory(self) -> None:
-        """After an out-of-memory error: collect the failed job's tensors (its traceback held them), empty the allocator's cache."""
+        """After an out-of-memory error: collect the failed job's tensors (its traceback held them), empty the cache."""
         logger.warning("generation ran out of memory; freeing the device cache")
         gc.collect()
         if torch.cuda.is_available():

@@ -1,4 +1,5 @@
-"""The web UI (Gradio): txt2img (with hires fix), img2img and inpaint tabs with live intermediates, a gallery that keeps parameters, PNG info.
+"""The web UI (Gradio): txt2img (with hires fix), img2img and inpaint tabs with live intermediates, a gallery that
+keeps parameters, PNG info.
 
 Generation goes through the same queue as the HTTP APIs. The event handler is an async generator:
 it submits a job, then yields a cheap preview of the predicted clean image whenever the worker has

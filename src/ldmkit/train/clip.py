@@ -103,7 +103,7 @@ def train(cfg: ClipTrainConfig) -> dict:
     progress = common.Progress(accelerator, optimizer, schedule, "clip img/s", cfg.log_every, step, elapsed)
     generator = common.process_generator(accelerator, cfg.seed, step)
     model.train()
-    for step in progress:
+    for _ in progress:
         index = torch.randperm(n, device=accelerator.device, generator=generator)[:batch]
         variant = torch.randint(0, 3, (batch,), device=accelerator.device, generator=generator)
         caption_ids = dataset.image_captions[index, variant]  # (B,)

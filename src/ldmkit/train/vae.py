@@ -99,7 +99,7 @@ def train(cfg: VaeTrainConfig) -> dict:
     generator = common.process_generator(accelerator, cfg.seed, step)
     draw = scene_images(cfg, accelerator, step, generator) if cfg.scenes else None
     model.train()
-    for step in progress:
+    for _ in progress:
         if draw is not None:
             images = next(draw)  # (B, 3, S, S) scenes, B = batch_size * (128 / S)^2
         else:

@@ -1,8 +1,8 @@
 """Multi-process generation throughput: the prompts of `ldm generate --prompts` split across ranks.
 
-Run under a launcher: `torchrun --nproc-per-node N scripts/scaling_bench.py --model DIR ...`. It uses the
-same split as the CLI (ldmkit.distributed), loads the model on every rank, then times the generation
-alone (between barriers, images kept in memory) and prints one JSON line on rank 0.
+`python -m benchmarks scaling` runs it under `torchrun --nproc-per-node N -m benchmarks.scaling_worker`. It uses
+the same split as the CLI (ldmkit.distributed), loads the model on every rank, then times the generation alone
+(between barriers, images kept in memory) and prints one JSON line on rank 0.
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """Load test of `ldm serve` over loopback: both HTTP APIs at once, clients that leave, memory before and after.
 
-    python scripts/loadtest.py --requests 300 --concurrency 32            # starts a tiny-model server
-    python scripts/loadtest.py --url http://127.0.0.1:7860 --pid 12345    # an `ldm serve` already running
+    python tests/support/loadtest.py --requests 300 --concurrency 32            # starts a tiny-model server
+    python tests/support/loadtest.py --url http://127.0.0.1:7860 --pid 12345    # an `ldm serve` already running
 
 Checks, each a hard failure (exit status 1): every answer is 200 or 503 (queue full); every 200 carries
 valid PNGs whose parameters name its own request's prompt and seed, so no request is lost or
@@ -55,6 +55,7 @@ class LoadResult:
     rss_peak: int | None = None
     rss_after: int | None = None
     freed_worker_seconds: float | None = None  # a quick request's time after a running one was abandoned
+    abandoned_eta_seconds: float | None = None  # what the abandoned one still needed then, by the server's progress
 
     def counts(self) -> dict[str, int]:
         return dict(collections.Counter(o.kind for o in self.outcomes).most_common())
@@ -85,7 +86,8 @@ def openai_body(index: int, long: bool = False) -> dict:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, index: int, disconnect_after: float | None) -> Outcome:
-    """Request `index` (even: AUTOMATIC1111's API, odd: OpenAI's); with `disconnect_after`, a long one its client leaves."""
+    """Request `index` (even: AUTOMATIC1111's API, odd: OpenAI's); with `disconnect_after`, a long one its client
+    leaves."""
     long = disconnect_after is not None
     api, path, body = (
         ("a1111", "/sdapi/v1/txt2img", a1111_body(index, long))
@@ -157,23 +159,32 @@ async def run_load(
         return LoadResult(sorted(outcomes, key=lambda o: o.index), concurrency, time.monotonic() - started)
 
 
-def check_worker_freed(url: str, timeout: float = 60) -> float:
-    """Abandon a long request once it runs; then a quick one must succeed. Returns the quick one's seconds."""
+def check_worker_freed(url: str, timeout: float = 60) -> tuple[float, float]:
+    """Abandon a long request once it runs; then a quick one must succeed. Returns the quick one's seconds and
+    the seconds the server's progress said the long one still needed when its client left."""
     with httpx.Client(timeout=timeout) as client:
         idle(client, url, timeout)
         with post_raw(url, "/sdapi/v1/txt2img", a1111_body(-1, long=True)):
-            deadline = time.monotonic() + timeout
-            while client.get(f"{url}/sdapi/v1/progress?skip_current_image=true").json()["state"]["sampling_step"] < 2:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the long request never started")
-                time.sleep(0.05)
+            progress = progress_after_two_steps(client, url, timeout)
         # Its client has left while it ran; the quick request waits for the worker to notice.
         started = time.monotonic()
         response = client.post(f"{url}/sdapi/v1/txt2img", json=a1111_body(-2))
         seconds = time.monotonic() - started
         if response.status_code != 200 or check_images("a1111", a1111_body(-2), response.json()) != "200":
             raise RuntimeError(f"the request after a disconnect failed: {response.status_code} {response.text[:200]}")
-        return seconds
+        return seconds, progress["eta_relative"]
+
+
+def progress_after_two_steps(client: httpx.Client, url: str, timeout: float) -> dict:
+    """The running request's /sdapi/v1/progress once it has taken two steps."""
+    deadline = time.monotonic() + timeout
+    while True:
+        progress = client.get(f"{url}/sdapi/v1/progress?skip_current_image=true").json()
+        if progress["state"]["sampling_step"] >= 2:
+            return progress
+        if time.monotonic() > deadline:
+            raise RuntimeError("the long request never started")
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -181,7 +192,10 @@ def post_raw(url: str, path: str, body: dict):
     """Send a POST on a socket of its own, and close the socket (the client leaves) on exit, unanswered."""
     address = urlparse(url)
     data = json.dumps(body).encode()
-    head = f"POST {path} HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
     with socket.create_connection((address.hostname, address.port)) as sock:
         sock.sendall(head.encode() + data)
         yield
@@ -255,7 +269,7 @@ def serve_tiny(port: int, queue_size: int) -> None:
     import torch
     import uvicorn
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for e2e and support
     from e2e.serving import tiny_pipeline
 
     from ldmkit.server.app import create_app
@@ -278,14 +292,13 @@ def cuda_oom_check() -> None:
     """On a CUDA device: a job too big for it fails alone, its memory comes back, and the next job runs."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import make_tiny_components
-
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for e2e and support
     import ldmkit.pipeline
     from ldmkit.params import GenerationParams
     from ldmkit.pipeline import Pipeline
     from ldmkit.server.limits import ServerLimits
     from ldmkit.server.queue import GenerationQueue, OutOfMemory
+    from support.tiny import make_tiny_components
 
     ldmkit.pipeline.check_memory = lambda *args: None  # skip the estimate that would refuse the job up front
     pipe = Pipeline(make_tiny_components(), torch.device("cuda"), torch.float16)
@@ -305,7 +318,8 @@ def cuda_oom_check() -> None:
         gib = 2**30
         print(
             f"allocated before / after: {allocated / gib:.3f} / {torch.cuda.memory_allocated() / gib:.3f} GiB; "
-            f"reserved after: {torch.cuda.memory_reserved() / gib:.3f} GiB; peak: {torch.cuda.max_memory_allocated() / gib:.1f} GiB"
+            f"reserved after: {torch.cuda.memory_reserved() / gib:.3f} GiB; "
+            f"peak: {torch.cuda.max_memory_allocated() / gib:.1f} GiB"
         )
         started = time.monotonic()
         result = queue.submit(quick).future.result(timeout=120)
@@ -318,7 +332,9 @@ def cuda_oom_check() -> None:
 
 
 def summary(result: LoadResult) -> str:
-    mib = lambda b: "n/a" if b is None else f"{b / 2**20:.0f} MiB"
+    def mib(b):
+        return "n/a" if b is None else f"{b / 2**20:.0f} MiB"
+
     rows = [
         ("requests", len(result.outcomes)),
         ("concurrency", result.concurrency),
@@ -368,7 +384,7 @@ def measure(
     with sampler:
         rss_before = sampler.now() if pid else None
         result = asyncio.run(run_load(url, total, concurrency, disconnect_every, time_limit))
-        result.freed_worker_seconds = check_worker_freed(url)
+        result.freed_worker_seconds, result.abandoned_eta_seconds = check_worker_freed(url)
         with httpx.Client(timeout=60) as client:
             idle(client, url, 60)
     if pid:
@@ -407,7 +423,8 @@ def main() -> int:
     with server as (url, pid):
         result = measure(url, pid, args.requests, args.concurrency, args.disconnect_every, args.time_limit)
     print(
-        f"load test: {url}, queue size {args.queue_size if not args.url else '(the server s)'}, {os.cpu_count()} CPU cores"
+        f"load test: {url}, queue size {args.queue_size if not args.url else '(the server s)'}, "
+        f"{os.cpu_count()} CPU cores"
     )
     print(summary(result))
     if args.json:
