@@ -381,9 +381,8 @@ def test_a_request_head_sent_too_slowly_is_disconnected(deadline_server):
 
 
 def test_a_request_body_sent_too_slowly_is_disconnected(deadline_server):
-    head = (
-        b"POST /sdapi/v1/png-info HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
-    )
+    head = b"POST /sdapi/v1/png-info HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    head += b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
     assert closed_by_server(deadline_server, head, b'{"image": "') == b""
 
 

@@ -1,6 +1,6 @@
 """Peak RSS growth of one SD1.5-shaped UNet call (random weights, fp32, CPU) against the context length.
 
-python scripts/memory_context.py TOKENS   (77 per prompt chunk); the figures in ldmkit/memory.py came from it.
+python benchmarks/memory_context.py TOKENS   (77 per prompt chunk); the figures in ldmkit/memory.py came from it.
 """
 
 import gc

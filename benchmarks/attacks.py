@@ -4,7 +4,7 @@ The server runs in its own process on a free 127.0.0.1 port, configured as `ldm 
 (h11 with read deadlines, the default limits). Each attack prints one row: what was sent, what came
 back, and whether that is the answer the server must give. docs/reliability.md holds a run's table.
 
-    PYTHONPATH=src python scripts/attacks.py            # about 2 minutes: the body deadline is 60 s
+    PYTHONPATH=src python benchmarks/attacks.py            # about 2 minutes: the body deadline is 60 s
 """
 
 from __future__ import annotations
@@ -149,7 +149,8 @@ def origin_attacks(url: str) -> None:
 def slow_clients(url: str, count: int = 10) -> None:
     """`count` connections sending a request head, and `count` a body, one byte every 2 s."""
     host, port = url.removeprefix("http://").split(":")
-    head = b"POST /sdapi/v1/png-info HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+    head = b"POST /sdapi/v1/png-info HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    head += b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
 
     def trickle(prefix: bytes, payload: bytes) -> float:
         start = time.monotonic()
