@@ -35,6 +35,7 @@ from ldmkit.model_state import ModelState
 from ldmkit.params import GenerationParams, HiresFix, RequestLimits
 from ldmkit.previews import fast_preview, latent_rgb_projection
 from ldmkit.prompts import clip_skip_infotext
+from ldmkit.refiner import DEFAULT_SWITCH, check_refiner, refiner_infotext
 from ldmkit.samplers import DEFAULT_SAMPLER, get_sampler
 
 
@@ -55,6 +56,7 @@ class Formed:
     latents: torch.Tensor | None  # None: stopped before an image formed
     interrupted: bool = False
     hires_done: bool = True  # False: the latents are the base pass's (stopped before the hires pass ran)
+    refined: bool = False  # the refiner took over: its VAE decodes them
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -256,8 +258,15 @@ class Pipeline:
         batch_count: int = 1,
         should_stop: Callable[[], bool] | None = None,
         controls: list[ControlUnit] | None = None,
+        refiner: Pipeline | Components | None = None,
+        refiner_switch: float = DEFAULT_SWITCH,
     ) -> GenerationResult:
-        """Images for a prompt (or a list of prompts: num_images of each); GenerationParams describes each argument."""
+        """Images for a prompt (or a list of prompts: num_images of each); GenerationParams describes each argument.
+
+        `refiner` (a Pipeline, or Components to place as this one's models are) finishes the denoising from
+        `refiner_switch` of the schedule on (ldmkit.refiner)."""
+        if isinstance(refiner, Components):
+            refiner = Pipeline(refiner, self.device, self.dtype)
         params = GenerationParams(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -277,6 +286,8 @@ class Pipeline:
             clip_skip=clip_skip,
             loras=tuple(loras or ()),
             controls=tuple(controls or ()),
+            refiner=refiner,
+            refiner_switch=refiner_switch,
         )
         return self.run(params, callback, should_stop)
 
@@ -328,6 +339,10 @@ class Pipeline:
             raise InvalidRequest("this is an inpainting model: give an init image and a mask")
         self.lora_files(p)
         check_controls(p.controls, self.controlnets, self._state)
+        if p.refiner is not None:
+            if not isinstance(p.refiner, Pipeline):
+                raise InvalidRequest(f"refiner must be a loaded Pipeline, not {type(p.refiner).__name__}")
+            check_refiner(self, p.refiner, p)
         context_tokens = self.family.context_tokens(self._state, [*p.text_prompts(), p.negative_prompt])
         check_memory(self.memory_footprint(), self.device, *p.final_size, p.batch_size, p.use_guidance, context_tokens)
         return p
@@ -355,6 +370,9 @@ class Pipeline:
         second = None
         if p.hires is not None:
             second = Schedule.make(sampler, self.scheduler_config, p.hires.pass_steps(p.steps), p.hires.strength)
+        elif p.refiner is not None:  # the refiner runs the schedule's steps below the switch point
+            base = base.until(p.refiner_switch)
+            second = Schedule.make_after(sampler, p.refiner.scheduler_config, p.steps, p.refiner_switch)
         steps = _Steps(callback, batch, len(base) + (len(second) if second else 0))  # one count over both passes
         noise_generators = generators if sampler.stochastic else None
         unguided = denoiser
@@ -373,7 +391,15 @@ class Pipeline:
             latents = self.prepare_latents(generators, p.height, p.width) * base.scheduler.init_noise_sigma
             done = sample(denoiser, base, latents, noise_generators, None, steps.callback, stop)
         if not second or done.interrupted or stop():
-            return Formed(seeds, done.latents, done.interrupted or stop.requested, hires_done=False)
+            handed_over = p.refiner is not None and not done.interrupted  # its latents are still noisy
+            latents = done.clean if handed_over else done.latents
+            return Formed(seeds, latents, done.interrupted or stop.requested, hires_done=False)
+        if p.refiner is not None:
+            steps.before = len(base)
+            refined = p.refiner.refine(p, second, done.latents, noise_generators, steps.callback, stop)
+            if refined.latents is None:  # stopped before its first step: the base's prediction is the image
+                return Formed(seeds, done.clean, interrupted=True)
+            return Formed(seeds, refined.latents, refined.interrupted, refined=True)
 
         # 5. Hires fix: upscale, then the img2img stage again at the larger size (which size-conditioned families
         # such as SDXL are told, as AUTOMATIC1111 tells them).
@@ -387,6 +413,16 @@ class Pipeline:
         if hires.latents is None:  # stopped before its first step: the base pass's image is the one formed
             return Formed(seeds, done.latents, interrupted=True, hires_done=False)
         return Formed(seeds, hires.latents, hires.interrupted, hires_done=True)
+
+    def refine(self, p: GenerationParams, schedule: Schedule, latents, noise_generators, callback, stop) -> Sampled:
+        """As a refiner: go on denoising latents another model left at the start of `schedule`, with this model's
+        own conditioning of the request's prompts."""
+        conditioning = self.encode_prompt(p)
+        prediction_type = self.scheduler_config["prediction_type"]
+        denoiser = Denoiser(
+            self._state.run_unet, conditioning.context, p.guidance, prediction_type, conditioning.unet_kwargs
+        )
+        return sample(denoiser, schedule, latents.to(self.dtype), noise_generators, None, callback, stop)
 
     def img2img(self, denoiser, schedule, clean_latents, generators, noise_generators, callback, stop) -> Sampled:
         """Noise clean latents to the schedule's first step, then denoise them (img2img, and hires fix's 2nd pass)."""
@@ -403,12 +439,16 @@ class Pipeline:
         for batch in formed:
             if batch.latents is None:
                 continue
-            # An image interrupted before its hires pass is the base pass's: its size and parameters say so.
+            # An image interrupted before its hires pass (or its refiner) is the base pass's: its size and
+            # parameters say so, and this model's VAE decodes it.
             described = p if batch.hires_done or p.hires is None else dataclasses.replace(p, hires=None)
+            if p.refiner is not None and not batch.refined:
+                described = dataclasses.replace(p, refiner=None)
             batch_extra = extra if described is p else self.infotext_params(described, lora_files)
+            decoder = p.refiner if batch.refined else self
             for latents, prompt, seed in zip(batch.latents.split(1), prompts, batch.seeds):
                 stop.ask()
-                result.images += self.latents_to_images(latents)
+                result.images += decoder.latents_to_images(latents)
                 result.seeds.append(seed)
                 result.infotexts.append(self.infotext(described, prompt, seed, batch_extra))
         return result
@@ -555,6 +595,8 @@ class Pipeline:
         params.update(lora_hashes_infotext([(name, path) for name, path, _ in lora_files]))
         for index, unit in enumerate(p.controls):
             params[f"ControlNet {index}"] = unit.infotext(self.controlnets.title(self.controlnets.resolve(unit.model)))
+        if p.refiner is not None:
+            params.update(refiner_infotext(p.refiner, p.refiner_switch))
         return params
 
     def infotext(self, p: GenerationParams, prompt: str, seed: int, extra: dict) -> str:
