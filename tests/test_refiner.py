@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from PIL import Image
 from support.sdxl import make_tiny_sdxl_components
 from test_parity import assert_parity, ours_as_float, reference_scheduler
 
 from ldmkit import Pipeline
+from ldmkit.cli import main
 from ldmkit.errors import InvalidRequest
 from ldmkit.families import reference_pipeline
-from ldmkit.metadata import parse_infotext
+from ldmkit.loading import save_pretrained
+from ldmkit.metadata import parse_infotext, read_infotext
 
 WIDTH, HEIGHT = 24, 16
 
@@ -47,17 +50,19 @@ def refined_as_float(base, refiner, **kwargs):
     return np.concatenate(captured), np.stack([np.asarray(im) for im in result.images])
 
 
-def ensemble_images(base, refiner, sampler, seeds, prompt, switch, **kwargs):
+def ensemble_images(base, refiner, sampler, seeds, prompt, switch, base_class=StableDiffusionXLPipeline, **kwargs):
     """diffusers' ensemble of experts: the base to `denoising_end`, its latents to the refiner from `denoising_start`;
     one CPU generator per image, the refiner drawing on from where the base left them."""
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-    first = reference_pipeline(base, reference_scheduler(base, sampler, seeds), StableDiffusionXLPipeline)
+    first = reference_pipeline(base, reference_scheduler(base, sampler, seeds), base_class)
     second = reference_pipeline(refiner, reference_scheduler(refiner, sampler, seeds), StableDiffusionXLImg2ImgPipeline)
     for reference in (first, second):
         reference.set_progress_bar_config(disable=True)
     latents = first(prompt, **kwargs, denoising_end=switch, generator=generators, output_type="latent").images
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("width", "height")}
-    return second(prompt, image=latents, **kwargs, denoising_start=switch, generator=generators, output_type="np").images
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("width", "height", "image", "strength")}
+    return second(
+        prompt, image=latents, **kwargs, denoising_start=switch, generator=generators, output_type="np"
+    ).images
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "Euler a", "Heun"])
@@ -71,6 +76,21 @@ def test_refiner_matches_diffusers_ensemble(base, refiner, sampler, switch):
     ours_float, ours_uint8 = refined_as_float(
         base, refiner, prompt="a lighthouse at dusk", negative_prompt="blurry", steps=10, guidance=6.0,
         sampler=sampler, seed=seed, width=WIDTH, height=HEIGHT, num_images=n, refiner_switch=switch,
+    )  # fmt: skip
+    assert_parity(ours_float, ours_uint8, theirs)
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M"])
+def test_img2img_refiner_matches_diffusers_ensemble(base, refiner, sampler):
+    """img2img: the base's strength-tail down to the switch point, then the refiner's steps below it."""
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8))
+    theirs = ensemble_images(
+        base, refiner, sampler, [8], "a red apple", 0.8, base_class=StableDiffusionXLImg2ImgPipeline, image=init,
+        strength=0.7, num_inference_steps=10, guidance_scale=5.0,
+    )  # fmt: skip
+    ours_float, ours_uint8 = refined_as_float(
+        base, refiner, prompt="a red apple", init_image=init, strength=0.7, steps=10, guidance=5.0, sampler=sampler,
+        seed=8, refiner_switch=0.8,
     )  # fmt: skip
     assert_parity(ours_float, ours_uint8, theirs)
 
@@ -145,8 +165,42 @@ def test_bad_refiner_requests_are_refused_before_compute(base, refiner, kwargs, 
 
 
 def test_refiner_with_inpainting_is_refused(base, refiner):
-    from PIL import Image
-
     init = Image.new("RGB", (16, 16))
     with pytest.raises(InvalidRequest, match="not supported with inpainting"):
         pipeline(base).generate("otter", init_image=init, mask_image=init, refiner=pipeline(refiner))
+
+
+# ---- the command line ----
+
+
+@pytest.fixture(scope="module")
+def model_folders(base, refiner, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    return save_pretrained(base, folder / "tiny-base"), save_pretrained(refiner, folder / "tiny-refiner")
+
+
+def test_generate_with_a_refiner_from_the_command_line(base, refiner, model_folders, tmp_path, capsys):
+    base_folder, refiner_folder = model_folders
+    args = ["generate", "a lighthouse", "--steps", "6", "--sampler", "DPM++ 2M", "--seed", "11", "--size", "16x16"]
+    args += ["--model", str(base_folder), "--refiner", str(refiner_folder), "--refiner-switch", "0.7"]
+    assert main([*args, "-q", "-o", str(tmp_path)]) == 0
+    [written] = capsys.readouterr().out.split()
+    info = parse_infotext(read_infotext(written))
+    assert info["Model"] == "tiny-base" and info["Refiner"] == "tiny-refiner" and info["Refiner switch at"] == "0.7"
+    expected = pipeline(base).generate(
+        "a lighthouse", steps=6, sampler="DPM++ 2M", seed=11, width=16, height=16, refiner=refiner, refiner_switch=0.7
+    )
+    assert np.array_equal(np.asarray(Image.open(written)), np.asarray(expected.images[0]))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--refiner-switch", "1.5"], "refiner switch must be between 0 and 1 (exclusive), got 1.5"),
+        (["--hires-scale", "2"], "a refiner is not supported with hires fix yet"),
+    ],
+)
+def test_refiner_options_are_checked_before_loading(tmp_path, capsys, args, message):
+    missing = str(tmp_path / "no-such-model")
+    code = main(["generate", "otter", "--model", missing, "--refiner", missing, *args, "-o", str(tmp_path / "o")])
+    assert code == 2 and capsys.readouterr().err.strip() == f"ldm: error: {message}"

@@ -113,6 +113,9 @@ def add_generate(sub) -> None:
         "--clip-skip", type=int, default=1, help="use the text encoder's N-th last layer (A1111's clip skip)"
     )
     add_model_options(gen)
+    gen.add_argument(
+        "--refiner-switch", type=float, default=0.8, help="with --refiner: the fraction of the steps the model runs"
+    )
     add_control_options(gen)
     gen.add_argument("-o", "--output-dir", type=Path, default=Path("outputs"))
     gen.add_argument(
@@ -208,6 +211,11 @@ def run_generate(args) -> int:
         embeddings_dir=args.embeddings_dir,
         controlnet_dir=args.controlnet_dir,
     )
+    if args.refiner is not None:
+        refiner = Pipeline.from_pretrained(
+            args.refiner, device=workers.device, dtype=args.dtype, fast=args.fast, vae_tiling=args.vae_tiling
+        )
+        requests = [dataclasses.replace(request, refiner=refiner) for request in requests]
     written: list[Path] = []
 
     def saved(path: Path) -> None:  # each file is listed as soon as it is complete
@@ -300,6 +308,8 @@ def generation_params(args, prompts: list[str], init_image, mask_image, controls
             hires=hires,
             clip_skip=args.clip_skip,
             controls=controls,
+            refiner=args.refiner,  # its name until it is loaded: validate checks what goes with it
+            refiner_switch=args.refiner_switch,
         )
         for j, prompt in enumerate(prompts)
     ]
