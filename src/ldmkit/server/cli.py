@@ -103,6 +103,9 @@ def run_serve(args) -> int:
             fast=args.fast,
             vae_tiling=args.vae_tiling,
         )
+        refiners = ()
+        if args.refiner is not None:
+            refiners = (Pipeline.from_pretrained(args.refiner, device=pipe.device, dtype=pipe.dtype, fast=args.fast),)
         if args.fast and pipe.device.type == "cuda":
             warm_up(pipe)
         app = create_app(
@@ -112,6 +115,7 @@ def run_serve(args) -> int:
             limits=limits,
             allowed_hosts=allowed_hosts_for(args.host, args.allowed_host),
             allowed_origins=tuple(args.allowed_origin),
+            refiners=refiners,
         )
         print(f"ldm serve: {pipe.model_name} on {pipe.device}; web UI http://{args.host}:{args.port}/ , API docs /docs")
         # On Ctrl-C, requests get a few seconds to finish; then they are cancelled, which stops the worker.
