@@ -27,6 +27,7 @@ from ldmkit.samplers import ALGORITHMS, get_sampler
 from ldmkit.schedules import SCHEDULE_TYPES
 from ldmkit.server.controlnet_api import detected_maps, units_from_scripts
 from ldmkit.server.imaging import MAX_INPUT_PIXELS, decode_base64_image, encode_all, encode_png_base64
+from ldmkit.server.models import model_file, with_refiner
 from ldmkit.server.queue import GenerationQueue, Job, wait_for_result
 
 DEFAULT_HR_STRENGTH = 0.7  # A1111's default denoising strength for the hires fix
@@ -95,6 +96,8 @@ class ProcessingRequest(BaseModel):
     alwayson_scripts: dict[str, Any] = Field(
         default_factory=dict, description="controlnet: {'args': [units]} as the ControlNet extension takes them"
     )
+    refiner_checkpoint: str | None = Field(None, description="a model of /sdapi/v1/sd-models to finish the denoising")
+    refiner_switch_at: float | None = Field(None, description="with refiner_checkpoint: the fraction of steps (0.8)")
 
 
 class Txt2ImgRequest(ProcessingRequest):
@@ -310,9 +313,12 @@ def create_router(queue: GenerationQueue) -> APIRouter:
 
     @router.get("/sd-models", response_model=list[SDModelItem])
     async def sd_models():
-        name = pipe.model_name
-        filename = Path(pipe.source).name  # the file or folder, not where it is on the server's disk
-        return [SDModelItem(title=name, model_name=name, hash=None, sha256=None, filename=filename, config=None)]
+        return [  # the served model, then the refiners (`ldm serve --refiner`)
+            SDModelItem(
+                title=m.model_name, model_name=m.model_name, hash=None, sha256=None, filename=model_file(m), config=None
+            )
+            for m in queue.models
+        ]
 
     # Clients (Open WebUI, webuiapi) read and set the model through the options.
     @router.get("/options")
@@ -358,6 +364,7 @@ async def _generate(
     controls, save_maps = await asyncio.to_thread(
         units_from_scripts, body.alwayson_scripts, queue.pipe.controlnets, queue.limits.max_input_pixels
     )
+    generation = with_refiner(generation, body.refiner_checkpoint, body.refiner_switch_at, queue.models)
     job = queue.submit(dataclasses.replace(generation, controls=controls))
     result = await wait_for_result(queue, job, request.is_disconnected)
     images = await asyncio.to_thread(lambda: encode_all(result) + detected_maps(result, save_maps))
