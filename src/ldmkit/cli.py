@@ -191,10 +191,14 @@ def run_generate(args) -> int:
     from ldmkit.job import GenerateJob
     from ldmkit.metadata import next_free_index
     from ldmkit.params import random_seed
-    from ldmkit.pipeline import Pipeline
+    from ldmkit.pipeline import Pipeline, resolve_device
 
     diffusers_logging.disable_progress_bar()  # shard-loading bars; ours is the one over steps
     workers = start_workers(args.device)
+    if args.offload:
+        from ldmkit.offload import check_offload
+
+        check_offload(resolve_device(workers.device), args.fast)
     # Prompt j's images get seeds base + j*n + i and indices first + j*n + i, agreed by all ranks,
     # so a split run fills the folder exactly as one process would.
     n = args.num_images
@@ -207,13 +211,19 @@ def run_generate(args) -> int:
         config=args.config,
         fast=args.fast,
         vae_tiling=args.vae_tiling,
+        offload=args.offload,
         lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir,
         controlnet_dir=args.controlnet_dir,
     )
     if args.refiner is not None:
         refiner = Pipeline.from_pretrained(
-            args.refiner, device=workers.device, dtype=args.dtype, fast=args.fast, vae_tiling=args.vae_tiling
+            args.refiner,
+            device=workers.device,
+            dtype=args.dtype,
+            fast=args.fast,
+            vae_tiling=args.vae_tiling,
+            offload=args.offload,
         )
         requests = [dataclasses.replace(request, refiner=refiner) for request in requests]
     written: list[Path] = []

@@ -139,6 +139,7 @@ class Pipeline:
         *,
         fast=False,
         vae_tiling=False,
+        offload=False,
         lora_dir=None,
         embeddings_dir=None,
         controlnet_dir=None,
@@ -150,6 +151,7 @@ class Pipeline:
         once an earlier process saved it (ldmkit.precompile), the time to load it.
         vae_tiling=True encodes and decodes images larger than a tile (512 px for SD) in tiles that share
         GroupNorm statistics (ldmkit.tiled_vae), so the VAE's memory stays that of one tile, without seams.
+        offload=True keeps the models in CPU memory and moves each to the GPU only while it runs (ldmkit.offload).
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
@@ -157,6 +159,8 @@ class Pipeline:
         pipe = cls(components, device, dtype, lora_dir, embeddings_dir, controlnet_dir)
         if vae_tiling:
             pipe.enable_vae_tiling()
+        if offload:
+            pipe.enable_offload()
         if fast:
             pipe.make_fast()
         return pipe
@@ -182,6 +186,12 @@ class Pipeline:
         """Encode and decode images larger than `tile_px` (default: ldmkit.tiled_vae.default_tile_px) in tiles."""
         tile_px = tile_px or tiled_vae.default_tile_px(self.vae)
         self.apply(lambda state: state.with_transform(f"vae_tiling:{tile_px}", vae_tile_px=tile_px))
+
+    def enable_offload(self) -> None:
+        """Model CPU offload on a CUDA device (ldmkit.offload): less GPU memory, a copy per model per request."""
+        from ldmkit.offload import offload
+
+        self.apply(offload)
 
     @property
     def device(self) -> torch.device:
@@ -321,6 +331,9 @@ class Pipeline:
                     break
         # 6. Decode and describe.
         result = self.finish(p, lora_files, formed, stop)
+        for model in (self, p.refiner):  # with offload, the GPU is left empty between requests
+            if model is not None:
+                model.state.release()
         if controls is not None:
             result.control_maps = controls.control_maps()
         return result
@@ -396,6 +409,7 @@ class Pipeline:
             return Formed(seeds, latents, done.interrupted or stop.requested, hires_done=False)
         if p.refiner is not None:
             steps.before = len(base)
+            self._state.release()  # with offload, this model's UNet leaves the GPU to the refiner
             refined = p.refiner.refine(p, second, done.latents, noise_generators, steps.callback, stop)
             if refined.latents is None:  # stopped before its first step: the base's prediction is the image
                 return Formed(seeds, done.clean, interrupted=True)

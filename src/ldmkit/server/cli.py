@@ -92,6 +92,11 @@ def run_serve(args) -> int:
         from ldmkit.pipeline import Pipeline
         from ldmkit.server.app import allowed_hosts_for, create_app
 
+        if args.offload:
+            from ldmkit.offload import check_offload
+            from ldmkit.pipeline import resolve_device
+
+            check_offload(resolve_device(args.device), args.fast)
         pipe = Pipeline.from_pretrained(
             args.model,
             device=args.device,
@@ -102,10 +107,14 @@ def run_serve(args) -> int:
             controlnet_dir=args.controlnet_dir,
             fast=args.fast,
             vae_tiling=args.vae_tiling,
+            offload=args.offload,
         )
         refiners = ()
         if args.refiner is not None:
-            refiners = (Pipeline.from_pretrained(args.refiner, device=pipe.device, dtype=pipe.dtype, fast=args.fast),)
+            refiner = Pipeline.from_pretrained(
+                args.refiner, device=pipe.device, dtype=pipe.dtype, fast=args.fast, offload=args.offload
+            )
+            refiners = (refiner,)
         if args.fast and pipe.device.type == "cuda":
             warm_up(pipe)
         app = create_app(
