@@ -530,14 +530,32 @@ class Pipeline:
 
     def encode_samples(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """(B, C, h, w) scaled latents: one posterior sample of the (1, 3, H, W) image per generator."""
-        posterior = self._state.encode(pixels)
+        posterior = self.encode_posterior(pixels)
         samples = [posterior.sample(generator=g) for g in generators]
-        return self.family.to_latents(self.vae, torch.cat(samples))
+        return self.family.to_latents(self.vae, torch.cat(samples)).to(self.dtype)
 
     def images_to_latents(self, images: list[Image.Image]) -> torch.Tensor:
         """(B, C, h, w) scaled latents: the posterior's mode of each image (at its own size)."""
         pixels = torch.cat([self.image_to_tensor(image, *image.size) for image in images])
-        return self.family.to_latents(self.vae, self._state.encode(pixels).mode())
+        return self.family.to_latents(self.vae, self.encode_posterior(pixels).mode()).to(self.dtype)
+
+    def encode_posterior(self, pixels: torch.Tensor):
+        """The VAE's posterior of (B, 3, H, W) pixels in [-1, 1]; an fp16 encode that overflows (the SDXL VAE's
+        does, as its config's force_upcast says) is redone in fp32, as the decode is."""
+        posterior = self._state.encode(pixels)
+        if self.vae.dtype == torch.float16 and not torch.isfinite(posterior.parameters).all():
+            with self._vae_in_fp32():
+                posterior = self._state.encode(pixels.float())
+        return posterior
+
+    @contextlib.contextmanager
+    def _vae_in_fp32(self):
+        """The VAE's weights in fp32 for one retry, then back in the pipeline's dtype."""
+        self.vae.to(torch.float32)
+        try:
+            yield
+        finally:
+            self.vae.to(self.dtype)
 
     def prepare_inpainting(
         self, p: GenerationParams, generators: list[torch.Generator], schedule: Schedule
@@ -574,11 +592,8 @@ class Pipeline:
         image = self._state.decode(latents.to(self.vae.dtype))
         if self.vae.dtype == torch.float16 and not torch.isfinite(image).all():
             # The SD VAE overflows fp16 on some latents and would give a black image.
-            self.vae.to(torch.float32)
-            try:
+            with self._vae_in_fp32():
                 image = self._state.decode(latents.float())
-            finally:
-                self.vae.to(self.dtype)
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     def latents_to_images(self, latents: torch.Tensor) -> list[Image.Image]:
