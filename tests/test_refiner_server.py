@@ -86,3 +86,17 @@ def test_no_refiner_is_the_plain_model(url):
 def test_bad_refiner_fields_are_400(url, body, message):
     response = txt2img(url, **body)
     assert response.status_code == 400 and message in response.text
+
+
+@pytest.mark.parametrize("kind", ["base", "refiner"])
+def test_the_ui_follows_the_sdxl_model_served_a_refiner_alone_included(kind):
+    """The size sliders start at the model's size (1024 for SDXL; the tiny model's 16) and clip skip ranges over
+    the layers every text encoder has (the refiner has bigG alone, no CLIP ViT-L)."""
+    pytest.importorskip("gradio")
+    from ldmkit.server.queue import GenerationQueue
+    from ldmkit.server.ui import build_ui
+
+    pipe = pipeline(make_tiny_sdxl_components(seed=0, kind=kind))
+    components = {c["props"].get("elem_id"): c["props"] for c in build_ui(GenerationQueue(pipe)).config["components"]}
+    assert components["txt2img-width"]["value"] == components["txt2img-height"]["value"] == pipe.default_size == 16
+    assert components["txt2img-clip-skip"]["maximum"] == pipe.max_clip_skip == 3

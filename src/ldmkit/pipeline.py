@@ -244,6 +244,12 @@ class Pipeline:
     def default_size(self) -> int:
         return self.family.default_size(self._state)
 
+    @property
+    def max_clip_skip(self) -> int:
+        """The largest clip skip every text encoder of the model takes (the SDXL refiner has bigG alone)."""
+        encoders = (self._state.text_encoder, self._state.text_encoder_2)
+        return min(encoder.config.num_hidden_layers for encoder in encoders if encoder is not None)
+
     @torch.inference_mode()
     def generate(
         self,
