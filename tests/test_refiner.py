@@ -120,7 +120,7 @@ def test_infotext_names_the_refiner_as_a1111_does(base, refiner):
     assert info["Refiner"] == "tiny-sdxl-refiner" and info["Refiner switch at"] == "0.75"
 
 
-def test_a_single_file_refiner_is_named_with_its_short_hash(tmp_path):
+def test_a_single_file_model_and_refiner_are_named_with_their_short_hash(tmp_path):
     from ldmkit.refiner import refiner_infotext
 
     file = tmp_path / "my_refiner.safetensors"
@@ -128,9 +128,10 @@ def test_a_single_file_refiner_is_named_with_its_short_hash(tmp_path):
 
     class Loaded:
         model_name, source = "my_refiner", str(file)
+        model_hash = Pipeline.model_hash
 
     expected = hashlib.sha256(b"refiner bytes").hexdigest()[:10]  # A1111's short checkpoint hash
-    assert refiner_infotext(Loaded, 0.8) == {"Refiner": f"my_refiner [{expected}]", "Refiner switch at": 0.8}
+    assert refiner_infotext(Loaded(), 0.8) == {"Refiner": f"my_refiner [{expected}]", "Refiner switch at": 0.8}
 
 
 def test_interrupted_before_the_refiner_gives_the_base_image_described_without_it(base, refiner):
@@ -191,6 +192,8 @@ def test_generate_with_a_refiner_from_the_command_line(base, refiner, model_fold
         "a lighthouse", steps=6, sampler="DPM++ 2M", seed=11, width=16, height=16, refiner=refiner, refiner_switch=0.7
     )
     assert np.array_equal(np.asarray(Image.open(written)), np.asarray(expected.images[0]))
+    assert main(["info", written]) == 0  # `ldm info` names the model and the refiner
+    assert "Model: tiny-base, Refiner: tiny-refiner, Refiner switch at: 0.7" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

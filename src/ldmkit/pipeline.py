@@ -35,7 +35,7 @@ from ldmkit.model_state import ModelState
 from ldmkit.params import GenerationParams, HiresFix, RequestLimits
 from ldmkit.previews import fast_preview, latent_rgb_projection
 from ldmkit.prompts import clip_skip_infotext
-from ldmkit.refiner import DEFAULT_SWITCH, check_refiner, refiner_infotext
+from ldmkit.refiner import DEFAULT_SWITCH, check_refiner, checkpoint_shorthash, refiner_infotext
 from ldmkit.samplers import DEFAULT_SAMPLER, get_sampler
 
 
@@ -239,6 +239,11 @@ class Pipeline:
     @property
     def model_name(self) -> str:
         return self.components.name
+
+    @property
+    def model_hash(self) -> str | None:
+        """A1111's short hash of a single-file model (sha256, first 10 hex digits); None for a folder."""
+        return checkpoint_shorthash(self.source) if Path(self.source).is_file() else None
 
     @property
     def default_size(self) -> int:
@@ -642,6 +647,7 @@ class Pipeline:
             "CFG scale": p.guidance,
             "Seed": seed,
             "Size": f"{p.width}x{p.height}",
+            "Model hash": self.model_hash,
             "Model": self.model_name,
             **extra,
         }

@@ -45,10 +45,7 @@ def check_refiner(base, refiner, p) -> None:
 
 def refiner_infotext(refiner, switch: float) -> dict:
     """{"Refiner": "name [hash]", "Refiner switch at": switch} as A1111 writes them (the hash of a single file)."""
-    title = refiner.model_name
-    source = Path(refiner.source)
-    if source.is_file():
-        title += f" [{checkpoint_shorthash(source)}]"
+    title = refiner.model_name if refiner.model_hash is None else f"{refiner.model_name} [{refiner.model_hash}]"
     return {"Refiner": title, "Refiner switch at": switch}
 
 
