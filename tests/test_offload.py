@@ -74,3 +74,10 @@ def test_serve_passes_offload_to_the_pipeline(monkeypatch):
     register(parser.add_subparsers())
     args = parser.parse_args(["serve", "--offload", "--no-ui", "--port", "0"])
     assert args.func(args) == 0 and loaded["offload"] is True
+
+
+def test_loras_are_refused_with_offload():
+    pipe = Pipeline(make_tiny_sdxl_components(), torch.device("cpu"), torch.float32)
+    pipe.apply(install_offload_hooks)
+    with pytest.raises(InvalidRequest, match="LoRAs are not supported with --offload yet"):
+        pipe.generate(**GENERATE, loras=[("style.safetensors", 0.8)])

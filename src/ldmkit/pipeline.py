@@ -488,6 +488,9 @@ class Pipeline:
     def lora_files(self, p: GenerationParams) -> list[tuple[str, Path, float]]:
         """(name as written, file, weight) of every LoRA the request asks for: its prompt tags, then `loras`."""
         tags = p.prompt_loras()
+        if (tags or p.loras) and self._state.has("offload"):
+            # diffusers' LoRA loader takes offload hooks off and puts its own back; not verified on a GPU yet.
+            raise InvalidRequest("LoRAs are not supported with --offload yet; load the model without it")
         if tags and self.lora_dir is None:
             raise InvalidRequest("the prompt has <lora:...> tags but no LoRA folder is set (--lora-dir)")
         files = [(name, resolve_lora(name, self.lora_dir), weight) for name, weight in tags]
