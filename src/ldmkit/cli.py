@@ -113,6 +113,9 @@ def add_generate(sub) -> None:
         "--clip-skip", type=int, default=1, help="use the text encoder's N-th last layer (A1111's clip skip)"
     )
     add_model_options(gen)
+    gen.add_argument(
+        "--refiner-switch", type=float, default=0.8, help="with --refiner: the fraction of the steps the model runs"
+    )
     add_control_options(gen)
     gen.add_argument("-o", "--output-dir", type=Path, default=Path("outputs"))
     gen.add_argument(
@@ -188,10 +191,14 @@ def run_generate(args) -> int:
     from ldmkit.job import GenerateJob
     from ldmkit.metadata import next_free_index
     from ldmkit.params import random_seed
-    from ldmkit.pipeline import Pipeline
+    from ldmkit.pipeline import Pipeline, resolve_device
 
     diffusers_logging.disable_progress_bar()  # shard-loading bars; ours is the one over steps
     workers = start_workers(args.device)
+    if args.offload:
+        from ldmkit.offload import check_offload
+
+        check_offload(resolve_device(workers.device), args.fast)
     # Prompt j's images get seeds base + j*n + i and indices first + j*n + i, agreed by all ranks,
     # so a split run fills the folder exactly as one process would.
     n = args.num_images
@@ -204,10 +211,21 @@ def run_generate(args) -> int:
         config=args.config,
         fast=args.fast,
         vae_tiling=args.vae_tiling,
+        offload=args.offload,
         lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir,
         controlnet_dir=args.controlnet_dir,
     )
+    if args.refiner is not None:
+        refiner = Pipeline.from_pretrained(
+            args.refiner,
+            device=workers.device,
+            dtype=args.dtype,
+            fast=args.fast,
+            vae_tiling=args.vae_tiling,
+            offload=args.offload,
+        )
+        requests = [dataclasses.replace(request, refiner=refiner) for request in requests]
     written: list[Path] = []
 
     def saved(path: Path) -> None:  # each file is listed as soon as it is complete
@@ -300,6 +318,8 @@ def generation_params(args, prompts: list[str], init_image, mask_image, controls
             hires=hires,
             clip_skip=args.clip_skip,
             controls=controls,
+            refiner=args.refiner,  # its name until it is loaded: validate checks what goes with it
+            refiner_switch=args.refiner_switch,
         )
         for j, prompt in enumerate(prompts)
     ]

@@ -23,8 +23,17 @@ def add_model_options(parser) -> None:
     parser.add_argument(
         "--controlnet-dir", type=Path, default=None, help="folder of ControlNets, each named by its file or folder stem"
     )
+    parser.add_argument(
+        "--refiner",
+        default=None,
+        metavar="MODEL",
+        help="a refiner (SDXL's) to finish the denoising, as --model names it",
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    parser.add_argument(
+        "--offload", action="store_true", help="CUDA: keep the models on the CPU, each on the GPU only while it runs"
+    )
     parser.add_argument(
         "--vae-tiling", action="store_true", help="decode/encode large images in 512 px tiles (little memory, no seams)"
     )

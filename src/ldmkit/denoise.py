@@ -50,12 +50,39 @@ class Schedule:
             timesteps = timesteps[t_start * scheduler.order :]
         return cls(scheduler, timesteps, _alpha_bars(scheduler, timesteps))
 
+    @classmethod
+    def make_after(cls, sampler, scheduler_config: dict, steps: int, switch: float) -> Schedule:
+        """A refiner's pass (diffusers' `denoising_start`): the steps of a fresh `steps`-step schedule whose
+        timestep is below the switch point's, where the base's pass (`until(switch)`) stopped."""
+        scheduler = sampler.make_scheduler(scheduler_config)
+        scheduler.set_timesteps(steps, device="cpu")
+        count = int((scheduler.timesteps < _switch_timestep(scheduler, switch)).sum())
+        if scheduler.order == 2 and count % 2 == 0 and count > 0:
+            count += 1  # a second-order step's two evaluations stay together, as diffusers counts them
+        t_start = len(scheduler.timesteps) - count
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start)
+        timesteps = scheduler.timesteps[t_start:]
+        return cls(scheduler, timesteps, _alpha_bars(scheduler, timesteps))
+
+    def until(self, switch: float) -> Schedule:
+        """The base's part of a pass handed to a refiner at `switch` (a fraction of the training timesteps, as
+        diffusers' `denoising_end`): the steps at or above the switch point's timestep, on the same scheduler."""
+        count = int((self.timesteps >= _switch_timestep(self.scheduler, switch)).sum())
+        return Schedule(self.scheduler, self.timesteps[:count], self.alpha_bars[:count])
+
     def __len__(self) -> int:
         return len(self.timesteps)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Clean latents noised to the pass's first step (img2img's start)."""
         return self.scheduler.add_noise(latents, noise, self.timesteps[:1].repeat(len(latents)))
+
+
+def _switch_timestep(scheduler, switch: float) -> int:
+    """The first timestep past a base/refiner switch at `switch` of the way from noise to image."""
+    train_steps = scheduler.config.num_train_timesteps
+    return round(train_steps - switch * train_steps)
 
 
 def _alpha_bars(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -148,6 +175,7 @@ class Sampled:
 
     latents: torch.Tensor | None  # None: stopped before its first step
     interrupted: bool = False
+    clean: torch.Tensor | None = None  # a finished pass's last predicted clean latents (a hand-over's fallback)
 
 
 def sample(
@@ -178,7 +206,7 @@ def sample(
         if callback is not None:
             x0 = _clean(prediction, hook)
             callback(StepInfo(i, len(schedule), float(t), prediction.sigma, latents, x0))
-    return Sampled(latents)
+    return Sampled(latents, clean=None if prediction is None else _clean(prediction, hook))
 
 
 def _clean(prediction: Prediction, hook: StepHook | None) -> torch.Tensor:

@@ -34,6 +34,12 @@ class ModelState:
     tokenizer_2: object = None
     text_encoder_2: torch.nn.Module | None = None
     pipeline_config: dict = dataclasses.field(default_factory=dict)
+    offload_hooks: tuple = ()  # accelerate's hooks of ldmkit.offload: each model on the GPU only while it runs
+
+    def release(self) -> None:
+        """With offload, every model back to the CPU (a request's last model stays on the GPU otherwise)."""
+        for hook in self.offload_hooks:
+            hook.offload()
 
     def with_transform(self, name: str, **changes) -> ModelState:
         """The state after the transform `name`, which changed the fields in `changes` (modules may have changed in

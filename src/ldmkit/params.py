@@ -108,6 +108,8 @@ class GenerationParams:
     clip_skip: int = 1
     loras: tuple[tuple[str, float], ...] = ()  # (file, weight) pairs, besides the prompt's <lora:NAME:WEIGHT> tags
     controls: tuple = ()  # ControlNet units (ldmkit.control_units.ControlUnit), each guiding with its image
+    refiner: object = None  # a loaded refiner Pipeline that finishes the denoising (ldmkit.refiner)
+    refiner_switch: float = 0.8  # the fraction of the schedule the model runs before the refiner takes over
 
     def __post_init__(self):
         for name in ("prompt", "seed", "loras", "controls"):
@@ -171,6 +173,8 @@ class GenerationParams:
         if self.hires is not None:
             self._check_hires()
         self._check_loras()
+        if self.refiner is not None:
+            self._check_refiner()
         if self.controls:
             check_units(self.controls, self.init_image is not None)
         if limits is not None:
@@ -263,6 +267,14 @@ class GenerationParams:
         if self.init_image is not None:
             raise InvalidRequest("hires fix is for text-to-image; with an init image, set the size directly")
         self.hires.check(self.steps, self.width, self.height)
+
+    def _check_refiner(self) -> None:
+        if not _is_number(self.refiner_switch) or not 0.0 < self.refiner_switch < 1.0:
+            raise InvalidRequest(f"refiner switch must be between 0 and 1 (exclusive), got {self.refiner_switch!r}")
+        combined = {"inpainting": self.mask_image is not None, "hires fix": self.hires is not None}
+        for what, used in (combined | {"ControlNet": bool(self.controls)}).items():
+            if used:
+                raise InvalidRequest(f"a refiner is not supported with {what} yet")
 
     def _check_loras(self) -> None:
         self.prompt_loras()  # parses and checks the tags

@@ -37,6 +37,7 @@ from ldmkit.model_state import ModelState
 from ldmkit.params import GenerationParams, HiresFix, RequestLimits
 from ldmkit.previews import fast_preview, latent_rgb_projection
 from ldmkit.prompts import MAX_PROMPT_CHUNKS, check_prompt_chunks, clip_skip_infotext
+from ldmkit.refiner import DEFAULT_SWITCH, check_refiner, checkpoint_shorthash, refiner_infotext
 from ldmkit.samplers import DEFAULT_SAMPLER, get_sampler
 
 
@@ -57,6 +58,7 @@ class Formed:
     latents: torch.Tensor | None  # None: stopped before an image formed
     interrupted: bool = False
     hires_done: bool = True  # False: the latents are the base pass's (stopped before the hires pass ran)
+    refined: bool = False  # the refiner took over: its VAE decodes them
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -139,6 +141,7 @@ class Pipeline:
         *,
         fast=False,
         vae_tiling=False,
+        offload=False,
         lora_dir=None,
         embeddings_dir=None,
         controlnet_dir=None,
@@ -150,6 +153,7 @@ class Pipeline:
         once an earlier process saved it (ldmkit.precompile), the time to load it.
         vae_tiling=True encodes and decodes images larger than a tile (512 px for SD) in tiles that share
         GroupNorm statistics (ldmkit.tiled_vae), so the VAE's memory stays that of one tile, without seams.
+        offload=True keeps the models in CPU memory and moves each to the GPU only while it runs (ldmkit.offload).
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
@@ -157,6 +161,8 @@ class Pipeline:
         pipe = cls(components, device, dtype, lora_dir, embeddings_dir, controlnet_dir)
         if vae_tiling:
             pipe.enable_vae_tiling()
+        if offload:
+            pipe.enable_offload()
         if fast:
             pipe.make_fast()
         return pipe
@@ -182,6 +188,12 @@ class Pipeline:
         """Encode and decode images larger than `tile_px` (default: ldmkit.tiled_vae.default_tile_px) in tiles."""
         tile_px = tile_px or tiled_vae.default_tile_px(self.vae)
         self.apply(lambda state: state.with_transform(f"vae_tiling:{tile_px}", vae_tile_px=tile_px))
+
+    def enable_offload(self) -> None:
+        """Model CPU offload on a CUDA device (ldmkit.offload): less GPU memory, a copy per model per request."""
+        from ldmkit.offload import offload
+
+        self.apply(offload)
 
     @property
     def device(self) -> torch.device:
@@ -231,8 +243,19 @@ class Pipeline:
         return self.components.name
 
     @property
+    def model_hash(self) -> str | None:
+        """A1111's short hash of a single-file model (sha256, first 10 hex digits); None for a folder."""
+        return checkpoint_shorthash(self.source) if Path(self.source).is_file() else None
+
+    @property
     def default_size(self) -> int:
         return self.family.default_size(self._state)
+
+    @property
+    def max_clip_skip(self) -> int:
+        """The largest clip skip every text encoder of the model takes (the SDXL refiner has bigG alone)."""
+        encoders = (self._state.text_encoder, self._state.text_encoder_2)
+        return min(encoder.config.num_hidden_layers for encoder in encoders if encoder is not None)
 
     @torch.inference_mode()
     def generate(
@@ -258,8 +281,15 @@ class Pipeline:
         batch_count: int = 1,
         should_stop: Callable[[], bool] | None = None,
         controls: list[ControlUnit] | None = None,
+        refiner: Pipeline | Components | None = None,
+        refiner_switch: float = DEFAULT_SWITCH,
     ) -> GenerationResult:
-        """Images for a prompt (or a list of prompts: num_images of each); GenerationParams describes each argument."""
+        """Images for a prompt (or a list of prompts: num_images of each); GenerationParams describes each argument.
+
+        `refiner` (a Pipeline, or Components to place as this one's models are) finishes the denoising from
+        `refiner_switch` of the schedule on (ldmkit.refiner)."""
+        if isinstance(refiner, Components):
+            refiner = Pipeline(refiner, self.device, self.dtype)
         params = GenerationParams(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -279,6 +309,8 @@ class Pipeline:
             clip_skip=clip_skip,
             loras=tuple(loras or ()),
             controls=tuple(controls or ()),
+            refiner=refiner,
+            refiner_switch=refiner_switch,
         )
         return self.run(params, callback, should_stop)
 
@@ -312,6 +344,9 @@ class Pipeline:
                     break
         # 6. Decode and describe.
         result = self.finish(p, lora_files, formed, stop)
+        for model in (self, p.refiner):  # with offload, the GPU is left empty between requests
+            if model is not None:
+                model.state.release()
         if controls is not None:
             result.control_maps = controls.control_maps()
         return result
@@ -333,6 +368,10 @@ class Pipeline:
             raise InvalidRequest("this is an inpainting model: give an init image and a mask")
         self.lora_files(p)
         check_controls(p.controls, self.controlnets, self._state)
+        if p.refiner is not None:
+            if not isinstance(p.refiner, Pipeline):
+                raise InvalidRequest(f"refiner must be a loaded Pipeline, not {type(p.refiner).__name__}")
+            check_refiner(self, p.refiner, p)
         context_tokens = self.family.context_tokens(self._state, [*p.text_prompts(), p.negative_prompt])
         check_memory(self.memory_footprint(), self.device, *p.final_size, p.batch_size, p.use_guidance, context_tokens)
         return p
@@ -360,6 +399,9 @@ class Pipeline:
         second = None
         if p.hires is not None:
             second = Schedule.make(sampler, self.scheduler_config, p.hires.pass_steps(p.steps), p.hires.strength)
+        elif p.refiner is not None:  # the refiner runs the schedule's steps below the switch point
+            base = base.until(p.refiner_switch)
+            second = Schedule.make_after(sampler, p.refiner.scheduler_config, p.steps, p.refiner_switch)
         steps = _Steps(callback, batch, len(base) + (len(second) if second else 0))  # one count over both passes
         noise_generators = generators if sampler.stochastic else None
         unguided = denoiser
@@ -378,7 +420,16 @@ class Pipeline:
             latents = self.prepare_latents(generators, p.height, p.width) * base.scheduler.init_noise_sigma
             done = sample(denoiser, base, latents, noise_generators, None, steps.callback, stop)
         if not second or done.interrupted or stop():
-            return Formed(seeds, done.latents, done.interrupted or stop.requested, hires_done=False)
+            handed_over = p.refiner is not None and not done.interrupted  # its latents are still noisy
+            latents = done.clean if handed_over else done.latents
+            return Formed(seeds, latents, done.interrupted or stop.requested, hires_done=False)
+        if p.refiner is not None:
+            steps.before = len(base)
+            self._state.release()  # with offload, this model's UNet leaves the GPU to the refiner
+            refined = p.refiner.refine(p, second, done.latents, noise_generators, steps.callback, stop)
+            if refined.latents is None:  # stopped before its first step: the base's prediction is the image
+                return Formed(seeds, done.clean, interrupted=True)
+            return Formed(seeds, refined.latents, refined.interrupted, refined=True)
 
         # 5. Hires fix: upscale, then the img2img stage again at the larger size (which size-conditioned families
         # such as SDXL are told, as AUTOMATIC1111 tells them).
@@ -392,6 +443,16 @@ class Pipeline:
         if hires.latents is None:  # stopped before its first step: the base pass's image is the one formed
             return Formed(seeds, done.latents, interrupted=True, hires_done=False)
         return Formed(seeds, hires.latents, hires.interrupted, hires_done=True)
+
+    def refine(self, p: GenerationParams, schedule: Schedule, latents, noise_generators, callback, stop) -> Sampled:
+        """As a refiner: go on denoising latents another model left at the start of `schedule`, with this model's
+        own conditioning of the request's prompts."""
+        conditioning = self.encode_prompt(p)
+        prediction_type = self.scheduler_config["prediction_type"]
+        denoiser = Denoiser(
+            self._state.run_unet, conditioning.context, p.guidance, prediction_type, conditioning.unet_kwargs
+        )
+        return sample(denoiser, schedule, latents.to(self.dtype), noise_generators, None, callback, stop)
 
     def img2img(self, denoiser, schedule, clean_latents, generators, noise_generators, callback, stop) -> Sampled:
         """Noise clean latents to the schedule's first step, then denoise them (img2img, and hires fix's 2nd pass)."""
@@ -408,12 +469,16 @@ class Pipeline:
         for batch in formed:
             if batch.latents is None:
                 continue
-            # An image interrupted before its hires pass is the base pass's: its size and parameters say so.
+            # An image interrupted before its hires pass (or its refiner) is the base pass's: its size and
+            # parameters say so, and this model's VAE decodes it.
             described = p if batch.hires_done or p.hires is None else dataclasses.replace(p, hires=None)
+            if p.refiner is not None and not batch.refined:
+                described = dataclasses.replace(p, refiner=None)
             batch_extra = extra if described is p else self.infotext_params(described, lora_files)
+            decoder = p.refiner if batch.refined else self
             for latents, prompt, seed in zip(batch.latents.split(1), prompts, batch.seeds):
                 stop.ask()
-                result.images += self.latents_to_images(latents)
+                result.images += decoder.latents_to_images(latents)
                 result.seeds.append(seed)
                 result.infotexts.append(self.infotext(described, prompt, seed, batch_extra))
         return result
@@ -428,6 +493,9 @@ class Pipeline:
     def lora_files(self, p: GenerationParams) -> list[tuple[str, Path, float]]:
         """(name as written, file, weight) of every LoRA the request asks for: its prompt tags, then `loras`."""
         tags = p.prompt_loras()
+        if (tags or p.loras) and self._state.has("offload"):
+            # diffusers' LoRA loader takes offload hooks off and puts its own back; not verified on a GPU yet.
+            raise InvalidRequest("LoRAs are not supported with --offload yet; load the model without it")
         if tags and self.lora_dir is None:
             raise InvalidRequest("the prompt has <lora:...> tags but no LoRA folder is set (--lora-dir)")
         files = [(name, resolve_lora(name, self.lora_dir), weight) for name, weight in tags]
@@ -481,14 +549,32 @@ class Pipeline:
 
     def encode_samples(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """(B, C, h, w) scaled latents: one posterior sample of the (1, 3, H, W) image per generator."""
-        posterior = self._state.encode(pixels)
+        posterior = self.encode_posterior(pixels)
         samples = [posterior.sample(generator=g) for g in generators]
-        return self.family.to_latents(self.vae, torch.cat(samples))
+        return self.family.to_latents(self.vae, torch.cat(samples)).to(self.dtype)
 
     def images_to_latents(self, images: list[Image.Image]) -> torch.Tensor:
         """(B, C, h, w) scaled latents: the posterior's mode of each image (at its own size)."""
         pixels = torch.cat([self.image_to_tensor(image, *image.size) for image in images])
-        return self.family.to_latents(self.vae, self._state.encode(pixels).mode())
+        return self.family.to_latents(self.vae, self.encode_posterior(pixels).mode()).to(self.dtype)
+
+    def encode_posterior(self, pixels: torch.Tensor):
+        """The VAE's posterior of (B, 3, H, W) pixels in [-1, 1]; an fp16 encode that overflows (the SDXL VAE's
+        does, as its config's force_upcast says) is redone in fp32, as the decode is."""
+        posterior = self._state.encode(pixels)
+        if self.vae.dtype == torch.float16 and not torch.isfinite(posterior.parameters).all():
+            with self._vae_in_fp32():
+                posterior = self._state.encode(pixels.float())
+        return posterior
+
+    @contextlib.contextmanager
+    def _vae_in_fp32(self):
+        """The VAE's weights in fp32 for one retry, then back in the pipeline's dtype."""
+        self.vae.to(torch.float32)
+        try:
+            yield
+        finally:
+            self.vae.to(self.dtype)
 
     def prepare_inpainting(
         self, p: GenerationParams, generators: list[torch.Generator], schedule: Schedule
@@ -525,11 +611,8 @@ class Pipeline:
         image = self._state.decode(latents.to(self.vae.dtype))
         if self.vae.dtype == torch.float16 and not torch.isfinite(image).all():
             # The SD VAE overflows fp16 on some latents and would give a black image.
-            self.vae.to(torch.float32)
-            try:
+            with self._vae_in_fp32():
                 image = self._state.decode(latents.float())
-            finally:
-                self.vae.to(self.dtype)
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     def latents_to_images(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -560,6 +643,8 @@ class Pipeline:
         params.update(lora_hashes_infotext([(name, path) for name, path, _ in lora_files]))
         for index, unit in enumerate(p.controls):
             params[f"ControlNet {index}"] = unit.infotext(self.controlnets.title(self.controlnets.resolve(unit.model)))
+        if p.refiner is not None:
+            params.update(refiner_infotext(p.refiner, p.refiner_switch))
         return params
 
     def infotext(self, p: GenerationParams, prompt: str, seed: int, extra: dict) -> str:
@@ -570,6 +655,7 @@ class Pipeline:
             "CFG scale": p.guidance,
             "Seed": seed,
             "Size": f"{p.width}x{p.height}",
+            "Model hash": self.model_hash,
             "Model": self.model_name,
             **extra,
         }

@@ -245,7 +245,7 @@ def encode_prompts(
     check_clip_skip(clip_skip, text_encoder)
     hidden = [
         _apply_emphasis(_encode(text_encoder, ids, clip_skip), weights)  # (B, 77, D)
-        for ids, weights in _chunk_batches(tokenizer, prompts, text_encoder.device)
+        for ids, weights in _chunk_batches(tokenizer, prompts, execution_device(text_encoder))
     ]
     return torch.cat(hidden, dim=1)
 
@@ -263,12 +263,18 @@ def encode_prompts_sdxl(
     """
     check_clip_skip(clip_skip, text_encoder)
     hidden, first_pooled = [], None
-    for ids, weights in _chunk_batches(tokenizer, prompts, text_encoder.device):
+    for ids, weights in _chunk_batches(tokenizer, prompts, execution_device(text_encoder)):
         output = text_encoder(ids, output_hidden_states=True)
         hidden.append(_apply_emphasis(output.hidden_states[-(clip_skip + 1)], weights))  # (B, 77, D)
         if pooled and first_pooled is None:
             first_pooled = output.text_embeds  # (B, projection_dim)
     return torch.cat(hidden, dim=1), first_pooled
+
+
+def execution_device(text_encoder) -> torch.device:
+    """Where the encoder runs: its weights' device, or with CPU offload (ldmkit.offload) the GPU its hook moves it to."""
+    hook = getattr(text_encoder, "_hf_hook", None)
+    return torch.device(getattr(hook, "execution_device", None) or text_encoder.device)
 
 
 def _chunk_batches(tokenizer: PreTrainedTokenizerBase, prompts: list[str], device):

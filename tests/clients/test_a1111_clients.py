@@ -80,6 +80,7 @@ NO_EFFECT = [
     {"override_settings": {"sd_vae": "Automatic", "eta_noise_seed_delta": 0}},
     {"override_settings": {"sd_vae": "None"}},
     {"refiner_checkpoint": None, "refiner_switch_at": None, "disable_extra_networks": False},
+    {"refiner_checkpoint": "None", "refiner_switch_at": 0.8},  # a switch without a refiner: none, as in A1111
     {"script_name": None, "script_args": [], "comments": {"a": 1}, "force_task_id": "task(x)"},
     {"firstphase_width": 0, "firstphase_height": 0},
     {"enable_hr": False, "hr_prompt": "something else", "hr_sampler_name": "DDIM"},  # no second pass: no effect
@@ -103,8 +104,7 @@ REFUSED = [
     ({"s_churn": 0.5}, "s_churn=0.5 is not supported"),
     ({"s_noise": 1.003}, "s_noise=1.003 is not supported"),
     ({"s_min_uncond": 0.2}, "s_min_uncond=0.2 is not supported"),
-    ({"refiner_checkpoint": "sd_xl_refiner"}, "refiner_checkpoint='sd_xl_refiner' is not supported"),
-    ({"refiner_switch_at": 0.8}, "refiner_switch_at=0.8 is not supported"),
+    ({"refiner_checkpoint": "sd_xl_refiner"}, "refiner_checkpoint 'sd_xl_refiner' is not a model of this server"),
     ({"disable_extra_networks": True}, "disable_extra_networks=True is not supported"),
     ({"script_name": "x/y/z plot"}, "script_name='x/y/z plot' is not supported"),
     ({"infotext": "a cat\nSteps: 20"}, "infotext='...' is not supported"),

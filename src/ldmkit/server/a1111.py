@@ -30,6 +30,7 @@ from ldmkit.server.a1111_fields import ServerOptions
 from ldmkit.server.controlnet_api import detected_maps, units_from_scripts
 from ldmkit.server.imaging import MAX_INPUT_PIXELS, decode_base64_image, encode_all, encode_png_base64
 from ldmkit.server.inpaint_fill import fill_masked
+from ldmkit.server.models import model_file, with_refiner
 from ldmkit.server.queue import GenerationQueue, Job, wait_for_result
 
 DEFAULT_HR_STRENGTH = 0.7  # A1111's default denoising strength for the hires fix
@@ -95,8 +96,6 @@ class ProcessingRequest(BaseModel):
     override_settings_restore_afterwards: bool = Field(
         True, description="false: the override_settings stay, as POST /sdapi/v1/options sets them"
     )
-    refiner_checkpoint: str | None = Field(None, description="not available yet: refused")
-    refiner_switch_at: float | None = Field(None, description="not available yet: refused")
     disable_extra_networks: bool = Field(False, description="false only")
     firstpass_image: str | None = Field(None, description="refused")
     comments: dict[str, Any] | None = Field(None, description="any: shown in A1111's UI only")
@@ -111,6 +110,8 @@ class ProcessingRequest(BaseModel):
     )
     force_task_id: str | None = Field(None, description="any: A1111's progress id")
     infotext: str | None = Field(None, description="refused: send the fields")
+    refiner_checkpoint: str | None = Field(None, description="a model of /sdapi/v1/sd-models to finish the denoising")
+    refiner_switch_at: float | None = Field(None, description="with refiner_checkpoint: the fraction of steps (0.8)")
 
 
 class Txt2ImgRequest(ProcessingRequest):
@@ -345,9 +346,12 @@ def create_router(queue: GenerationQueue) -> APIRouter:
 
     @router.get("/sd-models", response_model=list[SDModelItem])
     async def sd_models():
-        name = pipe.model_name
-        filename = Path(pipe.source).name  # the file or folder, not where it is on the server's disk
-        return [SDModelItem(title=name, model_name=name, hash=None, sha256=None, filename=filename, config=None)]
+        return [  # the served model, then the refiners (`ldm serve --refiner`)
+            SDModelItem(
+                title=m.model_name, model_name=m.model_name, hash=None, sha256=None, filename=model_file(m), config=None
+            )
+            for m in queue.models
+        ]
 
     # Clients (Open WebUI, webuiapi, SillyTavern) read and set the model and clip skip through the options.
     @router.get("/options")
@@ -399,6 +403,7 @@ async def _generate(
     controls, save_maps = await asyncio.to_thread(
         units_from_scripts, body.alwayson_scripts, queue.pipe.controlnets, queue.limits.max_input_pixels
     )
+    generation = with_refiner(generation, body.refiner_checkpoint, body.refiner_switch_at, queue.models)
     job = queue.submit(dataclasses.replace(generation, controls=controls))
     result = await wait_for_result(queue, job, request.is_disconnected)
     images = await asyncio.to_thread(lambda: encode_all(result) + detected_maps(result, save_maps))

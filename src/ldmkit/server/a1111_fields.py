@@ -53,10 +53,6 @@ def check_processing(body, sampler) -> None:
         refuse("s_noise", body.s_noise, "the sampler noise options are not implemented (send 1)")
     if body.s_min_uncond not in (None, 0):
         refuse("s_min_uncond", body.s_min_uncond, "skipping the unconditional pass is not implemented (send 0)")
-    if body.refiner_checkpoint not in (None, "", "None"):
-        refuse("refiner_checkpoint", body.refiner_checkpoint, "the refiner is not available on this server yet")
-    if body.refiner_switch_at not in (None, 0):
-        refuse("refiner_switch_at", body.refiner_switch_at, "the refiner is not available on this server yet")
     if body.disable_extra_networks:
         refuse("disable_extra_networks", True, "<lora:...> tags are always applied here; remove them instead")
     if body.firstpass_image:

@@ -30,6 +30,7 @@ def create_app(
     limits: ServerLimits = DEFAULT_LIMITS,
     allowed_hosts: list[str] | None = None,
     allowed_origins: tuple[str, ...] = (),
+    refiners: tuple[Pipeline, ...] = (),
 ) -> FastAPI:
     """The app over an already loaded pipeline; its worker starts and stops with the app's lifespan.
 
@@ -37,9 +38,10 @@ def create_app(
     headers answered (default: this machine's loopback names, so a web page cannot reach the server
     through a DNS name it rebinds to 127.0.0.1). `allowed_origins` are the web origins besides this
     server's own whose pages may call it: read its answers (CORS) and send requests that change state;
-    state-changing requests from other origins' pages are refused (403).
+    state-changing requests from other origins' pages are refused (403). `refiners` are the models requests may
+    name as their refiner besides the served one.
     """
-    queue = GenerationQueue(pipe, max_waiting=queue_size, limits=limits)
+    queue = GenerationQueue(pipe, max_waiting=queue_size, limits=limits, refiners=refiners)
     ui_files = None
     if ui:
         from ldmkit.server.ui_files import UiFileCache

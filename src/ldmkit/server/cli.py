@@ -93,6 +93,11 @@ def run_serve(args) -> int:
         from ldmkit.pipeline import Pipeline
         from ldmkit.server.app import allowed_hosts_for, create_app
 
+        if args.offload:
+            from ldmkit.offload import check_offload
+            from ldmkit.pipeline import resolve_device
+
+            check_offload(resolve_device(args.device), args.fast)
         pipe = Pipeline.from_pretrained(
             args.model,
             device=args.device,
@@ -103,7 +108,14 @@ def run_serve(args) -> int:
             controlnet_dir=args.controlnet_dir,
             fast=args.fast,
             vae_tiling=args.vae_tiling,
+            offload=args.offload,
         )
+        refiners = ()
+        if args.refiner is not None:
+            refiner = Pipeline.from_pretrained(
+                args.refiner, device=pipe.device, dtype=pipe.dtype, fast=args.fast, offload=args.offload
+            )
+            refiners = (refiner,)
         if args.fast and pipe.device.type == "cuda":
             warm_up(pipe)
         app = create_app(
@@ -113,6 +125,7 @@ def run_serve(args) -> int:
             limits=limits,
             allowed_hosts=allowed_hosts_for(args.host, args.allowed_host),
             allowed_origins=tuple(args.allowed_origin),
+            refiners=refiners,
         )
         print(f"ldm serve: {pipe.model_name} on {pipe.device}; web UI http://{args.host}:{args.port}/ , API docs /docs")
         # On Ctrl-C, requests get a few seconds to finish; then they are cancelled, which stops the worker.

@@ -84,8 +84,11 @@ class Job:
 
 
 class GenerationQueue:
-    def __init__(self, pipe: Pipeline, max_waiting: int = 8, limits: ServerLimits = DEFAULT_LIMITS):
+    def __init__(
+        self, pipe: Pipeline, max_waiting: int = 8, limits: ServerLimits = DEFAULT_LIMITS, refiners: tuple = ()
+    ):
         self.pipe = pipe
+        self.models = [pipe, *refiners]  # what requests may name: the served model, then `ldm serve --refiner`s
         self.max_waiting = max_waiting  # requests that may wait while one runs
         self.limits = limits
         self.current: Job | None = None

@@ -107,7 +107,7 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
                     1, 8, value=1, step=1, label="Batch size", elem_id=f"{mode}-batch-size"
                 )
                 fields["n_iter"] = gr.Slider(1, 16, value=1, step=1, label="Batch count")
-                layers = queue.pipe.text_encoder.config.num_hidden_layers
+                layers = queue.pipe.max_clip_skip
                 fields["clip_skip"] = gr.Slider(
                     1, layers, value=1, step=1, label="Clip skip", elem_id=f"{mode}-clip-skip"
                 )
