@@ -272,7 +272,7 @@ def encode_prompts_sdxl(
 
 
 def execution_device(text_encoder) -> torch.device:
-    """Where the encoder runs: its weights' device, or with CPU offload (ldmkit.offload) the GPU its hook moves it to."""
+    """Where the encoder runs: its weights' device, or with CPU offload (ldmkit.offload) the GPU its hook uses."""
     hook = getattr(text_encoder, "_hf_hook", None)
     return torch.device(getattr(hook, "execution_device", None) or text_encoder.device)
 
