@@ -16,7 +16,6 @@ import io
 import json
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -38,34 +37,16 @@ def row(attack: str, answer: str, held: bool) -> None:
 @contextlib.contextmanager
 def server(in_flight: int | None = None):
     """(base URL, pid) of the tiny-model server in its own process."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, __file__, "--serve", str(port)]
-    if in_flight:
-        command += ["--in-flight", str(in_flight)]
-    process = subprocess.Popen(command)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/sdapi/v1/options", timeout=2).status_code == 200:
-                    break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the tiny-model server did not start")
-            time.sleep(0.2)
-        yield url, process.pid
-    finally:
-        process.terminate()
-        process.wait(30)
+    from support.loadtest import server_process
+
+    command = [sys.executable, __file__, "--serve", "{port}"] + (["--in-flight", str(in_flight)] if in_flight else [])
+    with server_process(command) as s:
+        yield s
 
 
 def serve(port: int, in_flight: int | None) -> None:
     import torch
     import uvicorn
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from e2e.serving import tiny_pipeline
 
     from ldmkit.server.app import create_app
@@ -223,6 +204,7 @@ def large_bodies(url: str, pid: int, label: str, count: int = 10) -> int:
 
 
 def main() -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny model and server helpers
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--in-flight", type=int, help=argparse.SUPPRESS)

@@ -244,11 +244,17 @@ class RssSampler:
 @contextlib.contextmanager
 def tiny_server(queue_size: int):
     """(base URL, pid) of `ldm serve` over the tests' tiny random model, on a free 127.0.0.1 port."""
+    with server_process([sys.executable, __file__, "--serve-tiny", "{port}", "--queue-size", str(queue_size)]) as s:
+        yield s
+
+
+@contextlib.contextmanager
+def server_process(command: list[str]):
+    """(base URL, pid) of a server started by `command` ("{port}" in it becomes a free 127.0.0.1 port)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, __file__, "--serve-tiny", str(port), "--queue-size", str(queue_size)]
-    process = subprocess.Popen(command)
+    process = subprocess.Popen([part.replace("{port}", str(port)) for part in command])
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
