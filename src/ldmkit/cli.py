@@ -17,7 +17,7 @@ for _var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
     os.environ.setdefault(_var, "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from ldmkit.cli_options import add_model_options  # noqa: E402
+from ldmkit.cli_options import add_model_options, load_pipelines  # noqa: E402
 from ldmkit.control_cli import add_control_options, units_from_args  # noqa: E402
 from ldmkit.errors import InvalidRequest, LdmError  # noqa: E402
 from ldmkit.samplers import ALGORITHMS, DEFAULT_SAMPLER, REFUSED, get_sampler  # noqa: E402
@@ -191,7 +191,7 @@ def run_generate(args) -> int:
     from ldmkit.job import GenerateJob
     from ldmkit.metadata import next_free_index
     from ldmkit.params import random_seed
-    from ldmkit.pipeline import Pipeline, resolve_device
+    from ldmkit.pipeline import resolve_device
 
     diffusers_logging.disable_progress_bar()  # shard-loading bars; ours is the one over steps
     workers = start_workers(args.device)
@@ -204,27 +204,8 @@ def run_generate(args) -> int:
     n = args.num_images
     base_seed = workers.share(args.seed if args.seed is not None else random_seed(n * len(prompts)))
     first_index = workers.share(next_free_index(args.output_dir))
-    pipe = Pipeline.from_pretrained(
-        args.model,
-        device=workers.device,
-        dtype=args.dtype,
-        config=args.config,
-        fast=args.fast,
-        vae_tiling=args.vae_tiling,
-        offload=args.offload,
-        lora_dir=args.lora_dir,
-        embeddings_dir=args.embeddings_dir,
-        controlnet_dir=args.controlnet_dir,
-    )
-    if args.refiner is not None:
-        refiner = Pipeline.from_pretrained(
-            args.refiner,
-            device=workers.device,
-            dtype=args.dtype,
-            fast=args.fast,
-            vae_tiling=args.vae_tiling,
-            offload=args.offload,
-        )
+    pipe, refiner = load_pipelines(args, workers.device)
+    if refiner is not None:
         requests = [dataclasses.replace(request, refiner=refiner) for request in requests]
     written: list[Path] = []
 

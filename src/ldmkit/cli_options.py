@@ -37,3 +37,27 @@ def add_model_options(parser) -> None:
     parser.add_argument(
         "--vae-tiling", action="store_true", help="decode/encode large images in 512 px tiles (little memory, no seams)"
     )
+
+
+def load_pipelines(args, device):
+    """The model these options name, with its LoRA, embedding and ControlNet folders, and its --refiner (or None).
+
+    The refiner runs on the model's device and dtype, with the same speed and memory options.
+    """
+    from ldmkit.pipeline import Pipeline  # heavy: only once a command runs
+
+    speed = {"fast": args.fast, "vae_tiling": args.vae_tiling, "offload": args.offload}
+    pipe = Pipeline.from_pretrained(
+        args.model,
+        device=device,
+        dtype=args.dtype,
+        config=args.config,
+        lora_dir=args.lora_dir,
+        embeddings_dir=args.embeddings_dir,
+        controlnet_dir=args.controlnet_dir,
+        **speed,
+    )
+    refiner = None
+    if args.refiner is not None:
+        refiner = Pipeline.from_pretrained(args.refiner, device=pipe.device, dtype=pipe.dtype, **speed)
+    return pipe, refiner

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ldmkit.cli_options import add_model_options
+from ldmkit.cli_options import add_model_options, load_pipelines
 
 
 def register(subparsers) -> None:
@@ -90,7 +90,6 @@ def run_serve(args) -> int:
         # Heavy imports only now, so `ldm --help` stays fast.
         import uvicorn
 
-        from ldmkit.pipeline import Pipeline
         from ldmkit.server.app import allowed_hosts_for, create_app
 
         if args.offload:
@@ -98,24 +97,8 @@ def run_serve(args) -> int:
             from ldmkit.pipeline import resolve_device
 
             check_offload(resolve_device(args.device), args.fast)
-        pipe = Pipeline.from_pretrained(
-            args.model,
-            device=args.device,
-            dtype=args.dtype,
-            config=args.config,
-            lora_dir=args.lora_dir,
-            embeddings_dir=args.embeddings_dir,
-            controlnet_dir=args.controlnet_dir,
-            fast=args.fast,
-            vae_tiling=args.vae_tiling,
-            offload=args.offload,
-        )
-        refiners = ()
-        if args.refiner is not None:
-            refiner = Pipeline.from_pretrained(
-                args.refiner, device=pipe.device, dtype=pipe.dtype, fast=args.fast, offload=args.offload
-            )
-            refiners = (refiner,)
+        pipe, refiner = load_pipelines(args, args.device)
+        refiners = () if refiner is None else (refiner,)
         if args.fast and pipe.device.type == "cuda":
             warm_up(pipe)
         app = create_app(
