@@ -165,14 +165,7 @@ def _load_folder(folder: Path, prediction_type: str | None, name: str | None = N
         return _load_sdxl_folder(folder, prediction_type, name)
     _check_folder(folder, model_index=True)
     with _load_errors(folder):
-        unet, info = UNet2DConditionModel.from_pretrained(
-            folder, subfolder="unet", torch_dtype=torch.float32, output_loading_info=True
-        )
-        _check_loading_info(info, "unet", folder)
-        vae, info = AutoencoderKL.from_pretrained(
-            folder, subfolder="vae", torch_dtype=torch.float32, output_loading_info=True
-        )
-        _check_loading_info(info, "vae", folder)
+        unet, vae = _load_unet_and_vae(folder)
         text_encoder, info = CLIPTextModel.from_pretrained(
             folder / "text_encoder", dtype=torch.float32, output_loading_info=True
         )
@@ -439,20 +432,26 @@ def _is_sdxl_folder(folder: Path) -> bool:
     return "text_encoder_2" in _read_json(folder / "model_index.json")
 
 
+def _load_unet_and_vae(folder: Path) -> tuple[UNet2DConditionModel, AutoencoderKL]:
+    """A diffusers folder's UNet and VAE in fp32, every weight present (any family)."""
+    unet, info = UNet2DConditionModel.from_pretrained(
+        folder, subfolder="unet", torch_dtype=torch.float32, output_loading_info=True
+    )
+    _check_loading_info(info, "unet", folder)
+    vae, info = AutoencoderKL.from_pretrained(
+        folder, subfolder="vae", torch_dtype=torch.float32, output_loading_info=True
+    )
+    _check_loading_info(info, "vae", folder)
+    return unet, vae
+
+
 def _load_sdxl_folder(folder: Path, prediction_type: str | None, name: str | None) -> Components:
     """An SDXL diffusers folder (base, refiner or inpainting); the refiner has no text_encoder/tokenizer."""
     index = _read_json(folder / "model_index.json")
     has_clip_l = _names_a_class(index.get("text_encoder"))
     _check_sdxl_folder(folder, has_clip_l)
     with _load_errors(folder):
-        unet, info = UNet2DConditionModel.from_pretrained(
-            folder, subfolder="unet", torch_dtype=torch.float32, output_loading_info=True
-        )
-        _check_loading_info(info, "unet", folder)
-        vae, info = AutoencoderKL.from_pretrained(
-            folder, subfolder="vae", torch_dtype=torch.float32, output_loading_info=True
-        )
-        _check_loading_info(info, "vae", folder)
+        unet, vae = _load_unet_and_vae(folder)
         text_encoder = None
         if has_clip_l:
             text_encoder, info = CLIPTextModel.from_pretrained(
