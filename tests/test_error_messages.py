@@ -106,3 +106,34 @@ def test_loras_are_refused_on_the_fast_path(tmp_path):
     )
     with pytest.raises(InvalidRequest, match=r"LoRAs are not supported on the fast path \(fused QKV\)"):
         fast.prepare(request)
+
+
+# ---- params.py ----
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"hires": HiresFix(strength=0)}, r"hires strength must be in \(0, 1\], got 0"),
+        ({"prompt": 3}, r"prompt must be text or a list of texts, not int"),
+        ({"prompt": "a \ud800 b"}, r"prompt is not valid Unicode text \(it has a lone surrogate code point\)"),
+        (
+            {"negative_prompt": "[cat:dog:0.5]"},
+            r"negative prompt: '\[cat:dog:0\.5\]' is AUTOMATIC1111's prompt editing \(\[from:to:when\]\) or alternation",
+        ),
+        ({"steps": 0}, r"steps must be an integer from 1 to 1000, got 0"),
+        ({"num_images": 0}, r"batch size must be a positive integer \(the number of images of a prompt\), got 0"),
+        ({"batch_count": 1.5}, r"batch count must be a positive integer, got 1\.5"),
+        ({"init_image": "otter.png"}, r"init image must be a PIL image, not str"),
+        ({"init_image": image(), "strength": 1.5}, r"strength must be between 0 and 1, got 1\.5"),
+        ({"init_image": image(), "mask_image": "mask.png"}, r"mask must be a PIL image, not str"),
+        ({"mask_image": image()}, r"inpainting needs an init image as well as the mask"),
+        ({"hires": 2.0}, r"hires must be a HiresFix, not float"),
+        ({"hires": HiresFix(), "init_image": image()}, r"hires fix is for text-to-image; with an init image"),
+        ({"loras": (("a.safetensors",),)}, r"loras must be \(file, weight\) pairs, got \('a\.safetensors',\)"),
+        ({"loras": (("a.safetensors", "x"),)}, r"LoRA 'a\.safetensors' weight must be a finite number, got 'x'"),
+    ],
+)
+def test_request_values_are_refused_with_their_name(fields, message):
+    with pytest.raises(InvalidRequest, match=message):
+        GenerationParams(**{"prompt": "otter", **fields}).validate()
