@@ -1,6 +1,8 @@
 """Each user-facing error message is reached once, and says what it should (issue 21: messages no test reached)."""
 
 import dataclasses
+import shutil
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -12,7 +14,8 @@ from support.tiny import make_tiny_components
 from ldmkit.cli import main
 from ldmkit.embeddings import load_embeddings, read_embedding
 from ldmkit.errors import InvalidRequest, LdmError, ModelLoadError
-from ldmkit.loading import load_components
+from ldmkit import loading
+from ldmkit.loading import load_components, save_pretrained
 from ldmkit.lora import applied_loras, prompt_loras, resolve_lora
 from ldmkit.params import GenerationParams, HiresFix
 from ldmkit.pipeline import Pipeline, resolve_device, resolve_dtype
@@ -137,3 +140,141 @@ def test_loras_are_refused_on_the_fast_path(tmp_path):
 def test_request_values_are_refused_with_their_name(fields, message):
     with pytest.raises(InvalidRequest, match=message):
         GenerationParams(**{"prompt": "otter", **fields}).validate()
+
+
+# ---- loading.py ----
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    save_pretrained(make_tiny_components(), folder)
+    return folder
+
+
+def copy_folder(folder, tmp_path):
+    return Path(shutil.copytree(folder, tmp_path / folder.name))
+
+
+def checkpoint(path, tensors=None):
+    safetensors.torch.save_file(tensors or {"foo": torch.zeros(2)}, path)
+    return path
+
+
+def test_an_unknown_prediction_type_is_named():
+    with pytest.raises(ModelLoadError, match=r"prediction_type must be one of epsilon, v_prediction, not 'sample'"):
+        load_components(prediction_type="sample")
+
+
+def test_config_is_refused_for_a_folder(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"config= only applies to single-file checkpoints; '.*' is not a file"):
+        load_components(tmp_path, config=tmp_path)
+
+
+def test_a_missing_default_model_says_to_pass_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(loading, "DEFAULT_MODEL_DIR", tmp_path)
+    with pytest.raises(ModelLoadError, match=r"no default model is shipped with this install"):
+        load_components()
+
+
+def test_a_repo_id_not_in_the_cache_is_never_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(
+        ModelLoadError, match=r"'owner/model' is neither a path nor a Hub repo in the local Hugging Face"
+    ):
+        load_components("owner/model")
+
+
+def test_a_folder_without_model_index_is_refused(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"is not a diffusers model folder: it has no model_index\.json"):
+        load_components(tmp_path)
+
+
+def test_a_truncated_weights_file_is_reported_as_such(tiny_folder, tmp_path):
+    folder = copy_folder(tiny_folder, tmp_path)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match=r"cannot load the model in .*\(is a file truncated or corrupted\?\)"):
+        load_components(folder)
+
+
+def test_a_missing_weight_is_refused_not_filled_randomly(tiny_folder, tmp_path):
+    folder = copy_folder(tiny_folder, tmp_path)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = safetensors.torch.load_file(weights)
+    del tensors["conv_in.weight"]
+    safetensors.torch.save_file(tensors, weights)
+    with pytest.raises(ModelLoadError, match=r"unet has 1 missing and 0 mis-shaped weights \(e\.g\. conv_in\.weight\)"):
+        load_components(folder)
+
+
+def test_a_config_that_is_not_json_is_named(tiny_folder, tmp_path):
+    folder = copy_folder(tiny_folder, tmp_path)
+    (folder / "scheduler" / "scheduler_config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=r"scheduler_config\.json is not valid JSON"):
+        load_components(folder)
+
+
+def test_config_must_be_a_folder_for_a_single_file(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"config= .*nowhere is not a folder of diffusers configs"):
+        load_components(checkpoint(tmp_path / "m.safetensors"), config=tmp_path / "nowhere")
+
+
+def test_a_damaged_safetensors_file_is_reported(tmp_path):
+    (tmp_path / "m.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(
+        ModelLoadError, match=r"m\.safetensors is not a readable safetensors file .* truncated or corrupted"
+    ):
+        load_components(tmp_path / "m.safetensors")
+
+
+def test_a_file_of_another_kind_is_not_a_model(tmp_path):
+    (tmp_path / "m.bin").write_bytes(b"weights")
+    with pytest.raises(
+        ModelLoadError, match=r"m\.bin is not a model: expected a folder, a \.safetensors or a \.ckpt file"
+    ):
+        load_components(tmp_path / "m.bin")
+
+
+def test_a_ckpt_without_tensors_is_refused(tmp_path):
+    torch.save({"state_dict": {"global_step": 3}}, tmp_path / "m.ckpt")
+    with pytest.raises(ModelLoadError, match=r"m\.ckpt is not a checkpoint: it holds no tensors"):
+        load_components(tmp_path / "m.ckpt")
+
+
+def test_an_unknown_architecture_asks_for_config(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"m\.safetensors is not an SD 1\.x/2\.x or SDXL checkpoint"):
+        load_components(checkpoint(tmp_path / "m.safetensors"))
+
+
+def test_a_single_file_without_text_encoder_weights_is_refused(tiny_folder, tmp_path):
+    with pytest.raises(
+        ModelLoadError, match=r"m\.safetensors has no CLIP text encoder weights \(cond_stage_model\.\*\)"
+    ):
+        load_components(checkpoint(tmp_path / "m.safetensors"), config=tiny_folder)
+
+
+def test_single_file_weights_that_do_not_fit_the_config_are_refused(tiny_folder, tmp_path):
+    path = checkpoint(tmp_path / "m.safetensors", {loading.SD1_TEXT_KEY: torch.zeros(77, 8)})
+    with pytest.raises(
+        ModelLoadError, match=r"m\.safetensors: the text_encoder weights do not fit its config \(\d+ missing"
+    ):
+        load_components(path, config=tiny_folder)
+
+
+def test_sdxl_config_must_be_a_folder(tmp_path):
+    path = checkpoint(
+        tmp_path / "r.safetensors", {loading.SDXL_REFINER_BIGG_PREFIX + "positional_embedding": torch.zeros(2)}
+    )
+    with pytest.raises(ModelLoadError, match=r"config= .*nowhere is not a folder of diffusers configs"):
+        load_components(path, config=tmp_path / "nowhere")
+
+
+def test_an_sdxl_file_with_a_unet_of_another_size_asks_for_config(tmp_path):
+    path = checkpoint(
+        tmp_path / "r.safetensors", {loading.SDXL_REFINER_BIGG_PREFIX + "positional_embedding": torch.zeros(2)}
+    )
+    with pytest.raises(
+        ModelLoadError, match=r"r\.safetensors has SDXL refiner text encoders but a UNet of another size"
+    ):
+        load_components(path)
