@@ -11,12 +11,12 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 from support.tiny import make_tiny_components
 
-from ldmkit.cli import main
-from ldmkit.embeddings import load_embeddings, read_embedding
-from ldmkit.errors import InvalidRequest, LdmError, ModelLoadError
 from ldmkit import loading
+from ldmkit.cli import main
+from ldmkit.embeddings import read_embedding
+from ldmkit.errors import InvalidRequest, LdmError, ModelLoadError
 from ldmkit.loading import load_components, save_pretrained
-from ldmkit.lora import applied_loras, prompt_loras, resolve_lora
+from ldmkit.lora import applied_loras, prompt_loras
 from ldmkit.params import GenerationParams, HiresFix
 from ldmkit.pipeline import Pipeline, resolve_device, resolve_dtype
 
@@ -122,7 +122,7 @@ def test_loras_are_refused_on_the_fast_path(tmp_path):
         ({"prompt": "a \ud800 b"}, r"prompt is not valid Unicode text \(it has a lone surrogate code point\)"),
         (
             {"negative_prompt": "[cat:dog:0.5]"},
-            r"negative prompt: '\[cat:dog:0\.5\]' is AUTOMATIC1111's prompt editing \(\[from:to:when\]\) or alternation",
+            r"negative prompt: '\[cat:dog:0\.5\]' is AUTOMATIC1111's prompt editing \(\[from:to:when\]\)",
         ),
         ({"steps": 0}, r"steps must be an integer from 1 to 1000, got 0"),
         ({"num_images": 0}, r"batch size must be a positive integer \(the number of images of a prompt\), got 0"),
@@ -278,3 +278,77 @@ def test_an_sdxl_file_with_a_unet_of_another_size_asks_for_config(tmp_path):
         ModelLoadError, match=r"r\.safetensors has SDXL refiner text encoders but a UNet of another size"
     ):
         load_components(path)
+
+
+# ---- lora.py ----
+
+
+def test_a_lora_tag_takes_one_weight():
+    with pytest.raises(InvalidRequest, match=r"<lora:a:1:2>: only one weight is supported, as in <lora:a:0\.8>"):
+        prompt_loras(["otter <lora:a:1:2>"])
+
+
+def test_a_lora_tag_weight_must_be_finite():
+    with pytest.raises(InvalidRequest, match=r"<lora:a:inf>: the weight must be a finite number"):
+        prompt_loras(["otter <lora:a:inf>"])
+
+
+class _NoLoraHost:
+    """A pipeline host that no LoRA reaches: applied_loras refuses the file before loading it."""
+
+    def unload_lora_weights(self):
+        pass
+
+
+def test_applying_a_file_that_is_not_safetensors_is_refused(tmp_path):
+    (tmp_path / "style.pt").write_bytes(b"x")
+    with pytest.raises(LdmError, match=r"LoRA file not found or not \.safetensors: style\.pt"):
+        with applied_loras(_NoLoraHost(), [(tmp_path / "style.pt", 1.0)]):
+            pass
+
+
+# ---- embeddings.py ----
+
+
+def test_a_file_of_two_tensors_is_not_an_embedding(tmp_path):
+    path = checkpoint(tmp_path / "ink.safetensors", {"a": torch.zeros(1, 8), "b": torch.zeros(1, 8)})
+    with pytest.raises(LdmError, match=r"ink\.safetensors is not a textual inversion embedding \(expected one tensor"):
+        read_embedding(path)
+
+
+# ---- cli.py: one line on stderr, exit code 2 ----
+
+
+def cli_error(capsys, *argv) -> str:
+    code = main([*argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("ldm: error: ")
+    return err.strip()
+
+
+def test_cli_every_must_be_positive(tmp_path, capsys):
+    err = cli_error(capsys, "generate", "otter", "--every", "0", "-o", str(tmp_path))
+    assert err == "ldm: error: --every must be >= 1, got 0"
+
+
+def test_cli_needs_a_prompt_or_a_prompts_file(tmp_path, capsys):
+    err = cli_error(capsys, "generate", "-o", str(tmp_path))
+    assert err == "ldm: error: give either a prompt or --prompts FILE"
+
+
+def test_cli_names_an_unreadable_prompts_file(tmp_path, capsys):
+    err = cli_error(capsys, "generate", "--prompts", str(tmp_path / "none.txt"), "-o", str(tmp_path))
+    assert err == f"ldm: error: cannot read prompts file {tmp_path / 'none.txt'}: No such file or directory"
+
+
+def test_cli_refuses_a_prompts_file_without_prompts(tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("\n  \n")
+    err = cli_error(capsys, "generate", "--prompts", str(tmp_path / "prompts.txt"), "-o", str(tmp_path))
+    assert err == f"ldm: error: prompts file {tmp_path / 'prompts.txt'} has no prompts"
+
+
+def test_cli_info_on_an_image_without_parameters(tmp_path, capsys):
+    image().save(tmp_path / "plain.png")
+    err = cli_error(capsys, "info", str(tmp_path / "plain.png"))
+    assert err == f"ldm: error: {tmp_path / 'plain.png'} carries no generation parameters"
