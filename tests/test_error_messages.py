@@ -1,6 +1,7 @@
 """Each user-facing error message is reached once, and says what it should (issue 21: messages no test reached)."""
 
 import dataclasses
+import datetime
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from ldmkit.cli import main
 from ldmkit.embeddings import read_embedding
 from ldmkit.errors import InvalidRequest, LdmError, ModelLoadError
 from ldmkit.loading import load_components, save_pretrained
-from ldmkit.lora import applied_loras, prompt_loras
+from ldmkit.lora import applied_loras, check_lora_file, prompt_loras
 from ldmkit.params import GenerationParams, HiresFix
 from ldmkit.pipeline import Pipeline, resolve_device, resolve_dtype
 
@@ -352,3 +353,89 @@ def test_cli_info_on_an_image_without_parameters(tmp_path, capsys):
     image().save(tmp_path / "plain.png")
     err = cli_error(capsys, "info", str(tmp_path / "plain.png"))
     assert err == f"ldm: error: {tmp_path / 'plain.png'} carries no generation parameters"
+
+
+# ---- messages found unreached by the fast subset's coverage run ----
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"seed": (1, 2)}, r"seeds must be 1 integers from 0 to 4294967295, one per image"),
+        ({"init_image": image(), "steps": 2, "strength": 0.4}, r"strength 0\.4 with 2 steps leaves no denoising step"),
+        ({"init_image": image(), "mask_image": image(), "mask_blur": 65}, r"mask blur must be an integer from 0 to 64"),
+        ({"hires": HiresFix(steps=1, strength=0.5)}, r"hires steps 1 at strength 0\.5 leave no denoising step"),
+        ({"hires": HiresFix(upscaler="esrgan")}, r"unknown hires upscaler 'esrgan'; use one of latent, pixel"),
+        (
+            {"refiner": object(), "refiner_switch": 1.0},
+            r"refiner switch must be between 0 and 1 \(exclusive\), got 1\.0",
+        ),
+        ({"refiner": object(), "hires": HiresFix()}, r"a refiner is not supported with hires fix yet"),
+    ],
+)
+def test_more_request_values_are_refused_with_their_name(fields, message):
+    with pytest.raises(InvalidRequest, match=message):
+        GenerationParams(**{"prompt": "otter", **fields}).validate()
+
+
+def test_a_folder_missing_a_component_names_it(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match=r"is missing the unet component \(unet/config\.json\)"):
+        load_components(tmp_path)
+
+
+def test_a_ckpt_that_cannot_be_unpickled_safely_is_refused(tmp_path):
+    (tmp_path / "m.ckpt").write_bytes(b"not a pickle")
+    with pytest.raises(ModelLoadError, match=r"m\.ckpt cannot be loaded safely \(\w+\); convert it to \.safetensors"):
+        load_components(tmp_path / "m.ckpt")
+
+
+def test_a_ckpt_holding_a_list_is_not_a_checkpoint(tmp_path):
+    torch.save([torch.zeros(1)], tmp_path / "m.ckpt")
+    with pytest.raises(
+        ModelLoadError, match=r"m\.ckpt is not a checkpoint: it holds a value of type list, not a state"
+    ):
+        load_components(tmp_path / "m.ckpt")
+
+
+def test_a_ckpt_whose_state_dict_holds_itself_is_refused(tmp_path):
+    looped = {}
+    looped["state_dict"] = looped
+    torch.save(looped, tmp_path / "m.ckpt")
+    with pytest.raises(ModelLoadError, match=r"m\.ckpt is not a checkpoint: its state_dict holds itself"):
+        load_components(tmp_path / "m.ckpt")
+
+
+def test_a_lora_file_must_be_safetensors(tmp_path):
+    with pytest.raises(InvalidRequest, match=r"LoRA file style\.pt is not a \.safetensors file"):
+        check_lora_file(tmp_path / "style.pt")
+
+
+def test_a_damaged_lora_file_is_refused(tmp_path):
+    (tmp_path / "style.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(InvalidRequest, match=r"LoRA file style\.safetensors is not a readable safetensors file"):
+        check_lora_file(tmp_path / "style.safetensors")
+
+
+def test_a_safetensors_file_without_lora_layers_is_not_a_lora(tmp_path):
+    path = checkpoint(tmp_path / "style.safetensors")
+    with pytest.raises(InvalidRequest, match=r"style\.safetensors holds no LoRA layers \(1 tensors, none named lora\)"):
+        check_lora_file(path)
+
+
+def test_an_embedding_pickle_with_other_objects_is_never_loaded(tmp_path):
+    torch.save({"when": datetime.date(2024, 1, 1)}, tmp_path / "ink.pt")
+    with pytest.raises(LdmError, match=r"ink\.pt: it is not a PyTorch file of tensors only"):
+        read_embedding(tmp_path / "ink.pt")
+
+
+def test_an_embedding_of_another_family_names_both_sizes(tmp_path):
+    path = checkpoint(tmp_path / "ink.safetensors", {"emb_params": torch.zeros(1, 4)})
+    with pytest.raises(LdmError, match=r"ink\.safetensors has vectors of size 4, but this model's text encoder uses 8"):
+        read_embedding(path, expected_size=8)
+
+
+def test_an_sdxl_embedding_is_refused(tmp_path):
+    path = checkpoint(tmp_path / "ink.safetensors", {"clip_g": torch.zeros(1, 8), "clip_l": torch.zeros(1, 8)})
+    with pytest.raises(LdmError, match=r"ink\.safetensors is an SDXL embedding; only SD1\.x/SD2\.x embeddings"):
+        read_embedding(path)
