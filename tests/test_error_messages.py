@@ -1,7 +1,9 @@
 """Each user-facing error message is reached once, and says what it should (issue 21: messages no test reached)."""
 
+import base64
 import dataclasses
 import datetime
+import io
 import shutil
 from pathlib import Path
 
@@ -439,3 +441,86 @@ def test_an_sdxl_embedding_is_refused(tmp_path):
     path = checkpoint(tmp_path / "ink.safetensors", {"clip_g": torch.zeros(1, 8), "clip_l": torch.zeros(1, 8)})
     with pytest.raises(LdmError, match=r"ink\.safetensors is an SDXL embedding; only SD1\.x/SD2\.x embeddings"):
         read_embedding(path)
+
+
+# ---- server: a 4xx whose body gives the reason, before any compute ----
+
+
+@pytest.fixture(scope="module")
+def client():
+    pytest.importorskip("fastapi", reason="server extras not installed (pip install -e .[server])")
+    from fastapi.testclient import TestClient
+
+    from ldmkit.server.app import create_app
+
+    app = create_app(Pipeline(make_tiny_components(), CPU, torch.float32), ui=False)
+    with TestClient(app, base_url="http://127.0.0.1") as running:  # the server admits local host names only
+        yield running
+
+
+def png_b64() -> str:
+    buffer = io.BytesIO()
+    image().save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "reason"),
+    [
+        (
+            "/sdapi/v1/skip",
+            None,
+            "skip is not implemented (it would drop one batch of a request); use /sdapi/v1/interrupt",
+        ),
+        ("/sdapi/v1/img2img", {"prompt": "otter"}, "img2img needs init_images: one base64 image"),
+        ("/sdapi/v1/img2img", {"prompt": "otter", "init_images": ["a", "b"]}, "img2img takes one init image, got 2"),
+        (
+            "/sdapi/v1/img2img",
+            {"prompt": "otter", "init_images": ["a"], "inpainting_mask_invert": 2},
+            "inpainting_mask_invert must be 0 or 1, got 2",
+        ),
+        (
+            "/sdapi/v1/extra-single-image",
+            {"image": "a", "resize_mode": 2},
+            "resize_mode must be 0 (scale) or 1 (to a size), got 2",
+        ),
+        (
+            "/sdapi/v1/extra-single-image",
+            {"image": "a", "upscaler_2": "Lanczos", "extras_upscaler_2_visibility": 0.5},
+            "upscaler_2 'Lanczos' is not available: a second upscaler is not implemented",
+        ),
+        (
+            "/sdapi/v1/extra-single-image",
+            {"image": "a", "gfpgan_visibility": 0.5},
+            "gfpgan_visibility=0.5 is not supported: this server has no face restorer",
+        ),
+        (
+            "/sdapi/v1/extra-single-image",
+            {"image": "a", "resize_mode": 1, "upscaling_resize_w": 0, "upscaling_resize_h": 16},
+            None,
+        ),
+        ("/sdapi/v1/extra-batch-images", {"imageList": []}, "imageList must hold 1 to"),
+        (
+            "/v1/images/generations",
+            {"prompt": "otter", "style": "vivid"},
+            "style='vivid' is not supported: it is DALL-E 3's",
+        ),
+        (
+            "/v1/images/generations",
+            {"prompt": "otter", "size": "big"},
+            "size must be 'auto' or WIDTHxHEIGHT such as 512x512",
+        ),
+        (
+            "/v1/images/generations",
+            {"prompt": "otter", "output_compression": 50},
+            "output_compression is for output_format jpeg or webp; png is lossless",
+        ),
+    ],
+)
+def test_server_refusals_give_their_reason(client, path, body, reason):
+    if reason is None:  # the upscaled size is checked once the image is decoded
+        body = {**body, "image": png_b64()}
+        reason = "the upscaled size 0x16 must be at least 1x1 and at most"
+    response = client.post(path, json=body)
+    assert 400 <= response.status_code < 500, response.text
+    assert reason in response.text
