@@ -565,3 +565,54 @@ def test_server_refuses_an_upscaled_size_of_nothing(client):
     response = client.post("/sdapi/v1/extra-single-image", json=body)
     assert response.status_code == 400
     assert "the upscaled size 0x16 must be at least 1x1 and at most" in response.text
+
+
+def png_bytes(mode="RGB", size=(16, 16), color=(128, 64, 32)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def edit(client, files, data=None):
+    return client.post("/v1/images/edits", files=files, data={"prompt": "otter", **(data or {})})
+
+
+def test_openai_edits_take_multipart_only(client):
+    response = client.post("/v1/images/edits", json={"prompt": "otter"})
+    assert response.status_code == 400
+    assert "this endpoint takes multipart/form-data (image files and fields)" in response.text
+
+
+@pytest.mark.parametrize(
+    ("files", "reason"),
+    [
+        ([("mask", ("m.png", png_bytes("RGBA")))], "image is required: one image file"),
+        ([("image", ("a.png", png_bytes())), ("image", ("b.png", png_bytes()))], "image: send one image, got 2"),
+        (
+            [("image", ("a.png", png_bytes())), ("mask", ("m.png", png_bytes("RGBA", (8, 8))))],
+            "mask is 8x8; it must have the image's size 16x16",
+        ),
+        (
+            [("image", ("a.png", png_bytes())), ("mask", ("m.png", png_bytes()))],
+            "mask must have an alpha channel: its fully transparent part is what is repainted",
+        ),
+        (
+            [("image", ("a.png", png_bytes())), ("mask", ("m.png", png_bytes("RGBA", color=(0, 0, 0, 255))))],
+            "mask has no fully transparent pixel: nothing to repaint",
+        ),
+    ],
+)
+def test_openai_edit_uploads_are_refused_with_their_reason(client, files, reason):
+    response = edit(client, files)
+    assert response.status_code == 400, response.text
+    assert reason in response.text
+
+
+def test_serve_refuses_a_negative_queue_size(capsys):
+    err = cli_error(capsys, "serve", "--queue-size", "-1")
+    assert err == "ldm: error: --queue-size must be >= 0, got -1"
+
+
+def test_serve_refuses_an_origin_that_is_no_origin(capsys):
+    err = cli_error(capsys, "serve", "--allowed-origin", "example.com")
+    assert err == "ldm: error: --allowed-origin must look like https://host or http://host:port, got 'example.com'"
