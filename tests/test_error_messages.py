@@ -14,7 +14,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 from support.tiny import make_tiny_components
 
-from ldmkit import loading
+from ldmkit import cli, loading
 from ldmkit.cli import main
 from ldmkit.embeddings import read_embedding
 from ldmkit.errors import InvalidRequest, LdmError, ModelLoadError
@@ -616,3 +616,34 @@ def test_serve_refuses_a_negative_queue_size(capsys):
 def test_serve_refuses_an_origin_that_is_no_origin(capsys):
     err = cli_error(capsys, "serve", "--allowed-origin", "example.com")
     assert err == "ldm: error: --allowed-origin must look like https://host or http://host:port, got 'example.com'"
+
+
+def test_cli_size_must_look_like_width_x_height(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "otter", "--size", "big", "-o", str(tmp_path)])
+    assert exited.value.code == 2
+    assert "error: argument --size: size must look like 512x768, got 'big'" in capsys.readouterr().err
+
+
+def test_cli_names_a_missing_lora_folder(tmp_path, capsys):
+    err = cli_error(capsys, "generate", "otter", "--lora-dir", str(tmp_path / "loras"), "-o", str(tmp_path / "out"))
+    assert err == f"ldm: error: LoRA folder not found: {tmp_path / 'loras'}"
+
+
+def test_cli_names_an_output_folder_it_cannot_write(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    err = cli_error(capsys, "generate", "otter", "-o", str(tmp_path / "file" / "out"))
+    assert err.startswith(f"ldm: error: cannot write to output folder {tmp_path / 'file' / 'out'}: ")
+
+
+def test_cli_refuses_an_init_image_over_the_pixel_limit(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "MAX_INPUT_PIXELS", 100)
+    image().save(tmp_path / "init.png")
+    err = cli_error(capsys, "generate", "otter", "--init-image", str(tmp_path / "init.png"), "-o", str(tmp_path))
+    assert err == f"ldm: error: init image {tmp_path / 'init.png'} is 16x16, over the 100 pixel limit"
+
+
+def test_cli_names_an_init_image_it_cannot_read(tmp_path, capsys):
+    (tmp_path / "init.png").write_bytes(b"not an image")
+    err = cli_error(capsys, "generate", "otter", "--init-image", str(tmp_path / "init.png"), "-o", str(tmp_path))
+    assert err.startswith(f"ldm: error: cannot read init image {tmp_path / 'init.png'}: ")
