@@ -647,3 +647,19 @@ def test_cli_names_an_init_image_it_cannot_read(tmp_path, capsys):
     (tmp_path / "init.png").write_bytes(b"not an image")
     err = cli_error(capsys, "generate", "otter", "--init-image", str(tmp_path / "init.png"), "-o", str(tmp_path))
     assert err.startswith(f"ldm: error: cannot read init image {tmp_path / 'init.png'}: ")
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ({"image": "a.png"}, "image must be an uploaded file"),
+        ({"prompt": ["otter", "fox"]}, "prompt must be one text value"),
+    ],
+)
+def test_openai_edit_form_fields_are_refused_with_their_reason(client, data, reason):
+    files = [("mask", ("m.png", png_bytes("RGBA")))]
+    if "image" not in data:
+        files.append(("image", ("a.png", png_bytes())))
+    response = client.post("/v1/images/edits", files=files, data={"prompt": "otter", **data})
+    assert response.status_code == 400, response.text
+    assert reason in response.text
