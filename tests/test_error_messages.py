@@ -663,3 +663,16 @@ def test_openai_edit_form_fields_are_refused_with_their_reason(client, data, rea
     response = client.post("/v1/images/edits", files=files, data={"prompt": "otter", **data})
     assert response.status_code == 400, response.text
     assert reason in response.text
+
+
+def test_cli_says_what_was_written_when_a_run_fails_after_checks(tiny_folder, tmp_path, capsys):
+    # The file looks like a LoRA (checked before any compute) but targets no layer of the model: it fails when applied.
+    (tmp_path / "loras").mkdir()
+    weights = {f"lora_unet_nothing_here.lora_{end}.weight": torch.zeros(2, 2) for end in ("up", "down")}
+    safetensors.torch.save_file(weights, tmp_path / "loras" / "bad.safetensors")
+    args = ["--model", str(tiny_folder), "--lora-dir", str(tmp_path / "loras"), "--steps", "1", "--size", "16x16"]
+    assert main(["generate", "otter <lora:bad>", *args, "-o", str(tmp_path / "out")]) == 2
+    # The last line: transformers' loading progress bar and peft's own log line come before it on stderr.
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ldm: error: cannot apply LoRA bad.safetensors to this model: ")
+    assert err.endswith("; no file was written")
