@@ -7,6 +7,7 @@ adapters: the model's own weights are never modified, so removing the adapters r
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import re
@@ -128,12 +129,24 @@ def _load(host, path: Path, adapter_name: str) -> None:
     if path.suffix != LORA_SUFFIX or not path.is_file():
         raise LdmError(f"LoRA file not found or not {LORA_SUFFIX}: {path.name}")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_logger("diffusers.loaders.peft"):
             # peft warns about every adapter after the first; several at once is what we ask for.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             host.load_lora_weights(str(path), adapter_name=adapter_name)
     except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as error:
         raise LdmError(f"cannot apply LoRA {path.name} to this model: {error}") from None
+
+
+@contextmanager
+def _quiet_logger(name: str):
+    """diffusers logs a failed LoRA load before raising it; the raised error is reported once, as one line."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def lora_hashes_infotext(loras: list[tuple[str, str | os.PathLike]]) -> dict:
