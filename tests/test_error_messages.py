@@ -679,3 +679,13 @@ def test_cli_says_what_was_written_when_a_run_fails_after_checks(tiny_folder, tm
     err = lines[-1]
     assert err.startswith("ldm: error: cannot apply LoRA bad.safetensors to this model: ")
     assert err.endswith("; no file was written")
+
+
+def test_a_controlnet_pth_whose_state_dict_holds_itself_is_refused_not_looped_over(tmp_path):
+    from ldmkit.controlnet import read_weights
+
+    checkpoint = {}
+    checkpoint["state_dict"] = checkpoint
+    torch.save(checkpoint, tmp_path / "loop.pth")
+    with pytest.raises(ModelLoadError, match="loop.pth is not a checkpoint: its state_dict holds itself"):
+        read_weights(tmp_path / "loop.pth")

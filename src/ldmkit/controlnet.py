@@ -107,11 +107,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             f"{path} cannot be loaded safely ({type(error).__name__}); convert it to .safetensors once "
             "with a tool you trust"
         ) from None
-    while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
-        checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, dict):
-        raise ModelLoadError(f"{path} holds no state dict")
-    return checkpoint
+    return loading._ckpt_state_dict(checkpoint, path)  # a state_dict holding itself is refused, not looped over
 
 
 def _controlnet_weights(checkpoint: dict, path: Path) -> dict[str, torch.Tensor]:
