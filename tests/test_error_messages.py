@@ -468,11 +468,6 @@ def png_b64(keep: int | None = None) -> str:
 @pytest.mark.parametrize(
     ("path", "body", "reason"),
     [
-        (
-            "/sdapi/v1/skip",
-            None,
-            "skip is not implemented (it would drop one batch of a request); use /sdapi/v1/interrupt",
-        ),
         ("/sdapi/v1/img2img", {"prompt": "otter"}, "img2img needs init_images: one base64 image"),
         ("/sdapi/v1/img2img", {"prompt": "otter", "init_images": ["a", "b"]}, "img2img takes one init image, got 2"),
         (

@@ -17,7 +17,7 @@ for _var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
     os.environ.setdefault(_var, "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from ldmkit.cli_options import add_model_options, load_pipelines  # noqa: E402
+from ldmkit.cli_options import add_model_options, check_vae_option, load_pipelines  # noqa: E402
 from ldmkit.control_cli import add_control_options, units_from_args  # noqa: E402
 from ldmkit.errors import InvalidRequest, LdmError  # noqa: E402
 from ldmkit.samplers import ALGORITHMS, DEFAULT_SAMPLER, REFUSED, get_sampler  # noqa: E402
@@ -112,6 +112,20 @@ def add_generate(sub) -> None:
     gen.add_argument(
         "--clip-skip", type=int, default=1, help="use the text encoder's N-th last layer (A1111's clip skip)"
     )
+    gen.add_argument(
+        "--styles-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="A1111's prompt styles CSV (name,prompt,negative_prompt); default ./styles.csv if there is one",
+    )
+    gen.add_argument(
+        "--style",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="apply this style of the styles file to the prompt and negative prompt (repeatable, in order)",
+    )
     add_model_options(gen)
     gen.add_argument(
         "--refiner-switch", type=float, default=0.8, help="with --refiner: the fraction of the steps the model runs"
@@ -169,6 +183,8 @@ def run_generate(args) -> int:
     for folder, what in (*folders, (args.controlnet_dir, "ControlNet folder")):
         if folder is not None and not folder.is_dir():
             raise LdmError(f"{what} not found: {folder}")
+    check_vae_option(args)
+    prompts, args.negative = styled_prompts(args, prompts)
     init_image = load_image(args.init_image, "init image") if args.init_image else None
     mask_image = load_image(args.mask, "mask") if args.mask else None
     args.sampler = get_sampler(args.sampler, args.scheduler).name  # the one label the pipeline takes
@@ -301,9 +317,23 @@ def generation_params(args, prompts: list[str], init_image, mask_image, controls
             controls=controls,
             refiner=args.refiner,  # its name until it is loaded: validate checks what goes with it
             refiner_switch=args.refiner_switch,
+            vae=args.vae,
         )
         for j, prompt in enumerate(prompts)
     ]
+
+
+def styled_prompts(args, prompts: list[str]) -> tuple[list[str], str]:
+    """The prompts and the negative prompt with every --style applied (A1111's styles; ldmkit.styles)."""
+    from ldmkit.styles import StyleLibrary
+
+    if not args.style:
+        if args.styles_file is not None and not args.styles_file.is_file():
+            raise LdmError(f"styles file not found: {args.styles_file}")
+        return prompts, args.negative
+    styles = StyleLibrary.from_option(args.styles_file)
+    styled = [styles.apply(args.style, prompt, args.negative) for prompt in prompts]
+    return [prompt for prompt, _ in styled], styled[0][1]
 
 
 def written_note(written: list[Path]) -> str:

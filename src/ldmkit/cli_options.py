@@ -29,6 +29,13 @@ def add_model_options(parser) -> None:
         metavar="MODEL",
         help="a refiner (SDXL's) to finish the denoising, as --model names it",
     )
+    parser.add_argument(
+        "--vae",
+        default=None,
+        metavar="FILE_OR_FOLDER",
+        help="decode and encode with this VAE instead of the model's own: a .safetensors/.ckpt VAE file (original SD"
+        " layout, as A1111's) or a diffusers AutoencoderKL folder",
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     parser.add_argument(
@@ -39,10 +46,19 @@ def add_model_options(parser) -> None:
     )
 
 
-def load_pipelines(args, device):
-    """The model these options name, with its LoRA, embedding and ControlNet folders, and its --refiner (or None).
+def check_vae_option(args) -> None:
+    """--vae names a file or folder that exists (before a model loads)."""
+    from ldmkit.errors import LdmError
 
-    The refiner runs on the model's device and dtype, with the same speed and memory options.
+    if args.vae is not None and not Path(args.vae).expanduser().exists():
+        raise LdmError(f"VAE not found: {args.vae}")
+
+
+def load_pipelines(args, device):
+    """The model these options name, with its LoRA, embedding, ControlNet and VAE folders, and its --refiner (or None).
+
+    The refiner runs on the model's device and dtype, with the same speed and memory options. A --vae is loaded
+    now, so a file that does not fit the model is an error before any request.
     """
     from ldmkit.pipeline import Pipeline  # heavy: only once a command runs
 
@@ -55,8 +71,12 @@ def load_pipelines(args, device):
         lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir,
         controlnet_dir=args.controlnet_dir,
+        vae_dir=getattr(args, "vae_dir", None),
+        vae=args.vae,
         **speed,
     )
+    if args.vae is not None:
+        pipe.vaes.load(pipe.vaes.automatic, pipe.components.vae, pipe.device, pipe.dtype)
     refiner = None
     if args.refiner is not None:
         refiner = Pipeline.from_pretrained(args.refiner, device=pipe.device, dtype=pipe.dtype, **speed)

@@ -598,3 +598,51 @@ def _adopt(build, config, state_dict: dict, component: str, path: Path):
     _check_fit(model, state_dict, component, path)
     model.load_state_dict(state_dict, assign=True)
     return model.eval()
+
+
+# ---- VAE files: another VAE for a loaded model (A1111's sd_vae) ----
+
+VAE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# An original (CompVis) checkpoint keeps its VAE under this prefix; a VAE file of its own has the bare keys.
+LDM_VAE_PREFIX = "first_stage_model."
+VAE_KEY_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+def load_vae(path: str | os.PathLike, like: AutoencoderKL) -> AutoencoderKL:
+    """A VAE in fp32 on the CPU, from a diffusers AutoencoderKL folder or a single file (original SD layout, as
+    A1111's VAE files are, or diffusers' own keys). A single file has no config: it is read with `like`'s (the
+    model's own VAE), and must fit it; either kind must share the model's latent space (channels, downsampling)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        with _load_errors(path):
+            vae, info = AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32, output_loading_info=True)
+        _check_loading_info(info, ".", path)
+    elif path.suffix in VAE_FILE_SUFFIXES:
+        checkpoint, _ = _read_checkpoint(path)
+        vae = _adopt_vae_file(checkpoint, dict(like.config), path)
+    else:
+        raise ModelLoadError(
+            f"{path} is not a VAE: expected a diffusers AutoencoderKL folder, a .safetensors or a .ckpt file"
+        )
+    for key in ("latent_channels", "block_out_channels"):
+        ours, theirs = like.config[key], vae.config[key]
+        if key == "block_out_channels":
+            ours, theirs = len(ours), len(theirs)  # the downsampling factor: 2 ** (blocks - 1)
+        if ours != theirs:
+            raise ModelLoadError(f"VAE {path.name} does not fit this model: {key} {theirs} where the model has {ours}")
+    return vae.eval()
+
+
+def _adopt_vae_file(checkpoint: dict, config: dict, path: Path) -> AutoencoderKL:
+    """A single VAE file's weights in `config`'s AutoencoderKL: bare keys, or a full checkpoint's VAE part."""
+    prefix = LDM_VAE_PREFIX if any(key.startswith(LDM_VAE_PREFIX) for key in checkpoint) else ""
+    weights = {
+        key[len(prefix) :]: tensor
+        for key, tensor in checkpoint.items()
+        if key.startswith(prefix) and key[len(prefix) :].startswith(VAE_KEY_PREFIXES)
+    }  # a VAE's training files also hold loss.* and model_ema.* entries
+    if not weights:
+        raise ModelLoadError(f"{path.name} holds no VAE weights (encoder.*, decoder.*)")
+    if not any(key.startswith("encoder.down_blocks.") for key in weights):  # original layout: convert
+        weights = convert_ldm_vae_checkpoint(weights, config)
+    return _build(AutoencoderKL, config, weights, "vae", path)

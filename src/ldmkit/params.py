@@ -110,6 +110,7 @@ class GenerationParams:
     controls: tuple = ()  # ControlNet units (ldmkit.control_units.ControlUnit), each guiding with its image
     refiner: object = None  # a loaded refiner Pipeline that finishes the denoising (ldmkit.refiner)
     refiner_switch: float = 0.8  # the fraction of the schedule the model runs before the refiner takes over
+    vae: str | os.PathLike | None = None  # decode/encode with this VAE (a name of Pipeline.vaes, or a path); None: own
 
     def __post_init__(self):
         for name in ("prompt", "seed", "loras", "controls"):
@@ -173,6 +174,8 @@ class GenerationParams:
         if self.hires is not None:
             self._check_hires()
         self._check_loras()
+        if self.vae is not None and not isinstance(self.vae, (str, os.PathLike)):
+            raise InvalidRequest(f"vae must be a VAE name or path, not {type(self.vae).__name__}")
         if self.refiner is not None:
             self._check_refiner()
         if self.controls:

@@ -39,6 +39,7 @@ from ldmkit.previews import fast_preview, latent_rgb_projection
 from ldmkit.prompts import MAX_PROMPT_CHUNKS, check_prompt_chunks, clip_skip_infotext
 from ldmkit.refiner import DEFAULT_SWITCH, check_refiner, checkpoint_shorthash, refiner_infotext
 from ldmkit.samplers import DEFAULT_SAMPLER, get_sampler
+from ldmkit.vae import VaeLibrary, vae_infotext, vae_name
 
 
 @dataclass
@@ -105,6 +106,8 @@ class Pipeline:
         lora_dir=None,
         embeddings_dir=None,
         controlnet_dir=None,
+        vae_dir=None,
+        vae=None,
     ):
         self.components = components
         self.family = family_of(components)  # what differs between SD 1.x/2.x and other families
@@ -125,6 +128,7 @@ class Pipeline:
         self.is_inpainting_model = self.unet.config.in_channels == 2 * self.latent_channels + 1
         self.lora_dir = lora_dir  # where <lora:NAME:W> prompt tags are looked up
         self.controlnets = ControlNetLibrary(controlnet_dir)  # ControlNets by name (and any by path)
+        self.vaes = VaeLibrary(vae_dir, automatic=vae)  # VAEs a request may name (GenerationParams.vae)
         self.embeddings = {}  # textual inversion name -> file, usable as words in prompts
         if embeddings_dir is not None:
             if components.text_encoder_2 is not None:  # SDXL files hold a vector per encoder (clip_l, clip_g)
@@ -145,6 +149,8 @@ class Pipeline:
         lora_dir=None,
         embeddings_dir=None,
         controlnet_dir=None,
+        vae_dir=None,
+        vae=None,
     ) -> Pipeline:
         """Load a diffusers folder, a cached Hub repo id, an original single file, or (None) the default model.
 
@@ -154,11 +160,13 @@ class Pipeline:
         vae_tiling=True encodes and decodes images larger than a tile (512 px for SD) in tiles that share
         GroupNorm statistics (ldmkit.tiled_vae), so the VAE's memory stays that of one tile, without seams.
         offload=True keeps the models in CPU memory and moves each to the GPU only while it runs (ldmkit.offload).
+        vae_dir holds the VAEs requests may name; `vae` is the one A1111's "Automatic" names (ldmkit.vae): a request
+        runs the model's own VAE unless its GenerationParams.vae names one.
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         components = loading.load_components(source, config=config)
-        pipe = cls(components, device, dtype, lora_dir, embeddings_dir, controlnet_dir)
+        pipe = cls(components, device, dtype, lora_dir, embeddings_dir, controlnet_dir, vae_dir, vae)
         if vae_tiling:
             pipe.enable_vae_tiling()
         if offload:
@@ -283,6 +291,7 @@ class Pipeline:
         controls: list[ControlUnit] | None = None,
         refiner: Pipeline | Components | None = None,
         refiner_switch: float = DEFAULT_SWITCH,
+        vae: str | None = None,
     ) -> GenerationResult:
         """Images for a prompt (or a list of prompts: num_images of each); GenerationParams describes each argument.
 
@@ -311,6 +320,7 @@ class Pipeline:
             controls=tuple(controls or ()),
             refiner=refiner,
             refiner_switch=refiner_switch,
+            vae=vae,
         )
         return self.run(params, callback, should_stop)
 
@@ -325,25 +335,27 @@ class Pipeline:
 
         should_stop() is asked before each LoRA file, batch, pass, denoising step and decode. True interrupts:
         no more forming, and the result holds the images formed so far, as they look at that step (decoded,
-        described as what they are). To abandon the run instead (cancel, shutdown), should_stop raises.
+        described as what they are). SKIP (AUTOMATIC1111's skip) ends the batch being formed so, and the next batch
+        goes on. To abandon the run instead (cancel, shutdown), should_stop raises.
         """
         stop = _Stop(should_stop)
         # 1. Check the request against this model, before any compute.
         p = self.prepare(params)
         lora_files = self.lora_files(p)
         controls = self.prepare_controls(p)
-        # 2. LoRAs, applied for this request only.
+        # 2. LoRAs and the request's VAE, applied for this request only.
         formed = []
-        with self.loras_applied(lora_files, stop):
-            # 3-5. Each batch: prompt -> conditioning -> base pass -> hires pass.
-            for batch, seeds in enumerate(p.batch_seeds()):
-                if stop():
-                    break
-                formed.append(self.sample_batch(p, seeds, batch, callback, stop, controls))
-                if formed[-1].interrupted:
-                    break
-        # 6. Decode and describe.
-        result = self.finish(p, lora_files, formed, stop)
+        with self.vae_applied(p.vae):
+            with self.loras_applied(lora_files, stop.interrupted):
+                # 3-5. Each batch: prompt -> conditioning -> base pass -> hires pass.
+                for batch, seeds in enumerate(p.batch_seeds()):
+                    if stop.interrupted():
+                        break
+                    formed.append(self.sample_batch(p, seeds, batch, callback, stop, controls))
+                    if stop.requested:
+                        break
+            # 6. Decode and describe.
+            result = self.finish(p, lora_files, formed, stop)
         for model in (self, p.refiner):  # with offload, the GPU is left empty between requests
             if model is not None:
                 model.state.release()
@@ -367,6 +379,7 @@ class Pipeline:
         if self.is_inpainting_model and p.mask_image is None:
             raise InvalidRequest("this is an inpainting model: give an init image and a mask")
         self.lora_files(p)
+        self.check_vae(p)
         check_controls(p.controls, self.controlnets, self._state)
         if p.refiner is not None:
             if not isinstance(p.refiner, Pipeline):
@@ -528,6 +541,33 @@ class Pipeline:
             finally:
                 self._state = before
 
+    def check_vae(self, p: GenerationParams) -> Path | None:
+        """The file or folder of the VAE the request names (None: the model's own)."""
+        if p.vae is None:
+            return None
+        path = self.vaes.resolve(p.vae)
+        for what, used in (("--offload", self._state.has("offload")), ("a refiner", p.refiner is not None)):
+            if used:  # offload hooks the model's own VAE; a refiner decodes with its own
+                raise InvalidRequest(f"a VAE other than the model's own is not supported with {what} yet")
+        return path
+
+    @contextlib.contextmanager
+    def vae_applied(self, vae):
+        """The request's VAE in place of the model's own, and on record in the state, while the context is open.
+
+        It runs eager: the fast path's compiled decode is the own VAE's. Tiling, when on, tiles it too."""
+        if vae is None:
+            yield
+            return
+        path = self.vaes.resolve(vae)
+        module = self.vaes.load(path, self.components.vae, self.device, self.dtype)
+        before = self._state
+        self._state = before.with_transform(f"vae:{vae_name(path)}", vae=module, vae_decode=None)
+        try:
+            yield
+        finally:
+            self._state = before
+
     # -- stages ---------------------------------------------------------------------------------
 
     def encode_prompt(self, p: GenerationParams, size: tuple[int, int] | None = None) -> Conditioning:
@@ -620,7 +660,10 @@ class Pipeline:
 
     def latent_rgb_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The (C, 3) weight and (3,) bias of fast previews for this VAE (fitted once, then cached)."""
-        return latent_rgb_projection(self.vae, lambda z: self.family.to_latents(self.vae, z))
+        # Fitted to the model's own VAE: another VAE of the model shares its latent space, and a preview thread
+        # must not fit (run) the VAE a request has in place.
+        own_vae = self.components.vae
+        return latent_rgb_projection(own_vae, lambda z: self.family.to_latents(own_vae, z))
 
     @torch.inference_mode()
     def fast_preview(self, latents: torch.Tensor) -> torch.Tensor:
@@ -633,7 +676,8 @@ class Pipeline:
 
     def infotext_params(self, p: GenerationParams, lora_files) -> dict:
         """The A1111 parameters beyond the basic ones, as A1111 names them."""
-        params = {"Denoising strength": p.strength if p.init_image is not None else None}
+        params = vae_infotext(self.check_vae(p))
+        params["Denoising strength"] = p.strength if p.init_image is not None else None
         if p.mask_image is not None:
             params["Mask blur"] = p.mask_blur
         if p.hires is not None:
@@ -668,15 +712,31 @@ def _place(module: torch.nn.Module | None, device: torch.device, dtype: torch.dt
     return None if module is None else torch.nn.Module.to(module, device, dtype).eval()
 
 
-class _Stop:
-    """The caller's should_stop, asked at each check; a True answer (interrupt) is kept."""
+SKIP = "skip"  # should_stop's answer that ends the batch being formed only (AUTOMATIC1111's skip)
 
-    def __init__(self, should_stop: Callable[[], bool] | None):
-        self.should_stop, self.requested = should_stop, False
+
+class _Stop:
+    """The caller's should_stop, asked at each check; a True answer (interrupt) is kept for the run, a SKIP for the
+    batch being formed."""
+
+    def __init__(self, should_stop: Callable[[], bool | str] | None):
+        self.should_stop, self.requested, self.skipping = should_stop, False, False
 
     def __call__(self) -> bool:
-        if not self.requested and self.should_stop is not None:
-            self.requested = bool(self.should_stop())
+        if not (self.requested or self.skipping) and self.should_stop is not None:
+            answer = self.should_stop()
+            if answer == SKIP:
+                self.skipping = True
+            else:
+                self.requested = bool(answer)
+        return self.requested or self.skipping
+
+    def interrupted(self) -> bool:
+        """Asked where no batch is being formed (before a batch, between LoRA files): whether the run is
+        interrupted. A skip asked for then is dropped, as A1111 drops it (it skips the batch being formed)."""
+        self.skipping = False
+        self()
+        self.skipping = False
         return self.requested
 
     def ask(self) -> None:

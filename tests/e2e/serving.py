@@ -74,9 +74,9 @@ def serve(app, **config):
 
 
 @contextlib.contextmanager
-def serve_tiny(**app_kwargs):
-    """(base URL, pipeline, app) of a server over a fresh tiny pipeline."""
-    pipe = tiny_pipeline()
+def serve_tiny(pipe_kwargs: dict | None = None, **app_kwargs):
+    """(base URL, pipeline, app) of a server over a fresh tiny pipeline (Pipeline takes `pipe_kwargs`)."""
+    pipe = tiny_pipeline(**(pipe_kwargs or {}))
     app = create_app(pipe, **app_kwargs)
     with serve(app) as url:
         yield url, pipe, app

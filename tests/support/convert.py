@@ -170,3 +170,11 @@ def _open_clip_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
                 for name, ldm_name in OPEN_CLIP_LAYER.items()
             }
     return out
+
+
+def save_vae_file(vae, path: str | Path) -> Path:
+    """A VAE alone as one original-format .safetensors file, as A1111's VAE files are (bare encoder./decoder. keys)."""
+    tensors = {key: tensor.detach().contiguous() for key, tensor in _vae_to_ldm(vae).items()}
+    path = Path(path)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path

@@ -32,6 +32,8 @@ from ldmkit.server.imaging import MAX_INPUT_PIXELS, decode_base64_image, encode_
 from ldmkit.server.inpaint_fill import fill_masked
 from ldmkit.server.models import model_file, with_refiner
 from ldmkit.server.queue import GenerationQueue, Job, wait_for_result
+from ldmkit.styles import StyleLibrary
+from ldmkit.vae import vae_infotext
 
 DEFAULT_HR_STRENGTH = 0.7  # A1111's default denoising strength for the hires fix
 # A1111's hires upscaler names -> ldmkit's two upscalers. Every latent mode is bilinear here (the image's parameters
@@ -59,7 +61,9 @@ MAX_SETTINGS_DEPTH = 8  # A1111's settings are numbers, strings and lists of the
 class ProcessingRequest(BaseModel):
     prompt: str = ""
     negative_prompt: str = ""
-    styles: list[str] | None = Field(None, description="refused unless empty: no prompt styles here")
+    styles: list[str] | None = Field(
+        None, description="names of /sdapi/v1/prompt-styles, applied in order; an unknown one is refused"
+    )
     seed: int = Field(-1, description="-1: random; image i of the request uses seed + i")
     subseed: int = Field(-1, description="no effect while subseed_strength is 0")
     subseed_strength: float = Field(0, description="0 only: variation seeds are not implemented")
@@ -91,7 +95,8 @@ class ProcessingRequest(BaseModel):
     override_settings: dict[str, Any] = Field(
         default_factory=dict,
         description="CLIP_stop_at_last_layers (clip skip), sd_model_checkpoint (the loaded model), sd_vae"
-        " (Automatic or None: the model's own), eta_noise_seed_delta (0); other keys are refused",
+        " (Automatic, None or a name of /sdapi/v1/sd-vae), eta_noise_seed_delta (0); over the server's options for"
+        " this request; other keys are refused",
     )
     override_settings_restore_afterwards: bool = Field(
         True, description="false: the override_settings stay, as POST /sdapi/v1/options sets them"
@@ -244,14 +249,13 @@ class SDModelItem(BaseModel):
     config: str | None
 
 
-def create_router(queue: GenerationQueue) -> APIRouter:
+def create_router(queue: GenerationQueue, styles: StyleLibrary, options: ServerOptions) -> APIRouter:
     pipe = queue.pipe
     router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
-    options = ServerOptions(pipe.model_name, check_clip_skip=lambda n: check_clip_skip(pipe, n))
 
     @router.post("/txt2img", response_model=ImagesResponse)
     async def txt2img(body: Txt2ImgRequest, request: Request):
-        generation = _generation_request(body, options)
+        generation = _generation_request(body, options, styles, pipe)
         a1111_fields.check_txt2img(body, get_sampler(generation.sampler), pipe.model_name)
         if body.enable_hr:
             generation = dataclasses.replace(generation, hires=_hires(body))
@@ -265,7 +269,7 @@ def create_router(queue: GenerationQueue) -> APIRouter:
             raise InvalidRequest(f"img2img takes one init image, got {len(body.init_images)}")
         if body.inpainting_mask_invert not in (0, 1):
             raise InvalidRequest(f"inpainting_mask_invert must be 0 or 1, got {body.inpainting_mask_invert}")
-        generation = _generation_request(body, options)
+        generation = _generation_request(body, options, styles, pipe)
         a1111_fields.check_img2img(body, get_sampler(generation.sampler))
         mask_blur = a1111_fields.mask_blur(body)
         init_image = await asyncio.to_thread(
@@ -353,7 +357,7 @@ def create_router(queue: GenerationQueue) -> APIRouter:
             for m in queue.models
         ]
 
-    # Clients (Open WebUI, webuiapi, SillyTavern) read and set the model and clip skip through the options.
+    # Clients (Open WebUI, webuiapi, SillyTavern) read and set the model, clip skip and VAE through the options.
     @router.get("/options")
     async def get_options() -> dict:
         return options.as_dict()
@@ -371,8 +375,21 @@ def create_router(queue: GenerationQueue) -> APIRouter:
         info = items.pop(PARAMETERS_KEY, "")
         return PngInfoResponse(info=info, items=items, parameters=parse_infotext(info) if info else {})
 
-    a1111_misc.add_routes(router, queue)
+    a1111_misc.add_routes(router, queue, styles)
     return router
+
+
+def server_options(pipe: Pipeline) -> ServerOptions:
+    """The A1111 settings of a server over `pipe`: clip skip checked against its model, sd_vae against its VAEs."""
+    return ServerOptions(pipe.model_name, check_clip_skip=lambda n: check_clip_skip(pipe, n), vae_names=pipe.vaes.names)
+
+
+def vae_setting(pipe: Pipeline, sd_vae: str) -> str | None:
+    """A1111's sd_vae value -> GenerationParams.vae: "Automatic" the --vae one (or the model's own), "None" the
+    model's own, else a name of the server's VAEs."""
+    if sd_vae == "Automatic":
+        return None if pipe.vaes.automatic is None else str(pipe.vaes.automatic)
+    return None if sd_vae == "None" else sd_vae
 
 
 def check_clip_skip(pipe: Pipeline, clip_skip: int) -> None:
@@ -380,11 +397,16 @@ def check_clip_skip(pipe: Pipeline, clip_skip: int) -> None:
     pipe.family.check(pipe.state, GenerationParams(prompt="", clip_skip=clip_skip))
 
 
-def _generation_request(body: ProcessingRequest, options: ServerOptions) -> GenerationParams:
-    """The fields txt2img and img2img share."""
+def _generation_request(
+    body: ProcessingRequest, options: ServerOptions, styles: StyleLibrary, pipe: Pipeline
+) -> GenerationParams:
+    """The fields txt2img and img2img share, under the server's options (override_settings win over them)."""
+    prompt, negative_prompt = styles.apply(body.styles or [], body.prompt, body.negative_prompt)
+    _check_nesting(body.override_settings, "override_settings", MAX_SETTINGS_DEPTH)
+    settings = options.for_request(body.override_settings, keep=not body.override_settings_restore_afterwards)
     return GenerationParams(
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
         steps=body.steps,
         guidance=body.cfg_scale,
         sampler=_sampler(body.sampler_name or body.sampler_index, body.scheduler),
@@ -393,7 +415,8 @@ def _generation_request(body: ProcessingRequest, options: ServerOptions) -> Gene
         height=body.height,
         num_images=body.batch_size,
         batch_count=body.n_iter,
-        clip_skip=_clip_skip(body, options),
+        clip_skip=settings[a1111_fields.CLIP_SKIP_SETTING],
+        vae=vae_setting(pipe, settings[a1111_fields.VAE_SETTING]),
     )
 
 
@@ -410,7 +433,7 @@ async def _generate(
     return {
         "images": images if body.send_images else [],
         "parameters": body.model_dump(),
-        "info": json.dumps(_info(job, result, queue.pipe)),
+        "info": json.dumps(_info(job, result, queue.pipe, body)),
     }
 
 
@@ -423,16 +446,6 @@ def _sampler_options(default_schedule: str) -> dict:
     """A1111's sampler options: the schedule type its 'Automatic' runs, by API name."""
     schedule = SCHEDULE_TYPES[default_schedule]
     return {} if schedule.sigmas is None else {"scheduler": schedule.name}
-
-
-def _clip_skip(body: ProcessingRequest, options: ServerOptions) -> int:
-    """Clip skip from A1111's per-request settings, else the server's option; with
-    override_settings_restore_afterwards false the request's settings stay, as in A1111."""
-    _check_nesting(body.override_settings, "override_settings", MAX_SETTINGS_DEPTH)
-    clip_skip = options.clip_skip_for(body.override_settings)
-    if not body.override_settings_restore_afterwards:
-        options.update(body.override_settings)
-    return clip_skip
 
 
 def _check_nesting(value: Any, name: str, max_depth: int) -> None:
@@ -534,13 +547,15 @@ def _embedding_item(path: Path) -> EmbeddingItem:
     return EmbeddingItem(shape=vectors.shape[-1], vectors=vectors.shape[0])
 
 
-def _info(job: Job, result: GenerationResult, pipe: Pipeline) -> dict:
-    """The JSON AUTOMATIC1111's Processed.js() returns, for the fields ldmkit has."""
+def _info(job: Job, result: GenerationResult, pipe: Pipeline, body: ProcessingRequest) -> dict:
+    """The JSON AUTOMATIC1111's Processed.js() returns, for the fields ldmkit has; as there, prompt and
+    negative_prompt are the request's and the all_* lists hold them with the styles applied."""
     r, count = job.request, len(result.images)
+    vae = vae_infotext(pipe.check_vae(r))
     return {
-        "prompt": r.prompt,
+        "prompt": body.prompt,
         "all_prompts": [r.prompt] * count,
-        "negative_prompt": r.negative_prompt,
+        "negative_prompt": body.negative_prompt,
         "all_negative_prompts": [r.negative_prompt] * count,
         "seed": r.seed,
         "all_seeds": result.seeds,
@@ -557,15 +572,15 @@ def _info(job: Job, result: GenerationResult, pipe: Pipeline) -> dict:
         "face_restoration_model": None,
         "sd_model_name": pipe.model_name,
         "sd_model_hash": None,
-        "sd_vae_name": None,
-        "sd_vae_hash": None,
+        "sd_vae_name": vae.get("VAE"),
+        "sd_vae_hash": vae.get("VAE hash"),
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": r.hires.strength if r.hires else r.strength if r.init_image is not None else None,
         "extra_generation_params": {},
         "index_of_first_image": 0,
         "infotexts": result.infotexts,
-        "styles": [],
+        "styles": body.styles or [],
         "job_timestamp": _timestamp(job.created),
         "clip_skip": r.clip_skip,
         "is_using_inpainting_conditioning": r.mask_image is not None and pipe.is_inpainting_model,

@@ -8,19 +8,20 @@ and Img2Img as its API exposes them). docs/server.md has the whole table.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import threading
 from typing import Any
 
 from ldmkit.errors import InvalidRequest
 
 CLIP_SKIP_SETTING = "CLIP_stop_at_last_layers"  # A1111's name for clip skip
 MODEL_SETTING = "sd_model_checkpoint"
-# sd_vae values that mean the model's own VAE: "Automatic" looks for a VAE file next to the model (there is none
-# here), "None" is the model's own.
+VAE_SETTING = "sd_vae"
+# sd_vae values without a VAE file name: "Automatic" runs the VAE `ldm serve --vae` gives, else the model's own (A1111
+# looks for a file named after the model); "None" is the model's own.
 OWN_VAE = ("Automatic", "None")
-# Settings ldmkit has, with the one value it runs, besides clip skip and the model (checked by ServerOptions).
-FIXED_SETTINGS = {"sd_vae": OWN_VAE, "eta_noise_seed_delta": (0,)}
-NO_STYLE = ("", "None")  # what clients send for no style (AIYA: ["None"]); A1111 applies nothing for them
+ENSD_SETTING = "eta_noise_seed_delta"
+# Settings ldmkit has with the one value it runs (checked by ServerOptions).
+FIXED_SETTINGS = {ENSD_SETTING: (0,)}
 SAME_SAMPLER = "Use same sampler"  # A1111's UI value of hr_sampler_name: the first pass's
 SAME_SCHEDULER = "Use same scheduler"
 INPAINT_FILL, INPAINT_ORIGINAL = 0, 1  # A1111's inpainting_fill modes ldmkit runs; 'original' unless 'fill' is sent
@@ -32,9 +33,6 @@ def refuse(name: str, value: Any, why: str) -> None:
 
 def check_processing(body, sampler) -> None:
     """The fields txt2img and img2img share; `sampler` is the request's resolved ldmkit.samplers.Sampler."""
-    styles = [name for name in body.styles or () if name not in NO_STYLE]
-    if styles:
-        refuse("styles", styles, "this server has no prompt styles (GET /sdapi/v1/prompt-styles is empty)")
     if body.subseed_strength not in (None, 0):
         refuse("subseed_strength", body.subseed_strength, "variation seeds are not implemented (send 0)")
     for side, size in (("h", body.height), ("w", body.width)):
@@ -134,38 +132,46 @@ def mask_blur(body) -> int:
     return body.mask_blur_x
 
 
-@dataclass
 class ServerOptions:
-    """A1111's settings that POST /sdapi/v1/options may change: they persist for the server's life."""
+    """A1111's settings that POST /sdapi/v1/options changes for the server's life; a request's override_settings
+    win over them for that request. Thread-safe: the web UI's threads and the API's handlers share one."""
 
-    model_name: str
-    clip_skip: int = 1
-    check_clip_skip: Any = field(default=None, repr=False)  # raises InvalidRequest for the model's bad values
+    def __init__(self, model_name: str, check_clip_skip=None, vae_names=list):
+        self.model_name = model_name
+        self.check_clip_skip = check_clip_skip  # raises InvalidRequest for the model's bad values
+        self.vae_names = vae_names  # the VAE names sd_vae may take besides OWN_VAE (the server's --vae-dir), now
+        self._values = {CLIP_SKIP_SETTING: 1, VAE_SETTING: OWN_VAE[0], ENSD_SETTING: 0}
+        self._lock = threading.Lock()
 
     def as_dict(self) -> dict:
-        return {
-            MODEL_SETTING: self.model_name,
-            CLIP_SKIP_SETTING: self.clip_skip,
-            "sd_vae": "Automatic",
-            "eta_noise_seed_delta": 0,
-        }
+        with self._lock:
+            return {MODEL_SETTING: self.model_name, **self._values}
 
-    def update(self, options: dict[str, Any]) -> None:
+    def update(self, options: dict[str, Any], where: str = "options") -> None:
         """All or nothing: every key is checked before any is kept."""
-        settings = resolve_settings(options, self, "options")
-        self.clip_skip = settings.get(CLIP_SKIP_SETTING, self.clip_skip)
+        settings = resolve_settings(options, self, where)
+        with self._lock:
+            self._values.update(settings)
 
-    def clip_skip_for(self, override_settings: dict[str, Any]) -> int:
-        return resolve_settings(override_settings, self, "override_settings").get(CLIP_SKIP_SETTING, self.clip_skip)
+    def for_request(self, override_settings: dict[str, Any], keep: bool = False) -> dict[str, Any]:
+        """The settings a request runs: the stored ones with its override_settings on top, checked; keep=True
+        (override_settings_restore_afterwards false) stores the overrides, as A1111 does."""
+        settings = resolve_settings(override_settings, self, "override_settings")
+        with self._lock:
+            if keep:
+                self._values.update(settings)
+            return {**self._values, **settings}
 
 
 def resolve_settings(settings: dict[str, Any], options: ServerOptions, where: str) -> dict[str, Any]:
     """The settings ldmkit applies, checked; an unknown key or a value ldmkit cannot run is refused by name."""
-    unknown = sorted(key for key in settings if key not in (MODEL_SETTING, CLIP_SKIP_SETTING, *FIXED_SETTINGS))
+    unknown = sorted(
+        key for key in settings if key not in (MODEL_SETTING, CLIP_SKIP_SETTING, VAE_SETTING, *FIXED_SETTINGS)
+    )
     if unknown:
         raise InvalidRequest(
             f"{where}: {', '.join(unknown)} not supported; this server has {MODEL_SETTING}, {CLIP_SKIP_SETTING},"
-            f" sd_vae ({' or '.join(OWN_VAE)}) and eta_noise_seed_delta (0)"
+            f" {VAE_SETTING} and {ENSD_SETTING} (0)"
         )
     wanted = settings.get(MODEL_SETTING, options.model_name)
     if wanted != options.model_name:
@@ -173,7 +179,7 @@ def resolve_settings(settings: dict[str, Any], options: ServerOptions, where: st
     for key, allowed in FIXED_SETTINGS.items():
         if key in settings and settings[key] not in allowed:
             refuse(f"{where}.{key}", settings[key], f"this server runs {' or '.join(map(str, allowed))} only")
-    result = {}
+    result = {key: settings[key] for key in FIXED_SETTINGS if key in settings}
     if CLIP_SKIP_SETTING in settings:
         clip_skip = settings[CLIP_SKIP_SETTING]
         if isinstance(clip_skip, bool) or not isinstance(clip_skip, int):
@@ -181,4 +187,10 @@ def resolve_settings(settings: dict[str, Any], options: ServerOptions, where: st
         if options.check_clip_skip is not None:
             options.check_clip_skip(clip_skip)
         result[CLIP_SKIP_SETTING] = clip_skip
+    if VAE_SETTING in settings:
+        vae, names = settings[VAE_SETTING], options.vae_names()
+        if vae not in OWN_VAE and vae not in names:
+            have = ", ".join([*OWN_VAE, *names])
+            raise InvalidRequest(f"{where}.{VAE_SETTING}: unknown VAE {vae!r}; this server has: {have}")
+        result[VAE_SETTING] = vae
     return result

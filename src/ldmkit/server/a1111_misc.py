@@ -1,5 +1,5 @@
 """AUTOMATIC1111's other endpoints, which its clients call at startup or for side jobs: lists of what the server
-has (often empty: no styles, face restorers, VAE files, hypernetworks, scripts here), the extras upscaler (Lanczos
+has (prompt styles, VAE files; no face restorers, hypernetworks or scripts here), the extras upscaler (Lanczos
 resizes only) and refusals by name for what needs a model this server lacks (interrogation, model upscalers)."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from ldmkit.errors import InvalidRequest
 from ldmkit.server.imaging import decode_base64_image, encode_png_base64
 from ldmkit.server.queue import GenerationQueue
+from ldmkit.styles import StyleLibrary
 
 # The extras tab's upscalers this server has: resizes, as A1111's own 'None' and 'Lanczos' are.
 EXTRAS_UPSCALERS = {"None": Image.Resampling.LANCZOS, "Lanczos": Image.Resampling.LANCZOS}
@@ -58,7 +59,7 @@ class InterrogateRequest(BaseModel):
     model: str = "clip"
 
 
-def add_routes(router: APIRouter, queue: GenerationQueue) -> None:
+def add_routes(router: APIRouter, queue: GenerationQueue, styles: StyleLibrary) -> None:
     pipe = queue.pipe
 
     @router.get("/cmd-flags")
@@ -68,7 +69,10 @@ def add_routes(router: APIRouter, queue: GenerationQueue) -> None:
 
     @router.get("/prompt-styles")
     async def prompt_styles() -> list[dict]:
-        return []  # A1111's items: {name, prompt, negative_prompt}
+        """The styles file's styles (`ldm serve --styles`, or ./styles.csv), in its order."""
+        return [
+            {"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in styles.styles.values()
+        ]
 
     @router.get("/face-restorers")
     async def face_restorers() -> list[dict]:
@@ -76,8 +80,10 @@ def add_routes(router: APIRouter, queue: GenerationQueue) -> None:
 
     @router.get("/sd-vae")
     async def sd_vae() -> list[dict]:
-        """A1111 lists VAE files here; the model's own VAE is its 'None'/'Automatic' setting, never an entry."""
-        return []
+        """The VAEs sd_vae may name (`--vae` and `--vae-dir`'s); the model's own VAE is 'None', never an entry.
+        filename is the path within --vae-dir (just the name for --vae): where files are is no client's business."""
+        paths = await asyncio.to_thread(pipe.vaes.paths)
+        return [{"model_name": name, "filename": _vae_filename(pipe.vaes, path)} for name, path in paths.items()]
 
     @router.get("/hypernetworks")
     async def hypernetworks() -> list[dict]:
@@ -102,15 +108,18 @@ def add_routes(router: APIRouter, queue: GenerationQueue) -> None:
 
     @router.post("/refresh-vae")
     async def refresh_vae() -> None:
-        """Nothing to refresh: there are no VAE files."""
+        """Nothing to refresh: --vae-dir is read at each request."""
 
     @router.post("/refresh-loras")
     async def refresh_loras() -> None:
         """Nothing to refresh: <lora:...> tags are looked up in the folder at each request."""
 
     @router.post("/skip")
-    async def skip() -> None:
-        raise InvalidRequest("skip is not implemented (it would drop one batch of a request); use /sdapi/v1/interrupt")
+    async def skip() -> dict:
+        """A1111's skip: the running request's current batch (n_iter) ends at the next step, with its images as they
+        are then, and the request goes on with its next batch; nothing running: no effect."""
+        queue.skip()
+        return {}
 
     @router.get("/memory")
     async def memory() -> dict:
@@ -141,6 +150,12 @@ def add_routes(router: APIRouter, queue: GenerationQueue) -> None:
             return [_upscale(image, body, limit) for image in decoded]
 
         return {"html_info": _html_info(body), "images": await asyncio.to_thread(run)}
+
+
+def _vae_filename(vaes, path) -> str:
+    if vaes.folder is not None and path.is_relative_to(vaes.folder):
+        return path.relative_to(vaes.folder).as_posix()
+    return path.name
 
 
 def _check_extras(body: ExtrasOptions) -> None:

@@ -21,6 +21,7 @@ from ldmkit.server import a1111, controlnet_api, openai_api
 from ldmkit.server.limits import DEFAULT_LIMITS, BodySizeLimit, ServerLimits
 from ldmkit.server.origins import CrossOriginGuard
 from ldmkit.server.queue import Cancelled, GenerationQueue, OutOfMemory, QueueFull
+from ldmkit.styles import StyleLibrary
 
 
 def create_app(
@@ -31,6 +32,7 @@ def create_app(
     allowed_hosts: list[str] | None = None,
     allowed_origins: tuple[str, ...] = (),
     refiners: tuple[Pipeline, ...] = (),
+    styles: StyleLibrary | None = None,
 ) -> FastAPI:
     """The app over an already loaded pipeline; its worker starts and stops with the app's lifespan.
 
@@ -39,7 +41,7 @@ def create_app(
     through a DNS name it rebinds to 127.0.0.1). `allowed_origins` are the web origins besides this
     server's own whose pages may call it: read its answers (CORS) and send requests that change state;
     state-changing requests from other origins' pages are refused (403). `refiners` are the models requests may
-    name as their refiner besides the served one.
+    name as their refiner besides the served one. `styles` are the prompt styles requests may name (default none).
     """
     queue = GenerationQueue(pipe, max_waiting=queue_size, limits=limits, refiners=refiners)
     ui_files = None
@@ -65,6 +67,8 @@ def create_app(
     app = FastAPI(title="ldmkit", version=ldmkit.__version__, lifespan=lifespan, description=_DESCRIPTION)
     app.state.queue = queue
     app.state.limits = limits
+    app.state.styles = styles or StyleLibrary()
+    app.state.options = a1111.server_options(pipe)  # A1111's settings, kept for the server's life
     app.add_middleware(
         BodySizeLimit, max_bytes=limits.max_body_bytes, error=error_response, in_flight=limits.max_body_bytes_in_flight
     )
@@ -73,7 +77,7 @@ def create_app(
     app.add_middleware(CrossOriginGuard, error=error_response, allowed_origins=allowed_origins)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or LOOPBACK_HOSTS)  # outermost
     _add_error_handlers(app)
-    app.include_router(a1111.create_router(queue))
+    app.include_router(a1111.create_router(queue, app.state.styles, app.state.options))
     app.include_router(controlnet_api.create_router(queue))
     app.include_router(openai_api.create_router(queue))
     if ui:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ldmkit.cli_options import add_model_options, load_pipelines
+from pathlib import Path
+
+from ldmkit.cli_options import add_model_options, check_vae_option, load_pipelines
 
 
 def register(subparsers) -> None:
@@ -19,6 +21,16 @@ def register(subparsers) -> None:
         "--queue-size", type=int, default=8, metavar="N", help="requests that may wait while one runs; more get 503"
     )
     serve.add_argument("--no-ui", action="store_true", help="HTTP APIs only, without the web UI")
+    serve.add_argument(
+        "--styles",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="prompt styles: A1111's styles CSV (name,prompt,negative_prompt); default ./styles.csv if there is one",
+    )
+    serve.add_argument(
+        "--vae-dir", type=Path, default=None, metavar="DIR", help="VAE files and folders requests may name (sd_vae)"
+    )
     serve.add_argument(
         "--allowed-host",
         action="append",
@@ -70,10 +82,14 @@ def run_serve(args) -> int:
 
     if args.queue_size < 0:
         raise InvalidRequest(f"--queue-size must be >= 0, got {args.queue_size}")
-    folders = ((args.lora_dir, "--lora-dir"), (args.embeddings_dir, "--embeddings-dir"))
+    folders = ((args.lora_dir, "--lora-dir"), (args.embeddings_dir, "--embeddings-dir"), (args.vae_dir, "--vae-dir"))
     for folder, option in (*folders, (args.controlnet_dir, "--controlnet-dir")):
         if folder is not None and not folder.is_dir():
             raise InvalidRequest(f"{option}: folder not found: {folder}")
+    check_vae_option(args)
+    from ldmkit.styles import StyleLibrary
+
+    styles = StyleLibrary.from_option(args.styles)
     from ldmkit.server.limits import ServerLimits
     from ldmkit.server.origins import normalize_origin
 
@@ -109,6 +125,7 @@ def run_serve(args) -> int:
             allowed_hosts=allowed_hosts_for(args.host, args.allowed_host),
             allowed_origins=tuple(args.allowed_origin),
             refiners=refiners,
+            styles=styles,
         )
         print(f"ldm serve: {pipe.model_name} on {pipe.device}; web UI http://{args.host}:{args.port}/ , API docs /docs")
         # On Ctrl-C, requests get a few seconds to finish; then they are cancelled, which stops the worker.

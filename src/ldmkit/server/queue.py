@@ -22,7 +22,7 @@ from functools import partial
 import torch
 
 from ldmkit.params import GenerationParams
-from ldmkit.pipeline import GenerationResult, Pipeline, StepInfo
+from ldmkit.pipeline import SKIP, GenerationResult, Pipeline, StepInfo
 from ldmkit.server.limits import DEFAULT_LIMITS, ServerLimits
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class Job:
         self.started_at: float | None = None
         self.step: StepInfo | None = None  # the latest denoising step
         self.steps_taken = 0  # over all batches; lets a watcher tell a new step from the last one
-        self.stop: str | None = None  # "cancel" or "interrupt", read by the worker at each check (should_stop)
+        self.stop: str | None = None  # "cancel", "interrupt" or "skip", read by the worker at each check (should_stop)
 
     @property
     def batch(self) -> int:
@@ -140,7 +140,17 @@ class GenerationQueue:
         with self._lock:
             if self.current is None:
                 return False
-            self.current.stop = self.current.stop or "interrupt"
+            if self.current.stop in (None, SKIP):
+                self.current.stop = "interrupt"
+            return True
+
+    def skip(self) -> bool:
+        """End the batch the running job is forming at the pipeline's next check (its images as they are then); the
+        job goes on with its next batch (AUTOMATIC1111's skip)."""
+        with self._lock:
+            if self.current is None:
+                return False
+            self.current.stop = self.current.stop or SKIP
             return True
 
     def waiting(self) -> int:
@@ -204,14 +214,17 @@ class GenerationQueue:
         job.step = step
         job.steps_taken += 1
 
-    @staticmethod
-    def _should_stop(job: Job) -> bool:
+    def _should_stop(self, job: Job) -> bool | str:
         """The pipeline asks between its phases and at every step: a cancelled job (its client left, or the server
         is closing) ends there; an interrupted one answers with what its images look like now (AUTOMATIC1111's
-        interrupt)."""
-        if job.stop == "cancel":
-            raise Cancelled("cancelled")
-        return job.stop == "interrupt"
+        interrupt); a skip is answered once, for the batch being formed."""
+        with self._lock:
+            if job.stop == "cancel":
+                raise Cancelled("cancelled")
+            if job.stop == SKIP:
+                job.stop = None
+                return SKIP
+            return job.stop == "interrupt"
 
 
 async def wait_for_result(
