@@ -381,7 +381,9 @@ def create_router(queue: GenerationQueue, styles: StyleLibrary, options: ServerO
 
 def server_options(pipe: Pipeline) -> ServerOptions:
     """The A1111 settings of a server over `pipe`: clip skip checked against its model, sd_vae against its VAEs."""
-    return ServerOptions(pipe.model_name, check_clip_skip=lambda n: check_clip_skip(pipe, n), vae_names=pipe.vaes.names)
+    return ServerOptions(
+        pipe.model_name, check_clip_skip=lambda n: check_clip_skip(pipe, n), vae_names=lambda: pipe.vaes.names()
+    )
 
 
 def vae_setting(pipe: Pipeline, sd_vae: str) -> str | None:
