@@ -155,3 +155,18 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(capsys):
         port = taken.getsockname()[1]
         assert main(["serve", "--model", "/no/such/model", "--port", str(port)]) == 2
     assert capsys.readouterr().err == f"ldm: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--styles", "/no/such/styles.csv"], "styles file not found: /no/such/styles.csv"),
+        (["--vae", "/no/such/vae.safetensors"], "VAE not found: /no/such/vae.safetensors"),
+        (["--vae-dir", "/no/such/vaes"], "--vae-dir: folder not found: /no/such/vaes"),
+    ],
+)
+def test_styles_and_vae_options_are_checked_before_the_model_loads(capsys, args, message):
+    from ldmkit.cli import main
+
+    assert main(["serve", "--model", "/no/such/model", "--port", "0", *args]) == 2
+    assert capsys.readouterr().err == f"ldm: error: {message}\n"
