@@ -189,3 +189,31 @@ def test_generate_refuses_an_unknown_style_before_loading_a_model(styles_file, t
     assert capsys.readouterr().err.strip() == (
         "ldm: error: unknown style(s) 'noir'; the styles are: cinematic, ink, empty"
     )
+
+
+# -- the web UI -------------------------------------------------------------------------------------
+
+
+def test_the_ui_offers_the_styles_and_applies_them_in_the_order_picked(styles_file):
+    pytest.importorskip("gradio")
+    import torch
+
+    from ldmkit.pipeline import Pipeline
+    from ldmkit.server.queue import GenerationQueue
+    from ldmkit.server.ui import _request, build_ui
+
+    styles = StyleLibrary.load(styles_file)
+    queue = GenerationQueue(Pipeline(make_tiny_components(), torch.device("cpu"), torch.float32))
+    components = {c["props"].get("elem_id"): c["props"] for c in build_ui(queue, styles).config["components"]}
+    choices = [choice[0] for choice in components["txt2img-styles"]["choices"]]
+    assert choices == ["cinematic", "ink", "empty"] and components["img2img-styles"]["multiselect"] is True
+    no_styles = {c["props"].get("elem_id") for c in build_ui(queue).config["components"]}
+    assert "txt2img-styles" not in no_styles  # no styles file: no dropdown
+    values = {
+        "prompt": "an otter", "negative": "blurry", "styles": ["ink", "cinematic"], "steps": 2, "guidance": 7,
+        "sampler": "Euler", "schedule_type": "Automatic", "seed": 1, "width": 16, "height": 16, "batch_size": 1,
+        "n_iter": 1, "clip_skip": 1,
+    }  # fmt: skip
+    request = _request(values, 1 << 20, None, styles)
+    assert request.prompt == "cinematic still of an otter, ink drawing, film grain"
+    assert request.negative_prompt == "cartoon, blurry, colour"

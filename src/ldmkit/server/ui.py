@@ -24,6 +24,7 @@ from ldmkit.server.imaging import decode_image
 from ldmkit.server.queue import Cancelled, GenerationQueue, Job, as_asyncio
 from ldmkit.server.ui_controlnet import ControlNetPanel, controlnet_panel
 from ldmkit.server.ui_errors import user_error as _user_error
+from ldmkit.styles import StyleLibrary
 
 POLL_SECONDS = 0.1  # how often the page may get a new preview
 
@@ -33,7 +34,7 @@ CSS = ".ldm-preview img { width: 100%; height: 100%; object-fit: contain; image-
 
 def mount_ui(app, queue: GenerationQueue) -> gr.Blocks:
     """Serve the UI at / of `app` (whose lifespan owns the UI's file cache, ldmkit.server.ui_files)."""
-    demo = build_ui(queue)
+    demo = build_ui(queue, app.state.styles)
     gr.mount_gradio_app(
         app,
         demo,
@@ -50,12 +51,13 @@ def mount_ui(app, queue: GenerationQueue) -> gr.Blocks:
     return demo
 
 
-def build_ui(queue: GenerationQueue) -> gr.Blocks:
+def build_ui(queue: GenerationQueue, styles: StyleLibrary | None = None) -> gr.Blocks:
+    styles = styles or StyleLibrary()
     with gr.Blocks(title="ldmkit", analytics_enabled=False) as demo:
         gr.Markdown(f"### ldmkit · model: `{queue.pipe.model_name}`")
         for mode in MODES:
             with gr.Tab(mode, id=mode):
-                _generation_tab(queue, mode)
+                _generation_tab(queue, mode, styles)
         with gr.Tab("PNG info", id="png-info"):
             _png_info_tab(queue.limits.max_input_pixels)
     return demo
@@ -66,13 +68,17 @@ CONTROLNET_MODES = ("txt2img", "img2img")  # the tabs with a ControlNet panel
 HIRES_UPSCALERS = {"Latent": "latent", "Lanczos": "pixel"}  # A1111's names for ldmkit's two upscalers
 
 
-def _generation_tab(queue: GenerationQueue, mode: str) -> None:
+def _generation_tab(queue: GenerationQueue, mode: str, styles: StyleLibrary) -> None:
     size = queue.pipe.default_size
     fields: dict[str, gr.components.Component] = {}  # the handler's inputs, by name
     with gr.Row():
         with gr.Column(scale=2):
             fields["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id=f"{mode}-prompt")
             fields["negative"] = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{mode}-negative")
+            if styles.names():  # the styles file's (ldm serve --styles), applied in the order picked
+                fields["styles"] = gr.Dropdown(
+                    styles.names(), value=[], multiselect=True, label="Styles", elem_id=f"{mode}-styles"
+                )
             if mode != "txt2img":
                 with gr.Row():
                     fields["init_image"] = _upload("Init image", f"{mode}-init")
@@ -172,7 +178,7 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
     async def run(session: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's way)
         try:  # a request refused before it runs (bad input, an unknown LoRA, a full queue) says so in the status too
             request = await asyncio.to_thread(
-                _user_error, lambda: _request(dict(zip(fields, values)), max_pixels, controlnet)
+                _user_error, lambda: _request(dict(zip(fields, values)), max_pixels, controlnet, styles)
             )
             job = _user_error(lambda: queue.submit(request))
         except gr.Error as error:
@@ -241,11 +247,16 @@ def _image_size(path: str | None, max_pixels: int):
     return max(8, min(2048, width // 8 * 8)), max(8, min(2048, height // 8 * 8))
 
 
-def _request(v: dict, max_pixels: int, controlnet: ControlNetPanel | None = None) -> GenerationParams:
+def _request(
+    v: dict, max_pixels: int, controlnet: ControlNetPanel | None = None, styles: StyleLibrary | None = None
+) -> GenerationParams:
     """The tab's input values -> a queue request; uploads are decoded here (off the event loop)."""
+    prompt, negative_prompt = v["prompt"], v["negative"]
+    if v.get("styles") and styles is not None:
+        prompt, negative_prompt = styles.apply(v["styles"], prompt, negative_prompt)
     fields = {
-        "prompt": v["prompt"],
-        "negative_prompt": v["negative"],
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
         "steps": int(v["steps"]),
         "guidance": float(v["guidance"]),
         "sampler": get_sampler(v["sampler"], v["schedule_type"]).name,  # a pair it cannot run exactly is refused
