@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import requests
 import torch
 from conftest import make_tiny_components
 from PIL import Image
@@ -176,7 +177,6 @@ def test_generate_with_a_missing_vae_is_one_line_before_loading(tmp_path, capsys
 
 # -- the server: /sd-vae, sd_vae, options -----------------------------------------------------------------------------
 
-requests = pytest.importorskip("requests")
 FAST = {"prompt": "a red cube", "width": 16, "height": 16, "steps": 3, "seed": 4, "sampler_name": "Euler"}
 
 

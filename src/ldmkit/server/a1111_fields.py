@@ -147,9 +147,9 @@ class ServerOptions:
         with self._lock:
             return {MODEL_SETTING: self.model_name, **self._values}
 
-    def update(self, options: dict[str, Any], where: str = "options") -> None:
+    def update(self, options: dict[str, Any]) -> None:
         """All or nothing: every key is checked before any is kept."""
-        settings = resolve_settings(options, self, where)
+        settings = resolve_settings(options, self, "options")
         with self._lock:
             self._values.update(settings)
 
