@@ -29,6 +29,11 @@ def register(subparsers) -> None:
     emoji.add_argument("--workers", type=int, default=None, help="render processes (default: all cores)")
     emoji.add_argument("--limit", type=int, default=None, help="only the first N images (smoke runs)")
     emoji.add_argument("--skin-tones", action="store_true", help="keep the skin-tone variants (5x more people)")
+    emoji.add_argument(
+        "--extra-sets",
+        action="store_true",
+        help="also the five sets matched by name (noto-v1, emojione, fxemoji, streamline-emojis, fluent-emoji)",
+    )
     emoji.set_defaults(func=run_data)
 
     train = subparsers.add_parser("train", help="train a stage of the default model (accelerate: CPU, GPU, multi-GPU)")
@@ -80,9 +85,11 @@ def register(subparsers) -> None:
 def run_data(args) -> int:
     from ldmkit.data import emoji
 
+    sources = emoji.SOURCES + (emoji.EXTRA_SOURCES if args.extra_sets else ())
     records = emoji.build(
-        args.out, cache_dir=args.cache, workers=args.workers, limit=args.limit, skin_tones=args.skin_tones
-    )
+        args.out, cache_dir=args.cache, workers=args.workers, limit=args.limit, skin_tones=args.skin_tones,
+        sources=sources,
+    )  # fmt: skip
     print(f"{len(records)} images, {len({r.name for r in records})} names -> {args.out}")
     return 0
 
