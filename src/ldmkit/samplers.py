@@ -28,7 +28,9 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
+from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
 
 from ldmkit.errors import InvalidRequest
 from ldmkit.schedules import AUTOMATIC, SCHEDULE_TYPES, ModelSigmas, ScheduleType, get_schedule_type
@@ -160,6 +162,39 @@ class _PLMSOnVPrediction(PNDMScheduler):
         return super().step(eps, timestep, sample, return_dict=return_dict)
 
 
+class _AncestralEulerScheduler(EulerAncestralDiscreteScheduler):
+    """Euler a with A1111's eta: the share of each step's noise level drawn afresh (k-diffusion's ancestral step,
+    Karras et al. 2022 / Ho et al. 2020). diffusers' step is eta 1, and runs unchanged for it.
+
+    From sigma to sigma_next: sigma_up = min(sigma_next, eta * sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2)),
+    sigma_down = sqrt(sigma_next^2 - sigma_up^2); an Euler step to sigma_down, then noise * sigma_up. Eta 0 is Euler.
+    """
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, eta: float = 1.0):
+        if eta == 1.0:
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
+        x = sample.to(torch.float32)
+        if self.config.prediction_type == "epsilon":
+            x0 = x - sigma * model_output
+        elif self.config.prediction_type == "v_prediction":
+            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+        else:
+            raise ValueError(f"Euler a cannot step a {self.config.prediction_type!r} model")
+        sigma_up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        x = x + (x - x0) / sigma * (sigma_down - sigma)
+        # drawn at every step, as diffusers' eta-1 step draws it, so the generators advance alike
+        noise = randn_tensor(
+            model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
+        )
+        prev_sample = (x + noise * sigma_up).to(model_output.dtype)
+        self._step_index += 1
+        return (prev_sample,) if not return_dict else EulerAncestralDiscreteSchedulerOutput(prev_sample, x0)
+
+
 class _BrownianSDEScheduler(DPMSolverSDEScheduler):
     """DPM++ SDE with one Brownian tree per image, seeded with the image's seed, drawn on the CPU in float32.
 
@@ -252,7 +287,7 @@ ALGORITHMS: list[Algorithm] = [
     ),
     Algorithm(
         "Euler a",
-        EulerAncestralDiscreteScheduler,
+        _AncestralEulerScheduler,
         {},
         ANY_SIGMAS,
         stochastic=True,
