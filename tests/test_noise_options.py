@@ -287,3 +287,76 @@ def test_ensd_changes_nothing_for_a_sampler_without_step_noise(pipe):
 def test_default_options_keep_seed_plus_i(pipe):
     assert GenerationParams(**{**BASE, "num_images": 3}).image_seeds() == [31, 32, 33]
     assert GenerationParams(**{**BASE, "num_images": 3, "subseed_strength": 0.1}).image_seeds() == [31, 31, 31]
+
+
+# -- the A1111 API ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server():
+    pytest.importorskip("fastapi", reason="server extras not installed")
+    from e2e.serving import serve_tiny
+
+    with serve_tiny(ui=False) as (url, _, _):
+        yield url
+
+
+def a1111(url: str, **fields) -> tuple[np.ndarray, dict, dict]:
+    """The first image's pixels, its infotext's fields and the answer's info."""
+    import base64
+    import io
+    import json
+
+    import requests
+    from PIL import Image
+
+    body = {"prompt": "an otter", "steps": 4, "cfg_scale": 7.5, "width": 16, "height": 16, "seed": 31, **fields}
+    response = requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    png = Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))
+    png.load()
+    return np.asarray(png.convert("RGB"), dtype=int), parse_infotext(png.info["parameters"]), json.loads(answer["info"])
+
+
+def test_a1111_api_runs_variation_seed_resize_eta_and_ensd(server, pipe):
+    fields = {"subseed": 77, "subseed_strength": 0.5, "seed_resize_from_w": 24, "seed_resize_from_h": 24}
+    noisy = {"sampler_name": "Euler a", "eta": 0.5, "override_settings": {"eta_noise_seed_delta": 100}}
+    ours, infotext, info = a1111(server, **fields, **noisy)
+    default, _, _ = a1111(server, sampler_name="Euler a")
+    assert np.abs(ours - default).max() > 10
+    expected = image(
+        pipe,
+        sampler="Euler a",
+        subseed=77,
+        subseed_strength=0.5,
+        seed_resize_from=(24, 24),
+        eta=0.5,
+        eta_noise_seed_delta=100,
+    )
+    assert np.abs(ours - expected).max() <= 3  # the worker thread may sum floats in another order
+    assert infotext["Variation seed"] == "77" and infotext["Variation seed strength"] == "0.5"
+    assert infotext["Seed resize from"] == "24x24" and infotext["Eta"] == "0.5" and infotext["ENSD"] == "100"
+    assert info["subseed"] == 77 and info["all_subseeds"] == [77] and info["subseed_strength"] == 0.5
+    assert (info["seed_resize_from_w"], info["seed_resize_from_h"]) == (24, 24)
+
+
+def test_a1111_api_runs_eulers_churn_and_ddims_eta(server, pipe):
+    churned, infotext, _ = a1111(server, sampler_name="Euler", s_churn=2.0, s_tmin=0.1, s_tmax=0, s_noise=1.0)
+    assert np.abs(churned - image(pipe, sampler="Euler", s_churn=2.0, s_tmin=0.1)).max() <= 3
+    assert np.abs(churned - a1111(server, sampler_name="Euler")[0]).max() > 10
+    assert infotext["Sigma churn"] == "2.0" and infotext["Sigma tmin"] == "0.1" and "Sigma tmax" not in infotext
+    ddim, infotext, _ = a1111(server, sampler_name="DDIM", eta=1.0)  # webuiapi's default eta
+    assert np.abs(ddim - a1111(server, sampler_name="DDIM")[0]).max() > 10 and infotext["Eta DDIM"] == "1.0"
+
+
+def test_ensd_set_through_the_options_is_kept(server):
+    import requests
+
+    options = f"{server}/sdapi/v1/options"
+    assert requests.post(options, json={"eta_noise_seed_delta": 31337}, timeout=30).status_code == 200
+    try:
+        assert requests.get(options, timeout=30).json()["eta_noise_seed_delta"] == 31337
+        assert a1111(server, sampler_name="Euler a")[1]["ENSD"] == "31337"
+    finally:
+        requests.post(options, json={"eta_noise_seed_delta": 0}, timeout=30)
