@@ -6,18 +6,25 @@ diffusers' schedulers run with the same options on the tiny model; the A1111 API
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import math
 
 import numpy as np
 import pytest
+import requests
 import torch
 from conftest import make_tiny_components
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+from PIL import Image
 from test_parity import assert_parity, diffusers_images, ours_as_float
 
 from ldmkit import Pipeline
+from ldmkit.cli import main
 from ldmkit.errors import InvalidRequest
-from ldmkit.metadata import parse_infotext
+from ldmkit.loading import save_pretrained
+from ldmkit.metadata import parse_infotext, read_infotext
 from ldmkit.noise import NoiseRecipe, place_centred
 from ldmkit.params import GenerationParams
 from ldmkit.samplers import get_sampler
@@ -303,12 +310,6 @@ def server():
 
 def a1111(url: str, **fields) -> tuple[np.ndarray, dict, dict]:
     """The first image's pixels, its infotext's fields and the answer's info."""
-    import base64
-    import io
-    import json
-
-    import requests
-    from PIL import Image
 
     body = {"prompt": "an otter", "steps": 4, "cfg_scale": 7.5, "width": 16, "height": 16, "seed": 31, **fields}
     response = requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=60)
@@ -351,8 +352,6 @@ def test_a1111_api_runs_eulers_churn_and_ddims_eta(server, pipe):
 
 
 def test_ensd_set_through_the_options_is_kept(server):
-    import requests
-
     options = f"{server}/sdapi/v1/options"
     assert requests.post(options, json={"eta_noise_seed_delta": 31337}, timeout=30).status_code == 200
     try:
@@ -360,3 +359,36 @@ def test_ensd_set_through_the_options_is_kept(server):
         assert a1111(server, sampler_name="Euler a")[1]["ENSD"] == "31337"
     finally:
         requests.post(options, json={"eta_noise_seed_delta": 0}, timeout=30)
+
+
+# -- the CLI ----------------------------------------------------------------------------------------------------
+
+
+def test_cli_generate_takes_the_noise_options(tmp_path, pipe):
+    save_pretrained(make_tiny_components(), tmp_path / "model")
+    args = ["generate", "an otter", "-n", "2", "--steps", "4", "--guidance", "7.5", "--seed", "31", "--size", "16x16"]
+    args += ["--sampler", "Euler a", "--subseed", "77", "--subseed-strength", "0.5", "--seed-resize-from", "24x24"]
+    args += ["--eta", "0.5", "--ensd", "100", "--model", str(tmp_path / "model"), "-o", str(tmp_path / "out"), "-q"]
+    assert main(args) == 0
+    second = tmp_path / "out" / "00002-31.png"  # a variation keeps the seed
+    info = parse_infotext(read_infotext(second))
+    assert info["Variation seed"] == "78" and info["Seed resize from"] == "24x24"
+    assert info["Eta"] == "0.5" and info["ENSD"] == "100"
+    options = {"subseed": 77, "subseed_strength": 0.5, "seed_resize_from": (24, 24), "eta": 0.5}
+    expected = pipe.run(GenerationParams(**BASE, num_images=2, sampler="Euler a", eta_noise_seed_delta=100, **options))
+    with Image.open(second) as png:
+        assert np.abs(np.asarray(png, dtype=int) - np.asarray(expected.images[1], dtype=int)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--subseed-strength", "2"], "subseed_strength must be a number from 0 to 1, got 2.0"),
+        (["--seed-resize-from", "20x16"], "seed resize from width must be a multiple of 8 from 8 to 8192, got 20"),
+        (["--sampler", "Heun", "--s-churn", "1"], "s_churn=1.0 is not supported: Heun runs without churn"),
+    ],
+)
+def test_cli_refuses_bad_noise_options_in_one_line_before_loading(tmp_path, capsys, args, message):
+    code = main(["generate", "otter", *args, "--model", str(tmp_path / "no-such-model"), "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"ldm: error: {message}"), err
