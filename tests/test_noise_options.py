@@ -16,7 +16,7 @@ import pytest
 import requests
 import torch
 from conftest import make_tiny_components
-from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 from PIL import Image
 from test_parity import assert_parity, diffusers_images, ours_as_float
 
@@ -27,6 +27,7 @@ from ldmkit.loading import save_pretrained
 from ldmkit.metadata import parse_infotext, read_infotext
 from ldmkit.noise import NoiseRecipe, place_centred
 from ldmkit.params import GenerationParams
+from ldmkit.samplers import _DDIMOnSigmas as DDIMOnSigmas
 from ldmkit.samplers import get_sampler
 
 C = 4  # the tiny model's latent channels; its VAE scales by 2 (16 px -> 8 latent px)
@@ -170,6 +171,27 @@ def test_ddim_eta_matches_diffusers_ddim_with_that_eta(tiny_components):
     assert np.abs(plain_float - theirs).max() > 1e-2  # eta changed the images
 
 
+def test_ddim_eta_on_a_schedule_type_is_ddims_eta_step_on_those_noise_levels(tiny_components):
+    """DDIM with eta on given noise levels (a schedule type) runs the ancestral step: on DDIM's own timesteps
+    it must be diffusers' DDIMScheduler with that eta (as at eta 0 it is Euler, test_parity)."""
+    config = tiny_components.scheduler_config
+    ddim = DDIMScheduler.from_config(config)
+    ddim.set_timesteps(6)
+    alphas_cumprod = ddim.alphas_cumprod[torch.cat([ddim.timesteps, torch.tensor([0])])]  # last step ends at t = 0
+    sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt().tolist()
+    args = {"prompt": "an otter", "guidance_scale": 7.5, "width": 16, "height": 16, "eta": 0.6}
+    theirs = diffusers_images(StableDiffusionPipeline, tiny_components, ddim, [4], num_inference_steps=6, **args)
+    assert isinstance(get_sampler("DDIM", "Karras").make_scheduler(config), DDIMOnSigmas)  # DDIM on schedule types
+    ours = diffusers_images(
+        StableDiffusionPipeline, tiny_components, DDIMOnSigmas.from_config(config), [4], sigmas=sigmas, **args
+    )
+    assert np.abs(ours - theirs).max() < 1e-3
+    plain = diffusers_images(
+        StableDiffusionPipeline, tiny_components, ddim, [4], num_inference_steps=6, **{**args, "eta": 0}
+    )
+    assert np.abs(plain - theirs).max() > 1e-2
+
+
 class ChurningEuler(EulerDiscreteScheduler):
     """diffusers' Euler with the churn options given to every step (its pipeline passes none)."""
 
@@ -227,7 +249,6 @@ def test_euler_a_step_with_eta_is_the_ancestral_step_of_k_diffusion(tiny_compone
     [
         ({"sampler": "DPM2 a", "eta": 0.5}, "eta=0.5 is not supported: DPM2 a runs at A1111's default eta 1"),
         ({"sampler": "DPM++ 2M SDE", "eta": 0.2}, "eta=0.2 is not supported: DPM++ 2M SDE"),
-        ({"sampler": "DDIM Karras", "eta": 0.5}, "eta=0.5 is not supported: DDIM on the Karras schedule"),
         ({"sampler": "Heun", "s_churn": 1.0}, "s_churn=1.0 is not supported: Heun runs without churn"),
         ({"eta": 1.5}, "eta must be a number from 0 to 1"),
         ({"s_noise": -1}, "s_noise must be a number from 0 to 2"),

@@ -5,7 +5,8 @@ Which sampler takes which is A1111 1.10's (modules/sd_samplers_kdiffusion.py and
 of DDIM (default 0) and of the ancestral and SDE samplers (default 1); Karras et al.'s churn options go to Euler,
 Heun and DPM2 only. Every other sampler ignores them, in A1111 as here (docs/server.md lists them). What ldmkit runs
 is what diffusers' schedulers take: DDIMScheduler.step's eta, EulerDiscreteScheduler.step's churn options, and
-eta for Euler a (ldmkit.samplers' ancestral step). The rest is refused when not at A1111's default.
+ldmkit.samplers' ancestral step with eta for Euler a and for DDIM on a schedule type. The rest is refused when
+not at A1111's default.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import math
 
 from ldmkit.errors import InvalidRequest
-from ldmkit.schedules import AUTOMATIC
 
 # A1111's default eta of each sampler that has one (eta_ddim 0, eta_ancestral 1).
 DEFAULT_ETA = {
@@ -56,11 +56,6 @@ def check_for_sampler(sampler, eta, s_churn) -> None:
             raise InvalidRequest(
                 f"eta={eta!r} is not supported: {name} runs at A1111's default eta {DEFAULT_ETA[name]:g} only "
                 "(diffusers' scheduler for it takes no eta)"
-            )
-        if name == "DDIM" and sampler.schedule is not AUTOMATIC:
-            raise InvalidRequest(
-                f"eta={eta!r} is not supported: DDIM on the {sampler.schedule.label} schedule runs as Euler (eta 0); "
-                "eta needs its Automatic schedule"
             )
     if name in CHURN_SAMPLERS and s_churn != 0 and name not in RUNS_CHURN:
         raise InvalidRequest(
