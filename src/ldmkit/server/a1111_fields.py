@@ -12,14 +12,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ldmkit.errors import InvalidRequest
+from ldmkit.params import MAX_SEED
 
 CLIP_SKIP_SETTING = "CLIP_stop_at_last_layers"  # A1111's name for clip skip
 MODEL_SETTING = "sd_model_checkpoint"
 # sd_vae values that mean the model's own VAE: "Automatic" looks for a VAE file next to the model (there is none
 # here), "None" is the model's own.
 OWN_VAE = ("Automatic", "None")
-# Settings ldmkit has, with the one value it runs, besides clip skip and the model (checked by ServerOptions).
-FIXED_SETTINGS = {"sd_vae": OWN_VAE, "eta_noise_seed_delta": (0,)}
+ENSD_SETTING = "eta_noise_seed_delta"  # A1111's seed offset of the samplers' per-step noise (ldmkit.noise)
+# Settings ldmkit has, with the one value it runs, besides clip skip, ENSD and the model (checked by ServerOptions).
+FIXED_SETTINGS = {"sd_vae": OWN_VAE}
 NO_STYLE = ("", "None")  # what clients send for no style (AIYA: ["None"]); A1111 applies nothing for them
 SAME_SAMPLER = "Use same sampler"  # A1111's UI value of hr_sampler_name: the first pass's
 SAME_SCHEDULER = "Use same scheduler"
@@ -35,22 +37,11 @@ def check_processing(body, sampler) -> None:
     styles = [name for name in body.styles or () if name not in NO_STYLE]
     if styles:
         refuse("styles", styles, "this server has no prompt styles (GET /sdapi/v1/prompt-styles is empty)")
-    if body.subseed_strength not in (None, 0):
-        refuse("subseed_strength", body.subseed_strength, "variation seeds are not implemented (send 0)")
-    for side, size in (("h", body.height), ("w", body.width)):
-        value = getattr(body, f"seed_resize_from_{side}")
-        if value is not None and value > 0 and value != size:
-            refuse(f"seed_resize_from_{side}", value, "seed resize is not implemented (send -1 or 0)")
     if body.restore_faces:
         refuse("restore_faces", True, "this server has no face restorer")
     if body.tiling:
         refuse("tiling", True, "tileable images are not implemented")
-    _check_eta(body.eta, sampler)
-    if body.s_churn not in (None, 0):
-        refuse("s_churn", body.s_churn, "the sampler noise options are not implemented (send 0)")
-    # s_tmin/s_tmax bound where s_churn applies: no effect while it is 0
-    if body.s_noise not in (None, 1):
-        refuse("s_noise", body.s_noise, "the sampler noise options are not implemented (send 1)")
+    # subseed, seed resize, eta and the churn options are GenerationParams' (checked there, per sampler)
     if body.s_min_uncond not in (None, 0):
         refuse("s_min_uncond", body.s_min_uncond, "skipping the unconditional pass is not implemented (send 0)")
     if body.disable_extra_networks:
@@ -63,19 +54,15 @@ def check_processing(body, sampler) -> None:
         refuse("infotext", "...", "reading the request from an infotext is not implemented; send the fields")
 
 
-def _check_eta(eta: float | None, sampler) -> None:
-    """eta is the noise of DDIM and the ancestral/SDE samplers; the others (Euler, DPM++ 2M, LCM...) take none."""
-    if eta is None:
-        return
-    name = sampler.algorithm.name
-    if name == "DDIM":
-        default = 0.0  # A1111's eta_ddim option
-    elif sampler.stochastic and name != "LCM":
-        default = 1.0  # A1111's eta_ancestral option: what the ancestral and SDE samplers here run
-    else:
-        return  # this sampler has no eta: any value changes nothing, in A1111 too
-    if isinstance(eta, bool) or not (isinstance(eta, (int, float)) and math.isclose(eta, default)):
-        refuse("eta", eta, f"{sampler.name} runs at A1111's default eta {default:g} only")
+def seed_resize_from(body) -> tuple[int, int] | None:
+    """A1111's seed_resize_from_w/_h as (width, height); either <= 0 turns it off, as in A1111."""
+    width, height = body.seed_resize_from_w, body.seed_resize_from_h
+    return None if width <= 0 or height <= 0 else (width, height)
+
+
+def s_tmax(body) -> float:
+    """A1111 reads an s_tmax of 0 (or none) as infinity: churn at every noise level."""
+    return body.s_tmax or math.inf
 
 
 def check_txt2img(body, sampler, model_name: str) -> None:
@@ -140,6 +127,7 @@ class ServerOptions:
 
     model_name: str
     clip_skip: int = 1
+    eta_noise_seed_delta: int = 0
     check_clip_skip: Any = field(default=None, repr=False)  # raises InvalidRequest for the model's bad values
 
     def as_dict(self) -> dict:
@@ -147,25 +135,31 @@ class ServerOptions:
             MODEL_SETTING: self.model_name,
             CLIP_SKIP_SETTING: self.clip_skip,
             "sd_vae": "Automatic",
-            "eta_noise_seed_delta": 0,
+            ENSD_SETTING: self.eta_noise_seed_delta,
         }
 
     def update(self, options: dict[str, Any]) -> None:
         """All or nothing: every key is checked before any is kept."""
         settings = resolve_settings(options, self, "options")
         self.clip_skip = settings.get(CLIP_SKIP_SETTING, self.clip_skip)
+        self.eta_noise_seed_delta = settings.get(ENSD_SETTING, self.eta_noise_seed_delta)
 
     def clip_skip_for(self, override_settings: dict[str, Any]) -> int:
         return resolve_settings(override_settings, self, "override_settings").get(CLIP_SKIP_SETTING, self.clip_skip)
 
+    def ensd_for(self, override_settings: dict[str, Any]) -> int:
+        settings = resolve_settings(override_settings, self, "override_settings")
+        return settings.get(ENSD_SETTING, self.eta_noise_seed_delta)
+
 
 def resolve_settings(settings: dict[str, Any], options: ServerOptions, where: str) -> dict[str, Any]:
     """The settings ldmkit applies, checked; an unknown key or a value ldmkit cannot run is refused by name."""
-    unknown = sorted(key for key in settings if key not in (MODEL_SETTING, CLIP_SKIP_SETTING, *FIXED_SETTINGS))
+    known = (MODEL_SETTING, CLIP_SKIP_SETTING, ENSD_SETTING, *FIXED_SETTINGS)
+    unknown = sorted(key for key in settings if key not in known)
     if unknown:
         raise InvalidRequest(
             f"{where}: {', '.join(unknown)} not supported; this server has {MODEL_SETTING}, {CLIP_SKIP_SETTING},"
-            f" sd_vae ({' or '.join(OWN_VAE)}) and eta_noise_seed_delta (0)"
+            f" {ENSD_SETTING} and sd_vae ({' or '.join(OWN_VAE)})"
         )
     wanted = settings.get(MODEL_SETTING, options.model_name)
     if wanted != options.model_name:
@@ -181,4 +175,9 @@ def resolve_settings(settings: dict[str, Any], options: ServerOptions, where: st
         if options.check_clip_skip is not None:
             options.check_clip_skip(clip_skip)
         result[CLIP_SKIP_SETTING] = clip_skip
+    if ENSD_SETTING in settings:
+        ensd = settings[ENSD_SETTING]
+        if isinstance(ensd, bool) or not isinstance(ensd, int) or not 0 <= ensd <= MAX_SEED:
+            raise InvalidRequest(f"{where}.{ENSD_SETTING} must be an integer from 0 to {MAX_SEED}, got {ensd!r}")
+        result[ENSD_SETTING] = ensd
     return result
