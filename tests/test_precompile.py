@@ -71,6 +71,18 @@ def test_other_shapes_and_architectures_get_their_own_files(cache):
     assert len(paths) == 4
 
 
+def test_a_changed_function_of_the_same_name_gets_its_own_file(cache):
+    # A file saved by an older ldmkit holds the older function's code: loading it would run that code.
+    def changed(module, x):
+        return 2 * module(x)
+
+    changed.__name__, changed.__qualname__ = forward.__name__, forward.__qualname__
+    module, x = Tiny(), torch.ones(2, 8)
+    paths = [PrecompiledCall(fn, module, {}, cache_dir=cache).cache_path((x,)) for fn in (forward, changed)]
+    assert paths[0].name.startswith("forward-") and paths[1].name.startswith("forward-")
+    assert paths[0] != paths[1]
+
+
 def test_the_file_name_is_the_same_in_a_fresh_process(cache):
     # A key that changed between processes (a set's order, an address) would make every process compile;
     # diffusers configs hold such a set (_use_default_values).

@@ -8,7 +8,7 @@ loads in a second or two. The weights are not in it: the function takes the modu
 so its parameters are inputs, and the same file serves any weights of the same architecture.
 
 A file is named by a hash of everything that shapes the compiled code: the torch, diffusers and
-ldmkit versions, the GPU, the function, the compile options, the module's class, config and
+ldmkit versions, the GPU, the function (its bytecode too), the compile options, the module's class, config and
 parameters (names, shapes, dtypes, strides: fused QKV and channels_last show there) and the call's
 tensors. The tensor and global-state guards saved with it are checked again when it is loaded.
 Whatever cannot be saved or loaded falls back to a plain torch.compile, which is only slower to start.
@@ -80,7 +80,8 @@ class PrecompiledCall:
             "versions": [torch.__version__, torch.version.cuda, diffusers.__version__, ldmkit.__version__],
             "python": platform.python_version(),
             "gpu": [torch.cuda.get_device_name(cuda[0]), torch.cuda.get_device_capability(cuda[0])] if cuda else None,
-            "fn": f"{self.fn.__module__}.{self.fn.__qualname__}",
+            # its bytecode too: a file saved by an older version of the function would run that version
+            "fn": [f"{self.fn.__module__}.{self.fn.__qualname__}", self.fn.__code__.co_code.hex()],
             "options": self.options,
             "module": [type(module).__module__, type(module).__qualname__, config],
             "state": [
