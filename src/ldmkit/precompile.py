@@ -11,7 +11,8 @@ A file is named by a hash of everything that shapes the compiled code: the torch
 ldmkit versions, the GPU, the function (its bytecode too), the compile options, the module's class, config and
 parameters (names, shapes, dtypes, strides: fused QKV and channels_last show there) and the call's
 tensors. The tensor and global-state guards saved with it are checked again when it is loaded.
-Whatever cannot be saved or loaded falls back to a plain torch.compile, which is only slower to start.
+Whatever cannot be loaded is compiled again; what is compiled but cannot be saved runs as compiled in this process
+(the next one compiles again); what cannot be compiled ahead of time falls back to a plain torch.compile.
 """
 
 from __future__ import annotations
@@ -112,14 +113,21 @@ class PrecompiledCall:
             with torch._dynamo.config.patch(enable_aot_compile=True):
                 compiled_fn = torch.compile(self.fn, fullgraph=True, options=options)
                 compiled = compiled_fn.aot_compile(((self.module, *tensors), {}))
+        except Exception as error:  # AOT precompile is experimental: keep working without it
+            log.warning("precompile: not compiled ahead of time (%s); using torch.compile", _brief(error))
+            log.debug("precompile: AOT compile failure", exc_info=True)
+            return torch.compile(self.fn, fullgraph=True, options=self.options)
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
             compiled.save_compiled_function(str(path))  # written to a temporary file, then renamed
             log.info("precompile: saved %s", path)
-            return compiled
-        except Exception as error:  # AOT precompile is experimental: keep working without it
-            log.warning("precompile: not saved (%s); using torch.compile", _brief(error))
+        except Exception as error:
+            # Compiled, only not kept: this process runs it as it is; compiling again would double the wait.
+            # Seen on torch 2.11 after other torch.compile calls in the same process ("cannot pickle
+            # RootGuardManager": its pickler of the saved state reached an object of dynamo's own).
+            log.warning("precompile: compiled but not saved (%s); the next process compiles again", _brief(error))
             log.debug("precompile: save failure", exc_info=True)
-            return torch.compile(self.fn, fullgraph=True, options=self.options)
+        return compiled
 
 
 def _brief(error: Exception) -> str:
