@@ -62,7 +62,8 @@ def test_bench_table_on_cpu(tiny_model, tmp_path, capsys, fake_clock):
     assert header == list(bench.COLUMNS)  # the units are in the header
     # diffusers-compiled is left out by default on the CPU, where compiling costs minutes.
     assert [row[0] for row in rows] == ["diffusers", "ours", "ours-fast"]
-    flops = cpu_flops(make_tiny_components(), GenerationParams(bench.PROMPT, width=16, height=16, num_images=2))
+    request = GenerationParams(bench.PROMPT, width=16, height=16, num_images=2).resolved(16)
+    flops = cpu_flops(make_tiny_components(), request)
     results = {row["name"]: row for row in json.loads(raw.read_text())["rows"]}
     for row in rows:
         result = results[row[0]]
@@ -93,7 +94,7 @@ def test_bench_sdxl_rows_match_diffusers(tmp_path_factory, tmp_path, capsys, fak
     # diffusers' StableDiffusionXLPipeline against ours, same weights, noise and sampler in fp32
     assert rows["ours"]["psnr_eager"] > 48 and rows["ours-fast"]["psnr_eager"] > 48
     components = load_components(str(folder))
-    flops = cpu_flops(components, GenerationParams(bench.PROMPT, width=16, height=16))
+    flops = cpu_flops(components, GenerationParams(bench.PROMPT, width=16, height=16).resolved(16))
     assert rows["ours"]["run_tflops"] == pytest.approx(3 * flops / STEP_S / 1e12, rel=1e-12)
 
 

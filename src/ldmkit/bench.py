@@ -382,8 +382,17 @@ def unet_inputs(components, request, device, dtype) -> tuple:
             "text_embeds": torch.randn(rows, pooled, device=device, dtype=dtype),
             "time_ids": torch.tensor([time_ids] * rows, device=device, dtype=dtype),
         }
-    timestep = torch.tensor(500, device=device)  # int64 on the device, as the schedulers' timesteps
-    return sample, timestep, kwargs
+    return sample, scheduler_timestep(components, request, device), kwargs
+
+
+def scheduler_timestep(components, request, device):
+    """A timestep of the request's schedule as diffusers' scheduler gives it to the UNet (int64 for DDIM, float32 for
+    Euler, on the device): a compiled UNet called with another dtype would compile again."""
+    from ldmkit.samplers import get_sampler
+
+    scheduler = get_sampler(request.sampler).make_scheduler(components.scheduler_config)
+    scheduler.set_timesteps(request.steps)
+    return scheduler.timesteps[request.steps // 2].to(device)
 
 
 def count_unet_flops(master, request, dtype) -> float:
