@@ -1,15 +1,22 @@
-"""`ldm bench` on the CPU with a tiny saved model: the table has its rows and sane numbers."""
+"""`ldm bench` on the CPU with tiny saved models: the table's rows, units and numbers, on a clock of the test's own."""
 
 import argparse
+import dataclasses
+import itertools
 import json
 import math
 
 import pytest
+import torch
 from conftest import make_tiny_components
+from support.sdxl import make_tiny_sdxl_components
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from ldmkit import bench
 from ldmkit.errors import InvalidRequest
-from ldmkit.loading import save_pretrained
+from ldmkit.loading import load_components, save_pretrained
+from ldmkit.params import GenerationParams
 
 
 @pytest.fixture(scope="module")
@@ -17,40 +24,108 @@ def tiny_model(tmp_path_factory):
     return save_pretrained(make_tiny_components(), tmp_path_factory.mktemp("bench") / "tiny")
 
 
-def test_bench_table_on_cpu(tiny_model, tmp_path, capsys):
+STEP_S = 0.25  # what every timed call takes on the test's clock
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """bench's clock advancing STEP_S per reading: each timed interval (two readings in a row) is STEP_S."""
+    readings = itertools.count()
+    monkeypatch.setattr(bench, "clock", lambda: next(readings) * STEP_S)
+
+
+def table_rows(table: str) -> list[list[str]]:
+    """The markdown table's cells, header first, without the |---| line."""
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def cpu_flops(components, request) -> float:
+    """One UNet call of a step counted on real CPU tensors: what count_unet_flops counts on the meta device.
+
+    Attention through SDPA's math backend (its two matmuls counted as such): the flop counter knows the CUDA
+    attention kernels' FLOPs but not those of the CPU's fused kernel."""
+    sample, timestep, kwargs = bench.unet_inputs(components, request, torch.device("cpu"), torch.float32)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        components.unet(sample, timestep, return_dict=False, **kwargs)
+    return float(counter.get_total_flops())
+
+
+def test_bench_table_on_cpu(tiny_model, tmp_path, capsys, fake_clock):
     out, raw = tmp_path / "table.md", tmp_path / "bench.json"
-    argv = [
-        "--model",
-        str(tiny_model),
-        "--size",
-        "16",
-        "--steps",
-        "3",
-        "--warmup",
-        "0",
-        "--repeats",
-        "2",
-        "--device",
-        "cpu",
-    ]
+    argv = ["--model", str(tiny_model), "--size", "16", "--steps", "3", "--warmup", "0", "--repeats", "2"]
+    argv += ["--batch", "2", "--device", "cpu"]
     assert bench.main([*argv, "--out", str(out), "--json", str(raw)]) == 0
     table = capsys.readouterr().out
     assert table == out.read_text()
-    names = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line][
-        1:
-    ]
+    header, *rows = table_rows(table)
+    assert header == list(bench.COLUMNS)  # the units are in the header
     # diffusers-compiled is left out by default on the CPU, where compiling costs minutes.
-    assert names == ["diffusers", "ours", "ours-fast"]
-    rows = {row["name"]: row for row in json.loads(raw.read_text())["rows"]}
-    for row in rows.values():
-        assert row["error"] is None
-        assert row["its"] > 0 and math.isclose(row["its"], 3 / row["latency_s"])
-        assert row["first_image_s"] > 0
-        assert row["peak_mem_gib"] is None  # no GPU
-        assert row["psnr_compiled"] is None
-    assert rows["diffusers"]["psnr_eager"] == math.inf  # against itself
+    assert [row[0] for row in rows] == ["diffusers", "ours", "ours-fast"]
+    request = GenerationParams(bench.PROMPT, width=16, height=16, num_images=2).resolved(16)
+    flops = cpu_flops(make_tiny_components(), request)
+    results = {row["name"]: row for row in json.loads(raw.read_text())["rows"]}
+    for row in rows:
+        result = results[row[0]]
+        assert result["error"] is None
+        # every timed interval is STEP_S on the fake clock: 3 steps in 0.25 s, 2 images a call
+        assert (result["latency_s"], result["first_image_s"], result["its"]) == (STEP_S, STEP_S, 3 / STEP_S)
+        assert result["s_per_image"] == STEP_S / 2
+        assert result["run_tflops"] == pytest.approx(3 * flops / STEP_S / 1e12, rel=1e-12)
+        # no GPU: no peak memory, no CUDA-event timing of the UNet and decode, so no UNet TFLOP/s
+        assert [result[k] for k in ("peak_mem_gib", "unet_ms", "decode_ms", "unet_tflops", "psnr_compiled")] == [
+            None
+        ] * 5
+        assert row[1:5] == ["12.00", "0.250", "0.125", "0.2"] and row[5] == "-"
+        assert row[10] == f"{3 * flops / STEP_S / 1e12:.1f}" and row[9] == row[11] == row[12] == "-"
+    assert results["diffusers"]["psnr_eager"] == math.inf  # against itself
     # Same weights, seeds and sampler in fp32: at most one 8-bit level apart.
+    assert results["ours"]["psnr_eager"] > 48 and results["ours-fast"]["psnr_eager"] > 48
+    assert [row[6] for row in rows] == ["inf"] + [f"{results[n]['psnr_eager']:.1f}" for n in ("ours", "ours-fast")]
+
+
+def test_bench_sdxl_rows_match_diffusers(tmp_path_factory, tmp_path, capsys, fake_clock):
+    folder = save_pretrained(make_tiny_sdxl_components(seed=2), tmp_path_factory.mktemp("bench") / "tiny-sdxl")
+    raw = tmp_path / "bench.json"
+    argv = ["--model", str(folder), "--size", "16", "--steps", "3", "--warmup", "0", "--repeats", "1"]
+    assert bench.main([*argv, "--device", "cpu", "--sampler", "Euler", "--json", str(raw)]) == 0
+    rows = {row["name"]: row for row in json.loads(raw.read_text())["rows"]}
+    assert list(rows) == ["diffusers", "ours", "ours-fast"]
+    # diffusers' StableDiffusionXLPipeline against ours, same weights, noise and sampler in fp32
     assert rows["ours"]["psnr_eager"] > 48 and rows["ours-fast"]["psnr_eager"] > 48
+    components = load_components(str(folder))
+    flops = cpu_flops(components, GenerationParams(bench.PROMPT, width=16, height=16).resolved(16))
+    assert rows["ours"]["run_tflops"] == pytest.approx(3 * flops / STEP_S / 1e12, rel=1e-12)
+
+
+@pytest.mark.parametrize("make", [make_tiny_components, make_tiny_sdxl_components])
+def test_unet_flops_counted_on_the_meta_device_are_those_of_a_real_call(make):
+    components = make()
+    request = GenerationParams(bench.PROMPT, width=16, height=16, num_images=3).resolved(16)
+    assert bench.count_unet_flops(components, request, torch.float32) == cpu_flops(components, request)
+    # without guidance the UNet's batch halves, and so do its FLOPs
+    single = dataclasses.replace(request, guidance=1.0)
+    assert 2 * bench.count_unet_flops(components, single, torch.float32) == cpu_flops(components, request)
+
+
+def test_sdxl_family_rows_and_size():
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--family", "sdxl"])
+    assert (args.family, args.size, bench.DEFAULT_SIZE[args.family]) == ("sdxl", None, 1024)
+    assert bench.select_rows(args, torch.device("cuda"), bench.RUNNERS) == [
+        "diffusers", "ours", "ours-offload", "ours-fast", "diffusers-compiled",
+    ]  # fmt: skip
+    assert bench.select_rows(args, torch.device("cpu"), bench.RUNNERS) == ["diffusers", "ours", "ours-fast"]
+
+
+def test_random_sdxl_is_sdxl_base_shaped():
+    # Parameter counts of SDXL base 1.0's components (UNet 2.6B, as the SDXL paper states; the others as the
+    # published checkpoints hold them): built on the meta device, no memory used.
+    components = bench.random_sdxl(torch.device("meta"))
+    counts = [sum(p.numel() for p in m.parameters()) for m in bench._models(components)]
+    assert counts == [123_060_480, 694_659_840, 2_567_463_684, 83_653_863]
+    assert components.unet.config.addition_embed_type == "text_time" and not components.vae.config.force_upcast
 
 
 def test_bench_without_diffusers_leaves_psnr_empty(tiny_model, capsys):
@@ -70,9 +145,10 @@ def test_bench_without_diffusers_leaves_psnr_empty(tiny_model, capsys):
         "--no-diffusers",
     ]
     assert bench.main(argv) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ours")]
-    assert [r.split("|")[1].strip() for r in rows] == ["ours", "ours-fast"]
-    assert all(r.rstrip(" |").endswith("| - | -") for r in rows)
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert [row[0] for row in rows] == ["ours", "ours-fast"]
+    psnr_columns = [header.index("PSNR vs diffusers eager (dB)"), header.index("PSNR vs diffusers compiled (dB)")]
+    assert all(row[i] == "-" for row in rows for i in psnr_columns)
 
 
 def test_register_adds_the_bench_subcommand():

@@ -146,3 +146,37 @@ def test_missing_dataset_is_a_one_line_error(tmp_path):
 
     with pytest.raises(LdmError, match="ldm data emoji"):
         emoji.load(tmp_path)
+
+
+def test_a_set_without_code_points_is_matched_by_icon_name(packages):
+    # like @iconify-json/fxemoji or streamline-emojis: an empty chars.json, names hyphenated, squashed or numbered
+    write_iconify(
+        packages / "iconify-json-named-1.0.0.tgz",
+        icons={
+            "otter-1": {"body": RED_SQUARE},
+            "otter-2": {"body": RED_SQUARE},
+            "redheart": {"body": RED_SQUARE},
+            "mancook": {"body": RED_SQUARE, "hidden": True},
+            "unknown-thing": {"body": RED_SQUARE},
+        },
+        chars={},
+    )
+    sources = FAKE_SOURCES + (emoji.EmojiSource("@iconify-json/named", "doodle icon", "iconify", "CC-BY-4.0", "T"),)
+    records, _ = emoji.collect(emoji.fetch_packages(packages, sources), sources)
+    named = sorted((r.key, r.name) for r in records if r.style == "doodle icon")
+    assert named == [("1f9a6", "otter"), ("2764", "red heart")]  # one otter; hidden and unmatched icons left out
+    svgs, names = emoji.read_iconify(packages / "iconify-json-named-1.0.0.tgz", {"otter": "1f9a6"})
+    assert names == {"1f9a6": "otter-1"} and "<rect" in svgs["1f9a6"]
+
+
+def test_extra_sets_match_most_of_their_icons():
+    by_package = {s.package: s for s in emoji.EXTRA_SOURCES}
+    assert set(by_package) == {
+        "@iconify-json/noto-v1",
+        "@iconify-json/emojione",
+        "@iconify-json/fxemoji",
+        "@iconify-json/streamline-emojis",
+        "@iconify-json/fluent-emoji",
+    }
+    assert {s.license for s in emoji.EXTRA_SOURCES} <= {"Apache-2.0", "CC-BY-4.0", "MIT"}  # none share-alike
+    assert len({s.style for s in emoji.SOURCES + emoji.EXTRA_SOURCES}) == 9  # each set its own style phrase

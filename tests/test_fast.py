@@ -1,15 +1,17 @@
 """make_fast: what it changes in a Pipeline's models and records in its state, and that the pictures stay the same
 (tiny model, CPU)."""
 
+import functools
 import logging
 
 import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import FusedAttnProcessor2_0
+from support.sdxl import make_tiny_sdxl_components
 
 from ldmkit import Pipeline
-from ldmkit.fast import FastUNet, compile_models, use_fp16
+from ldmkit.fast import FastUNet, compile_models, unet_forward, use_fp16
 
 KWARGS = {
     "prompt": "an otter in a river",
@@ -23,8 +25,15 @@ KWARGS = {
 }
 
 
-def pixels(pipe):
-    return np.stack([np.asarray(image, dtype=int) for image in pipe.generate(**KWARGS).images])
+SDXL_KWARGS = {**KWARGS, "width": 24, "sampler": "Euler"}  # non-square: time_ids hold (height, width)
+
+
+def pixels(pipe, **kwargs):
+    return np.stack([np.asarray(image, dtype=int) for image in pipe.generate(**{**KWARGS, **kwargs}).images])
+
+
+def cpu_pipeline(components):
+    return Pipeline(components, torch.device("cpu"), torch.float32)
 
 
 def test_make_fast_on_cpu_changes_nothing(tiny_components):
@@ -73,6 +82,82 @@ def test_compile_models_wraps_unet_and_decoder_once(tiny_components, tmp_path, m
     again.apply(compile_models)
     assert np.array_equal(pixels(again), pixels(pipe))
     assert caplog.text.count("precompile: loaded") == 2 and "saved" not in caplog.text
+
+
+class RecordedCall:
+    """Stands in for the compiled call (the UNet run eagerly through unet_forward) and keeps what it was given."""
+
+    def __init__(self, unet):
+        self.call, self.calls = functools.partial(unet_forward, unet), []
+
+    def __call__(self, *tensors):
+        self.calls.append(tensors)
+        return self.call(*tensors)
+
+
+@pytest.mark.parametrize("kind", ["base", "refiner"])
+def test_sdxl_calls_take_the_compiled_path_with_their_added_conditioning(kind):
+    # Issue 18: SDXL's added_cond_kwargs (pooled text_embeds, time_ids) used to send every call to the eager UNet.
+    components = make_tiny_sdxl_components(seed=3, kind=kind)
+    eager = pixels(cpu_pipeline(components), **SDXL_KWARGS)
+    pipe = cpu_pipeline(components)
+    recorded = RecordedCall(pipe.unet)
+    pipe.apply(lambda state: state.with_transform("compiled:test", unet_forward=FastUNet(state.unet, recorded)))
+    assert np.array_equal(pixels(pipe, **SDXL_KWARGS), eager)
+    assert len(recorded.calls) == SDXL_KWARGS["steps"]  # every step, none eager
+    sample, timestep, context, text_embeds, time_ids = recorded.calls[0]
+    rows = 2 * SDXL_KWARGS["num_images"]  # the guidance batch
+    assert sample.shape == (rows, 4, 8, 12) and timestep.dtype == torch.float32 and context.shape[0] == rows
+    assert text_embeds.shape == (rows, 8)
+    # size and crop conditioning: (height, width, top, left) then the target size, or the refiner's aesthetic score
+    last = [[2.5], [6.0]] if kind == "refiner" else [[16, 24], [16, 24]]
+    assert time_ids.tolist() == [[16, 24, 0, 0, *last[0]]] * 2 + [[16, 24, 0, 0, *last[1]]] * 2
+
+
+def test_fast_unet_runs_what_it_was_not_compiled_for_eagerly():
+    components = make_tiny_sdxl_components(seed=3)
+    unet, recorded = components.unet, RecordedCall(components.unet)
+    fast = FastUNet(unet, recorded)
+    sample, context = torch.randn(1, 4, 2, 2), torch.randn(1, 77, 16)
+    added = {"text_embeds": torch.randn(1, 8), "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]])}
+    with torch.no_grad():
+        expected = unet(sample, 10, context, added_cond_kwargs=added).sample
+        torch.testing.assert_close(fast(sample, 10, context, added_cond_kwargs=added).sample, expected)
+        assert len(recorded.calls) == 1
+        # a key the compiled call has no place for: the UNet itself runs (and ignores it, as diffusers does)
+        extra = fast(sample, 10, context, added_cond_kwargs={**added, "extra": torch.ones(1)})
+        torch.testing.assert_close(extra.sample, expected)
+        with pytest.raises(ValueError, match="time_ids"):  # diffusers' own refusal: the call reached the UNet
+            fast(sample, 10, context, added_cond_kwargs={"text_embeds": added["text_embeds"]})
+    assert len(recorded.calls) == 1
+
+
+@pytest.mark.slow  # compiling the tiny SDXL UNet and decoder with inductor: over a minute on a CPU
+def test_compiled_sdxl_keeps_the_images_and_loads_from_the_saved_files(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("LDMKIT_COMPILE_CACHE", str(tmp_path))
+    caplog.set_level(logging.INFO, logger="ldmkit.precompile")
+    components = make_tiny_sdxl_components(seed=3)
+    eager = pixels(cpu_pipeline(components), **SDXL_KWARGS)
+    pipe = cpu_pipeline(components)
+    pipe.apply(compile_models)
+    assert np.abs(pixels(pipe, **SDXL_KWARGS) - eager).max() <= 1
+    assert len(pipe.state.unet_forward.call.compiled) == 1  # every step through the one compiled UNet call
+    assert "saved" in caplog.text and "not saved" not in caplog.text
+
+    caplog.clear()
+    again = cpu_pipeline(components)
+    again.apply(compile_models)
+    assert np.abs(pixels(again, **SDXL_KWARGS) - eager).max() <= 1
+    assert caplog.text.count("precompile: loaded") == 2 and "saved" not in caplog.text
+
+
+def test_use_fp16_casts_both_sdxl_text_encoders_and_skips_the_refiners_missing_one():
+    for kind in ("base", "refiner"):
+        pipe = cpu_pipeline(make_tiny_sdxl_components(kind=kind))
+        pipe.apply(use_fp16)
+        encoders = [m for m in (pipe.state.text_encoder, pipe.state.text_encoder_2) if m is not None]
+        assert len(encoders) == (1 if kind == "refiner" else 2)
+        assert all(next(m.parameters()).dtype == torch.float16 for m in encoders)
 
 
 def test_modes_with_inductor_graphs_use_plain_torch_compile(tiny_components):

@@ -256,6 +256,18 @@ def test_options_persist_and_override_settings_win_over_them(server, reference_p
     assert not np.array_equal(other, own)
 
 
+def test_a_stored_ensd_runs_as_an_override_would(server):
+    url, _ = server
+    ancestral = {"sampler_name": "Euler a", "steps": 4}
+    overridden = image_of(txt2img(url, **ancestral, override_settings={"eta_noise_seed_delta": 31337}))
+    assert not np.array_equal(overridden, image_of(txt2img(url, **ancestral)))  # ENSD changes Euler a's noise
+    assert set_options(url, eta_noise_seed_delta=31337).status_code == 200
+    assert options(url)["eta_noise_seed_delta"] == 31337
+    assert np.array_equal(image_of(txt2img(url, **ancestral)), overridden)
+    restored = txt2img(url, **ancestral, override_settings={"eta_noise_seed_delta": 0})
+    assert not np.array_equal(image_of(restored), overridden) and options(url)["eta_noise_seed_delta"] == 31337
+
+
 def test_override_settings_restore_afterwards_false_keeps_them(server, reference_pixels):
     url, _ = server
     _, other = reference_pixels
@@ -269,7 +281,7 @@ def test_override_settings_restore_afterwards_false_keeps_them(server, reference
     "values, reason",
     [
         ({"sd_vae": "kl-f8.pt"}, "options.sd_vae: unknown VAE 'kl-f8.pt'; this server has: Automatic, None, other-vae"),
-        ({"eta_noise_seed_delta": 31337}, "options.eta_noise_seed_delta=31337 is not supported"),
+        ({"eta_noise_seed_delta": -1}, "options.eta_noise_seed_delta must be an integer from 0"),
         ({"sd_vae": "other-vae", "samples_format": "jpg"}, "options: samples_format not supported"),
     ],
 )

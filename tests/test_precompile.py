@@ -71,6 +71,18 @@ def test_other_shapes_and_architectures_get_their_own_files(cache):
     assert len(paths) == 4
 
 
+def test_a_changed_function_of_the_same_name_gets_its_own_file(cache):
+    # A file saved by an older ldmkit holds the older function's code: loading it would run that code.
+    def changed(module, x):
+        return 2 * module(x)
+
+    changed.__name__, changed.__qualname__ = forward.__name__, forward.__qualname__
+    module, x = Tiny(), torch.ones(2, 8)
+    paths = [PrecompiledCall(fn, module, {}, cache_dir=cache).cache_path((x,)) for fn in (forward, changed)]
+    assert paths[0].name.startswith("forward-") and paths[1].name.startswith("forward-")
+    assert paths[0] != paths[1]
+
+
 def test_the_file_name_is_the_same_in_a_fresh_process(cache):
     # A key that changed between processes (a set's order, an address) would make every process compile;
     # diffusers configs hold such a set (_use_default_values).
@@ -91,6 +103,34 @@ def test_a_corrupt_file_is_compiled_again_and_replaced(cache, caplog):
         torch.testing.assert_close(call(x), module(x))
     assert "could not use" in caplog.text and "saved" in caplog.text
     assert path.read_bytes() != b"not a compiled function"
+
+
+def test_a_function_compiled_but_not_saved_runs_without_compiling_again(cache, caplog, monkeypatch):
+    # Issue 21: on torch 2.11, after diffusers' compiled row in the same process, saving failed with this error;
+    # the fallback then compiled the function a second time. Now it runs as compiled, and says why it was not kept.
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+
+    def refuse(self, path, external_data=None):
+        raise TypeError("cannot pickle 'torch._C._dynamo.guards.RootGuardManager' object")
+
+    compiles = []
+    compile = torch.compile
+    monkeypatch.setattr(AOTCompiledFunction, "save_compiled_function", refuse)
+    monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: compiles.append(args) or compile(*args, **kwargs))
+    module, x = Tiny(), torch.randn(2, 8)
+    other_x = 2 * x  # made outside inference mode, as x: the same signature
+    call = PrecompiledCall(forward, module, {}, cache_dir=cache)
+    with torch.inference_mode():
+        torch.testing.assert_close(call(x), module(x))
+        torch.testing.assert_close(call(other_x), module(other_x))
+    [compiled] = call.compiled.values()
+    assert len(compiles) == 1 and isinstance(compiled, AOTCompiledFunction)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "precompile: compiled but not saved (TypeError: cannot pickle 'torch._C._dynamo.guards.RootGuardManager' "
+        "object); the next process compiles again"
+    ]
+    assert not list(cache.glob("*.bin"))
 
 
 def test_signature_tells_inference_tensors_and_grad_mode_apart():

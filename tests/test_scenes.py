@@ -182,3 +182,12 @@ def test_hue_rotation_and_backgrounds():
         assert painted.shape == (len(kinds), 3, height, width) and torch.isfinite(painted).all()
         assert painted[0].eq(1).all()  # white
         assert painted[1:].std(dim=(2, 3)).sum(1).gt(0.01).all()  # the others are not flat
+
+
+def test_scene_shares_choose_the_kinds_drawn(catalogue):
+    _, infos, _ = catalogue
+    only_classic = scenes.SceneSampler(infos, shares=(1, 0, 0, 0, 0, 0))
+    rng = random.Random(0)
+    assert {only_classic.sample(rng).kind for _ in range(100)} == {"classic"}
+    with pytest.raises(ValueError, match="scene shares"):
+        scenes.SceneSampler(infos, shares=(1, 0, 0))

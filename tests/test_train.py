@@ -1,6 +1,7 @@
 """Tiny CPU training runs of each stage on a handful of 32x32 images: the loss goes down, checkpoints resume."""
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -222,6 +223,16 @@ def test_scene_stage_trains_text_encoder_and_unet_together(trained, sprite_dir, 
     assert unet_model.config.down_block_types[0] == "DownBlock2D"  # no attention at the full latent size
     cfg.max_steps = 15
     assert scene.train(cfg)["steps"] == 15  # resumed from ckpt.pt
+
+    # A new run can start from an exported UNet (a curriculum stage): with lr 0 it exports that UNet unchanged
+    resumed = dataclasses.replace(
+        cfg, out_dir=str(tmp_path / "next"), unet_dir=str(tmp_path / "scene" / "unet"), max_steps=2, lr=0.0, min_lr=0.0,
+        text_encoder_dir=str(tmp_path / "scene" / "text_encoder"), scene_shares=(1, 1, 0, 0, 0, 0),
+    )  # fmt: skip
+    scene.train(resumed)
+    start = UNet2DConditionModel.from_pretrained(tmp_path / "scene" / "unet").state_dict()
+    after = UNet2DConditionModel.from_pretrained(tmp_path / "next" / "unet").state_dict()
+    assert all(torch.equal(start[k], after[k]) for k in start)
 
 
 def test_contrastive_loss_counts_every_matching_caption():

@@ -1,9 +1,10 @@
-"""`ldm bench`: diffusers' StableDiffusionPipeline against ours, eager and fast, in one process.
+"""`ldm bench`: diffusers' pipeline against ours, eager and fast, in one process.
 
-Every row starts from the same weights (SD1.5-shaped random ones by default: speed does not depend
-on the values) and the same starting noise per seed, and reports speed, first-image time (compile
-included), peak GPU memory and PSNR against diffusers' eager images. Ablation rows (one speed-up at a time)
-are in the repository's benchmarks/ (`python -m benchmarks table --ablations`).
+Every row starts from the same weights (SD1.5- or, with `--family sdxl`, SDXL-shaped random ones by default:
+speed does not depend on the values) and the same starting noise per seed, and reports speed, first-image time
+(compile included), peak GPU memory, the UNet's achieved TFLOP/s and PSNR against diffusers' eager images.
+Ablation rows (one speed-up at a time) are in the repository's benchmarks/ (`python -m benchmarks table
+--ablations`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ GUIDANCE = 7.5
 # Rows in the order they run. Compiled rows after the first find inductor's on-disk cache warm,
 # so ours-fast runs before diffusers-compiled: our first-image time is the cold one.
 DEFAULT_ROWS = ("diffusers", "ours", "ours-fast", "diffusers-compiled")
+# SDXL adds model CPU offload (`--offload`), for the peak GPU memory it saves at 1024 px.
+FAMILY_ROWS = {"sd15": DEFAULT_ROWS, "sdxl": ("diffusers", "ours", "ours-offload", "ours-fast", "diffusers-compiled")}
+CUDA_ONLY_ROWS = ("diffusers-compiled", "ours-offload")  # compiling takes minutes on a CPU; offload needs CUDA
+DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024}
+clock = time.perf_counter  # wall-clock seconds of the timed calls (tests put a clock of their own here)
 
 
 @dataclasses.dataclass
@@ -35,11 +41,14 @@ class RowResult:
     its: float = math.nan  # steps / median end-to-end latency
     latency_s: float = math.nan  # median end-to-end latency: prompt to 8-bit images, decode included
     first_image_s: float = math.nan  # setup (compile included) plus the first call
-    peak_mem_gib: float | None = None  # torch.cuda.max_memory_allocated, weights included
+    s_per_image: float = math.nan  # latency / images per call
+    peak_mem_gib: float | None = None  # torch.cuda.max_memory_allocated while generating, resident weights included
     psnr_eager: float | None = None  # dB against the diffusers row's images, same seeds
     psnr_compiled: float | None = None  # dB against the diffusers-compiled row's images
     unet_ms: float | None = None  # one UNet call alone (CUDA events, mean of back-to-back calls), the guidance batch
     decode_ms: float | None = None  # one VAE decode alone
+    unet_tflops: float | None = None  # the UNet call's FLOPs (torch.utils.flop_counter) / unet_ms
+    run_tflops: float | None = None  # steps x the UNet call's FLOPs / latency: the UNet's share of the whole run
     error: str | None = None
     steps: int = 0
 
@@ -54,10 +63,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="model to load (a folder, cached repo id, single file, or 'default'); default: SD1.5-shaped random "
-        "weights",
+        help="model to load (a folder, cached repo id, single file, or 'default'); default: random weights of "
+        "--family's shape",
     )
-    parser.add_argument("--size", type=int, default=512, help="image side in pixels")
+    parser.add_argument(
+        "--family",
+        default="sd15",
+        choices=sorted(RANDOM_MODELS),
+        help="the random model's shape when --model is not given (bundled configs, no download): SD1.5 or SDXL base",
+    )
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: 512, 1024 for SDXL)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sampler", default="DDIM")
     parser.add_argument("--batch", type=int, default=1, help="images per call")
@@ -68,7 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-diffusers", action="store_true", help="only our rows (PSNR columns stay empty)")
     parser.add_argument(
-        "--rows", default=None, help=f"comma-separated rows, from {', '.join(DEFAULT_ROWS)} (default: all of them)"
+        "--rows",
+        default=None,
+        help=f"comma-separated rows, from {', '.join(RUNNER_NAMES)} (default: {', '.join(DEFAULT_ROWS)}; for "
+        f"--family sdxl also ours-offload)",
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument(
@@ -105,26 +123,30 @@ def run_bench(args, runners: dict[str, Callable] | None = None, extra_rows: tupl
     rows = select_rows(args, device, runners, extra_rows)
     if args.repeats < 1 or args.warmup < 0:
         raise InvalidRequest("--repeats must be at least 1, --warmup at least 0")
+    size = args.size or DEFAULT_SIZE[args.family]
     request = GenerationParams(
         PROMPT, steps=args.steps, guidance=GUIDANCE, sampler=args.sampler, seed=args.seed,
-        width=args.size, height=args.size, num_images=args.batch,
+        width=size, height=size, num_images=args.batch,
     )  # fmt: skip
     request.validate()
-    request = request.resolved(args.size)
+    request = request.resolved(size)
     dtype = resolve_dtype(args.dtype, device)
 
     log(f"bench: {describe_device(device)}, torch {torch.__version__}, {dtype}, rows {', '.join(rows)}")
-    master = load_master(args.model, device, dtype)
+    master = load_master(args.model, device, dtype, args.family)
+    unet_flops = count_unet_flops(master, request, dtype)
     header = (
-        f"{master.name}, {args.size}x{args.size}, {request.steps} {request.sampler} steps, "
+        f"{master.name}, {size}x{size}, {request.steps} {request.sampler} steps, "
         f"batch {request.num_images}, guidance {GUIDANCE}, {describe_device(device)}, "
-        f"{str(dtype).removeprefix('torch.')}"
+        f"{str(dtype).removeprefix('torch.')}; one UNet call ({unet_input_rows(request)} rows): "
+        f"{unet_flops / 1e12:.2f} TFLOP (torch.utils.flop_counter)"
     )
     results: list[RowResult] = []
     images: dict[str, list] = {}
     for name in rows:
         log(f"bench: row {name} ...")
         result, row_images = bench_row(name, runners[name], master, device, dtype, request, args.warmup, args.repeats)
+        fill_tflops(result, unet_flops)
         results.append(result)
         if row_images is not None:
             images[name] = row_images
@@ -144,10 +166,10 @@ def select_rows(args, device, runners: dict[str, Callable], extra_rows: tuple[st
     from ldmkit.errors import InvalidRequest
 
     if args.rows is None:
-        rows = list(DEFAULT_ROWS)
+        rows = list(FAMILY_ROWS[args.family])
         if device.type != "cuda":
             # Compiling SD's UNet takes minutes on a CPU and was measured to pay on CUDA only.
-            rows.remove("diffusers-compiled")
+            rows = [r for r in rows if r not in CUDA_ONLY_ROWS]
     else:
         rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     rows += [r for r in extra_rows if r not in rows]
@@ -162,19 +184,25 @@ def select_rows(args, device, runners: dict[str, Callable], extra_rows: tuple[st
 # ---- weights ----
 
 
-def load_master(model: str | None, device, dtype):
+def load_master(model: str | None, device, dtype, family: str = "sd15"):
     """The weights every row copies, on the CPU in the run's dtype."""
     import torch
 
     from ldmkit import loading
 
     if model is None:
-        components = random_sd15(device)
+        components = RANDOM_MODELS[family](device)
     else:
         components = loading.load_components(None if model == "default" else model)
-    for module in (components.text_encoder, components.unet, components.vae):
+    for module in _models(components):
         torch.nn.Module.to(module, "cpu", dtype)
     return components
+
+
+def _models(components) -> list:
+    """The components' torch modules (SD has no text_encoder_2, the SDXL refiner no text_encoder)."""
+    modules = (components.text_encoder, components.text_encoder_2, components.unet, components.vae)
+    return [module for module in modules if module is not None]
 
 
 def random_sd15(device, seed: int = 0):
@@ -202,15 +230,56 @@ def random_sd15(device, seed: int = 0):
     )
 
 
+def random_sdxl(device, seed: int = 0):
+    """SDXL-base-shaped components (bundled configs: 2.6B-parameter UNet, CLIP ViT-L and OpenCLIP bigG) with random
+    weights, initialised on `device` for speed.
+
+    The VAE's force_upcast is off, as in the fp16-fix SDXL VAE people use for speed: with it on, diffusers' pipeline
+    decodes in fp32 and ours in fp16, and the rows would time different decodes.
+    """
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ldmkit import loading
+
+    folder = loading.SDXL_BASE_CONFIG
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        vae = AutoencoderKL.from_config({**AutoencoderKL.load_config(folder / "vae"), "force_upcast": False})
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
+    return loading.Components(
+        tokenizer=loading._folder_tokenizer(folder / "tokenizer"),
+        text_encoder=text_encoder.eval(),
+        unet=unet.eval(),
+        vae=vae.eval(),
+        scheduler_config=loading._scheduler_config(folder / "scheduler", None),
+        source=str(folder),
+        name="sdxl-random",
+        tokenizer_2=loading._folder_tokenizer(folder / "tokenizer_2"),
+        text_encoder_2=text_encoder_2.eval(),
+        pipeline_config=loading._sdxl_pipeline_config(loading._read_json(folder / "model_index.json")),
+    )
+
+
+RANDOM_MODELS = {"sd15": random_sd15, "sdxl": random_sdxl}
+
+
 def place(master, device, dtype):
     """A fresh copy of the models on the device: rows change their models (fusion, layout, compile)."""
     import torch
 
     def copied(module):
-        return torch.nn.Module.to(copy.deepcopy(module), device, dtype).eval()
+        return None if module is None else torch.nn.Module.to(copy.deepcopy(module), device, dtype).eval()
 
     return dataclasses.replace(
-        master, text_encoder=copied(master.text_encoder), unet=copied(master.unet), vae=copied(master.vae)
+        master,
+        text_encoder=copied(master.text_encoder),
+        text_encoder_2=copied(master.text_encoder_2),
+        unet=copied(master.unet),
+        vae=copied(master.vae),
     )
 
 
@@ -229,24 +298,30 @@ def bench_row(name: str, runner: Callable, master, device, dtype, request, warmu
         components = place(master, device, dtype)
         if on_cuda:
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
+        start = clock()
         generate = runner(components, device, dtype, request)
+        if on_cuda:
+            # From here: the weights the row keeps on the GPU (none with offload, which moved them back) and what
+            # generating adds, compiling included.
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         generate(request.seed)
-        result.first_image_s = time.perf_counter() - start
+        result.first_image_s = clock() - start
         for _ in range(warmup):
             generate(request.seed)
         latencies, row_images = [], []
         for k in range(repeats):
-            start = time.perf_counter()
+            start = clock()
             row_images.append(generate(request.seed + k))
-            latencies.append(time.perf_counter() - start)
+            latencies.append(clock() - start)
         log(f"bench: {name} images: mean {row_images[0].mean():.1f}, std {row_images[0].std():.1f} (8-bit)")
         result.latency_s = statistics.median(latencies)
         result.its = request.steps / result.latency_s
+        result.s_per_image = result.latency_s / request.num_images
         if on_cuda:
             result.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
-            result.unet_ms, result.decode_ms = time_parts(generate, components, device, dtype, request)
+            if generate.unet is not None:
+                result.unet_ms, result.decode_ms = time_parts(generate, components, device, dtype, request)
     except Exception as error:  # noqa: BLE001 - one broken row must not lose the others' numbers
         traceback.print_exc()
         result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
@@ -263,28 +338,83 @@ def time_parts(generate, components, device, dtype, request, calls: int = 20):
     With the whole run's latency this says how much of a step is not the UNet: the sampler's small
     kernels, host syncs and Python.
     """
-    import torch
 
     try:
-        factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
-        side = request.width // factor
-        latents = torch.randn(
-            request.num_images, components.unet.config.in_channels, side, side, device=device, dtype=dtype
-        )
-        model_input = torch.cat([latents] * 2)
-        hidden = torch.randn(
-            2 * request.num_images, 77, components.text_encoder.config.hidden_size, device=device, dtype=dtype
-        )
-        timestep = torch.tensor(500, device=device)  # int64 on the device, as the schedulers' timesteps
+        # Made under the row's grad mode, as the pipeline makes its tensors: ours compiles per inference-ness.
         with generate.grad_mode():
-            unet_ms = _mean_cuda_ms(
-                lambda: generate.unet(model_input, timestep, encoder_hidden_states=hidden, return_dict=False)[0], calls
-            )
+            sample, timestep, kwargs = unet_inputs(components, request, device, dtype)
+            latents = sample[: request.num_images]
+            unet_ms = _mean_cuda_ms(lambda: generate.unet(sample, timestep, return_dict=False, **kwargs)[0], calls)
             decode_ms = _mean_cuda_ms(lambda: generate.decode(latents, return_dict=False)[0], calls)
         return unet_ms, decode_ms
     except Exception:  # noqa: BLE001 - the breakdown is extra; the row's numbers stand without it
         traceback.print_exc()
         return None, None
+
+
+def unet_input_rows(request) -> int:
+    """The UNet's batch in a step: both guidance halves of every image."""
+    return 2 * request.num_images if request.guidance > 1 else request.num_images
+
+
+def vae_scale_factor(components) -> int:
+    return 2 ** (len(components.vae.config.block_out_channels) - 1)
+
+
+def unet_inputs(components, request, device, dtype) -> tuple:
+    """(sample, timestep, kwargs) of one UNet call of a step, random, shaped from the models' configs: the latents of
+    the guidance batch, 77 text tokens and, for SDXL (addition_embed_type "text_time"), the pooled text embedding
+    and the size/crop ids."""
+    import torch
+
+    config, rows = components.unet.config, unet_input_rows(request)
+    side = request.width // vae_scale_factor(components)
+    sample = torch.randn(rows, config.in_channels, side, side, device=device, dtype=dtype)
+    context = torch.randn(rows, 77, config.cross_attention_dim, device=device, dtype=dtype)
+    kwargs = {"encoder_hidden_states": context}
+    if config.addition_embed_type == "text_time":
+        # The add embedding takes the pooled embedding and each id's Fourier features: 6 ids (original size, crop,
+        # target size) for SDXL base, 5 for the refiner (an aesthetic score for the target size).
+        pooled = components.text_encoder_2.config.projection_dim
+        ids = (config.projection_class_embeddings_input_dim - pooled) // config.addition_time_embed_dim
+        time_ids = [request.height, request.width, 0, 0, request.height, request.width][:ids]
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(rows, pooled, device=device, dtype=dtype),
+            "time_ids": torch.tensor([time_ids] * rows, device=device, dtype=dtype),
+        }
+    return sample, scheduler_timestep(components, request, device), kwargs
+
+
+def scheduler_timestep(components, request, device):
+    """A timestep of the request's schedule as diffusers' scheduler gives it to the UNet (int64 for DDIM, float32 for
+    Euler, on the device): a compiled UNet called with another dtype would compile again."""
+    from ldmkit.samplers import get_sampler
+
+    scheduler = get_sampler(request.sampler).make_scheduler(components.scheduler_config)
+    scheduler.set_timesteps(request.steps)
+    return scheduler.timesteps[request.steps // 2].to(device)
+
+
+def count_unet_flops(master, request, dtype) -> float:
+    """FLOPs of one UNet call of a step (the guidance batch), counted by torch.utils.flop_counter on the meta device:
+    shapes only, so no weights are copied and nothing is computed."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = torch.nn.Module.to(UNet2DConditionModel.from_config(master.unet.config), dtype)
+    sample, timestep, kwargs = unet_inputs(master, request, torch.device("meta"), dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(sample, timestep, return_dict=False, **kwargs)
+    return float(counter.get_total_flops())
+
+
+def fill_tflops(result: RowResult, unet_flops: float) -> None:
+    if result.unet_ms:
+        result.unet_tflops = unet_flops / (result.unet_ms / 1000) / 1e12
+    if not result.error and result.latency_s > 0:
+        result.run_tflops = result.steps * unet_flops / result.latency_s / 1e12
 
 
 def _mean_cuda_ms(call, calls: int) -> float:
@@ -313,8 +443,9 @@ def release(device) -> None:
         torch.cuda.empty_cache()
 
 
-def ours(fast_options: dict | None = None) -> Callable:
-    """A runner for ldmkit's Pipeline; with options (even empty), pipe.make_fast(**options) first."""
+def ours(fast_options: dict | None = None, offload: bool = False) -> Callable:
+    """A runner for ldmkit's Pipeline; with options (even empty), pipe.make_fast(**options) first; with `offload`,
+    model CPU offload (`--offload`)."""
 
     def runner(components, device, dtype, request):
         import numpy as np
@@ -325,6 +456,8 @@ def ours(fast_options: dict | None = None) -> Callable:
         pipe = Pipeline(components, device, dtype)
         if fast_options is not None:
             pipe.make_fast(**fast_options)
+        if offload:
+            pipe.enable_offload()
 
         def generate(seed: int):
             result = pipe.run(dataclasses.replace(request, seed=seed))
@@ -332,7 +465,7 @@ def ours(fast_options: dict | None = None) -> Callable:
 
         state = pipe.state
         generate.unet, generate.decode, generate.grad_mode = (
-            state.run_unet,
+            None if offload else state.run_unet,  # alone, an offloaded UNet would time its copies to the GPU
             state.vae_decode or state.vae.decode,
             torch.inference_mode,
         )
@@ -360,7 +493,7 @@ def diffusers_pipeline(compiled: bool) -> Callable:
             pipe.vae.to(memory_format=torch.channels_last)
             pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
             pipe.vae.decode = torch.compile(pipe.vae.decode, mode="reduce-overhead", fullgraph=True)
-        factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
+        factor = vae_scale_factor(components)
 
         def generate(seed: int):
             seeds = [seed + i for i in range(request.num_images)]
@@ -396,7 +529,9 @@ RUNNERS: dict[str, Callable] = {
     "diffusers-compiled": diffusers_pipeline(compiled=True),
     "ours": ours(),
     "ours-fast": ours({}),
+    "ours-offload": ours(offload=True),
 }
+RUNNER_NAMES = tuple(RUNNERS)
 
 
 # ---- numbers ----
@@ -421,24 +556,29 @@ def fill_psnr(results: list[RowResult], images: dict[str, list]) -> None:
             result.psnr_compiled = psnr(images[result.name], images["diffusers-compiled"])
 
 
+COLUMNS = (
+    "row", "it/s", "latency (s)", "s/image", "first image (s)", "peak GPU mem (GiB)", "PSNR vs diffusers eager (dB)",
+    "PSNR vs diffusers compiled (dB)", "UNet call (ms)", "UNet TFLOP/s", "UNet TFLOP/s over the run",
+    "VAE decode (ms)", "rest per step (ms)",
+)  # fmt: skip
+
+
 def format_table(header: str, results: list[RowResult]) -> str:
     lines = [
         f"{header}",
         "",
-        (
-            "| row | it/s | latency (s) | first image (s) | peak GPU mem (GiB) | PSNR vs diffusers eager (dB) "
-            "| PSNR vs diffusers compiled (dB) | UNet call (ms) | VAE decode (ms) | rest per step (ms) |"
-        ),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {' | '.join(COLUMNS)} |",
+        "|" + "---|" * len(COLUMNS),
     ]
     for r in results:
         if r.error:
-            lines.append(f"| {r.name} | failed: {r.error} | | | | | | | | |")
+            lines.append(f"| {r.name} | failed: {r.error} |" + " |" * (len(COLUMNS) - 2))
             continue
         lines.append(
-            f"| {r.name} | {r.its:.2f} | {r.latency_s:.3f} | {r.first_image_s:.1f} | {_num(r.peak_mem_gib, '.2f')} "
-            f"| {_num(r.psnr_eager, '.1f')} | {_num(r.psnr_compiled, '.1f')} "
-            f"| {_num(r.unet_ms, '.2f')} | {_num(r.decode_ms, '.1f')} | {_num(rest_per_step_ms(r), '.2f')} |"
+            f"| {r.name} | {r.its:.2f} | {r.latency_s:.3f} | {r.s_per_image:.3f} | {r.first_image_s:.1f} "
+            f"| {_num(r.peak_mem_gib, '.2f')} | {_num(r.psnr_eager, '.1f')} | {_num(r.psnr_compiled, '.1f')} "
+            f"| {_num(r.unet_ms, '.2f')} | {_num(r.unet_tflops, '.1f')} | {_num(r.run_tflops, '.1f')} "
+            f"| {_num(r.decode_ms, '.1f')} | {_num(rest_per_step_ms(r), '.2f')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -455,7 +595,7 @@ def format_row(r: RowResult) -> str:
         return f"{r.name}: failed: {r.error}"
     return (
         f"{r.name}: {r.its:.2f} it/s, {r.latency_s:.3f} s, first image {r.first_image_s:.1f} s, "
-        f"peak {_num(r.peak_mem_gib, '.2f')} GiB"
+        f"peak {_num(r.peak_mem_gib, '.2f')} GiB, UNet {_num(r.unet_tflops, '.1f')} TFLOP/s"
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -95,6 +96,7 @@ def add_generate(sub) -> None:
     )
     gen.add_argument("--seed", type=int, default=None, help="default: random (and reported)")
     gen.add_argument("--size", type=parse_size, default=None, metavar="WxH", help="default: the model's native size")
+    add_noise_options(gen)
     gen.add_argument("--init-image", type=Path, default=None, help="img2img: start from this image")
     gen.add_argument("--strength", type=float, default=0.75, help="img2img: how much of the init image to repaint")
     gen.add_argument("--mask", type=Path, default=None, help="inpainting: white = repaint (needs --init-image)")
@@ -152,6 +154,41 @@ def add_generate(sub) -> None:
     gen.add_argument("--animation-format", default="gif", choices=["gif", "webp"])
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=run_generate)
+
+
+def add_noise_options(gen) -> None:
+    """AUTOMATIC1111's variation seed, seed resize and sampler noise options (GenerationParams' fields)."""
+    noise = gen.add_argument_group("noise (AUTOMATIC1111's variation seed, seed resize and sampler options)")
+    noise.add_argument(
+        "--subseed", type=int, default=None, help="variation seed (image i: subseed + i); default: random"
+    )
+    noise.add_argument(
+        "--subseed-strength",
+        type=float,
+        default=0.0,
+        help="0: the seed's noise; 1: the variation seed's; between: their slerp (every image keeps the seed)",
+    )
+    noise.add_argument(
+        "--seed-resize-from",
+        type=parse_size,
+        default=None,
+        metavar="WxH",
+        help="draw the seed's noise at this size and centre it (the composition of that size's image)",
+    )
+    noise.add_argument(
+        "--eta", type=float, default=None, help="DDIM (default 0) and Euler a (default 1): share of fresh noise"
+    )
+    noise.add_argument("--s-churn", type=float, default=0.0, help="Euler: Karras et al.'s churn (default 0)")
+    noise.add_argument("--s-tmin", type=float, default=0.0, help="Euler: churn from this sigma")
+    noise.add_argument("--s-tmax", type=float, default=math.inf, help="Euler: churn up to this sigma (default inf)")
+    noise.add_argument("--s-noise", type=float, default=1.0, help="Euler: scale of the churn noise")
+    noise.add_argument(
+        "--ensd",
+        type=int,
+        default=0,
+        metavar="N",
+        help="eta noise seed delta: ancestral/SDE samplers' per-step noise seeded seed + N (A1111's ENSD)",
+    )
 
 
 def run_samplers(args) -> int:
@@ -318,6 +355,15 @@ def generation_params(args, prompts: list[str], init_image, mask_image, controls
             refiner=args.refiner,  # its name until it is loaded: validate checks what goes with it
             refiner_switch=args.refiner_switch,
             vae=args.vae,
+            subseed=None if args.subseed is None else args.subseed + j * n,
+            subseed_strength=args.subseed_strength,
+            seed_resize_from=args.seed_resize_from,
+            eta=args.eta,
+            s_churn=args.s_churn,
+            s_tmin=args.s_tmin,
+            s_tmax=args.s_tmax,
+            s_noise=args.s_noise,
+            eta_noise_seed_delta=args.ensd,
         )
         for j, prompt in enumerate(prompts)
     ]

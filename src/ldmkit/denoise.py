@@ -36,10 +36,14 @@ class Schedule:
     scheduler: object  # a diffusers SchedulerMixin
     timesteps: torch.Tensor  # on the host: schedulers do their per-step arithmetic on host scalars
     alpha_bars: torch.Tensor  # (steps,) float32 cumulative alpha of each step's input, x_t = sqrt(a) x0 + ...
+    step_options: dict = field(default_factory=dict)  # the sampler's noise options, as its step() takes them
 
     @classmethod
-    def make(cls, sampler, scheduler_config: dict, steps: int, strength: float | None = None) -> Schedule:
-        """`steps` of `sampler`; with `strength` (img2img), only the tail that starts at that noise level."""
+    def make(
+        cls, sampler, scheduler_config: dict, steps: int, strength: float | None = None, step_options=None
+    ) -> Schedule:
+        """`steps` of `sampler`; with `strength` (img2img), only the tail that starts at that noise level.
+        `step_options` (ldmkit.sampler_options.step_kwargs) go to every step."""
         scheduler = sampler.make_scheduler(scheduler_config)
         scheduler.set_timesteps(steps, device="cpu")
         timesteps = scheduler.timesteps
@@ -48,10 +52,10 @@ class Schedule:
             if hasattr(scheduler, "set_begin_index"):  # index-tracking schedulers; DDIM and PLMS have none
                 scheduler.set_begin_index(t_start * scheduler.order)
             timesteps = timesteps[t_start * scheduler.order :]
-        return cls(scheduler, timesteps, _alpha_bars(scheduler, timesteps))
+        return cls(scheduler, timesteps, _alpha_bars(scheduler, timesteps), dict(step_options or {}))
 
     @classmethod
-    def make_after(cls, sampler, scheduler_config: dict, steps: int, switch: float) -> Schedule:
+    def make_after(cls, sampler, scheduler_config: dict, steps: int, switch: float, step_options=None) -> Schedule:
         """A refiner's pass (diffusers' `denoising_start`): the steps of a fresh `steps`-step schedule whose
         timestep is below the switch point's, where the base's pass (`until(switch)`) stopped."""
         scheduler = sampler.make_scheduler(scheduler_config)
@@ -63,13 +67,13 @@ class Schedule:
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start)
         timesteps = scheduler.timesteps[t_start:]
-        return cls(scheduler, timesteps, _alpha_bars(scheduler, timesteps))
+        return cls(scheduler, timesteps, _alpha_bars(scheduler, timesteps), dict(step_options or {}))
 
     def until(self, switch: float) -> Schedule:
         """The base's part of a pass handed to a refiner at `switch` (a fraction of the training timesteps, as
         diffusers' `denoising_end`): the steps at or above the switch point's timestep, on the same scheduler."""
         count = int((self.timesteps >= _switch_timestep(self.scheduler, switch)).sum())
-        return Schedule(self.scheduler, self.timesteps[:count], self.alpha_bars[:count])
+        return Schedule(self.scheduler, self.timesteps[:count], self.alpha_bars[:count], self.step_options)
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -192,7 +196,7 @@ def sample(
     should_stop() is asked before every step; True ends the pass with the clean latents of the last step taken.
     """
     scheduler = schedule.scheduler
-    step_kwargs = {"generator": generators} if generators is not None else {}
+    step_kwargs = {**schedule.step_options, **({"generator": generators} if generators is not None else {})}
     unet_timesteps = schedule.timesteps.to(latents.device)  # one copy, not one blocking copy per step
     prediction = None
     for i, t in enumerate(schedule.timesteps):

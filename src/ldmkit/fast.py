@@ -69,8 +69,9 @@ def make_fast(
 
 def use_fp16(state: ModelState) -> ModelState:
     """The models cast to fp16; later stages read the state's dtype, so the activations follow."""
-    for module in (state.text_encoder, state.unet, state.vae):
-        torch.nn.Module.to(module, dtype=torch.float16)
+    for module in (state.text_encoder, state.text_encoder_2, state.unet, state.vae):
+        if module is not None:  # SD has no second text encoder, the SDXL refiner no first one
+            torch.nn.Module.to(module, dtype=torch.float16)
     return state.with_transform("fp16", dtype=torch.float16)
 
 
@@ -105,8 +106,21 @@ def compile_models(
     return state.with_transform(f"compiled:{mode}", unet_forward=FastUNet(unet, unet_call), vae_decode=fast_decode)
 
 
-def unet_forward(unet, sample, timestep, encoder_hidden_states):
-    return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+# The UNet inputs a family adds, as `added_cond_kwargs` (SDXL's pooled text embedding and size/crop numbers):
+# the compiled call takes them as tensors after the text states, in this order.
+ADDED_CONDITIONING = ("text_embeds", "time_ids")
+
+
+def unet_forward(unet, sample, timestep, encoder_hidden_states, *added):
+    """The UNet call the fast path compiles; `added` holds the ADDED_CONDITIONING tensors, or nothing (SD)."""
+    added_cond_kwargs = dict(zip(ADDED_CONDITIONING, added)) if added else None
+    return unet(
+        sample,
+        timestep,
+        encoder_hidden_states=encoder_hidden_states,
+        added_cond_kwargs=added_cond_kwargs,
+        return_dict=False,
+    )[0]
 
 
 def vae_decode(vae, latents):
@@ -114,18 +128,37 @@ def vae_decode(vae, latents):
 
 
 class FastUNet:
-    """Called as the UNet is; the pipeline's calls go to the compiled call, any other to the UNet itself."""
+    """Called as the UNet is; the pipeline's calls go to the compiled call, any other to the UNet itself.
+
+    The pipeline's calls are SD's (text states only) and SDXL's (with added_cond_kwargs text_embeds and time_ids,
+    base and refiner alike); the compiled call takes the added conditioning as tensors (ADDED_CONDITIONING).
+    """
 
     def __init__(self, unet, call):
         self.unet, self.call = unet, call
 
-    def __call__(self, sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs):
-        if kwargs or encoder_hidden_states is None:  # what the pipeline never passes: not compiled for it
-            return self.unet(sample, timestep, encoder_hidden_states, return_dict=return_dict, **kwargs)
+    def __call__(
+        self, sample, timestep, encoder_hidden_states=None, return_dict=True, added_cond_kwargs=None, **kwargs
+    ):
+        added = _added_tensors(added_cond_kwargs)
+        if kwargs or encoder_hidden_states is None or added is None:  # what the pipeline never passes: eager
+            return self.unet(
+                sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, return_dict=return_dict,
+                **kwargs,
+            )  # fmt: skip
         # One graph for every sampler: the UNet embeds timesteps as float32 whatever their dtype.
         timestep = torch.as_tensor(timestep, device=sample.device).to(torch.float32)
-        output = self.call(sample, timestep, encoder_hidden_states)
+        output = self.call(sample, timestep, encoder_hidden_states, *added)
         return UNet2DConditionOutput(sample=output) if return_dict else (output,)
+
+
+def _added_tensors(added_cond_kwargs: dict | None) -> tuple | None:
+    """The added conditioning as the compiled call takes it: () for none, None when it is not ADDED_CONDITIONING."""
+    if not added_cond_kwargs:
+        return ()
+    if set(added_cond_kwargs) != set(ADDED_CONDITIONING):
+        return None
+    return tuple(added_cond_kwargs[name] for name in ADDED_CONDITIONING)
 
 
 class FastDecode:

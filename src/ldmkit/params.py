@@ -111,9 +111,19 @@ class GenerationParams:
     refiner: object = None  # a loaded refiner Pipeline that finishes the denoising (ldmkit.refiner)
     refiner_switch: float = 0.8  # the fraction of the schedule the model runs before the refiner takes over
     vae: str | os.PathLike | None = None  # decode/encode with this VAE (a name of Pipeline.vaes, or a path); None: own
+    # AUTOMATIC1111's noise options (ldmkit.noise, ldmkit.sampler_options); the defaults change nothing.
+    subseed: int | None = None  # variation seed (image i: subseed + i); None: random when subseed_strength != 0
+    subseed_strength: float = 0.0  # 0: the seed's noise; 1: the variation seed's; between: slerp of the two
+    seed_resize_from: tuple[int, int] | None = None  # (width, height) the seed's noise is drawn at, centred in ours
+    eta: float | None = None  # the sampler's noise: None is A1111's default (0 DDIM, 1 ancestral/SDE)
+    s_churn: float = 0.0  # Karras et al.'s churn (Euler)
+    s_tmin: float = 0.0  # churn only at noise levels from s_tmin ...
+    s_tmax: float = math.inf  # ... to s_tmax
+    s_noise: float = 1.0  # scale of the churn noise
+    eta_noise_seed_delta: int = 0  # A1111's ENSD: per-step noise seeded seed + this (ancestral/SDE samplers)
 
     def __post_init__(self):
-        for name in ("prompt", "seed", "loras", "controls"):
+        for name in ("prompt", "seed", "loras", "controls", "seed_resize_from"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(tuple(v) if isinstance(v, list) else v for v in value))
@@ -140,11 +150,20 @@ class GenerationParams:
         """The size of the images made (the hires pass's, with one); needs a concrete size."""
         return self.hires.target_size(self.width, self.height) if self.hires else (self.width, self.height)
 
+    @property
+    def uses_variation(self) -> bool:
+        return self.subseed_strength != 0
+
     def image_seeds(self) -> list[int]:
-        """One seed per image, in order; needs a concrete seed."""
+        """One seed per image, in order; needs a concrete seed. With a variation seed every image has the seed
+        (its variation seed differs), as in A1111."""
         if isinstance(self.seed, tuple):
             return list(self.seed)
-        return [self.seed + i for i in range(self.total_images)]
+        return [self.seed + (0 if self.uses_variation else i) for i in range(self.total_images)]
+
+    def image_subseeds(self) -> list[int]:
+        """One variation seed per image (subseed + i); needs a concrete subseed."""
+        return [self.subseed + i for i in range(self.total_images)]
 
     def batch_seeds(self) -> list[list[int]]:
         """The seeds of each batch; needs a concrete seed."""
@@ -169,6 +188,7 @@ class GenerationParams:
         self._check_text()
         self._check_counts()
         self._check_sampling()
+        self._check_noise()
         self._check_size()
         self._check_images()
         if self.hires is not None:
@@ -194,6 +214,7 @@ class GenerationParams:
             height=fallback_h // 8 * 8 if self.height is None else self.height,
             sampler=get_sampler(self.sampler or DEFAULT_SAMPLER).name,
             seed=random_seed(self.total_images) if self.seed is None else self.seed,
+            subseed=random_seed(self.total_images) if self.subseed is None and self.uses_variation else self.subseed,
         )
 
     # -- the checks, in the order a reader of the request meets its fields ------------------------------------------
@@ -233,12 +254,36 @@ class GenerationParams:
             raise InvalidRequest(f"seed must be an integer from 0 to {MAX_SEED + 1 - total}, got {self.seed!r}")
 
     def _check_sampling(self) -> None:
+        from ldmkit import sampler_options
+
         if not _is_number(self.guidance) or not 0 <= self.guidance <= MAX_GUIDANCE:
             raise InvalidRequest(f"guidance must be a finite number from 0 to {MAX_GUIDANCE}, got {self.guidance!r}")
+        sampler_options.check_values(self.eta, self.s_churn, self.s_tmin, self.s_tmax, self.s_noise)
         if self.sampler is not None:
             from ldmkit.samplers import get_sampler  # the registry imports diffusers
 
-            get_sampler(self.sampler)
+            sampler_options.check_for_sampler(get_sampler(self.sampler), self.eta, self.s_churn)
+        if not is_int(self.eta_noise_seed_delta) or not 0 <= self.eta_noise_seed_delta <= MAX_SEED:
+            raise InvalidRequest(
+                f"eta_noise_seed_delta must be an integer from 0 to {MAX_SEED}, got {self.eta_noise_seed_delta!r}"
+            )
+
+    def _check_noise(self) -> None:
+        if not _is_number(self.subseed_strength) or not 0.0 <= self.subseed_strength <= 1.0:
+            raise InvalidRequest(f"subseed_strength must be a number from 0 to 1, got {self.subseed_strength!r}")
+        if self.uses_variation and self.subseed is not None:
+            top = MAX_SEED + 1 - self.total_images
+            if not is_int(self.subseed) or not 0 <= self.subseed <= top:
+                raise InvalidRequest(f"subseed must be an integer from 0 to {top}, got {self.subseed!r}")
+        if self.seed_resize_from is not None:
+            if not (isinstance(self.seed_resize_from, tuple) and len(self.seed_resize_from) == 2):
+                raise InvalidRequest(f"seed_resize_from must be (width, height), got {self.seed_resize_from!r}")
+            width, height = self.seed_resize_from
+            for name, side in (("width", width), ("height", height)):
+                if not is_int(side) or side < 8 or side % 8 or side > MAX_SIDE:
+                    raise InvalidRequest(
+                        f"seed resize from {name} must be a multiple of 8 from 8 to {MAX_SIDE}, got {side!r}"
+                    )
 
     def _check_size(self) -> None:
         if self.width is not None or self.height is not None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldmkit import loading, tiled_vae
+from ldmkit import loading, sampler_options, tiled_vae
 from ldmkit.control_units import ControlUnit
 from ldmkit.controlnet import ControlNetLibrary, Controls, check_controls, prepare_controls
 from ldmkit.denoise import Denoiser, Sampled, Schedule, StepInfo, sample
@@ -34,6 +34,7 @@ from ldmkit.lora import applied_loras, check_lora_file, lora_hashes_infotext, re
 from ldmkit.memory import Footprint, check_memory
 from ldmkit.metadata import format_infotext
 from ldmkit.model_state import ModelState
+from ldmkit.noise import NoiseRecipe, step_noise_generators, uses_ensd
 from ldmkit.params import GenerationParams, HiresFix, RequestLimits
 from ldmkit.previews import fast_preview, latent_rgb_projection
 from ldmkit.prompts import MAX_PROMPT_CHUNKS, check_prompt_chunks, clip_skip_infotext
@@ -292,11 +293,14 @@ class Pipeline:
         refiner: Pipeline | Components | None = None,
         refiner_switch: float = DEFAULT_SWITCH,
         vae: str | None = None,
+        **noise_options,
     ) -> GenerationResult:
         """Images for a prompt (or a list of prompts: num_images of each); GenerationParams describes each argument.
 
         `refiner` (a Pipeline, or Components to place as this one's models are) finishes the denoising from
-        `refiner_switch` of the schedule on (ldmkit.refiner)."""
+        `refiner_switch` of the schedule on (ldmkit.refiner). `noise_options` are GenerationParams' A1111 noise
+        fields (subseed, subseed_strength, seed_resize_from, eta, s_churn, s_tmin, s_tmax, s_noise,
+        eta_noise_seed_delta)."""
         if isinstance(refiner, Components):
             refiner = Pipeline(refiner, self.device, self.dtype)
         params = GenerationParams(
@@ -321,6 +325,7 @@ class Pipeline:
             refiner=refiner,
             refiner_switch=refiner_switch,
             vae=vae,
+            **noise_options,
         )
         return self.run(params, callback, should_stop)
 
@@ -400,6 +405,8 @@ class Pipeline:
         # device and in any batch; it also feeds the VAE posterior samples and ancestral noise.
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         sampler = get_sampler(p.sampler)
+        recipe = self.noise_recipe(p, batch)
+        options = sampler_options.step_kwargs(sampler, p.eta, p.s_churn, p.s_tmin, p.s_tmax, p.s_noise)
         # 3. Prompt -> conditioning (unconditional half first, as in diffusers), in the denoiser.
         conditioning = self.encode_prompt(p)
         if stop():
@@ -408,29 +415,34 @@ class Pipeline:
         denoiser = Denoiser(
             self._state.run_unet, conditioning.context, p.guidance, prediction_type, conditioning.unet_kwargs
         )
-        base = Schedule.make(sampler, self.scheduler_config, p.steps, None if p.init_image is None else p.strength)
+        strength = None if p.init_image is None else p.strength
+        base = Schedule.make(sampler, self.scheduler_config, p.steps, strength, options)
         second = None
         if p.hires is not None:
-            second = Schedule.make(sampler, self.scheduler_config, p.hires.pass_steps(p.steps), p.hires.strength)
+            hires_steps = p.hires.pass_steps(p.steps)
+            second = Schedule.make(sampler, self.scheduler_config, hires_steps, p.hires.strength, options)
         elif p.refiner is not None:  # the refiner runs the schedule's steps below the switch point
             base = base.until(p.refiner_switch)
-            second = Schedule.make_after(sampler, p.refiner.scheduler_config, p.steps, p.refiner_switch)
+            second = Schedule.make_after(sampler, p.refiner.scheduler_config, p.steps, p.refiner_switch, options)
         steps = _Steps(callback, batch, len(base) + (len(second) if second else 0))  # one count over both passes
-        noise_generators = generators if sampler.stochastic else None
+        noise_generators = step_noise_generators(sampler, options, generators, seeds, p.eta_noise_seed_delta)
         unguided = denoiser
         if controls is not None:
             denoiser = controls.guide(unguided, len(base), (p.width, p.height))
 
         # 4. The base pass: txt2img from noise, img2img from the init image noised to `strength`, or inpainting.
         if p.mask_image is not None:
-            latents, hook, extra_channels = self.prepare_inpainting(p, generators, base)
+            latents, hook, extra_channels = self.prepare_inpainting(p, generators, base, recipe)
             inpainting = dataclasses.replace(denoiser, extra_channels=extra_channels)
             done = sample(inpainting, base, latents, noise_generators, hook, steps.callback, stop)
         elif p.init_image is not None:
             image_latents = self.encode_samples(self.image_to_tensor(p.init_image, p.width, p.height), generators)
-            done = self.img2img(denoiser, base, image_latents, generators, noise_generators, steps.callback, stop)
+            done = self.img2img(
+                denoiser, base, image_latents, generators, noise_generators, steps.callback, stop, recipe
+            )
         else:
-            latents = self.prepare_latents(generators, p.height, p.width) * base.scheduler.init_noise_sigma
+            latents = self.prepare_latents(generators, p.height, p.width, recipe=recipe)
+            latents = latents * base.scheduler.init_noise_sigma
             done = sample(denoiser, base, latents, noise_generators, None, steps.callback, stop)
         if not second or done.interrupted or stop():
             handed_over = p.refiner is not None and not done.interrupted  # its latents are still noisy
@@ -467,9 +479,12 @@ class Pipeline:
         )
         return sample(denoiser, schedule, latents.to(self.dtype), noise_generators, None, callback, stop)
 
-    def img2img(self, denoiser, schedule, clean_latents, generators, noise_generators, callback, stop) -> Sampled:
-        """Noise clean latents to the schedule's first step, then denoise them (img2img, and hires fix's 2nd pass)."""
-        noise = self.prepare_latents(generators, *clean_latents.shape[-2:], in_latent_space=True)
+    def img2img(
+        self, denoiser, schedule, clean_latents, generators, noise_generators, callback, stop, recipe=None
+    ) -> Sampled:
+        """Noise clean latents to the schedule's first step, then denoise them (img2img, and hires fix's 2nd pass).
+        `recipe`: the base pass's variation seeds and seed resize (the hires pass's noise goes on plainly)."""
+        noise = self.prepare_latents(generators, *clean_latents.shape[-2:], in_latent_space=True, recipe=recipe)
         latents = schedule.add_noise(clean_latents, noise)
         return sample(denoiser, schedule, latents, noise_generators, None, callback, stop)
 
@@ -479,7 +494,7 @@ class Pipeline:
         stop.ask()  # a cancel still leaves before the embeddings' hashes and the decodes
         extra = self.infotext_params(p, lora_files)
         prompts = [prompt for prompt in p.prompts for _ in range(p.num_images)]
-        for batch in formed:
+        for index, batch in enumerate(formed):  # batch `index` of the request: they run in order
             if batch.latents is None:
                 continue
             # An image interrupted before its hires pass (or its refiner) is the base pass's: its size and
@@ -489,11 +504,12 @@ class Pipeline:
                 described = dataclasses.replace(p, refiner=None)
             batch_extra = extra if described is p else self.infotext_params(described, lora_files)
             decoder = p.refiner if batch.refined else self
-            for latents, prompt, seed in zip(batch.latents.split(1), prompts, batch.seeds):
+            subseeds = self.noise_recipe(p, index).subseeds or [None] * len(batch.seeds)
+            for latents, prompt, seed, subseed in zip(batch.latents.split(1), prompts, batch.seeds, subseeds):
                 stop.ask()
                 result.images += decoder.latents_to_images(latents)
                 result.seeds.append(seed)
-                result.infotexts.append(self.infotext(described, prompt, seed, batch_extra))
+                result.infotexts.append(self.infotext(described, prompt, seed, batch_extra, subseed))
         return result
 
     def prepare_controls(self, p: GenerationParams) -> Controls | None:
@@ -579,13 +595,30 @@ class Pipeline:
         )
 
     def prepare_latents(
-        self, generators: list[torch.Generator], height: int, width: int, in_latent_space: bool = False
+        self,
+        generators: list[torch.Generator],
+        height: int,
+        width: int,
+        in_latent_space: bool = False,
+        recipe: NoiseRecipe | None = None,
     ) -> torch.Tensor:
-        """(B, C, H/f, W/f) unit Gaussian noise, image i drawn on the CPU from its own generator."""
+        """(B, C, H/f, W/f) unit Gaussian noise, image i drawn on the CPU from its own generator; `recipe` adds
+        A1111's variation seeds and seed resize (ldmkit.noise)."""
         f = 1 if in_latent_space else self.vae_scale_factor
+        if recipe is not None and not recipe.is_plain:
+            return recipe.draw(generators, (self.latent_channels, height // f, width // f)).to(self.device, self.dtype)
         shape = (1, self.latent_channels, height // f, width // f)
         noise = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
         return torch.cat(noise).to(self.device, self.dtype)
+
+    def noise_recipe(self, p: GenerationParams, batch: int) -> NoiseRecipe:
+        """Batch `batch`'s variation seeds and the latent size its noise is resized from."""
+        subseeds = p.image_subseeds()[batch * p.batch_size : (batch + 1) * p.batch_size] if p.uses_variation else ()
+        resize_from = None
+        if p.seed_resize_from is not None:
+            width, height = p.seed_resize_from
+            resize_from = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        return NoiseRecipe(tuple(subseeds), p.subseed_strength, resize_from)
 
     def encode_samples(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """(B, C, h, w) scaled latents: one posterior sample of the (1, 3, H, W) image per generator."""
@@ -617,7 +650,7 @@ class Pipeline:
             self.vae.to(self.dtype)
 
     def prepare_inpainting(
-        self, p: GenerationParams, generators: list[torch.Generator], schedule: Schedule
+        self, p: GenerationParams, generators: list[torch.Generator], schedule: Schedule, recipe: NoiseRecipe
     ) -> tuple[torch.Tensor, KnownRegion | None, torch.Tensor | None]:
         """Start latents, and how the unmasked region is kept: a per-step hook putting it back (regular models), or
         the mask and the masked image's latents as extra input channels (inpainting models).
@@ -632,7 +665,7 @@ class Pipeline:
         image_latents = None
         if not self.is_inpainting_model or not full_strength:
             image_latents = self.encode_samples(pixels, generators)
-        noise = self.prepare_latents(generators, p.height, p.width)
+        noise = self.prepare_latents(generators, p.height, p.width, recipe=recipe)
         if full_strength:
             start = noise * schedule.scheduler.init_noise_sigma
         else:
@@ -689,10 +722,16 @@ class Pipeline:
             params[f"ControlNet {index}"] = unit.infotext(self.controlnets.title(self.controlnets.resolve(unit.model)))
         if p.refiner is not None:
             params.update(refiner_infotext(p.refiner, p.refiner_switch))
+        sampler = get_sampler(p.sampler)
+        params.update(sampler_options.infotext_params(sampler, p.eta, p.s_churn, p.s_tmin, p.s_tmax, p.s_noise))
+        options = sampler_options.step_kwargs(sampler, p.eta, p.s_churn, p.s_tmin, p.s_tmax, p.s_noise)
+        if uses_ensd(sampler, options, p.eta, p.eta_noise_seed_delta):
+            params["ENSD"] = p.eta_noise_seed_delta
         return params
 
-    def infotext(self, p: GenerationParams, prompt: str, seed: int, extra: dict) -> str:
-        """One image's A1111 'parameters' text; `extra` from infotext_params."""
+    def infotext(self, p: GenerationParams, prompt: str, seed: int, extra: dict, subseed: int | None = None) -> str:
+        """One image's A1111 'parameters' text; `extra` from infotext_params; `subseed`: its variation seed."""
+        resize_from = p.seed_resize_from
         params = {
             "Steps": p.steps,
             "Sampler": p.sampler,
@@ -701,6 +740,9 @@ class Pipeline:
             "Size": f"{p.width}x{p.height}",
             "Model hash": self.model_hash,
             "Model": self.model_name,
+            "Variation seed": subseed if p.uses_variation else None,
+            "Variation seed strength": p.subseed_strength if p.uses_variation else None,
+            "Seed resize from": None if resize_from is None else f"{resize_from[0]}x{resize_from[1]}",
             **extra,
         }
         return format_infotext(prompt, p.negative_prompt, params)

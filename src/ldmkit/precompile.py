@@ -8,10 +8,11 @@ loads in a second or two. The weights are not in it: the function takes the modu
 so its parameters are inputs, and the same file serves any weights of the same architecture.
 
 A file is named by a hash of everything that shapes the compiled code: the torch, diffusers and
-ldmkit versions, the GPU, the function, the compile options, the module's class, config and
+ldmkit versions, the GPU, the function (its bytecode too), the compile options, the module's class, config and
 parameters (names, shapes, dtypes, strides: fused QKV and channels_last show there) and the call's
 tensors. The tensor and global-state guards saved with it are checked again when it is loaded.
-Whatever cannot be saved or loaded falls back to a plain torch.compile, which is only slower to start.
+Whatever cannot be loaded is compiled again; what is compiled but cannot be saved runs as compiled in this process
+(the next one compiles again); what cannot be compiled ahead of time falls back to a plain torch.compile.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class PrecompiledCall:
             "versions": [torch.__version__, torch.version.cuda, diffusers.__version__, ldmkit.__version__],
             "python": platform.python_version(),
             "gpu": [torch.cuda.get_device_name(cuda[0]), torch.cuda.get_device_capability(cuda[0])] if cuda else None,
-            "fn": f"{self.fn.__module__}.{self.fn.__qualname__}",
+            # its bytecode too: a file saved by an older version of the function would run that version
+            "fn": [f"{self.fn.__module__}.{self.fn.__qualname__}", self.fn.__code__.co_code.hex()],
             "options": self.options,
             "module": [type(module).__module__, type(module).__qualname__, config],
             "state": [
@@ -111,14 +113,21 @@ class PrecompiledCall:
             with torch._dynamo.config.patch(enable_aot_compile=True):
                 compiled_fn = torch.compile(self.fn, fullgraph=True, options=options)
                 compiled = compiled_fn.aot_compile(((self.module, *tensors), {}))
+        except Exception as error:  # AOT precompile is experimental: keep working without it
+            log.warning("precompile: not compiled ahead of time (%s); using torch.compile", _brief(error))
+            log.debug("precompile: AOT compile failure", exc_info=True)
+            return torch.compile(self.fn, fullgraph=True, options=self.options)
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
             compiled.save_compiled_function(str(path))  # written to a temporary file, then renamed
             log.info("precompile: saved %s", path)
-            return compiled
-        except Exception as error:  # AOT precompile is experimental: keep working without it
-            log.warning("precompile: not saved (%s); using torch.compile", _brief(error))
+        except Exception as error:
+            # Compiled, only not kept: this process runs it as it is; compiling again would double the wait.
+            # Seen on torch 2.11 after other torch.compile calls in the same process ("cannot pickle
+            # RootGuardManager": its pickler of the saved state reached an object of dynamo's own).
+            log.warning("precompile: compiled but not saved (%s); the next process compiles again", _brief(error))
             log.debug("precompile: save failure", exc_info=True)
-            return torch.compile(self.fn, fullgraph=True, options=self.options)
+        return compiled
 
 
 def _brief(error: Exception) -> str:

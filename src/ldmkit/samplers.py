@@ -28,7 +28,10 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
+from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
+from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
 
 from ldmkit.errors import InvalidRequest
 from ldmkit.schedules import AUTOMATIC, SCHEDULE_TYPES, ModelSigmas, ScheduleType, get_schedule_type
@@ -96,7 +99,7 @@ class Sampler:
         if schedule is AUTOMATIC:
             return scheduler_class.from_config(scheduler_config, **overrides)
         if algorithm.schedules == AS_EULER:
-            scheduler_class, overrides = EulerDiscreteScheduler, dict(_NO_FLAGS)
+            scheduler_class, overrides = _DDIMOnSigmas, dict(_NO_FLAGS)
         # linspace: the flags span every training timestep, and the k-diffusion schedulers start from
         # noise * the first sigma (with the model's "leading" spacing diffusers scales by sqrt(sigma^2 + 1))
         overrides["timestep_spacing"] = "linspace"
@@ -158,6 +161,54 @@ class _PLMSOnVPrediction(PNDMScheduler):
         alpha_bar = self.alphas_cumprod[int(timestep)].to(sample.dtype)
         eps = alpha_bar.sqrt() * model_output + (1 - alpha_bar).sqrt() * sample  # v = sqrt(a) eps - sqrt(1-a) x0
         return super().step(eps, timestep, sample, return_dict=return_dict)
+
+
+def _ancestral_step(scheduler, model_output, timestep, sample, generator, eta: float) -> torch.Tensor:
+    """k-diffusion's ancestral Euler step with eta on the scheduler's sigmas (Karras et al. 2022 / Ho et al. 2020).
+
+    From sigma to sigma_next: sigma_up = min(sigma_next, eta * sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2)),
+    sigma_down = sqrt(sigma_next^2 - sigma_up^2); an Euler step to sigma_down, then noise * sigma_up. Eta 0 is
+    Euler's step; eta 1 is Euler a's; and DDIM's eta step, written in sigmas, is this one (its noise std over
+    sqrt(alpha_bar_prev) works out to the same sigma_up).
+    """
+    if scheduler.step_index is None:
+        scheduler._init_step_index(timestep)
+    sigma, sigma_next = scheduler.sigmas[scheduler.step_index], scheduler.sigmas[scheduler.step_index + 1]
+    x = sample.to(torch.float32)
+    if scheduler.config.prediction_type == "epsilon":
+        x0 = x - sigma * model_output
+    elif scheduler.config.prediction_type == "v_prediction":
+        x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+    else:
+        raise ValueError(f"the ancestral step cannot step a {scheduler.config.prediction_type!r} model")
+    sigma_up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+    sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+    x = x + (x - x0) / sigma * (sigma_down - sigma)
+    # drawn at every step, as diffusers' Euler a draws it, so the generators advance alike whatever eta is
+    noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator)
+    scheduler._step_index += 1
+    return (x + noise * sigma_up).to(model_output.dtype)
+
+
+class _AncestralEulerScheduler(EulerAncestralDiscreteScheduler):
+    """Euler a with A1111's eta, the share of each step's noise level drawn afresh; diffusers' own step is eta 1
+    and runs unchanged for it."""
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, eta: float = 1.0):
+        if eta == 1.0:
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        prev_sample = _ancestral_step(self, model_output, timestep, sample, generator, eta)
+        return EulerAncestralDiscreteSchedulerOutput(prev_sample, None) if return_dict else (prev_sample,)
+
+
+class _DDIMOnSigmas(EulerDiscreteScheduler):
+    """DDIM on a schedule type: Euler's step at eta 0 (diffusers' own, unchanged), the ancestral step with eta."""
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, eta: float = 0.0):
+        if eta == 0.0:
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        prev_sample = _ancestral_step(self, model_output, timestep, sample, generator, eta)
+        return EulerDiscreteSchedulerOutput(prev_sample, None) if return_dict else (prev_sample,)
 
 
 class _BrownianSDEScheduler(DPMSolverSDEScheduler):
@@ -252,7 +303,7 @@ ALGORITHMS: list[Algorithm] = [
     ),
     Algorithm(
         "Euler a",
-        EulerAncestralDiscreteScheduler,
+        _AncestralEulerScheduler,
         {},
         ANY_SIGMAS,
         stochastic=True,

@@ -71,12 +71,15 @@ NO_EFFECT = [
     {"seed_resize_from_h": -1, "seed_resize_from_w": -1},
     {"seed_resize_from_h": 0, "seed_resize_from_w": 0},
     {"seed_resize_from_h": 16, "seed_resize_from_w": 16},  # the size itself
+    {"seed_resize_from_h": 64},  # one side only: off, as in A1111
     {"restore_faces": False, "tiling": False},
     {"do_not_save_samples": True, "do_not_save_grid": True, "save_images": True},
     {"sampler_name": "Euler a", "eta": 1.0},  # the ancestral samplers' default eta
     {"sampler_name": "DDIM", "eta": 0},
     {"sampler_name": "Euler", "eta": 0.4},  # Euler takes no eta: in A1111 too it changes nothing
     {"s_churn": 0, "s_tmin": 0, "s_tmax": 0, "s_noise": 1, "s_min_uncond": 0},
+    {"s_noise": 1.003},  # scales the churn noise only: none without s_churn
+    {"sampler_name": "DPM++ 2M", "s_churn": 0.5, "eta": 0.3},  # neither has a meaning for DPM++ 2M, in A1111 too
     {"override_settings": {"sd_vae": "Automatic", "eta_noise_seed_delta": 0}},
     {"override_settings": {"sd_vae": "None"}},
     {"refiner_checkpoint": None, "refiner_switch_at": None, "disable_extra_networks": False},
@@ -95,14 +98,10 @@ def test_fields_at_their_default_change_nothing(url, fields):
 
 REFUSED = [
     ({"styles": ["cinematic"]}, "unknown style(s) 'cinematic'"),
-    ({"subseed_strength": 0.3}, "subseed_strength=0.3 is not supported"),
-    ({"seed_resize_from_h": 64}, "seed_resize_from_h=64 is not supported"),
     ({"restore_faces": True}, "restore_faces=True is not supported"),
     ({"tiling": True}, "tiling=True is not supported"),
-    ({"sampler_name": "Euler a", "eta": 0.5}, "eta=0.5 is not supported: Euler a runs at A1111's default eta 1"),
-    ({"sampler_name": "DDIM", "eta": 1}, "eta=1.0 is not supported: DDIM runs at A1111's default eta 0"),
-    ({"s_churn": 0.5}, "s_churn=0.5 is not supported"),
-    ({"s_noise": 1.003}, "s_noise=1.003 is not supported"),
+    ({"sampler_name": "DPM2 a", "eta": 0.5}, "eta=0.5 is not supported: DPM2 a runs at A1111's default eta 1"),
+    ({"sampler_name": "Heun", "s_churn": 0.5}, "s_churn=0.5 is not supported: Heun runs without churn"),
     ({"s_min_uncond": 0.2}, "s_min_uncond=0.2 is not supported"),
     ({"refiner_checkpoint": "sd_xl_refiner"}, "refiner_checkpoint 'sd_xl_refiner' is not a model of this server"),
     ({"disable_extra_networks": True}, "disable_extra_networks=True is not supported"),
@@ -110,7 +109,7 @@ REFUSED = [
     ({"infotext": "a cat\nSteps: 20"}, "infotext='...' is not supported"),
     ({"alwayson_scripts": {"ADetailer": {"args": []}}}, "alwayson_scripts.ADetailer is not supported"),
     ({"override_settings": {"sd_vae": "vae-ft-mse.safetensors"}}, "unknown VAE 'vae-ft-mse.safetensors'"),
-    ({"override_settings": {"eta_noise_seed_delta": 31337}}, "eta_noise_seed_delta=31337 is not supported"),
+    ({"override_settings": {"eta_noise_seed_delta": -1}}, "eta_noise_seed_delta must be an integer from 0"),
     ({"override_settings": {"face_restoration_model": "CodeFormer"}}, "face_restoration_model not supported"),
     ({"enable_hr": True, "hr_prompt": "a blue cube"}, "hr_prompt='a blue cube' is not supported"),
     ({"enable_hr": True, "hr_negative_prompt": "blurry"}, "hr_negative_prompt='blurry' is not supported"),

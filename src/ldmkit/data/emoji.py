@@ -1,4 +1,4 @@
-"""Emoji dataset: four open emoji sets from the npm registry, rendered to 128x128 RGBA sprites, captioned by name.
+"""Emoji dataset: open emoji sets from the npm registry, rendered to 128x128 RGBA sprites, captioned by name.
 
 The alpha channel is kept (scenes paste sprites onto backgrounds); `load` gives the classic RGB-on-white view.
 """
@@ -51,6 +51,18 @@ SOURCES = (
     ),
 )
 
+# More sets for the scene model (`ldm data emoji --extra-sets`). Their iconify packages carry no chars.json, so
+# their icons are matched to code points by name against the sets above (`name_index`); unmatched ones are left out.
+EXTRA_SOURCES = (
+    EmojiSource("@iconify-json/noto-v1", "blob emoji", "iconify", "Apache-2.0", "Google Inc (Noto Emoji, v1)"),
+    EmojiSource("@iconify-json/emojione", "emojione style", "iconify", "CC-BY-4.0", "Emoji One (EmojiOne 2)"),
+    EmojiSource("@iconify-json/fxemoji", "firefox emoji style", "iconify", "Apache-2.0", "Mozilla (FxEmojis)"),
+    EmojiSource("@iconify-json/streamline-emojis", "doodle icon", "iconify", "CC-BY-4.0", "Streamline (webalys)"),
+    EmojiSource(
+        "@iconify-json/fluent-emoji", "gradient illustration", "iconify", "MIT", "Microsoft Corporation (Fluent Emoji)"
+    ),
+)
+
 RESOLUTION = 128
 SKIN_TONES = {"1f3fb", "1f3fc", "1f3fd", "1f3fe", "1f3ff"}
 
@@ -98,13 +110,43 @@ def _read_member(tar: tarfile.TarFile, name: str) -> bytes:
     return member.read()
 
 
-def read_iconify(tgz: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """An @iconify-json package -> ({key: standalone SVG}, {key: icon name}); hidden and transformed icons skipped."""
+def _squash(name: str) -> str:
+    return name.replace("-", "").replace("_", "")
+
+
+def name_index(icon_names: dict[str, str]) -> dict[str, str]:
+    """{icon name, and the name without hyphens: key} from {key: icon name} of the sets that map code points."""
+    index = {}
+    for key, name in icon_names.items():
+        index.setdefault(name, key)
+        index.setdefault(_squash(name), key)
+    return index
+
+
+def _match_name(icon_name: str, index: dict[str, str]) -> str | None:
+    """A code-point key for an icon named without code points: exact, hyphen-free, or without a '-2' variant suffix."""
+    base = icon_name.rsplit("-", 1)[0] if icon_name.rsplit("-", 1)[-1].isdigit() else icon_name
+    for candidate in (icon_name, _squash(icon_name), base, _squash(base)):
+        if candidate in index:
+            return index[candidate]
+    return None
+
+
+def read_iconify(tgz: Path, by_name: dict[str, str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """An @iconify-json package -> ({key: standalone SVG}, {key: icon name}); hidden and transformed icons skipped.
+
+    A package whose chars.json is empty is matched by icon name through `by_name` (see `name_index`)."""
     with tarfile.open(tgz) as tar:
         icon_set = json.loads(_read_member(tar, "package/icons.json"))
         chars = json.loads(_read_member(tar, "package/chars.json"))
     icons, aliases = icon_set["icons"], icon_set.get("aliases", {})
     width, height = icon_set.get("width", 16), icon_set.get("height", 16)
+    if not chars and by_name:
+        chars = {}
+        for icon_name in sorted(icons):  # sorted: "astronaut-1" before "astronaut-2" takes the key
+            key = _match_name(icon_name, by_name)
+            if key is not None and key not in chars:
+                chars[key] = icon_name
     svgs, names = {}, {}
     for codepoints, icon_name in chars.items():
         alias = aliases.get(icon_name, {})
@@ -178,15 +220,24 @@ def _render(item: tuple[str, str | bytes]) -> np.ndarray:
 
 def collect(tarballs: dict[str, Path], sources=SOURCES, skin_tones: bool = False):
     """Read every source -> (records, render jobs): one record per (emoji, set) that has a name."""
-    per_source, icon_names = [], {}
+    items_by_package, icon_names, unmapped = {}, {}, []
     for source in sources:
         if source.kind == "iconify":
             svgs, names = read_iconify(tarballs[source.package])
+            if not svgs:  # no chars.json: matched by name once the other sets' names are known
+                unmapped.append(source)
             for key, name in names.items():
                 icon_names.setdefault(key, name)  # first set wins: noto's names come first
-            per_source.append((source, {k: ("svg", v) for k, v in svgs.items()}))
+            items_by_package[source.package] = {k: ("svg", v) for k, v in svgs.items()}
         else:
-            per_source.append((source, {k: ("webp", v) for k, v in read_webp_assets(tarballs[source.package]).items()}))
+            items_by_package[source.package] = {
+                k: ("webp", v) for k, v in read_webp_assets(tarballs[source.package]).items()
+            }
+    by_name = name_index(icon_names)
+    for source in unmapped:
+        svgs, _ = read_iconify(tarballs[source.package], by_name)
+        items_by_package[source.package] = {k: ("svg", v) for k, v in svgs.items()}
+    per_source = [(source, items_by_package[source.package]) for source in sources]
     records, jobs = [], []
     for source, items in per_source:
         for key in sorted(items):
@@ -208,8 +259,7 @@ def write_licenses(out_dir: Path, sources=SOURCES) -> None:
     lines += [
         "",
         "Apache-2.0: https://www.apache.org/licenses/LICENSE-2.0",
-        "CC-BY-4.0: https://creativecommons.org/licenses/by/4.0/"
-        " (Twemoji graphics by Twitter, Inc and other contributors)",
+        "CC-BY-4.0: https://creativecommons.org/licenses/by/4.0/ (the CC-BY-4.0 sets' authors are named above)",
         "MIT: https://github.com/microsoft/fluentui-emoji/blob/main/LICENSE",
         "",
         "Caption keywords: emojilib (npm), Mu-An Chiou and contributors. License: MIT.",

@@ -202,7 +202,10 @@ def is_scene_object(name: str) -> bool:
 class SceneSampler:
     """Draws random scenes with their captions from the sprite catalogue (one `random.Random` per stream)."""
 
-    def __init__(self, infos: list[SpriteInfo], animal_keys: set[str] | None = None):
+    # Shares of the scene kinds: classic, single, pair, count, wearing, floating
+    DEFAULT_SHARES = (0.22, 0.22, 0.20, 0.12, 0.18, 0.06)
+
+    def __init__(self, infos: list[SpriteInfo], animal_keys: set[str] | None = None, shares=DEFAULT_SHARES):
         self.infos = infos
         self.styles = sorted({i.record.style for i in infos})
         self.by_style: dict[str, list[int]] = {s: [] for s in self.styles}
@@ -225,14 +228,10 @@ class SceneSampler:
                     self.wearers[style].append(index)
                 if is_head(name):
                     self.heads[style].append(index)
-        self.generators = (
-            (0.22, self.classic),
-            (0.22, self.single),
-            (0.20, self.pair),
-            (0.12, self.count),
-            (0.18, self.wearing),
-            (0.06, self.floating),
-        )
+        kinds = (self.classic, self.single, self.pair, self.count, self.wearing, self.floating)
+        if len(shares) != len(kinds) or min(shares) < 0 or sum(shares) <= 0:
+            raise ValueError(f"scene shares: expected {len(kinds)} non-negative numbers, got {shares}")
+        self.generators = tuple(zip(shares, kinds))
 
     def sample(self, rng: random.Random, width: float = 1.0, height: float = 1.0) -> Scene:
         """A random scene for a canvas of (width, height) layout units (shorter side 1)."""
@@ -553,7 +552,9 @@ def _with_position(rng, noun: str, region: str) -> str:
     return f"{noun} {phrase}" if rng.random() < 0.8 else f"{phrase}, {noun}"
 
 
-def load_sampler(data_dir, limit: int | None = None) -> tuple[np.ndarray, SceneSampler]:
+def load_sampler(
+    data_dir, limit: int | None = None, shares=SceneSampler.DEFAULT_SHARES
+) -> tuple[np.ndarray, SceneSampler]:
     """The data set's sprites (N, S, S, 4) uint8 (in memory) and a scene sampler over them."""
     sprites, records = emoji.load_sprites(data_dir)
     if limit is not None:
@@ -561,4 +562,4 @@ def load_sampler(data_dir, limit: int | None = None) -> tuple[np.ndarray, SceneS
     sprites = np.ascontiguousarray(sprites)
     raw = keywords.load_keywords(data_dir)
     animals = {k for k, tags in raw.items() if "animal" in tags}
-    return sprites, SceneSampler(measure_sprites(sprites, records, keywords.specific(raw)), animals)
+    return sprites, SceneSampler(measure_sprites(sprites, records, keywords.specific(raw)), animals, shares)

@@ -65,10 +65,10 @@ class ProcessingRequest(BaseModel):
         None, description="names of /sdapi/v1/prompt-styles, applied in order; an unknown one is refused"
     )
     seed: int = Field(-1, description="-1: random; image i of the request uses seed + i")
-    subseed: int = Field(-1, description="no effect while subseed_strength is 0")
-    subseed_strength: float = Field(0, description="0 only: variation seeds are not implemented")
-    seed_resize_from_h: int = Field(-1, description="-1, 0 or the height only")
-    seed_resize_from_w: int = Field(-1, description="-1, 0 or the width only")
+    subseed: int = Field(-1, description="variation seed (-1: random); image i uses subseed + i")
+    subseed_strength: float = Field(0, description="0 to 1: slerp from the seed's noise to the variation seed's")
+    seed_resize_from_h: int = Field(-1, description="draw the seed's noise at this height, centred (<= 0: off)")
+    seed_resize_from_w: int = Field(-1, description="draw the seed's noise at this width, centred (<= 0: off)")
     sampler_name: str | None = None
     sampler_index: str = "Euler"
     scheduler: str | None = Field(
@@ -86,17 +86,19 @@ class ProcessingRequest(BaseModel):
     tiling: bool | None = Field(None, description="false only")
     do_not_save_samples: bool = Field(False, description="any: the server saves no files")
     do_not_save_grid: bool = Field(False, description="any: the server saves no files")
-    eta: float | None = Field(None, description="the sampler's default only (1 ancestral/SDE, 0 DDIM; others: any)")
+    eta: float | None = Field(
+        None, description="DDIM and Euler a: 0 to 1; other ancestral/SDE samplers: their default 1 only; others: none"
+    )
     s_min_uncond: float | None = Field(None, description="0 only")
-    s_churn: float | None = Field(None, description="0 only")
-    s_tmax: float | None = Field(None, description="any: no effect while s_churn is 0")
-    s_tmin: float | None = Field(None, description="any: no effect while s_churn is 0")
-    s_noise: float | None = Field(None, description="1 only")
+    s_churn: float | None = Field(None, description="Euler: Karras' churn; Heun, DPM2: 0 only; others: no effect")
+    s_tmax: float | None = Field(None, description="Euler: churn up to this sigma (0: infinity)")
+    s_tmin: float | None = Field(None, description="Euler: churn from this sigma")
+    s_noise: float | None = Field(None, description="Euler: scale of the churn noise")
     override_settings: dict[str, Any] = Field(
         default_factory=dict,
         description="CLIP_stop_at_last_layers (clip skip), sd_model_checkpoint (the loaded model), sd_vae"
-        " (Automatic, None or a name of /sdapi/v1/sd-vae), eta_noise_seed_delta (0); over the server's options for"
-        " this request; other keys are refused",
+        " (Automatic, None or a name of /sdapi/v1/sd-vae), eta_noise_seed_delta (ENSD); over the server's options"
+        " for this request; other keys are refused",
     )
     override_settings_restore_afterwards: bool = Field(
         True, description="false: the override_settings stay, as POST /sdapi/v1/options sets them"
@@ -419,6 +421,15 @@ def _generation_request(
         batch_count=body.n_iter,
         clip_skip=settings[a1111_fields.CLIP_SKIP_SETTING],
         vae=vae_setting(pipe, settings[a1111_fields.VAE_SETTING]),
+        subseed=None if body.subseed == -1 else body.subseed,
+        subseed_strength=body.subseed_strength,
+        seed_resize_from=a1111_fields.seed_resize_from(body),
+        eta=body.eta,
+        s_churn=body.s_churn or 0.0,
+        s_tmin=body.s_tmin or 0.0,
+        s_tmax=a1111_fields.s_tmax(body),
+        s_noise=1.0 if body.s_noise is None else body.s_noise,
+        eta_noise_seed_delta=settings[a1111_fields.ENSD_SETTING],
     )
 
 
@@ -561,9 +572,9 @@ def _info(job: Job, result: GenerationResult, pipe: Pipeline, body: ProcessingRe
         "all_negative_prompts": [r.negative_prompt] * count,
         "seed": r.seed,
         "all_seeds": result.seeds,
-        "subseed": -1,
-        "all_subseeds": [-1] * count,
-        "subseed_strength": 0,
+        "subseed": r.subseed if r.uses_variation else -1,
+        "all_subseeds": r.image_subseeds()[:count] if r.uses_variation else [-1] * count,
+        "subseed_strength": r.subseed_strength,
         "width": r.width,
         "height": r.height,
         "sampler_name": r.sampler,
@@ -576,8 +587,8 @@ def _info(job: Job, result: GenerationResult, pipe: Pipeline, body: ProcessingRe
         "sd_model_hash": None,
         "sd_vae_name": vae.get("VAE"),
         "sd_vae_hash": vae.get("VAE hash"),
-        "seed_resize_from_w": -1,
-        "seed_resize_from_h": -1,
+        "seed_resize_from_w": r.seed_resize_from[0] if r.seed_resize_from else -1,
+        "seed_resize_from_h": r.seed_resize_from[1] if r.seed_resize_from else -1,
         "denoising_strength": r.hires.strength if r.hires else r.strength if r.init_image is not None else None,
         "extra_generation_params": {},
         "index_of_first_image": 0,

@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 from ldmkit.errors import InvalidRequest
+from ldmkit.params import MAX_SEED
 
 CLIP_SKIP_SETTING = "CLIP_stop_at_last_layers"  # A1111's name for clip skip
 MODEL_SETTING = "sd_model_checkpoint"
@@ -19,9 +20,7 @@ VAE_SETTING = "sd_vae"
 # sd_vae values without a VAE file name: "Automatic" runs the VAE `ldm serve --vae` gives, else the model's own (A1111
 # looks for a file named after the model); "None" is the model's own.
 OWN_VAE = ("Automatic", "None")
-ENSD_SETTING = "eta_noise_seed_delta"
-# Settings ldmkit has with the one value it runs (checked by ServerOptions).
-FIXED_SETTINGS = {ENSD_SETTING: (0,)}
+ENSD_SETTING = "eta_noise_seed_delta"  # A1111's seed offset of the samplers' per-step noise (ldmkit.noise)
 SAME_SAMPLER = "Use same sampler"  # A1111's UI value of hr_sampler_name: the first pass's
 SAME_SCHEDULER = "Use same scheduler"
 INPAINT_FILL, INPAINT_ORIGINAL = 0, 1  # A1111's inpainting_fill modes ldmkit runs; 'original' unless 'fill' is sent
@@ -33,22 +32,11 @@ def refuse(name: str, value: Any, why: str) -> None:
 
 def check_processing(body, sampler) -> None:
     """The fields txt2img and img2img share; `sampler` is the request's resolved ldmkit.samplers.Sampler."""
-    if body.subseed_strength not in (None, 0):
-        refuse("subseed_strength", body.subseed_strength, "variation seeds are not implemented (send 0)")
-    for side, size in (("h", body.height), ("w", body.width)):
-        value = getattr(body, f"seed_resize_from_{side}")
-        if value is not None and value > 0 and value != size:
-            refuse(f"seed_resize_from_{side}", value, "seed resize is not implemented (send -1 or 0)")
     if body.restore_faces:
         refuse("restore_faces", True, "this server has no face restorer")
     if body.tiling:
         refuse("tiling", True, "tileable images are not implemented")
-    _check_eta(body.eta, sampler)
-    if body.s_churn not in (None, 0):
-        refuse("s_churn", body.s_churn, "the sampler noise options are not implemented (send 0)")
-    # s_tmin/s_tmax bound where s_churn applies: no effect while it is 0
-    if body.s_noise not in (None, 1):
-        refuse("s_noise", body.s_noise, "the sampler noise options are not implemented (send 1)")
+    # subseed, seed resize, eta and the churn options are GenerationParams' (checked there, per sampler)
     if body.s_min_uncond not in (None, 0):
         refuse("s_min_uncond", body.s_min_uncond, "skipping the unconditional pass is not implemented (send 0)")
     if body.disable_extra_networks:
@@ -61,19 +49,15 @@ def check_processing(body, sampler) -> None:
         refuse("infotext", "...", "reading the request from an infotext is not implemented; send the fields")
 
 
-def _check_eta(eta: float | None, sampler) -> None:
-    """eta is the noise of DDIM and the ancestral/SDE samplers; the others (Euler, DPM++ 2M, LCM...) take none."""
-    if eta is None:
-        return
-    name = sampler.algorithm.name
-    if name == "DDIM":
-        default = 0.0  # A1111's eta_ddim option
-    elif sampler.stochastic and name != "LCM":
-        default = 1.0  # A1111's eta_ancestral option: what the ancestral and SDE samplers here run
-    else:
-        return  # this sampler has no eta: any value changes nothing, in A1111 too
-    if isinstance(eta, bool) or not (isinstance(eta, (int, float)) and math.isclose(eta, default)):
-        refuse("eta", eta, f"{sampler.name} runs at A1111's default eta {default:g} only")
+def seed_resize_from(body) -> tuple[int, int] | None:
+    """A1111's seed_resize_from_w/_h as (width, height); either <= 0 turns it off, as in A1111."""
+    width, height = body.seed_resize_from_w, body.seed_resize_from_h
+    return None if width <= 0 or height <= 0 else (width, height)
+
+
+def s_tmax(body) -> float:
+    """A1111 reads an s_tmax of 0 (or none) as infinity: churn at every noise level."""
+    return body.s_tmax or math.inf
 
 
 def check_txt2img(body, sampler, model_name: str) -> None:
@@ -165,21 +149,17 @@ class ServerOptions:
 
 def resolve_settings(settings: dict[str, Any], options: ServerOptions, where: str) -> dict[str, Any]:
     """The settings ldmkit applies, checked; an unknown key or a value ldmkit cannot run is refused by name."""
-    unknown = sorted(
-        key for key in settings if key not in (MODEL_SETTING, CLIP_SKIP_SETTING, VAE_SETTING, *FIXED_SETTINGS)
-    )
+    known = (MODEL_SETTING, CLIP_SKIP_SETTING, VAE_SETTING, ENSD_SETTING)
+    unknown = sorted(key for key in settings if key not in known)
     if unknown:
         raise InvalidRequest(
             f"{where}: {', '.join(unknown)} not supported; this server has {MODEL_SETTING}, {CLIP_SKIP_SETTING},"
-            f" {VAE_SETTING} and {ENSD_SETTING} (0)"
+            f" {VAE_SETTING} and {ENSD_SETTING}"
         )
     wanted = settings.get(MODEL_SETTING, options.model_name)
     if wanted != options.model_name:
         raise InvalidRequest(f"model {wanted!r} is not loaded; this server serves {options.model_name!r} only")
-    for key, allowed in FIXED_SETTINGS.items():
-        if key in settings and settings[key] not in allowed:
-            refuse(f"{where}.{key}", settings[key], f"this server runs {' or '.join(map(str, allowed))} only")
-    result = {key: settings[key] for key in FIXED_SETTINGS if key in settings}
+    result = {}
     if CLIP_SKIP_SETTING in settings:
         clip_skip = settings[CLIP_SKIP_SETTING]
         if isinstance(clip_skip, bool) or not isinstance(clip_skip, int):
@@ -187,6 +167,11 @@ def resolve_settings(settings: dict[str, Any], options: ServerOptions, where: st
         if options.check_clip_skip is not None:
             options.check_clip_skip(clip_skip)
         result[CLIP_SKIP_SETTING] = clip_skip
+    if ENSD_SETTING in settings:
+        ensd = settings[ENSD_SETTING]
+        if isinstance(ensd, bool) or not isinstance(ensd, int) or not 0 <= ensd <= MAX_SEED:
+            raise InvalidRequest(f"{where}.{ENSD_SETTING} must be an integer from 0 to {MAX_SEED}, got {ensd!r}")
+        result[ENSD_SETTING] = ensd
     if VAE_SETTING in settings:
         vae, names = settings[VAE_SETTING], options.vae_names()
         if vae not in OWN_VAE and vae not in names:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ldmkit.errors import LdmError
 
-STAGES = ("clip", "vae", "unet", "scene")
+STAGES = ("clip", "vae", "unet", "scene", "controlnet")
 
 
 def register(subparsers) -> None:
@@ -29,13 +29,19 @@ def register(subparsers) -> None:
     emoji.add_argument("--workers", type=int, default=None, help="render processes (default: all cores)")
     emoji.add_argument("--limit", type=int, default=None, help="only the first N images (smoke runs)")
     emoji.add_argument("--skin-tones", action="store_true", help="keep the skin-tone variants (5x more people)")
+    emoji.add_argument(
+        "--extra-sets",
+        action="store_true",
+        help="also the five sets matched by name (noto-v1, emojione, fxemoji, streamline-emojis, fluent-emoji)",
+    )
     emoji.set_defaults(func=run_data)
 
     train = subparsers.add_parser("train", help="train a stage of the default model (accelerate: CPU, GPU, multi-GPU)")
     train.add_argument(
         "stage",
         choices=STAGES + ("export",),
-        help="clip, vae, unet (single emoji), scene (text encoder + 256 px UNet on scenes); export assembles the model",
+        help="clip, vae, unet (single emoji), scene (text encoder + 256 px UNet on scenes), controlnet (edges and "
+        "sketches, for --model); export assembles the model",
     )
     train.add_argument("--data", type=Path, default=Path(".data/emoji"))
     train.add_argument("--runs", type=Path, default=Path(".runs"), help="stage outputs go to RUNS/<stage>")
@@ -43,6 +49,9 @@ def register(subparsers) -> None:
     train.add_argument("--steps", type=int, default=None, help="step budget")
     train.add_argument("--out", type=Path, default=None, help="export: the model folder to write")
     train.add_argument("--vae", type=Path, default=None, help="export and scene: the VAE folder (default RUNS/vae/vae)")
+    train.add_argument(
+        "--model", type=Path, default=None, help="controlnet: the model it guides (default: the shipped model)"
+    )
     train.add_argument(
         "--set",
         action="append",
@@ -74,22 +83,36 @@ def register(subparsers) -> None:
         metavar="DIR",
         help="score the images a --generate-only run wrote instead of generating them",
     )
+    evaluate.add_argument(
+        "--controlnet",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="measure this ControlNet instead: edge F1 of images generated from held-out images' canny maps, with "
+        "and without it",
+    )
+    evaluate.add_argument("--count", type=int, default=32, help="--controlnet: held-out images to measure")
+    evaluate.add_argument(
+        "--grid", type=Path, default=None, metavar="PNG", help="--controlnet: also write a grid of maps and results"
+    )
     evaluate.set_defaults(func=run_eval)
 
 
 def run_data(args) -> int:
     from ldmkit.data import emoji
 
+    sources = emoji.SOURCES + (emoji.EXTRA_SOURCES if args.extra_sets else ())
     records = emoji.build(
-        args.out, cache_dir=args.cache, workers=args.workers, limit=args.limit, skin_tones=args.skin_tones
-    )
+        args.out, cache_dir=args.cache, workers=args.workers, limit=args.limit, skin_tones=args.skin_tones,
+        sources=sources,
+    )  # fmt: skip
     print(f"{len(records)} images, {len({r.name for r in records})} names -> {args.out}")
     return 0
 
 
 def stage_config(stage: str, args):
     """The stage's dataclass config with paths from --data/--runs and --set overrides applied."""
-    from ldmkit.train import clip, scene, unet, vae
+    from ldmkit.train import clip, controlnet, scene, unet, vae
 
     runs = args.runs
     vae_dir = str(args.vae or runs / "vae" / "vae")
@@ -104,6 +127,10 @@ def stage_config(stage: str, args):
             text_encoder_dir=str(runs / "clip" / "text_encoder"),
             vae_dir=vae_dir,
         )
+    elif stage == "controlnet":
+        cfg = controlnet.ControlNetTrainConfig(data_dir=str(args.data), out_dir=str(runs / "controlnet"))
+        if args.model is not None:
+            cfg.model_dir = str(args.model)
     else:
         cfg = scene.SceneTrainConfig(
             data_dir=str(args.data),
@@ -135,6 +162,8 @@ def apply_overrides(cfg, assignments: list[str]):
 
 
 def run_train(args) -> int:
+    if args.model is not None and args.stage != "controlnet":
+        raise LdmError(f"--model applies to `ldm train controlnet` only, not to {args.stage}")
     if args.stage == "export":
         from ldmkit.train import export
 
@@ -167,6 +196,7 @@ def run_train(args) -> int:
                 "steps": result["steps"],
                 "minutes": round(result["minutes"], 2),
                 "final_loss": result["history"][-1][1] if result["history"] else None,
+                **{key: result[key] for key in ("export", "export_bytes") if key in result},
             }
         )
     )
@@ -176,6 +206,10 @@ def run_train(args) -> int:
 def run_eval(args) -> int:
     import torch
 
+    if args.controlnet is not None:
+        return run_eval_controlnet(args)
+    if args.grid is not None:
+        raise LdmError("--grid applies to --controlnet only")
     from ldmkit.eval import report
 
     if args.generate_only:
@@ -206,6 +240,33 @@ def run_eval(args) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     print(text)
+    return 0
+
+
+def run_eval_controlnet(args) -> int:
+    from ldmkit.eval import controlnet
+    from ldmkit.loading import DEFAULT_MODEL_DIR
+
+    model_only = (("--generate-only", args.generate_only), ("--images", args.images), ("--prompts", args.prompts))
+    for flag, value in model_only:
+        if value is not None:
+            raise LdmError(f"{flag} does not apply to --controlnet")
+    if not (args.controlnet / "config.json").is_file():
+        raise LdmError(f"--controlnet {args.controlnet}: not a diffusers ControlNet folder (no config.json)")
+    if args.count < 1:
+        raise LdmError(f"--count must be at least 1, got {args.count}")
+    model = args.model or DEFAULT_MODEL_DIR
+    metrics = controlnet.evaluate_controlnet(model, args.controlnet, args.data, args.count, args.steps, args.guidance)
+    text = json.dumps(metrics, indent=1)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    if args.grid:
+        args.grid.parent.mkdir(parents=True, exist_ok=True)
+        grid = controlnet.docs_grid(model, args.controlnet, args.data, steps=args.steps, guidance=args.guidance)
+        grid.save(args.grid)
+        print(f"grid -> {args.grid}")
     return 0
 
 

@@ -30,6 +30,9 @@ class SceneTrainConfig:
     out_dir: str = ".runs/scene"
     vae_dir: str = ".runs/vae/vae"  # frozen; convolutional, so 128 px training carries to 256 px scenes
     text_encoder_dir: str = ".runs/clip/text_encoder"  # the starting point: it already knows the emoji names
+    unet_dir: str | None = None  # start from this UNet (an exported scene model's) instead of a new one
+    # classic, single, pair, count, wearing, floating: a curriculum raises the first two while identity is learned
+    scene_shares: tuple[float, ...] = scenes.SceneSampler.DEFAULT_SHARES
     # 16.9M params (34 MB fp16); no attention at the 32x32 level keeps 50 CPU forwards at ~2.2x the old 16x16 cost
     block_out_channels: tuple[int, ...] = (64, 128, 192, 192)
     layers_per_block: int = 1
@@ -106,14 +109,18 @@ def train(cfg: SceneTrainConfig) -> dict:
     device = accelerator.device
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out_dir)
-    sprites, sampler = scenes.load_sampler(Path(cfg.data_dir), cfg.limit)
+    sprites, sampler = scenes.load_sampler(Path(cfg.data_dir), cfg.limit, cfg.scene_shares)
     compositor = Compositor(sprites, device)
     del sprites
 
     vae = AutoencoderKL.from_pretrained(cfg.vae_dir, torch_dtype=torch.float32).to(device).eval().requires_grad_(False)
     vae = vae.to(memory_format=torch.channels_last)
     text_encoder = CLIPTextModel.from_pretrained(cfg.text_encoder_dir, torch_dtype=torch.float32)
-    unet = build_unet(cfg, text_encoder.config.hidden_size).to(memory_format=torch.channels_last)
+    if cfg.unet_dir:
+        unet = UNet2DConditionModel.from_pretrained(cfg.unet_dir, torch_dtype=torch.float32)
+    else:
+        unet = build_unet(cfg, text_encoder.config.hidden_size)
+    unet = unet.to(memory_format=torch.channels_last)
     model = TextToNoise(text_encoder, unet).to(device)
     ema = common.EMA(model, cfg.ema_decay)
     groups = [

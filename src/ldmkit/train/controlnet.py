@@ -1,0 +1,166 @@
+"""Stage 4: a ControlNet for a trained model, so an edge map or a rough sketch gives an emoji of that shape.
+
+The ControlNet starts as a copy of the model's UNet encoder (diffusers' `ControlNetModel.from_unet`: its residual
+outputs are zero convolutions, so at step 0 it changes nothing) and learns on control maps made from the training
+images by the inference preprocessors (`train.control_maps`). The UNet, VAE and text encoder stay frozen; the loss
+is the UNet stage's v-prediction objective with the ControlNet's residuals added to the frozen UNet.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel
+
+from ldmkit.errors import LdmError
+from ldmkit.loading import DEFAULT_MODEL_DIR
+from ldmkit.train import common, control_maps
+from ldmkit.train.unet import diffusion_loss, encode_captions
+from ldmkit.train.vae import encode_posteriors
+
+EXPORT_SUBDIR = "controlnets"  # out_dir/controlnets/<name>: a folder to pass as --controlnet-dir (ckpt.pt stays out)
+
+
+@dataclass
+class ControlNetTrainConfig:
+    data_dir: str = ".data/emoji"
+    out_dir: str = ".runs/controlnet"
+    model_dir: str = str(DEFAULT_MODEL_DIR)  # the model whose frozen UNet the ControlNet guides
+    name: str = "emoji-lines"  # the exported ControlNet's folder name, which is its name for --control NAME=IMAGE
+    batch_size: int = 512
+    max_steps: int = 20_000
+    max_minutes: float | None = None  # stop (and finish the LR decay) at this wall time, whichever comes first
+    lr: float = 2e-4  # the copied encoder is already trained: below the UNet stage's 5e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    caption_dropout: float = 0.15  # empty caption: the control map alone must give the shape
+    min_snr_gamma: float = 5.0  # as the UNet stage (diffusion_loss reads it)
+    ema_decay: float = 0.995  # a run is ~1-2k steps: a shorter horizon than the UNet stage's 0.999
+    holdout_fraction: float = 0.02  # the VAE stage's held-out images (same hash): kept out here for `ldm eval`
+    map_workers: int | None = None  # processes making control maps (default: all cores)
+    log_every: int = 100
+    seed: int = 0
+    limit: int | None = None
+    mixed_precision: str = "auto"
+
+
+def controlled(controlnet, unet, control: torch.Tensor):
+    """The frozen UNet with the ControlNet's residuals added, called as diffusion_loss calls a UNet."""
+
+    def forward(sample, timestep, text_states):
+        down, mid = controlnet(
+            sample, timestep, encoder_hidden_states=text_states, controlnet_cond=control, return_dict=False
+        )
+        return unet(
+            sample, timestep, text_states, down_block_additional_residuals=down, mid_block_additional_residual=mid
+        )
+
+    return forward
+
+
+def check_model(model_dir: Path) -> dict:
+    """The model's scheduler config, once the folder is known to be a v-prediction diffusers model (before any work)."""
+    for part in ("unet", "vae", "text_encoder", "scheduler"):
+        if not (model_dir / part).is_dir():
+            raise LdmError(f"--model {model_dir}: no {part} folder (expected a diffusers model folder)")
+    scheduler_config = DDPMScheduler.load_config(model_dir / "scheduler")
+    if scheduler_config.get("prediction_type") != "v_prediction":
+        raise LdmError(
+            f"{model_dir}: the ControlNet stage trains with the v-prediction loss; this model predicts "
+            f"{scheduler_config.get('prediction_type', 'epsilon')}"
+        )
+    return scheduler_config
+
+
+def load_frozen(model_dir: Path, scheduler_config: dict, device):
+    """(text encoder, VAE, UNet, alphas_cumprod) of the model, fp32, frozen."""
+    alphas_cumprod = DDPMScheduler.from_config(scheduler_config).alphas_cumprod.to(device)
+    text_encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", torch_dtype=torch.float32)
+    for model in (text_encoder, vae, unet):
+        model.requires_grad_(False).eval().to(device)
+    return text_encoder, vae, unet, alphas_cumprod
+
+
+def train(cfg: ControlNetTrainConfig) -> dict:
+    """Train with EMA (resumable); export the EMA ControlNet as an fp16 folder out_dir/controlnets/<name>."""
+    model_dir, out_dir = Path(cfg.model_dir), Path(cfg.out_dir)
+    scheduler_config = check_model(model_dir)
+    accelerator = common.make_accelerator(cfg.mixed_precision)
+    device = accelerator.device
+    torch.manual_seed(cfg.seed)
+    dataset = common.load_dataset(Path(cfg.data_dir), cfg.limit)
+    held_out = common.holdout_mask(dataset, cfg.holdout_fraction)
+    dataset = dataset.subset(~held_out)
+    if len(dataset) == 0:
+        raise LdmError(f"no training images left in {cfg.data_dir} after holding out {cfg.holdout_fraction:.0%}")
+
+    # Everything the loop reads is computed once and kept on the device: latents, caption states, control maps.
+    maps = control_maps.make_maps(dataset.images.permute(0, 2, 3, 1).numpy(), cfg.seed, cfg.map_workers)
+    maps = torch.from_numpy(maps).to(device)  # (N, kinds, H, W) uint8
+    text_encoder, vae, unet, alphas_cumprod = load_frozen(model_dir, scheduler_config, device)
+    with accelerator.autocast():
+        text_states = encode_captions(text_encoder, dataset.captions, device)  # (C, 77, hidden)
+        posterior_mean, posterior_std = encode_posteriors(vae, dataset.images, device)  # (N, 4, h, w) each
+    if device.type == "cuda":
+        text_states = text_states.to(torch.bfloat16)
+    scaling_factor = vae.config.scaling_factor
+    del text_encoder, vae
+    unet.to(memory_format=torch.channels_last)
+    image_captions = dataset.image_captions.to(device)
+
+    model = ControlNetModel.from_unet(unet).to(memory_format=torch.channels_last)
+    ema = common.EMA(model, cfg.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.params = [p.to(device) for p in ema.params]
+    schedule = common.Schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.max_minutes)
+    step, elapsed, checkpoint = common.resume(out_dir / "ckpt.pt", accelerator, model, optimizer, "controlnet")
+    if checkpoint is not None:
+        ema.load_state_dict(checkpoint["ema"])
+
+    n, kinds, batch = len(dataset), maps.shape[1], min(cfg.batch_size, len(dataset))
+    progress = common.Progress(accelerator, optimizer, schedule, "controlnet samples/s", cfg.log_every, step, elapsed)
+    generator = common.process_generator(accelerator, cfg.seed, step)
+    model.train()
+    for step in progress:
+        index = torch.randint(0, n, (batch,), device=device, generator=generator)
+        kind = torch.randint(0, kinds, (batch,), device=device, generator=generator)
+        control = (maps[index, kind].float() / 255.0)[:, None].expand(-1, 3, -1, -1)  # (B, 3, H, W) in [0, 1]
+        variant = torch.randint(0, 3, (batch,), device=device, generator=generator)
+        caption_ids = image_captions[index, variant]
+        dropped = torch.rand(batch, device=device, generator=generator) < cfg.caption_dropout
+        caption_ids = torch.where(dropped, torch.zeros_like(caption_ids), caption_ids)  # id 0 is ""
+        noise = torch.randn(posterior_mean[index].shape, device=device, generator=generator)
+        latents = (posterior_mean[index] + posterior_std[index] * noise) * scaling_factor  # (B, 4, h, w)
+        denoiser = controlled(model, unet, control.contiguous(memory_format=torch.channels_last))
+        with accelerator.autocast():
+            loss = diffusion_loss(denoiser, latents, text_states[caption_ids], alphas_cumprod, cfg, generator)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        ema.update(accelerator.unwrap_model(model), step)
+        progress.done(loss, batch)
+    step, elapsed, history = progress.step, progress.finish(), progress.history
+    common.save_checkpoint(out_dir / "ckpt.pt", accelerator, model, optimizer, cfg, step, elapsed, ema=ema.state_dict())
+    result = {"steps": step, "minutes": elapsed / 60, "history": history, "train_images": n}
+    if accelerator.is_main_process:
+        folder = export(accelerator.unwrap_model(model), ema, out_dir / EXPORT_SUBDIR / cfg.name)
+        result.update(export=str(folder), export_bytes=sum(p.stat().st_size for p in folder.iterdir()))
+        (out_dir / "train.json").write_text(json.dumps(result))
+    return result
+
+
+def export(controlnet: ControlNetModel, ema: common.EMA, folder: Path) -> Path:
+    """The EMA weights as an fp16 diffusers ControlNet folder, in files under 10 MB (the shipped model's rule)."""
+    shipped = ControlNetModel.from_config(controlnet.config)
+    ema.copy_to(shipped)
+    shipped.half().save_pretrained(folder, max_shard_size="10MB")
+    return folder
