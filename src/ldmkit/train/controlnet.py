@@ -92,17 +92,18 @@ def train(cfg: ControlNetTrainConfig) -> dict:
     """Train with EMA (resumable); export the EMA ControlNet as an fp16 folder out_dir/controlnets/<name>."""
     model_dir, out_dir = Path(cfg.model_dir), Path(cfg.out_dir)
     scheduler_config = check_model(model_dir)
-    accelerator = common.make_accelerator(cfg.mixed_precision)
-    device = accelerator.device
-    torch.manual_seed(cfg.seed)
     dataset = common.load_dataset(Path(cfg.data_dir), cfg.limit)
     held_out = common.holdout_mask(dataset, cfg.holdout_fraction)
     dataset = dataset.subset(~held_out)
     if len(dataset) == 0:
         raise LdmError(f"no training images left in {cfg.data_dir} after holding out {cfg.holdout_fraction:.0%}")
-
-    # Everything the loop reads is computed once and kept on the device: latents, caption states, control maps.
+    # the map worker processes fork before this process touches the GPU
     maps = control_maps.make_maps(dataset.images.permute(0, 2, 3, 1).numpy(), cfg.seed, cfg.map_workers)
+
+    accelerator = common.make_accelerator(cfg.mixed_precision)
+    device = accelerator.device
+    torch.manual_seed(cfg.seed)
+    # Everything the loop reads is computed once and kept on the device: latents, caption states, control maps.
     maps = torch.from_numpy(maps).to(device)  # (N, kinds, H, W) uint8
     text_encoder, vae, unet, alphas_cumprod = load_frozen(model_dir, scheduler_config, device)
     with accelerator.autocast():
