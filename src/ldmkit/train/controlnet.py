@@ -119,7 +119,8 @@ def train(cfg: ControlNetTrainConfig) -> dict:
     text_encoder, vae, unet, alphas_cumprod = load_frozen(model_dir, scheduler_config, device)
     with accelerator.autocast():
         text_states = encode_captions(text_encoder, dataset.captions, device)  # (C, 77, hidden)
-        posterior_mean, posterior_std = encode_posteriors(vae, dataset.images, device)  # (N, 4, h, w) each
+    # fp32 latents, as the UNet stage trained on (it encodes them again outside autocast on a GPU)
+    posterior_mean, posterior_std = encode_posteriors(vae, dataset.images, device)  # (N, 4, h, w) each
     if device.type == "cuda":
         text_states = text_states.to(torch.bfloat16)
     scaling_factor = vae.config.scaling_factor
