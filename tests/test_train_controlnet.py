@@ -140,6 +140,7 @@ def test_export_is_a_small_fp16_folder_that_guides_generation(trained, data_dir,
     assert model.config.cross_attention_dim == 32
     # the zero convolutions have moved: the ControlNet changes the UNet's output
     assert max(float(block.weight.detach().abs().max()) for block in model.controlnet_down_blocks) > 0
+    assert tuple(model.config.conditioning_embedding_out_channels) == cfg.conditioning_channels
 
     pipe = Pipeline.from_pretrained(model_dir, controlnet_dir=f"{cfg.out_dir}/{folder}")
     assert pipe.controlnets.names() == ["emoji-lines"]
@@ -227,4 +228,12 @@ def test_epsilon_models_are_refused(model_dir, data_dir, tmp_path):
     (copy / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
     cfg = cn_train.ControlNetTrainConfig(data_dir=str(data_dir), out_dir=str(tmp_path / "cn"), model_dir=str(copy))
     with pytest.raises(LdmError, match="v-prediction"):
+        cn_train.train(cfg)
+
+
+def test_map_encoder_must_reach_the_latent_size(model_dir, data_dir, tmp_path):
+    cfg = cn_train.ControlNetTrainConfig(
+        data_dir=str(data_dir), out_dir=str(tmp_path / "cn"), model_dir=str(model_dir), conditioning_channels=(8, 16)
+    )
+    with pytest.raises(LdmError, match="conditioning_channels needs 4 entries"):
         cn_train.train(cfg)

@@ -74,6 +74,7 @@ MAKERS = {"canny": canny, "scribble_xdog": scribble_xdog, "sketch": sketch}
 
 def _maps_of_chunk(args: tuple[np.ndarray, int]) -> np.ndarray:
     images, seed = args
+    opencv().setNumThreads(1)  # one process per core already
     rng = np.random.default_rng(seed)
     return np.stack([np.stack([MAKERS[kind](image, rng) for kind in KINDS]) for image in images])
 

@@ -31,6 +31,10 @@ class ControlNetTrainConfig:
     out_dir: str = ".runs/controlnet"
     model_dir: str = str(DEFAULT_MODEL_DIR)  # the model whose frozen UNet the ControlNet guides
     name: str = "emoji-lines"  # the exported ControlNet's folder name, which is its name for --control NAME=IMAGE
+    # The map encoder, 128 px -> 16x16 (one level per halving; the last feeds the UNet's first width). Half SD's
+    # (16, 32, 96, 256) at the two coarse levels: it runs at every step on the same map and was 54% of the
+    # ControlNet's FLOPs; line maps need little width.
+    conditioning_channels: tuple[int, ...] = (16, 32, 64, 128)
     batch_size: int = 512
     max_steps: int = 20_000
     max_minutes: float | None = None  # stop (and finish the LR decay) at this wall time, whichever comes first
@@ -63,11 +67,18 @@ def controlled(controlnet, unet, control: torch.Tensor):
     return forward
 
 
-def check_model(model_dir: Path) -> dict:
-    """The model's scheduler config, once the folder is known to be a v-prediction diffusers model (before any work)."""
+def check_model(model_dir: Path, cfg: ControlNetTrainConfig) -> dict:
+    """The model's scheduler config, once the folder is known to be a v-prediction diffusers model whose latents
+    the map encoder fits (checked before any work)."""
     for part in ("unet", "vae", "text_encoder", "scheduler"):
         if not (model_dir / part).is_dir():
             raise LdmError(f"--model {model_dir}: no {part} folder (expected a diffusers model folder)")
+    levels = len(AutoencoderKL.load_config(model_dir / "vae")["block_out_channels"])  # latents: 1/2^(levels-1)
+    if len(cfg.conditioning_channels) != levels:
+        raise LdmError(
+            f"conditioning_channels needs {levels} entries, one per halving of the image down to {model_dir}'s "
+            f"latents (1/{2 ** (levels - 1)}), got {tuple(cfg.conditioning_channels)}"
+        )
     scheduler_config = DDPMScheduler.load_config(model_dir / "scheduler")
     if scheduler_config.get("prediction_type") != "v_prediction":
         raise LdmError(
@@ -91,23 +102,25 @@ def load_frozen(model_dir: Path, scheduler_config: dict, device):
 def train(cfg: ControlNetTrainConfig) -> dict:
     """Train with EMA (resumable); export the EMA ControlNet as an fp16 folder out_dir/controlnets/<name>."""
     model_dir, out_dir = Path(cfg.model_dir), Path(cfg.out_dir)
-    scheduler_config = check_model(model_dir)
-    accelerator = common.make_accelerator(cfg.mixed_precision)
-    device = accelerator.device
-    torch.manual_seed(cfg.seed)
+    scheduler_config = check_model(model_dir, cfg)
     dataset = common.load_dataset(Path(cfg.data_dir), cfg.limit)
     held_out = common.holdout_mask(dataset, cfg.holdout_fraction)
     dataset = dataset.subset(~held_out)
     if len(dataset) == 0:
         raise LdmError(f"no training images left in {cfg.data_dir} after holding out {cfg.holdout_fraction:.0%}")
-
-    # Everything the loop reads is computed once and kept on the device: latents, caption states, control maps.
+    # the map worker processes fork before this process touches the GPU
     maps = control_maps.make_maps(dataset.images.permute(0, 2, 3, 1).numpy(), cfg.seed, cfg.map_workers)
+
+    accelerator = common.make_accelerator(cfg.mixed_precision)
+    device = accelerator.device
+    torch.manual_seed(cfg.seed)
+    # Everything the loop reads is computed once and kept on the device: latents, caption states, control maps.
     maps = torch.from_numpy(maps).to(device)  # (N, kinds, H, W) uint8
     text_encoder, vae, unet, alphas_cumprod = load_frozen(model_dir, scheduler_config, device)
     with accelerator.autocast():
         text_states = encode_captions(text_encoder, dataset.captions, device)  # (C, 77, hidden)
-        posterior_mean, posterior_std = encode_posteriors(vae, dataset.images, device)  # (N, 4, h, w) each
+    # fp32 latents, as the UNet stage trained on (it encodes them again outside autocast on a GPU)
+    posterior_mean, posterior_std = encode_posteriors(vae, dataset.images, device)  # (N, 4, h, w) each
     if device.type == "cuda":
         text_states = text_states.to(torch.bfloat16)
     scaling_factor = vae.config.scaling_factor
@@ -115,7 +128,8 @@ def train(cfg: ControlNetTrainConfig) -> dict:
     unet.to(memory_format=torch.channels_last)
     image_captions = dataset.image_captions.to(device)
 
-    model = ControlNetModel.from_unet(unet).to(memory_format=torch.channels_last)
+    model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(cfg.conditioning_channels))
+    model = model.to(memory_format=torch.channels_last)
     ema = common.EMA(model, cfg.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     model, optimizer = accelerator.prepare(model, optimizer)
