@@ -132,6 +132,17 @@ def test_fast_unet_runs_what_it_was_not_compiled_for_eagerly():
     assert len(recorded.calls) == 1
 
 
+def test_sdxl_base_and_refiner_with_fused_qkv_and_channels_last_keep_the_images():
+    base, refiner = make_tiny_sdxl_components(seed=3), make_tiny_sdxl_components(seed=4, kind="refiner")
+    kwargs = {**SDXL_KWARGS, "refiner_switch": 0.5}
+    eager = pixels(cpu_pipeline(base), **kwargs, refiner=cpu_pipeline(refiner))
+    fast_base, fast_refiner = cpu_pipeline(base), cpu_pipeline(refiner)
+    for pipe in (fast_base, fast_refiner):
+        pipe.make_fast(channels_last=True, fuse_qkv=True, compile=False)
+        assert pipe.state.transforms == ("fused_qkv", "channels_last")
+    assert np.abs(pixels(fast_base, **kwargs, refiner=fast_refiner) - eager).max() <= 1
+
+
 @pytest.mark.slow  # compiling the tiny SDXL UNet and decoder with inductor: over a minute on a CPU
 def test_compiled_sdxl_keeps_the_images_and_loads_from_the_saved_files(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("LDMKIT_COMPILE_CACHE", str(tmp_path))
