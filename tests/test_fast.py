@@ -203,3 +203,19 @@ def test_cuda_graphed_replays_and_recaptures_when_weights_move():
     assert len(call.captured) == 1
     module.to(torch.float64).to(torch.float32)  # new weight storage: the old graph would read freed memory
     torch.testing.assert_close(call(x), module(x))
+
+
+@pytest.mark.slow  # compiles the tiny SDXL UNet and decoder (about a minute)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_sdxl_on_cuda_runs_every_step_through_one_cuda_graph_and_keeps_the_images(tmp_path, monkeypatch):
+    from ldmkit.cuda_graphs import CUDAGraphed
+
+    monkeypatch.setenv("LDMKIT_COMPILE_CACHE", str(tmp_path))
+    components = make_tiny_sdxl_components(seed=3)
+    cuda = torch.device("cuda")
+    eager = pixels(Pipeline(components, cuda, torch.float32), **SDXL_KWARGS)
+    pipe = Pipeline(components, cuda, torch.float32)
+    pipe.apply(compile_models)  # fp32 as the eager run: compile and CUDA graphs alone
+    assert np.abs(pixels(pipe, **SDXL_KWARGS) - eager).max() <= 1
+    graphed = pipe.state.unet_forward.call
+    assert isinstance(graphed, CUDAGraphed) and len(graphed.captured) == 1 and len(graphed.fn.compiled) == 1
