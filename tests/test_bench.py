@@ -128,24 +128,12 @@ def test_random_sdxl_is_sdxl_base_shaped():
     assert components.unet.config.addition_embed_type == "text_time" and not components.vae.config.force_upcast
 
 
-def test_bench_without_diffusers_leaves_psnr_empty(tiny_model, capsys):
-    argv = [
-        "--model",
-        str(tiny_model),
-        "--size",
-        "16",
-        "--steps",
-        "2",
-        "--warmup",
-        "0",
-        "--repeats",
-        "1",
-        "--device",
-        "cpu",
-        "--no-diffusers",
-    ]
-    assert bench.main(argv) == 0
-    header, *rows = table_rows(capsys.readouterr().out)
+def test_bench_without_diffusers_leaves_psnr_empty_and_takes_the_models_size(tiny_model, capsys):
+    argv = ["--model", str(tiny_model), "--steps", "2", "--warmup", "0", "--repeats", "1", "--device", "cpu"]
+    assert bench.main([*argv, "--no-diffusers"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("tiny, 16x16, 2 DDIM steps,")  # no --size: the model's (sample_size 8 x VAE factor 2)
+    header, *rows = table_rows(table)
     assert [row[0] for row in rows] == ["ours", "ours-fast"]
     psnr_columns = [header.index("PSNR vs diffusers eager (dB)"), header.index("PSNR vs diffusers compiled (dB)")]
     assert all(row[i] == "-" for row in rows for i in psnr_columns)

@@ -684,3 +684,138 @@ def test_a_controlnet_pth_whose_state_dict_holds_itself_is_refused_not_looped_ov
     torch.save(checkpoint, tmp_path / "loop.pth")
     with pytest.raises(ModelLoadError, match="loop.pth is not a checkpoint: its state_dict holds itself"):
         read_weights(tmp_path / "loop.pth")
+
+
+# ---- control_units.py: a ControlNet unit, as the Python API, the CLI and the A1111 API build it ----
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"model": "None"}, "model: a ControlNet unit needs a ControlNet model, got 'None'"),
+        ({"image": "sketch.png"}, "image must be a PIL image, not str"),
+        ({"weight": 2.5}, "weight must be from 0 to 2, got 2.5"),
+        ({"guidance_end": 1.5}, "guidance_end must be a fraction of the schedule from 0 to 1, got 1.5"),
+        ({"guidance_start": 0.6, "guidance_end": 0.4}, "guidance_start (0.6) must not be after guidance_end (0.4)"),
+        (
+            {"resize_mode": "Stretch"},
+            "resize_mode must be one of Just Resize, Crop and Resize, Resize and Fill; got 'Stretch'",
+        ),
+        ({"pixel_perfect": "yes"}, "pixel_perfect must be true or false, got 'yes'"),
+    ],
+)
+def test_control_unit_values_are_refused_with_their_name(fields, message):
+    from ldmkit.control_units import ControlUnit
+
+    with pytest.raises(InvalidRequest) as caught:
+        ControlUnit(**{"model": "cn", **fields}).validate()
+    assert str(caught.value) == message
+
+
+def a1111_unit(values):
+    from ldmkit.control_units import ControlUnit
+
+    return ControlUnit.from_a1111(values, lambda text, what: image())
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["cn"], "a ControlNet unit must be a JSON object, got list"),
+        (
+            {"model": "cn", "input_image": "a", "image": "b"},
+            "ControlNet unit has both 'input_image' and 'image'; send one",
+        ),
+        ({"model": "cn", "oops": 1}, "unknown ControlNet unit field 'oops'"),
+        ({"model": "cn", "low_vram": True}, "ControlNet unit field 'low_vram' = True is not supported by ldmkit"),
+        ({"model": "cn", "enabled": "yes"}, "enabled must be true or false, got 'yes'"),
+        (
+            {"model": "cn", "control_mode": 5},
+            "control_mode must be one of Balanced, My prompt is more important, ControlNet is more important "
+            "(or 0-2), got 5",
+        ),
+        ({"model": "cn", "image": ["a"]}, "image as a list must be [image, mask]"),
+        (
+            {"model": "cn", "image": {"image": "a", "mask": "b"}},
+            "ControlNet unit image mask (inpaint ControlNets) is not supported by ldmkit",
+        ),
+        ({"model": "cn", "image": 7}, "ControlNet unit image must be base64 text, got int"),
+    ],
+)
+def test_a1111_control_units_are_refused_naming_the_field(values, message):
+    with pytest.raises(InvalidRequest) as caught:
+        a1111_unit(values)
+    assert str(caught.value) == message
+
+
+def test_a_requests_control_units_are_checked_by_index():
+    from ldmkit.control_units import MAX_UNITS, ControlUnit, check_units
+
+    unit = ControlUnit(model="cn", image=image())
+    cases = [
+        ((unit,) * (MAX_UNITS + 1), False, "controls must be a list of at most 8 ControlNet units"),
+        ((unit, {"model": "cn"}), False, "ControlNet unit 1 must be a ControlUnit, not dict"),
+        ((dataclasses.replace(unit, weight=3),), False, "ControlNet unit 0: weight must be from 0 to 2, got 3"),
+        (
+            (dataclasses.replace(unit, image=None),),
+            False,
+            "ControlNet unit 0 has no image (only img2img can use its init image)",
+        ),
+    ]
+    for units, has_init_image, message in cases:
+        with pytest.raises(InvalidRequest) as caught:
+            check_units(units, has_init_image)
+        assert str(caught.value) == message
+    check_units((dataclasses.replace(unit, image=None),), has_init_image=True)  # img2img: its init image
+
+
+# ---- server/controlnet_api.py: units in alwayson_scripts, and /controlnet/detect ----
+
+
+class Library:
+    """Every ControlNet name resolves (the folder is another test's subject)."""
+
+    def resolve_name(self, name):
+        return name
+
+
+@pytest.mark.parametrize(
+    ("scripts", "message"),
+    [
+        ([{"args": []}], "alwayson_scripts must be an object of script name -> {'args': [...]}"),
+        (
+            {"ADetailer": {"args": []}},
+            "alwayson_scripts.ADetailer is not supported: ldmkit runs the ControlNet script only",
+        ),
+        ({"controlnet": {"args": {}}}, "alwayson_scripts.controlnet must be {'args': [unit, ...]}"),
+        (
+            {"controlnet": {"args": [{"model": "cn", "oops": 1}]}},
+            "alwayson_scripts.controlnet.args[0]: unknown ControlNet unit field 'oops'",
+        ),
+        ({"controlnet": {"args": [{"model": "cn"}] * 9}}, "at most 8 ControlNet units per request, got 9"),
+    ],
+)
+def test_alwayson_scripts_are_refused_naming_where(scripts, message):
+    pytest.importorskip("fastapi", reason="server extras not installed (pip install -e .[server])")
+    from ldmkit.server.controlnet_api import units_from_scripts
+
+    with pytest.raises(InvalidRequest) as caught:
+        units_from_scripts(scripts, Library(), max_pixels=4096)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"controlnet_masks": ["x"]}, "controlnet_masks are not supported (no ldmkit preprocessor takes a mask)"),
+        ({"low_vram": True}, "low_vram is not supported by ldmkit; send false"),
+        ({"controlnet_input_images": []}, "controlnet_input_images is empty: send at least one base64 image"),
+        ({"controlnet_input_images": ["IMAGE"] * 9}, "at most 8 controlnet_input_images per request"),
+    ],
+)
+def test_controlnet_detect_refusals_get_400_with_the_reason(client, body, message):
+    body = {"controlnet_module": "canny", "controlnet_input_images": ["IMAGE"], **body}
+    body["controlnet_input_images"] = [png_b64() for _ in body["controlnet_input_images"]]
+    response = client.post("/controlnet/detect", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"] == message

@@ -132,6 +132,17 @@ def test_fast_unet_runs_what_it_was_not_compiled_for_eagerly():
     assert len(recorded.calls) == 1
 
 
+def test_sdxl_base_and_refiner_with_fused_qkv_and_channels_last_keep_the_images():
+    base, refiner = make_tiny_sdxl_components(seed=3), make_tiny_sdxl_components(seed=4, kind="refiner")
+    kwargs = {**SDXL_KWARGS, "refiner_switch": 0.5}
+    eager = pixels(cpu_pipeline(base), **kwargs, refiner=cpu_pipeline(refiner))
+    fast_base, fast_refiner = cpu_pipeline(base), cpu_pipeline(refiner)
+    for pipe in (fast_base, fast_refiner):
+        pipe.make_fast(channels_last=True, fuse_qkv=True, compile=False)
+        assert pipe.state.transforms == ("fused_qkv", "channels_last")
+    assert np.abs(pixels(fast_base, **kwargs, refiner=fast_refiner) - eager).max() <= 1
+
+
 @pytest.mark.slow  # compiling the tiny SDXL UNet and decoder with inductor: over a minute on a CPU
 def test_compiled_sdxl_keeps_the_images_and_loads_from_the_saved_files(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("LDMKIT_COMPILE_CACHE", str(tmp_path))
@@ -192,3 +203,19 @@ def test_cuda_graphed_replays_and_recaptures_when_weights_move():
     assert len(call.captured) == 1
     module.to(torch.float64).to(torch.float32)  # new weight storage: the old graph would read freed memory
     torch.testing.assert_close(call(x), module(x))
+
+
+@pytest.mark.slow  # compiles the tiny SDXL UNet and decoder (about a minute)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_sdxl_on_cuda_runs_every_step_through_one_cuda_graph_and_keeps_the_images(tmp_path, monkeypatch):
+    from ldmkit.cuda_graphs import CUDAGraphed
+
+    monkeypatch.setenv("LDMKIT_COMPILE_CACHE", str(tmp_path))
+    components = make_tiny_sdxl_components(seed=3)
+    cuda = torch.device("cuda")
+    eager = pixels(Pipeline(components, cuda, torch.float32), **SDXL_KWARGS)
+    pipe = Pipeline(components, cuda, torch.float32)
+    pipe.apply(compile_models)  # fp32 as the eager run: compile and CUDA graphs alone
+    assert np.abs(pixels(pipe, **SDXL_KWARGS) - eager).max() <= 1
+    graphed = pipe.state.unet_forward.call
+    assert isinstance(graphed, CUDAGraphed) and len(graphed.captured) == 1 and len(graphed.fn.compiled) == 1

@@ -72,7 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(RANDOM_MODELS),
         help="the random model's shape when --model is not given (bundled configs, no download): SD1.5 or SDXL base",
     )
-    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: 512, 1024 for SDXL)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="image side in pixels (default: the model's, 512 or 1024 for --family sdxl)",
+    )
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sampler", default="DDIM")
     parser.add_argument("--batch", type=int, default=1, help="images per call")
@@ -134,6 +139,10 @@ def run_bench(args, runners: dict[str, Callable] | None = None, extra_rows: tupl
 
     log(f"bench: {describe_device(device)}, torch {torch.__version__}, {dtype}, rows {', '.join(rows)}")
     master = load_master(args.model, device, dtype, args.family)
+    if args.size is None and args.model is not None:  # the size the loaded model was trained at
+        size = master.unet.config.sample_size * vae_scale_factor(master)
+        request = dataclasses.replace(request, width=size, height=size)
+        request.validate()
     unet_flops = count_unet_flops(master, request, dtype)
     header = (
         f"{master.name}, {size}x{size}, {request.steps} {request.sampler} steps, "
