@@ -22,7 +22,7 @@ webuiapi = pytest.importorskip("webuiapi", reason="server test extras not instal
 
 from e2e.serving import serve_tiny
 
-from ldmkit.server.inpaint_fill import fill_masked
+from ldmkit.inpaint_fill import fill_masked
 
 FAST = {"width": 16, "height": 16, "steps": 3}  # the tiny model's native size
 
