@@ -51,9 +51,9 @@ class HiresFix:
 
     def check(self, steps: int, width: int | None = None, height: int | None = None) -> None:
         """The pass's own values; with the base size known, also the upscaled size."""
-        # 1: a second pass at the same size, as A1111 runs it
-        if not _is_number(self.scale) or not 1.0 <= self.scale <= MAX_HIRES_SCALE:
-            raise InvalidRequest(f"hires scale must be from 1 to {MAX_HIRES_SCALE}, got {self.scale!r}")
+        # 1: a second pass at the same size, as A1111 runs it; below 1 a smaller one (A1111's hr_resize allows it)
+        if not _is_number(self.scale) or not 0.0 < self.scale <= MAX_HIRES_SCALE:
+            raise InvalidRequest(f"hires scale must be above 0 and at most {MAX_HIRES_SCALE}, got {self.scale!r}")
         if not _is_number(self.strength) or not 0.0 < self.strength <= 1.0:
             raise InvalidRequest(f"hires strength must be in (0, 1], got {self.strength!r}")
         hires_steps = self.pass_steps(steps)

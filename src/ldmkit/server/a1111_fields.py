@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ldmkit.errors import InvalidRequest
+from ldmkit.samplers import get_sampler
+from ldmkit.schedules import SCHEDULE_TYPES
 
 CLIP_SKIP_SETTING = "CLIP_stop_at_last_layers"  # A1111's name for clip skip
 MODEL_SETTING = "sd_model_checkpoint"
@@ -23,7 +25,9 @@ FIXED_SETTINGS = {"sd_vae": OWN_VAE, "eta_noise_seed_delta": (0,)}
 NO_STYLE = ("", "None")  # what clients send for no style (AIYA: ["None"]); A1111 applies nothing for them
 SAME_SAMPLER = "Use same sampler"  # A1111's UI value of hr_sampler_name: the first pass's
 SAME_SCHEDULER = "Use same scheduler"
-INPAINT_FILL, INPAINT_ORIGINAL = 0, 1  # A1111's inpainting_fill modes ldmkit runs; 'original' unless 'fill' is sent
+# A1111's inpainting_fill and resize_mode numbers -> GenerationParams.masked_content and resize_mode
+MASKED_CONTENTS = {0: "fill", 1: "original", 2: "latent_noise", 3: "latent_nothing"}
+RESIZE_MODES = {0: "resize", 1: "crop", 2: "fill", 3: "latent"}
 
 
 def refuse(name: str, value: Any, why: str) -> None:
@@ -43,8 +47,6 @@ def check_processing(body, sampler) -> None:
             refuse(f"seed_resize_from_{side}", value, "seed resize is not implemented (send -1 or 0)")
     if body.restore_faces:
         refuse("restore_faces", True, "this server has no face restorer")
-    if body.tiling:
-        refuse("tiling", True, "tileable images are not implemented")
     _check_eta(body.eta, sampler)
     if body.s_churn not in (None, 0):
         refuse("s_churn", body.s_churn, "the sampler noise options are not implemented (send 0)")
@@ -82,45 +84,62 @@ def check_txt2img(body, sampler, model_name: str) -> None:
     check_processing(body, sampler)
     if not body.enable_hr:
         return  # the hr_* fields only describe the second pass
-    if body.hr_prompt not in ("", body.prompt):
-        refuse("hr_prompt", body.hr_prompt, "a second-pass prompt different from the prompt is not implemented")
-    if body.hr_negative_prompt not in ("", body.negative_prompt):
-        refuse("hr_negative_prompt", body.hr_negative_prompt, "a second-pass negative prompt is not implemented")
-    if body.hr_sampler_name not in (None, "", SAME_SAMPLER) and body.hr_sampler_name not in (
-        body.sampler_name,
-        sampler.name,
-        sampler.algorithm.name,
-    ):
-        refuse("hr_sampler_name", body.hr_sampler_name, "the second pass runs the first pass's sampler")
-    if body.hr_scheduler not in (None, "", SAME_SCHEDULER, body.scheduler):
-        refuse("hr_scheduler", body.hr_scheduler, "the second pass runs the first pass's schedule type")
     if body.hr_checkpoint_name not in (None, "", "Use same checkpoint", model_name):
         refuse("hr_checkpoint_name", body.hr_checkpoint_name, f"this server serves {model_name!r} only")
 
 
+def hires_sampler(body) -> str | None:
+    """A1111's hr_sampler_name and hr_scheduler -> the second pass's sampler label; None: the first pass's.
+
+    "Use same scheduler" (or none) is the first pass's schedule type: the request's scheduler, else the one its
+    sampler name carries ("DPM++ 2M Karras"), else Automatic; a hires sampler name that carries one keeps it."""
+    name = None if body.hr_sampler_name in (None, "", SAME_SAMPLER) else body.hr_sampler_name
+    schedule = None if body.hr_scheduler in (None, "", SAME_SCHEDULER) else body.hr_scheduler
+    if name is None and schedule is None:
+        return None
+    first_name = body.sampler_name or body.sampler_index
+    if schedule is None and (name is None or _named_schedule(name) is None):
+        schedule = body.scheduler or _named_schedule(first_name)
+    return get_sampler(name or get_sampler(first_name).algorithm.name, schedule).name
+
+
+def _named_schedule(sampler_name: str) -> str | None:
+    """The schedule type a sampler name carries ('Karras' of "DPM++ 2M Karras"); None for a plain name."""
+    sampler = get_sampler(sampler_name)
+    return None if sampler.schedule is SCHEDULE_TYPES[sampler.algorithm.default_schedule] else sampler.schedule.label
+
+
 def check_img2img(body, sampler) -> None:
     check_processing(body, sampler)
-    if body.resize_mode != 0:
-        refuse("resize_mode", body.resize_mode, "only 0 (just resize) is implemented")
+    if body.resize_mode not in RESIZE_MODES:
+        refuse("resize_mode", body.resize_mode, "use 0 (just resize), 1 (crop and resize), 2 (resize and fill) or 3")
     if body.initial_noise_multiplier not in (None, 1):
         refuse("initial_noise_multiplier", body.initial_noise_multiplier, "only 1 is implemented")
     if body.latent_mask:
         refuse("latent_mask", "...", "a separate latent mask is not implemented")
     if not body.mask:
         return  # the inpainting fields describe the mask's use only
-    # A1111's defaults here are 'only masked' (true) and 'fill' (0); an omitted field runs ldmkit's whole-picture,
-    # 'original' inpainting, which docs/server.md says; a value sent is run or refused.
-    if "inpaint_full_res" in body.model_fields_set and body.inpaint_full_res:
-        refuse("inpaint_full_res", True, "'only masked' inpainting is not implemented; send false (whole picture)")
-    if "inpainting_fill" in body.model_fields_set and body.inpainting_fill not in (INPAINT_FILL, INPAINT_ORIGINAL):
-        refuse("inpainting_fill", body.inpainting_fill, "only 0 (fill) and 1 (original) are implemented")
+    if body.inpainting_fill not in MASKED_CONTENTS:
+        refuse("inpainting_fill", body.inpainting_fill, "use 0 (fill), 1 (original), 2 (latent noise) or 3 (nothing)")
+    if body.resize_mode == 3 and not body.inpaint_full_res:
+        refuse("resize_mode", 3, "a latent upscale with a mask is not implemented; use 0, 1 or 2")
     if not body.mask_round:
         refuse("mask_round", False, "the mask is always rounded here (A1111's default)")
 
 
-def fills_masked_area(body) -> bool:
-    """inpainting_fill 0 sent with a mask: the init image's masked part is filled from around it first."""
-    return bool(body.mask) and "inpainting_fill" in body.model_fields_set and body.inpainting_fill == INPAINT_FILL
+def inpainting_fields(body) -> dict:
+    """GenerationParams' inpainting and resize fields of an img2img request (A1111's defaults for those omitted:
+    'only masked', 'fill'). 'Only masked' crops around the mask: the resize mode changes nothing then, in A1111 too.
+    """
+    if not body.mask:
+        return {"resize_mode": RESIZE_MODES[body.resize_mode]}
+    only_masked = bool(body.inpaint_full_res)
+    return {
+        "resize_mode": "resize" if only_masked else RESIZE_MODES[body.resize_mode],
+        "masked_content": MASKED_CONTENTS[body.inpainting_fill],
+        "inpaint_only_masked": only_masked,
+        "inpaint_padding": body.inpaint_full_res_padding,
+    }
 
 
 def mask_blur(body) -> int:
