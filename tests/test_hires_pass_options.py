@@ -63,6 +63,8 @@ def test_empty_or_equal_second_pass_options_are_the_first_pass_and_are_not_writt
     assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(other.images[0]))
     for text in (plain.infotexts[0], same.infotexts[0]):
         assert "Hires prompt" not in text and "Hires sampler" not in text and "Hires negative" not in text
+    several = pipe.generate(["a red cube", "a cat"], hires=HiresFix(2, 0.5), **request)  # each its own prompt
+    assert not any("Hires prompt" in text for text in several.infotexts)
     karras = pipe.generate("a red cube", hires=HiresFix(2, 0.5, sampler="Euler Karras"), **request)
     params = parse_infotext(karras.infotexts[0])
     assert params["Hires sampler"] == "Euler" and params["Hires schedule type"] == "Karras"

@@ -714,7 +714,6 @@ class Pipeline:
         params = {"Denoising strength": p.strength if p.init_image is not None else None}
         if p.mask_image is not None:
             params["Mask blur"] = p.mask_blur
-        if p.mask_image is not None:
             params.update(inpainting_infotext(p.masked_content, p.inpaint_only_masked, p.inpaint_padding))
         if p.hires is not None:
             params.update(p.hires.infotext_params(p.steps, p.sampler))
@@ -741,11 +740,9 @@ class Pipeline:
             **extra,
         }
         if p.hires is not None:  # A1111 writes the second pass's prompts where they differ from the image's
-            hires = p.hires_pass()
-            params["Hires prompt"] = hires.prompts[0] if hires.prompts[0] != prompt else None
-            params["Hires negative prompt"] = (
-                hires.negative_prompt if hires.negative_prompt != p.negative_prompt else None
-            )
+            prompt_2, negative_2 = p.hires.prompt, p.hires.negative_prompt
+            params["Hires prompt"] = prompt_2 if prompt_2 and prompt_2 != prompt else None
+            params["Hires negative prompt"] = negative_2 if negative_2 and negative_2 != p.negative_prompt else None
         return format_infotext(prompt, p.negative_prompt, params)
 
 
