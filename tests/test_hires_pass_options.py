@@ -82,3 +82,24 @@ def test_second_pass_options_are_checked_before_any_compute(hires, message):
     pipe = Pipeline(make_tiny_components(), torch.device("cpu"), torch.float32)
     with pytest.raises(InvalidRequest, match=message):
         pipe.generate("a cube", steps=2, width=WIDTH, height=HEIGHT, hires=hires)
+
+
+@pytest.mark.parametrize(
+    "fields,expected",
+    [
+        ({}, None),
+        ({"hr_sampler_name": "Use same sampler", "hr_scheduler": "Use same scheduler"}, None),
+        ({"hr_sampler_name": "Use same sampler", "hr_scheduler": "Karras"}, "Euler Karras"),
+        ({"sampler_name": "DPM++ 2M Karras", "hr_sampler_name": "Euler a"}, "Euler a Karras"),  # same schedule type
+        ({"sampler_name": "Euler", "scheduler": "karras", "hr_sampler_name": "DDIM"}, "DDIM Karras"),
+        ({"sampler_name": "DPM++ 2M", "scheduler": "Exponential", "hr_sampler_name": "Euler Karras"}, "Euler Karras"),
+        ({"sampler_name": "DDIM", "hr_sampler_name": "Euler"}, "Euler"),  # Automatic stays each sampler's own
+    ],
+)
+def test_a1111_hires_sampler_fields_name_the_second_pass_sampler(fields, expected):
+    from types import SimpleNamespace
+
+    from ldmkit.server.a1111_fields import hires_sampler
+
+    request = {"sampler_name": None, "sampler_index": "Euler", "scheduler": None, "hr_sampler_name": None}
+    assert hires_sampler(SimpleNamespace(**{**request, "hr_scheduler": None, **fields})) == expected

@@ -13,7 +13,7 @@ from typing import Any
 
 from ldmkit.errors import InvalidRequest
 from ldmkit.samplers import get_sampler
-from ldmkit.schedules import SCHEDULE_TYPES
+from ldmkit.schedules import AUTOMATIC, get_schedule_type
 
 CLIP_SKIP_SETTING = "CLIP_stop_at_last_layers"  # A1111's name for clip skip
 MODEL_SETTING = "sd_model_checkpoint"
@@ -91,22 +91,26 @@ def check_txt2img(body, sampler, model_name: str) -> None:
 def hires_sampler(body) -> str | None:
     """A1111's hr_sampler_name and hr_scheduler -> the second pass's sampler label; None: the first pass's.
 
-    "Use same scheduler" (or none) is the first pass's schedule type: the request's scheduler, else the one its
-    sampler name carries ("DPM++ 2M Karras"), else Automatic; a hires sampler name that carries one keeps it."""
+    "Use same scheduler" (or none) is the first pass's schedule type (its `scheduler`, or the one its sampler name
+    carries: "DPM++ 2M Karras"), Automatic staying each sampler's own; a hires sampler name carrying one keeps it."""
     name = None if body.hr_sampler_name in (None, "", SAME_SAMPLER) else body.hr_sampler_name
     schedule = None if body.hr_scheduler in (None, "", SAME_SCHEDULER) else body.hr_scheduler
     if name is None and schedule is None:
         return None
     first_name = body.sampler_name or body.sampler_index
     if schedule is None and (name is None or _named_schedule(name) is None):
-        schedule = body.scheduler or _named_schedule(first_name)
+        schedule = _named_schedule(first_name, body.scheduler)
     return get_sampler(name or get_sampler(first_name).algorithm.name, schedule).name
 
 
-def _named_schedule(sampler_name: str) -> str | None:
-    """The schedule type a sampler name carries ('Karras' of "DPM++ 2M Karras"); None for a plain name."""
+def _named_schedule(sampler_name: str, schedule_type: str | None = None) -> str | None:
+    """The schedule type a request names: its schedule type unless Automatic, else the one its sampler name
+    carries ('Karras' of "DPM++ 2M Karras"); None: Automatic."""
+    if schedule_type and get_schedule_type(schedule_type) is not AUTOMATIC:
+        return get_schedule_type(schedule_type).label
     sampler = get_sampler(sampler_name)
-    return None if sampler.schedule is SCHEDULE_TYPES[sampler.algorithm.default_schedule] else sampler.schedule.label
+    plain = {sampler.algorithm.name.lower(), *(alias.lower() for alias in sampler.algorithm.aliases)}
+    return None if sampler_name.strip().lower() in plain else sampler.schedule.label
 
 
 def check_img2img(body, sampler) -> None:
