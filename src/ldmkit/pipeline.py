@@ -347,17 +347,16 @@ class Pipeline:
         lora_files = self.lora_files(p)
         sampled, masked_area = self.prepare_init_image(p)
         controls = self.prepare_controls(sampled)
-        # 2. LoRAs and tiling, applied for this request only.
+        # 2. LoRAs, then tiling (so that it reaches the LoRAs' convolutions too), for this request only.
         formed = []
-        with self.tiling_applied(p.tiling):
-            with self.loras_applied(lora_files, stop):
-                # 3-5. Each batch: prompt -> conditioning -> base pass -> hires pass.
-                for batch, seeds in enumerate(p.batch_seeds()):
-                    if stop():
-                        break
-                    formed.append(self.sample_batch(sampled, seeds, batch, callback, stop, controls))
-                    if formed[-1].interrupted:
-                        break
+        with self.loras_applied(lora_files, stop), self.tiling_applied(p.tiling):
+            # 3-5. Each batch: prompt -> conditioning -> base pass -> hires pass.
+            for batch, seeds in enumerate(p.batch_seeds()):
+                if stop():
+                    break
+                formed.append(self.sample_batch(sampled, seeds, batch, callback, stop, controls))
+                if formed[-1].interrupted:
+                    break
             # 6. Decode (through the tiling's padding) and describe; 'only masked' pastes into the init image.
             result = self.finish(p, lora_files, formed, stop)
         if masked_area is not None:
