@@ -1,5 +1,7 @@
-"""AUTOMATIC1111's request fields that ldmkit does not implement: accepted where the value is A1111's default or
-has no effect, else refused with a 400 that names the field (never accepted and silently ignored).
+"""AUTOMATIC1111's request fields beyond the basic ones: those ldmkit implements mapped to GenerationParams' (the
+hires pass's sampler, inpainting's area and masked content, the resize mode, the mask blur); those it does not,
+accepted where the value is A1111's default or has no effect, else refused with a 400 that names the field (never
+accepted and silently ignored).
 
 The field names and defaults are those of A1111 1.10's /sdapi/v1 request models (StableDiffusionProcessingTxt2Img
 and Img2Img as its API exposes them). docs/server.md has the whole table.
