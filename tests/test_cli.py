@@ -296,7 +296,7 @@ def test_lora_tags_and_clip_skip_from_the_command_line(tiny_model, tmp_path):
 @pytest.mark.parametrize(
     "prompt,args,message",
     [
-        ("otter", ["--hires-scale", "nan"], "hires scale must be from 1 to 4.0, got nan"),
+        ("otter", ["--hires-scale", "nan"], "hires scale must be above 0 and at most 4.0, got nan"),
         ("otter <lora:../x>", [], "LoRA name '../x' must be a file name without folders"),
         ("otter <lora:x:0.5> <lora:x>", [], "<lora:x> is given two weights, 0.5 and 1.0; give one"),
     ],

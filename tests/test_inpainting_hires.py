@@ -119,7 +119,7 @@ def test_hires_fix_upscales_and_records_parameters(upscaler):
 @pytest.mark.parametrize(
     "hires,message",
     [
-        (HiresFix(scale=0.5), "hires scale must be from 1 to"),
+        (HiresFix(scale=0), "hires scale must be above 0 and at most"),
         (HiresFix(strength=0.0), "hires strength"),
         (HiresFix(upscaler="esrgan"), "unknown hires upscaler"),
         (HiresFix(scale=4.0), "width must be a multiple of 8 from 8 to"),

@@ -29,7 +29,7 @@ def test_importing_params_imports_no_torch():
         ({"seed": MAX_SEED, "num_images": 2}, f"seed must be an integer from 0 to {MAX_SEED - 1}"),
         ({"sampler": "Euler b"}, "unknown sampler"),
         ({"width": 30}, "width must be a multiple of 8"),
-        ({"hires": HiresFix(scale=float("nan"))}, "hires scale must be from 1 to"),
+        ({"hires": HiresFix(scale=float("nan"))}, "hires scale must be above 0 and at most"),
         ({"hires": HiresFix(), "init_image": Image.new("RGB", (8, 8))}, "hires fix is for text-to-image"),
         ({"mask_image": Image.new("L", (8, 8))}, "inpainting needs an init image"),
         ({"prompt": "a <lora:../up>"}, "must be a file name without folders"),

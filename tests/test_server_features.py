@@ -123,6 +123,35 @@ def test_hires_resize_sets_the_target_size(url, resize, size):
     assert image.size == size
 
 
+def test_hires_resize_below_the_base_size_runs_a_smaller_second_pass_as_a1111(url):
+    image, _ = generated(post(url, "txt2img", enable_hr=True, width=24, height=16, hr_resize_x=16))
+    assert image.size == (16, 8)  # 16 wide keeps 3:2 at 10.7 high, rounded down to a multiple of 8
+
+
+def test_the_hires_pass_fields_and_tiling_reach_the_pipeline(url):
+    from ldmkit.params import HiresFix
+
+    hr = {"hr_prompt": "a blue cube", "hr_negative_prompt": "blurry", "hr_sampler_name": "DDIM"}
+    image, _ = generated(post(url, "txt2img", enable_hr=True, hr_scale=1.5, sampler_name="Euler", **hr))
+    hires = HiresFix(1.5, 0.7, prompt="a blue cube", negative_prompt="blurry", sampler="DDIM")
+    assert_same_image(image, reference(hires=hires))
+    assert "Hires prompt: a blue cube" in image.info["parameters"] and "Hires sampler: DDIM" in image.info["parameters"]
+    # "Use same sampler" with a schedule type: the first pass's sampler on it
+    same = {"hr_sampler_name": "Use same sampler", "hr_scheduler": "Karras"}
+    image, _ = generated(post(url, "txt2img", enable_hr=True, hr_scale=1.5, sampler_name="Euler", **same))
+    assert_same_image(image, reference(hires=HiresFix(1.5, 0.7, sampler="Euler Karras")))
+    image, _ = generated(post(url, "txt2img", tiling=True, sampler_name="Euler"))
+    assert_same_image(image, reference(tiling=True))
+    assert "Tiling: True" in image.info["parameters"]
+
+
+@pytest.mark.parametrize(("mode", "name"), [(1, "crop"), (2, "fill"), (3, "latent")])
+def test_img2img_resize_modes_reach_the_pipeline(url, mode, name):
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 40, 3), dtype=np.uint8))
+    image, _ = generated(post(url, "img2img", init_images=[png_b64(init)], resize_mode=mode, sampler_name="Euler"))
+    assert_same_image(image, reference(init_image=init, resize_mode=name))
+
+
 def test_hires_resize_to_an_odd_size_keeps_the_aspect_ratio(url):
     image, _ = generated(post(url, "txt2img", enable_hr=True, width=24, height=16, hr_resize_y=40))
     assert image.size == (56, 40)  # 24 * 40/16 = 60, rounded down to a multiple of 8, as hr_scale would be
@@ -132,8 +161,8 @@ def test_hires_resize_to_an_odd_size_keeps_the_aspect_ratio(url):
     ("fields", "reason"),
     [
         ({"hr_upscaler": "Waifu2x"}, "hr_upscaler 'Waifu2x' is not available on this server"),
-        ({"hr_scale": 0.5}, "hires scale must be from 1 to"),
-        ({"hr_scale": 9}, "hires scale must be from 1 to 4"),
+        ({"hr_scale": 0}, "hires scale must be above 0 and at most 4"),
+        ({"hr_scale": 9}, "hires scale must be above 0 and at most 4"),
         ({"denoising_strength": 0}, "hires strength must be in (0, 1]"),
         ({"denoising_strength": 1.5}, "hires strength must be in (0, 1]"),
         ({"hr_second_pass_steps": -2}, "hr_second_pass_steps must be from 0"),
@@ -207,8 +236,9 @@ def test_inverted_mask_repaints_the_other_part(url):
         post(url, "img2img", init_images=[init], mask=mask, inpainting_mask_invert=1, sampler_name="Euler")
     )
     other_half = half_mask((16, 16)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    assert_same_image(plain, reference(init_image=green, mask_image=half_mask((16, 16))))
-    assert_same_image(inverted, reference(init_image=green, mask_image=other_half))
+    a1111_defaults = {"inpaint_only_masked": True, "inpaint_padding": 0, "masked_content": "fill"}
+    assert_same_image(plain, reference(init_image=green, mask_image=half_mask((16, 16)), **a1111_defaults))
+    assert_same_image(inverted, reference(init_image=green, mask_image=other_half, **a1111_defaults))
     assert np.abs(pixels(plain) - pixels(inverted)).max() > 8  # the two references differ: the test can fail
     assert "Mask blur: 4" in plain.info["parameters"]  # A1111's default
 

@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 from ldmkit.cli_options import add_model_options, check_vae_option, load_pipelines  # noqa: E402
 from ldmkit.control_cli import add_control_options, units_from_args  # noqa: E402
 from ldmkit.errors import InvalidRequest, LdmError  # noqa: E402
+from ldmkit.params import MASKED_CONTENTS, RESIZE_MODES  # noqa: E402
 from ldmkit.samplers import ALGORITHMS, DEFAULT_SAMPLER, REFUSED, get_sampler  # noqa: E402
 from ldmkit.schedules import SCHEDULE_TYPES  # noqa: E402
 
@@ -102,6 +103,26 @@ def add_generate(sub) -> None:
     gen.add_argument("--mask", type=Path, default=None, help="inpainting: white = repaint (needs --init-image)")
     gen.add_argument("--mask-blur", type=int, default=4, help="inpainting: Gaussian blur of the mask, in pixels")
     gen.add_argument(
+        "--resize-mode",
+        default="resize",
+        choices=RESIZE_MODES,
+        help="img2img: fit the init image by stretching, cropping, filling the sides, or resizing its latents",
+    )
+    gen.add_argument(
+        "--masked-content",
+        default="original",
+        choices=MASKED_CONTENTS,
+        help="inpainting: what the masked area starts from (A1111's 'Masked content')",
+    )
+    gen.add_argument(
+        "--only-masked",
+        type=int,
+        default=None,
+        metavar="PADDING",
+        help="inpainting: repaint the mask's box plus PADDING pixels at --size, pasted back (A1111's 'Only masked')",
+    )
+    gen.add_argument("--tiling", action="store_true", help="seamless textures: the image tiles without seams")
+    gen.add_argument(
         "--hires-scale", type=float, default=None, help="hires fix: upscale factor of a second, img2img pass"
     )
     gen.add_argument(
@@ -111,6 +132,13 @@ def add_generate(sub) -> None:
         "--hires-steps", type=int, default=None, help="hires fix: steps of the second pass (default: --steps)"
     )
     gen.add_argument("--hires-upscaler", default="latent", choices=["latent", "pixel"])
+    gen.add_argument("--hires-prompt", default="", help="hires fix: the second pass's prompt (default: the prompt)")
+    gen.add_argument("--hires-negative", default="", help="hires fix: the second pass's negative prompt")
+    gen.add_argument(
+        "--hires-sampler",
+        default=None,
+        help="hires fix: the second pass's sampler, e.g. 'Euler Karras' (default: --sampler)",
+    )
     gen.add_argument(
         "--clip-skip", type=int, default=1, help="use the text encoder's N-th last layer (A1111's clip skip)"
     )
@@ -331,7 +359,21 @@ def generation_params(args, prompts: list[str], init_image, mask_image, controls
 
     hires = None
     if args.hires_scale is not None:
-        hires = HiresFix(args.hires_scale, args.hires_strength, args.hires_steps, args.hires_upscaler)
+        hires = HiresFix(
+            args.hires_scale,
+            args.hires_strength,
+            args.hires_steps,
+            args.hires_upscaler,
+            prompt=args.hires_prompt,
+            negative_prompt=args.hires_negative,
+            sampler=args.hires_sampler,
+        )
+    else:
+        given = [flag for flag in ("hires_prompt", "hires_negative", "hires_sampler") if getattr(args, flag)]
+        if given:
+            raise InvalidRequest(
+                f"--{given[0].replace('_', '-')} describes the hires fix's second pass: add --hires-scale"
+            )
     width, height = args.size if args.size else (None, None)
     n = args.num_images
     return [
@@ -364,6 +406,11 @@ def generation_params(args, prompts: list[str], init_image, mask_image, controls
             s_tmax=args.s_tmax,
             s_noise=args.s_noise,
             eta_noise_seed_delta=args.ensd,
+            tiling=args.tiling,
+            resize_mode=args.resize_mode,
+            masked_content=args.masked_content,
+            inpaint_only_masked=args.only_masked is not None,
+            inpaint_padding=32 if args.only_masked is None else args.only_masked,
         )
         for j, prompt in enumerate(prompts)
     ]

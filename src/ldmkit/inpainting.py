@@ -40,3 +40,26 @@ def prepare_mask(mask_image: Image.Image, width: int, height: int, blur: int) ->
     """
     soft = mask_to_tensor(mask_image, width, height, blur)
     return soft, (soft >= 0.5).float()
+
+
+# A1111's inpainting_fill values as GenerationParams.masked_content names them, and its infotext's words for them
+MASKED_CONTENT_INFOTEXT = {"fill": "fill", "latent_noise": "latent noise", "latent_nothing": "latent nothing"}
+
+
+def latent_start(image_latents: torch.Tensor, noise: torch.Tensor, hole: torch.Tensor, content: str) -> torch.Tensor:
+    """The clean latents img2img noises to its first step: the init image's, except in the (B, 1, h, w) 0/1 `hole`
+    with 'latent_noise' (the image's own start noise there, the tensor A1111 draws from the same seed) or
+    'latent_nothing' (zeros there)."""
+    if content == "latent_noise":
+        return image_latents * (1 - hole) + noise * hole
+    if content == "latent_nothing":
+        return image_latents * (1 - hole)
+    return image_latents
+
+
+def inpainting_infotext(content: str, only_masked: bool, padding: int) -> dict:
+    """A1111's names: "Masked content" unless 'original'; "Inpaint area" and "Masked area padding" for 'only masked'."""
+    params = {"Masked content": MASKED_CONTENT_INFOTEXT.get(content)}
+    if only_masked:
+        params |= {"Inpaint area": "Only masked", "Masked area padding": padding}
+    return params

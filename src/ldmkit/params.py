@@ -29,6 +29,10 @@ MAX_GUIDANCE = 100.0  # far past any useful scale; larger ones overflow the guid
 MAX_MASK_BLUR = 64
 MAX_HIRES_SCALE = 4.0
 HIRES_UPSCALERS = ("latent", "pixel")
+# img2img: how the init image is fitted to the size (A1111's resize_mode 0-3; ldmkit.resize_modes)
+RESIZE_MODES = ("resize", "crop", "fill", "latent")
+# inpainting: what the masked area starts from (A1111's inpainting_fill 0-3, its "Masked content")
+MASKED_CONTENTS = ("fill", "original", "latent_noise", "latent_nothing")
 
 
 @dataclass(frozen=True)
@@ -39,12 +43,17 @@ class HiresFix:
     strength: float = 0.5  # denoising strength of the second pass
     steps: int | None = None  # second-pass steps; None = the first pass's
     upscaler: str = "latent"  # "latent": bilinear on latents; "pixel": decode, Lanczos, encode
+    # The second pass's own prompt, negative prompt and sampler (a name of ldmkit.samplers); empty/None: the
+    # first pass's, as A1111's hr_prompt, hr_negative_prompt and hr_sampler_name.
+    prompt: str = ""
+    negative_prompt: str = ""
+    sampler: str | None = None
 
     def check(self, steps: int, width: int | None = None, height: int | None = None) -> None:
         """The pass's own values; with the base size known, also the upscaled size."""
-        # 1: a second pass at the same size, as A1111 runs it
-        if not _is_number(self.scale) or not 1.0 <= self.scale <= MAX_HIRES_SCALE:
-            raise InvalidRequest(f"hires scale must be from 1 to {MAX_HIRES_SCALE}, got {self.scale!r}")
+        # 1: a second pass at the same size, as A1111 runs it; below 1 a smaller one (A1111's hr_resize allows it)
+        if not _is_number(self.scale) or not 0.0 < self.scale <= MAX_HIRES_SCALE:
+            raise InvalidRequest(f"hires scale must be above 0 and at most {MAX_HIRES_SCALE}, got {self.scale!r}")
         if not _is_number(self.strength) or not 0.0 < self.strength <= 1.0:
             raise InvalidRequest(f"hires strength must be in (0, 1], got {self.strength!r}")
         hires_steps = self.pass_steps(steps)
@@ -52,6 +61,10 @@ class HiresFix:
             raise InvalidRequest(f"hires steps {hires_steps!r} at strength {self.strength} leave no denoising step")
         if self.upscaler not in HIRES_UPSCALERS:
             raise InvalidRequest(f"unknown hires upscaler {self.upscaler!r}; use one of {', '.join(HIRES_UPSCALERS)}")
+        if self.sampler is not None:
+            from ldmkit.samplers import get_sampler  # the registry imports diffusers
+
+            get_sampler(self.sampler)
         if width is not None and height is not None:
             check_size(*self.target_size(width, height))
 
@@ -62,13 +75,21 @@ class HiresFix:
         """The upscaled size, rounded down to multiples of 8."""
         return int(width * self.scale) // 8 * 8, int(height * self.scale) // 8 * 8
 
-    def infotext_params(self, base_steps: int) -> dict:
-        return {
+    def infotext_params(self, base_steps: int, base_sampler: str | None = None) -> dict:
+        """A1111's names; a second-pass sampler that differs is written as its sampler and schedule type (A1111's
+        "Hires sampler" and "Hires schedule type"), both, so that neither is read from the first pass's."""
+        params = {
             "Hires upscale": self.scale,
             "Hires steps": self.steps if self.steps and self.steps != base_steps else None,
             "Hires upscaler": "Latent" if self.upscaler == "latent" else "Lanczos",
-            "Denoising strength": self.strength,
         }
+        if self.sampler and self.sampler != base_sampler:
+            from ldmkit.samplers import get_sampler
+
+            sampler = get_sampler(self.sampler)
+            params["Hires sampler"] = sampler.algorithm.name
+            params["Hires schedule type"] = sampler.schedule.label
+        return params | {"Denoising strength": self.strength}
 
 
 class RequestLimits(Protocol):
@@ -121,6 +142,11 @@ class GenerationParams:
     s_tmax: float = math.inf  # ... to s_tmax
     s_noise: float = 1.0  # scale of the churn noise
     eta_noise_seed_delta: int = 0  # A1111's ENSD: per-step noise seeded seed + this (ancestral/SDE samplers)
+    tiling: bool = False  # seamless textures: circular padding in the UNet's and VAE decoder's convolutions
+    resize_mode: str = "resize"  # img2img: how the init image meets the size (RESIZE_MODES; ldmkit.resize_modes)
+    masked_content: str = "original"  # inpainting: what the masked area starts from (MASKED_CONTENTS)
+    inpaint_only_masked: bool = False  # inpainting: repaint the mask's box (plus padding) at the size, paste back
+    inpaint_padding: int = 32  # with inpaint_only_masked: pixels of context around the mask's box
 
     def __post_init__(self):
         for name in ("prompt", "seed", "loras", "controls", "seed_resize_from"):
@@ -191,6 +217,7 @@ class GenerationParams:
         self._check_noise()
         self._check_size()
         self._check_images()
+        self._check_init_options()
         if self.hires is not None:
             self._check_hires()
         self._check_loras()
@@ -208,6 +235,9 @@ class GenerationParams:
         from ldmkit.samplers import DEFAULT_SAMPLER, get_sampler  # imports diffusers: only once a model is at hand
 
         fallback_w, fallback_h = self.init_image.size if self.init_image is not None else (default_size,) * 2
+        hires = self.hires
+        if hires is not None and hires.sampler:
+            hires = dataclasses.replace(hires, sampler=get_sampler(hires.sampler).name)
         return dataclasses.replace(
             self,
             width=fallback_w // 8 * 8 if self.width is None else self.width,
@@ -215,6 +245,20 @@ class GenerationParams:
             sampler=get_sampler(self.sampler or DEFAULT_SAMPLER).name,
             seed=random_seed(self.total_images) if self.seed is None else self.seed,
             subseed=random_seed(self.total_images) if self.subseed is None and self.uses_variation else self.subseed,
+            hires=hires,
+        )
+
+    def hires_pass(self) -> GenerationParams:
+        """The request as the hires fix's second pass runs it: its own prompt, negative prompt and sampler if given."""
+        hires = self.hires
+        prompt = self.prompt
+        if hires.prompt:
+            prompt = hires.prompt if isinstance(self.prompt, str) else tuple(hires.prompt for _ in self.prompts)
+        return dataclasses.replace(
+            self,
+            prompt=prompt,
+            negative_prompt=hires.negative_prompt or self.negative_prompt,
+            sampler=hires.sampler or self.sampler,
         )
 
     # -- the checks, in the order a reader of the request meets its fields ------------------------------------------
@@ -223,6 +267,8 @@ class GenerationParams:
         if not isinstance(self.prompt, (str, tuple)) or not self.prompts:
             raise InvalidRequest(f"prompt must be text or a list of texts, not {type(self.prompt).__name__}")
         texts = [("prompt", p) for p in self.prompts] + [("negative prompt", self.negative_prompt)]
+        if isinstance(self.hires, HiresFix):
+            texts += [("hires prompt", self.hires.prompt), ("hires negative prompt", self.hires.negative_prompt)]
         for name, text in texts:
             if not isinstance(text, str):
                 raise InvalidRequest(f"{name} must be text, not {type(text).__name__}")
@@ -309,17 +355,49 @@ class GenerationParams:
                     f"mask blur must be an integer from 0 to {MAX_MASK_BLUR} pixels, got {self.mask_blur!r}"
                 )
 
+    def _check_init_options(self) -> None:
+        """The img2img and inpainting options: known values, and each with what it describes."""
+        if not isinstance(self.tiling, bool):
+            raise InvalidRequest(f"tiling must be true or false, got {self.tiling!r}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise InvalidRequest(f"unknown resize mode {self.resize_mode!r}; use one of {', '.join(RESIZE_MODES)}")
+        if self.masked_content not in MASKED_CONTENTS:
+            raise InvalidRequest(
+                f"unknown masked content {self.masked_content!r}; use one of {', '.join(MASKED_CONTENTS)}"
+            )
+        if not isinstance(self.inpaint_only_masked, bool):
+            raise InvalidRequest(f"inpaint_only_masked must be true or false, got {self.inpaint_only_masked!r}")
+        if not is_int(self.inpaint_padding) or not 0 <= self.inpaint_padding <= MAX_SIDE:
+            raise InvalidRequest(
+                f"inpaint padding must be an integer from 0 to {MAX_SIDE}, got {self.inpaint_padding!r}"
+            )
+        if self.resize_mode != "resize" and self.init_image is None:
+            raise InvalidRequest(f"resize mode {self.resize_mode!r} fits an init image: give one")
+        if self.mask_image is None and (self.masked_content != "original" or self.inpaint_only_masked):
+            raise InvalidRequest("masked content and 'only masked' describe inpainting: give a mask")
+        if self.resize_mode == "latent" and self.mask_image is not None:
+            raise InvalidRequest("resize mode 'latent' is for img2img without a mask; use another with a mask")
+        if self.resize_mode != "resize" and self.inpaint_only_masked:
+            raise InvalidRequest("'only masked' inpainting crops around the mask: the resize mode must be 'resize'")
+
     def _check_hires(self) -> None:
         if not isinstance(self.hires, HiresFix):
             raise InvalidRequest(f"hires must be a HiresFix, not {type(self.hires).__name__}")
         if self.init_image is not None:
             raise InvalidRequest("hires fix is for text-to-image; with an init image, set the size directly")
         self.hires.check(self.steps, self.width, self.height)
+        if self.hires.prompt and set(prompt_loras((self.hires.prompt,))) != set(self.prompt_loras()):
+            # The LoRAs are in the model for the whole request: both passes run the same ones.
+            raise InvalidRequest("the hires prompt's <lora:...> tags must be the prompt's (both passes use the same)")
 
     def _check_refiner(self) -> None:
         if not _is_number(self.refiner_switch) or not 0.0 < self.refiner_switch < 1.0:
             raise InvalidRequest(f"refiner switch must be between 0 and 1 (exclusive), got {self.refiner_switch!r}")
-        combined = {"inpainting": self.mask_image is not None, "hires fix": self.hires is not None}
+        combined = {
+            "inpainting": self.mask_image is not None,
+            "hires fix": self.hires is not None,
+            "tiling": self.tiling,
+        }
         for what, used in (combined | {"ControlNet": bool(self.controls)}).items():
             if used:
                 raise InvalidRequest(f"a refiner is not supported with {what} yet")
@@ -343,7 +421,9 @@ class GenerationParams:
             return
         limits.check_size(self.width, self.height)
         if self.hires is not None:
-            limits.check("", "", self.hires.pass_steps(self.steps), self.total_images)
+            limits.check(
+                self.hires.prompt, self.hires.negative_prompt, self.hires.pass_steps(self.steps), self.total_images
+            )
             limits.check_size(*self.hires.target_size(self.width, self.height))
 
     def prompt_loras(self) -> list[tuple[str, float]]:

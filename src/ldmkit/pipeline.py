@@ -28,7 +28,9 @@ from ldmkit.errors import InvalidRequest
 from ldmkit.families import Conditioning, family_of, scheduler_from_config
 from ldmkit.hires import upscale
 from ldmkit.images import pil_to_tensor, tensor_to_pil
-from ldmkit.inpainting import KnownRegion, prepare_mask
+from ldmkit.inpaint_area import MaskedArea
+from ldmkit.inpaint_fill import fill_masked
+from ldmkit.inpainting import KnownRegion, inpainting_infotext, latent_start, prepare_mask
 from ldmkit.loading import Components
 from ldmkit.lora import applied_loras, check_lora_file, lora_hashes_infotext, resolve_lora
 from ldmkit.memory import Footprint, check_memory
@@ -39,7 +41,9 @@ from ldmkit.params import GenerationParams, HiresFix, RequestLimits
 from ldmkit.previews import fast_preview, latent_rgb_projection
 from ldmkit.prompts import MAX_PROMPT_CHUNKS, check_prompt_chunks, clip_skip_infotext
 from ldmkit.refiner import DEFAULT_SWITCH, check_refiner, checkpoint_shorthash, refiner_infotext
+from ldmkit.resize_modes import fit
 from ldmkit.samplers import DEFAULT_SAMPLER, get_sampler
+from ldmkit.tiling import circular_padding
 from ldmkit.vae import VaeLibrary, vae_infotext, vae_name
 
 
@@ -292,6 +296,11 @@ class Pipeline:
         controls: list[ControlUnit] | None = None,
         refiner: Pipeline | Components | None = None,
         refiner_switch: float = DEFAULT_SWITCH,
+        tiling: bool = False,
+        resize_mode: str = "resize",
+        masked_content: str = "original",
+        inpaint_only_masked: bool = False,
+        inpaint_padding: int = 32,
         vae: str | None = None,
         **noise_options,
     ) -> GenerationResult:
@@ -324,6 +333,11 @@ class Pipeline:
             controls=tuple(controls or ()),
             refiner=refiner,
             refiner_switch=refiner_switch,
+            tiling=tiling,
+            resize_mode=resize_mode,
+            masked_content=masked_content,
+            inpaint_only_masked=inpaint_only_masked,
+            inpaint_padding=inpaint_padding,
             vae=vae,
             **noise_options,
         )
@@ -344,23 +358,27 @@ class Pipeline:
         goes on. To abandon the run instead (cancel, shutdown), should_stop raises.
         """
         stop = _Stop(should_stop)
-        # 1. Check the request against this model, before any compute.
+        # 1. Check the request against this model, before any compute; the init image and mask as sampled.
         p = self.prepare(params)
         lora_files = self.lora_files(p)
-        controls = self.prepare_controls(p)
-        # 2. LoRAs and the request's VAE, applied for this request only.
+        sampled, masked_area = self.prepare_init_image(p)
+        controls = self.prepare_controls(sampled)
+        # 2. LoRAs, the request's VAE and tiling (after the LoRAs, so that it reaches their convolutions too),
+        # for this request only.
         formed = []
         with self.vae_applied(p.vae):
-            with self.loras_applied(lora_files, stop.interrupted):
+            with self.loras_applied(lora_files, stop.interrupted), self.tiling_applied(p.tiling):
                 # 3-5. Each batch: prompt -> conditioning -> base pass -> hires pass.
                 for batch, seeds in enumerate(p.batch_seeds()):
                     if stop.interrupted():
                         break
-                    formed.append(self.sample_batch(p, seeds, batch, callback, stop, controls))
+                    formed.append(self.sample_batch(sampled, seeds, batch, callback, stop, controls))
                     if stop.requested:
                         break
-            # 6. Decode and describe.
+            # 6. Decode (through the tiling's padding) and describe; 'only masked' pastes into the init image.
             result = self.finish(p, lora_files, formed, stop)
+        if masked_area is not None:
+            result.images = [masked_area.paste(image) for image in result.images]
         for model in (self, p.refiner):  # with offload, the GPU is left empty between requests
             if model is not None:
                 model.state.release()
@@ -379,8 +397,12 @@ class Pipeline:
         p.validate(limits)  # again, with the size known
         self.family.check(self._state, p)
         max_chunks = MAX_PROMPT_CHUNKS if limits is None else limits.max_prompt_chunks
-        for text in p.text_prompts():  # before any LoRA file is read or any text encoded
-            check_prompt_chunks(self._state.tokenizer or self._state.tokenizer_2, text, p.negative_prompt, max_chunks)
+        passes = [p] if p.hires is None else [p, p.hires_pass()]
+        for text, negative in ((t, q.negative_prompt) for q in passes for t in q.text_prompts()):
+            # before any LoRA file is read or any text encoded
+            check_prompt_chunks(self._state.tokenizer or self._state.tokenizer_2, text, negative, max_chunks)
+        if p.tiling:
+            self.check_tiling(p)
         if self.is_inpainting_model and p.mask_image is None:
             raise InvalidRequest("this is an inpainting model: give an init image and a mask")
         self.lora_files(p)
@@ -417,10 +439,12 @@ class Pipeline:
         )
         strength = None if p.init_image is None else p.strength
         base = Schedule.make(sampler, self.scheduler_config, p.steps, strength, options)
-        second = None
-        if p.hires is not None:
+        second, hires_sampler, hires_options = None, None, None
+        if p.hires is not None:  # the second pass's own sampler, if it has one
+            hires_sampler = get_sampler(p.hires_pass().sampler)
+            hires_options = sampler_options.step_kwargs(hires_sampler, p.eta, p.s_churn, p.s_tmin, p.s_tmax, p.s_noise)
             hires_steps = p.hires.pass_steps(p.steps)
-            second = Schedule.make(sampler, self.scheduler_config, hires_steps, p.hires.strength, options)
+            second = Schedule.make(hires_sampler, self.scheduler_config, hires_steps, p.hires.strength, hires_options)
         elif p.refiner is not None:  # the refiner runs the schedule's steps below the switch point
             base = base.until(p.refiner_switch)
             second = Schedule.make_after(sampler, p.refiner.scheduler_config, p.steps, p.refiner_switch, options)
@@ -436,7 +460,7 @@ class Pipeline:
             inpainting = dataclasses.replace(denoiser, extra_channels=extra_channels)
             done = sample(inpainting, base, latents, noise_generators, hook, steps.callback, stop)
         elif p.init_image is not None:
-            image_latents = self.encode_samples(self.image_to_tensor(p.init_image, p.width, p.height), generators)
+            image_latents = self.init_latents(p, generators)
             done = self.img2img(
                 denoiser, base, image_latents, generators, noise_generators, steps.callback, stop, recipe
             )
@@ -457,14 +481,17 @@ class Pipeline:
             return Formed(seeds, refined.latents, refined.interrupted, refined=True)
 
         # 5. Hires fix: upscale, then the img2img stage again at the larger size (which size-conditioned families
-        # such as SDXL are told, as AUTOMATIC1111 tells them).
-        conditioning = self.encode_prompt(p, p.hires.target_size(p.width, p.height))
+        # such as SDXL are told, as AUTOMATIC1111 tells them), with the pass's own prompts.
+        conditioning = self.encode_prompt(p.hires_pass(), p.hires.target_size(p.width, p.height))
         denoiser = dataclasses.replace(denoiser, context=conditioning.context, unet_kwargs=conditioning.unet_kwargs)
         upscaled = upscale(p.hires, done.latents, self.vae_scale_factor, self.latents_to_images, self.images_to_latents)
         steps.before = len(base)
         if controls is not None:
             denoiser = controls.guide(unguided, len(second), p.final_size, hires=True)
-        hires = self.img2img(denoiser, second, upscaled, generators, noise_generators, steps.callback, stop)
+        hires_noise = noise_generators  # the same sampler goes on drawing from the base pass's generators
+        if hires_sampler.name != sampler.name:
+            hires_noise = step_noise_generators(hires_sampler, hires_options, generators, seeds, p.eta_noise_seed_delta)
+        hires = self.img2img(denoiser, second, upscaled, generators, hires_noise, steps.callback, stop)
         if hires.latents is None:  # stopped before its first step: the base pass's image is the one formed
             return Formed(seeds, done.latents, interrupted=True, hires_done=False)
         return Formed(seeds, hires.latents, hires.interrupted, hires_done=True)
@@ -584,6 +611,49 @@ class Pipeline:
         finally:
             self._state = before
 
+    def check_tiling(self, p: GenerationParams) -> None:
+        """Tiling changes the layers' padding in place, which neither a compiled model nor VAE tiles would follow."""
+        if self._state.has("compiled"):
+            raise InvalidRequest("tiling is not supported on the fast path (compiled); load the model without --fast")
+        tile_px = self._state.vae_tile_px
+        if tile_px is not None and max(p.final_size) > tile_px:
+            raise InvalidRequest(
+                f"tiling is not supported with VAE tiling above one tile ({tile_px} px); make the image smaller"
+            )
+
+    @contextlib.contextmanager
+    def tiling_applied(self, tiling: bool):
+        """Circular padding in the UNet and the VAE decoder (ldmkit.tiling), on record in the state, while open."""
+        if not tiling:
+            yield
+            return
+        with circular_padding(self.unet, self.vae.decoder):
+            before = self._state
+            self._state = before.with_transform("tiling")
+            try:
+                yield
+            finally:
+                self._state = before
+
+    def prepare_init_image(self, p: GenerationParams) -> tuple[GenerationParams, MaskedArea | None]:
+        """The request as sampling reads its init image and mask: around the mask for 'only masked' (with the
+        area to paste the results back into), fitted by the resize mode, the masked part filled unless 'original'.
+        """
+        if p.init_image is None:
+            return p, None
+        init_image, mask_image, mask_blur, area = p.init_image, p.mask_image, p.mask_blur, None
+        if p.inpaint_only_masked:
+            area = MaskedArea.around(init_image, mask_image, mask_blur, p.inpaint_padding, p.width, p.height)
+            (init_image, mask_image), mask_blur = area.crops(p.width, p.height), 0  # the crop's mask is blurred
+        elif p.resize_mode in ("crop", "fill"):
+            init_image = fit(init_image.convert("RGB"), p.width, p.height, p.resize_mode)
+            mask_image = None if mask_image is None else fit(mask_image.convert("L"), p.width, p.height, p.resize_mode)
+        if mask_image is not None and p.masked_content != "original":
+            # A1111 fills the pixels for every masked content but 'original'; the latent ones then replace them.
+            init_image = fill_masked(init_image, mask_image.resize(init_image.size, Image.Resampling.NEAREST))
+        sampled = dataclasses.replace(p, init_image=init_image, mask_image=mask_image, mask_blur=mask_blur)
+        return sampled, area
+
     # -- stages ---------------------------------------------------------------------------------
 
     def encode_prompt(self, p: GenerationParams, size: tuple[int, int] | None = None) -> Conditioning:
@@ -619,6 +689,16 @@ class Pipeline:
             width, height = p.seed_resize_from
             resize_from = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         return NoiseRecipe(tuple(subseeds), p.subseed_strength, resize_from)
+
+    def init_latents(self, p: GenerationParams, generators: list[torch.Generator]) -> torch.Tensor:
+        """img2img's clean latents of the init image: one posterior sample per image, at the size; resize mode
+        'latent' encodes the image at its own size (rounded down to multiples of 8) and resizes the latents."""
+        if p.resize_mode != "latent":
+            return self.encode_samples(self.image_to_tensor(p.init_image, p.width, p.height), generators)
+        own_w, own_h = (max(8, side // 8 * 8) for side in p.init_image.size)
+        latents = self.encode_samples(self.image_to_tensor(p.init_image, own_w, own_h), generators)
+        size = (p.height // self.vae_scale_factor, p.width // self.vae_scale_factor)
+        return F.interpolate(latents, size=size, mode="bilinear", align_corners=False)
 
     def encode_samples(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """(B, C, h, w) scaled latents: one posterior sample of the (1, 3, H, W) image per generator."""
@@ -669,7 +749,8 @@ class Pipeline:
         if full_strength:
             start = noise * schedule.scheduler.init_noise_sigma
         else:
-            start = schedule.add_noise(image_latents, noise)
+            hole = F.interpolate(soft_mask, size=latent_size).round().to(self.device, self.dtype)  # A1111's rounding
+            start = schedule.add_noise(latent_start(image_latents, noise, hole, p.masked_content), noise)
         if self.is_inpainting_model:
             masked_latents = self.encode_samples(pixels * (binary_mask < 0.5).to(pixels.dtype), generators)
             mask = F.interpolate(binary_mask, size=latent_size).to(self.device, self.dtype)
@@ -713,8 +794,10 @@ class Pipeline:
         params["Denoising strength"] = p.strength if p.init_image is not None else None
         if p.mask_image is not None:
             params["Mask blur"] = p.mask_blur
+            params.update(inpainting_infotext(p.masked_content, p.inpaint_only_masked, p.inpaint_padding))
         if p.hires is not None:
-            params.update(p.hires.infotext_params(p.steps))
+            params.update(p.hires.infotext_params(p.steps, p.sampler))
+        params["Tiling"] = True if p.tiling else None
         params.update(clip_skip_infotext(p.clip_skip))
         params.update(ti_hashes_infotext(self.tokenizer, [*p.text_prompts(), p.negative_prompt], self.embeddings))
         params.update(lora_hashes_infotext([(name, path) for name, path, _ in lora_files]))
@@ -745,6 +828,10 @@ class Pipeline:
             "Seed resize from": None if resize_from is None else f"{resize_from[0]}x{resize_from[1]}",
             **extra,
         }
+        if p.hires is not None:  # A1111 writes the second pass's prompts where they differ from the image's
+            prompt_2, negative_2 = p.hires.prompt, p.hires.negative_prompt
+            params["Hires prompt"] = prompt_2 if prompt_2 and prompt_2 != prompt else None
+            params["Hires negative prompt"] = negative_2 if negative_2 and negative_2 != p.negative_prompt else None
         return format_infotext(prompt, p.negative_prompt, params)
 
 

@@ -22,7 +22,7 @@ webuiapi = pytest.importorskip("webuiapi", reason="server test extras not instal
 
 from e2e.serving import serve_tiny
 
-from ldmkit.server.inpaint_fill import fill_masked
+from ldmkit.inpaint_fill import fill_masked
 
 FAST = {"width": 16, "height": 16, "steps": 3}  # the tiny model's native size
 
@@ -99,7 +99,6 @@ def test_fields_at_their_default_change_nothing(url, fields):
 REFUSED = [
     ({"styles": ["cinematic"]}, "unknown style(s) 'cinematic'"),
     ({"restore_faces": True}, "restore_faces=True is not supported"),
-    ({"tiling": True}, "tiling=True is not supported"),
     ({"sampler_name": "DPM2 a", "eta": 0.5}, "eta=0.5 is not supported: DPM2 a runs at A1111's default eta 1"),
     ({"sampler_name": "Heun", "s_churn": 0.5}, "s_churn=0.5 is not supported: Heun runs without churn"),
     ({"s_min_uncond": 0.2}, "s_min_uncond=0.2 is not supported"),
@@ -111,10 +110,8 @@ REFUSED = [
     ({"override_settings": {"sd_vae": "vae-ft-mse.safetensors"}}, "unknown VAE 'vae-ft-mse.safetensors'"),
     ({"override_settings": {"eta_noise_seed_delta": -1}}, "eta_noise_seed_delta must be an integer from 0"),
     ({"override_settings": {"face_restoration_model": "CodeFormer"}}, "face_restoration_model not supported"),
-    ({"enable_hr": True, "hr_prompt": "a blue cube"}, "hr_prompt='a blue cube' is not supported"),
-    ({"enable_hr": True, "hr_negative_prompt": "blurry"}, "hr_negative_prompt='blurry' is not supported"),
-    ({"enable_hr": True, "hr_sampler_name": "DDIM"}, "hr_sampler_name='DDIM' is not supported"),
-    ({"enable_hr": True, "hr_scheduler": "Karras"}, "hr_scheduler='Karras' is not supported"),
+    ({"enable_hr": True, "hr_sampler_name": "no such sampler"}, "unknown sampler 'no such sampler'"),
+    ({"enable_hr": True, "hr_scheduler": "Karras", "hr_sampler_name": "PLMS"}, "'PLMS' cannot run the Karras"),
     ({"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, "hr_checkpoint_name='other.safetensors'"),
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler 'R-ESRGAN 4x+' is not available"),
 ]
@@ -133,30 +130,39 @@ def test_hires_at_scale_1_runs_a_second_pass_at_the_same_size_and_truncates_frac
     assert "Hires upscale: 1" in image.info["parameters"] and "Hires steps: 2," in image.info["parameters"]
 
 
-def test_img2img_inpainting_fields_whole_picture_with_fill_or_original(url):
+def test_img2img_inpainting_fields_reach_the_pipeline_with_a1111s_defaults(url):
     init = Image.new("RGB", (16, 16), (200, 30, 30))
     init.paste((30, 30, 220), (6, 6, 10, 10))  # under the mask: what 'fill' replaces
     mask = Image.new("L", (16, 16), 0)
     mask.paste(255, (4, 4, 12, 12))
     body = {**BASE, "init_images": [png_b64(init)], "mask": png_b64(mask), "denoising_strength": 0.8}
-    plain = pixels(image_of(post(url, "img2img", body)))
-    same = {"inpaint_full_res": False, "inpainting_fill": 1, "mask_blur_x": 4, "mask_blur_y": 4, "mask_round": True}
-    assert np.array_equal(pixels(image_of(post(url, "img2img", {**body, **same}))), plain)
+    plain = image_of(post(url, "img2img", body))
+    # omitted: A1111's defaults, 'only masked' with no padding and 'fill'
+    defaults = {"inpaint_full_res": True, "inpaint_full_res_padding": 0, "inpainting_fill": 0, "mask_round": True}
+    assert np.array_equal(pixels(image_of(post(url, "img2img", {**body, **defaults}))), pixels(plain))
+    assert "Inpaint area: Only masked, Masked area padding: 0" in plain.info["parameters"]
+    assert "Masked content: fill" in plain.info["parameters"]
     for fields, reason in [
-        ({"inpaint_full_res": True}, "inpaint_full_res=True is not supported"),
-        ({"inpainting_fill": 2}, "inpainting_fill=2 is not supported: only 0 (fill) and 1 (original)"),
-        ({"inpainting_fill": 3}, "inpainting_fill=3 is not supported"),
+        ({"inpainting_fill": 4}, "inpainting_fill=4 is not supported"),
         ({"mask_blur_x": 4, "mask_blur_y": 8}, "mask_blur_y=8 is not supported"),
-        ({"resize_mode": 1}, "resize_mode=1 is not supported"),
+        ({"resize_mode": 5}, "resize_mode=5 is not supported"),
+        ({"resize_mode": 3, "inpaint_full_res": False}, "resize_mode=3 is not supported"),
+        ({"inpaint_full_res_padding": -1}, "inpaint padding must be an integer from 0"),
         ({"initial_noise_multiplier": 1.1}, "initial_noise_multiplier=1.1 is not supported"),
     ]:
         response = post(url, "img2img", {**body, **fields})
         assert response.status_code == 400 and reason in response.json()["detail"], response.text
-    # 'fill' is 'original' on the init image whose masked part is filled from around it
-    filled = post(url, "img2img", {**body, "inpainting_fill": 0})
-    prefilled = {**body, "init_images": [png_b64(fill_masked(init, mask))], "inpainting_fill": 1}
+    # whole picture: 'fill' is 'original' on the init image whose masked part is filled from around it
+    whole = {**body, "inpaint_full_res": False}
+    filled = post(url, "img2img", {**whole, "inpainting_fill": 0})
+    prefilled = {**whole, "init_images": [png_b64(fill_masked(init, mask))], "inpainting_fill": 1}
     assert np.array_equal(pixels(image_of(filled)), pixels(image_of(post(url, "img2img", prefilled))))
-    assert not np.array_equal(pixels(image_of(filled)), plain)
+    assert not np.array_equal(
+        pixels(image_of(filled)), pixels(image_of(post(url, "img2img", {**whole, "inpainting_fill": 1})))
+    )
+    for fill, written in [(2, "latent noise"), (3, "latent nothing")]:
+        text = image_of(post(url, "img2img", {**whole, "inpainting_fill": fill})).info["parameters"]
+        assert f"Masked content: {written}" in text and "Inpaint area" not in text
     # Without a mask the inpainting fields describe nothing: A1111's defaults pass.
     no_mask = {k: v for k, v in body.items() if k != "mask"}
     image_of(post(url, "img2img", {**no_mask, "inpaint_full_res": True, "inpainting_fill": 0}))
@@ -273,8 +279,8 @@ def test_webuiapi_as_a_client(url):
     init = Image.new("RGB", (16, 16), (20, 120, 200))
     assert api.img2img(images=[init], prompt="a blue cube", width=16, height=16, denoising_strength=0.7).image
     mask = Image.new("L", (16, 16), 255)
-    with pytest.raises(RuntimeError, match="inpaint_full_res=True is not supported"):  # its defaults: only masked
-        api.img2img(images=[init], mask_image=mask, width=16, height=16)
+    default = api.img2img(images=[init], mask_image=mask, width=16, height=16)  # its defaults: only masked, fill
+    assert "Inpaint area: Only masked" in default.info["infotexts"][0] and default.image.size == (16, 16)
     inpainted = api.img2img(images=[init], mask_image=mask, width=16, height=16, inpaint_full_res=False)  # fill
     assert inpainted.image.size == (16, 16)
     upscaled = api.extra_single_image(image=init, upscaler_1="Lanczos", upscaling_resize=2)

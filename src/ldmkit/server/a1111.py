@@ -29,7 +29,6 @@ from ldmkit.server import a1111_fields, a1111_misc
 from ldmkit.server.a1111_fields import ServerOptions
 from ldmkit.server.controlnet_api import detected_maps, units_from_scripts
 from ldmkit.server.imaging import MAX_INPUT_PIXELS, decode_base64_image, encode_all, encode_png_base64
-from ldmkit.server.inpaint_fill import fill_masked
 from ldmkit.server.models import model_file, with_refiner
 from ldmkit.server.queue import GenerationQueue, Job, wait_for_result
 from ldmkit.styles import StyleLibrary
@@ -83,7 +82,7 @@ class ProcessingRequest(BaseModel):
     width: int = 512
     height: int = 512
     restore_faces: bool | None = Field(None, description="false only: no face restorer here")
-    tiling: bool | None = Field(None, description="false only")
+    tiling: bool | None = Field(None, description="seamless textures: circular padding in the UNet and VAE decoder")
     do_not_save_samples: bool = Field(False, description="any: the server saves no files")
     do_not_save_grid: bool = Field(False, description="any: the server saves no files")
     eta: float | None = Field(
@@ -134,15 +133,17 @@ class Txt2ImgRequest(ProcessingRequest):
     hr_resize_x: int = Field(0, description="target width instead of hr_scale (0: from hr_resize_y or hr_scale)")
     hr_resize_y: int = 0
     hr_checkpoint_name: str | None = Field(None, description="the loaded model only")
-    hr_sampler_name: str | None = Field(None, description="the first pass's only")
-    hr_scheduler: str | None = Field(None, description="the first pass's only")
-    hr_prompt: str = Field("", description="empty or the prompt only")
-    hr_negative_prompt: str = Field("", description="empty or the negative prompt only")
+    hr_sampler_name: str | None = Field(None, description="the second pass's sampler; empty: the first pass's")
+    hr_scheduler: str | None = Field(None, description="the second pass's schedule type; empty: the first pass's")
+    hr_prompt: str = Field("", description="the second pass's prompt; empty: the prompt")
+    hr_negative_prompt: str = Field("", description="the second pass's negative prompt; empty: the negative prompt")
 
 
 class Img2ImgRequest(ProcessingRequest):
     init_images: list[str] | None = Field(None, description="one base64 image, with or without a data: prefix")
-    resize_mode: int = Field(0, description="0 (just resize) only")
+    resize_mode: int = Field(
+        0, description="0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale (not with a mask)"
+    )
     image_cfg_scale: float | None = Field(None, description="any: for instruct-pix2pix models only")
     denoising_strength: float = 0.75
     mask: str | None = Field(
@@ -152,9 +153,9 @@ class Img2ImgRequest(ProcessingRequest):
     mask_blur_y: int = 4
     mask_blur: int | None = Field(None, description="sets mask_blur_x and _y; they must agree")
     mask_round: bool = Field(True, description="true only")
-    inpainting_fill: int = Field(0, description="with a mask: 1 (original) only; omitted runs 1")
-    inpaint_full_res: bool = Field(True, description="with a mask: false (whole picture) only; omitted runs false")
-    inpaint_full_res_padding: int = Field(0, description="any: for 'only masked'")
+    inpainting_fill: int = Field(0, description="masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing")
+    inpaint_full_res: bool = Field(True, description="true: 'only masked' (the mask's box at the size, pasted back)")
+    inpaint_full_res_padding: int = Field(0, description="'only masked': pixels around the mask's box")
     inpainting_mask_invert: int = Field(0, description="1: repaint the black part instead")
     initial_noise_multiplier: float | None = Field(None, description="1 only")
     latent_mask: str | None = Field(None, description="refused")
@@ -284,16 +285,13 @@ def create_router(queue: GenerationQueue, styles: StyleLibrary, options: ServerO
             mask_image = await asyncio.to_thread(
                 _decode_mask, body.mask, bool(body.inpainting_mask_invert), queue.limits.max_input_pixels
             )
-        if mask_image is not None and a1111_fields.fills_masked_area(body):
-            init_image = await asyncio.to_thread(
-                fill_masked, init_image, mask_image.resize(init_image.size, Image.Resampling.NEAREST)
-            )
         generation = dataclasses.replace(
             generation,
             init_image=init_image,
             strength=body.denoising_strength,
             mask_image=mask_image,
             mask_blur=mask_blur,
+            **a1111_fields.inpainting_fields(body),
         )
         response = await _generate(queue, body, request, generation)
         if not body.include_init_images:
@@ -430,6 +428,7 @@ def _generation_request(
         s_tmax=a1111_fields.s_tmax(body),
         s_noise=1.0 if body.s_noise is None else body.s_noise,
         eta_noise_seed_delta=settings[a1111_fields.ENSD_SETTING],
+        tiling=bool(body.tiling),
     )
 
 
@@ -493,7 +492,15 @@ def _hires(body: Txt2ImgRequest) -> HiresFix:
     scale = body.hr_scale
     if body.hr_resize_x or body.hr_resize_y:
         scale = _resize_scale(body.width, body.height, body.hr_resize_x, body.hr_resize_y)
-    return HiresFix(scale, strength, second_pass_steps or None, HR_UPSCALERS[upscaler_name])
+    return HiresFix(
+        scale,
+        strength,
+        second_pass_steps or None,
+        HR_UPSCALERS[upscaler_name],
+        prompt=body.hr_prompt,
+        negative_prompt=body.hr_negative_prompt,
+        sampler=a1111_fields.hires_sampler(body),
+    )
 
 
 def _resize_scale(width: int, height: int, target_width: int, target_height: int) -> float:

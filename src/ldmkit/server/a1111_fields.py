@@ -1,5 +1,7 @@
-"""AUTOMATIC1111's request fields that ldmkit does not implement: accepted where the value is A1111's default or
-has no effect, else refused with a 400 that names the field (never accepted and silently ignored).
+"""AUTOMATIC1111's request fields beyond the basic ones: those ldmkit implements mapped to GenerationParams' (the
+hires pass's sampler, inpainting's area and masked content, the resize mode, the mask blur); those it does not,
+accepted where the value is A1111's default or has no effect, else refused with a 400 that names the field (never
+accepted and silently ignored).
 
 The field names and defaults are those of A1111 1.10's /sdapi/v1 request models (StableDiffusionProcessingTxt2Img
 and Img2Img as its API exposes them). docs/server.md has the whole table.
@@ -13,6 +15,8 @@ from typing import Any
 
 from ldmkit.errors import InvalidRequest
 from ldmkit.params import MAX_SEED
+from ldmkit.samplers import get_sampler
+from ldmkit.schedules import AUTOMATIC, get_schedule_type
 
 CLIP_SKIP_SETTING = "CLIP_stop_at_last_layers"  # A1111's name for clip skip
 MODEL_SETTING = "sd_model_checkpoint"
@@ -23,7 +27,9 @@ OWN_VAE = ("Automatic", "None")
 ENSD_SETTING = "eta_noise_seed_delta"  # A1111's seed offset of the samplers' per-step noise (ldmkit.noise)
 SAME_SAMPLER = "Use same sampler"  # A1111's UI value of hr_sampler_name: the first pass's
 SAME_SCHEDULER = "Use same scheduler"
-INPAINT_FILL, INPAINT_ORIGINAL = 0, 1  # A1111's inpainting_fill modes ldmkit runs; 'original' unless 'fill' is sent
+# A1111's inpainting_fill and resize_mode numbers -> GenerationParams.masked_content and resize_mode
+MASKED_CONTENTS = {0: "fill", 1: "original", 2: "latent_noise", 3: "latent_nothing"}
+RESIZE_MODES = {0: "resize", 1: "crop", 2: "fill", 3: "latent"}
 
 
 def refuse(name: str, value: Any, why: str) -> None:
@@ -34,8 +40,6 @@ def check_processing(body, sampler) -> None:
     """The fields txt2img and img2img share; `sampler` is the request's resolved ldmkit.samplers.Sampler."""
     if body.restore_faces:
         refuse("restore_faces", True, "this server has no face restorer")
-    if body.tiling:
-        refuse("tiling", True, "tileable images are not implemented")
     # subseed, seed resize, eta and the churn options are GenerationParams' (checked there, per sampler)
     if body.s_min_uncond not in (None, 0):
         refuse("s_min_uncond", body.s_min_uncond, "skipping the unconditional pass is not implemented (send 0)")
@@ -64,45 +68,66 @@ def check_txt2img(body, sampler, model_name: str) -> None:
     check_processing(body, sampler)
     if not body.enable_hr:
         return  # the hr_* fields only describe the second pass
-    if body.hr_prompt not in ("", body.prompt):
-        refuse("hr_prompt", body.hr_prompt, "a second-pass prompt different from the prompt is not implemented")
-    if body.hr_negative_prompt not in ("", body.negative_prompt):
-        refuse("hr_negative_prompt", body.hr_negative_prompt, "a second-pass negative prompt is not implemented")
-    if body.hr_sampler_name not in (None, "", SAME_SAMPLER) and body.hr_sampler_name not in (
-        body.sampler_name,
-        sampler.name,
-        sampler.algorithm.name,
-    ):
-        refuse("hr_sampler_name", body.hr_sampler_name, "the second pass runs the first pass's sampler")
-    if body.hr_scheduler not in (None, "", SAME_SCHEDULER, body.scheduler):
-        refuse("hr_scheduler", body.hr_scheduler, "the second pass runs the first pass's schedule type")
     if body.hr_checkpoint_name not in (None, "", "Use same checkpoint", model_name):
         refuse("hr_checkpoint_name", body.hr_checkpoint_name, f"this server serves {model_name!r} only")
 
 
+def hires_sampler(body) -> str | None:
+    """A1111's hr_sampler_name and hr_scheduler -> the second pass's sampler label; None: the first pass's.
+
+    "Use same scheduler" (or none) is the first pass's schedule type (its `scheduler`, or the one its sampler name
+    carries: "DPM++ 2M Karras"), Automatic staying each sampler's own; a hires sampler name carrying one keeps it."""
+    name = None if body.hr_sampler_name in (None, "", SAME_SAMPLER) else body.hr_sampler_name
+    schedule = None if body.hr_scheduler in (None, "", SAME_SCHEDULER) else body.hr_scheduler
+    if name is None and schedule is None:
+        return None
+    first_name = body.sampler_name or body.sampler_index
+    if schedule is None and (name is None or _named_schedule(name) is None):
+        schedule = _named_schedule(first_name, body.scheduler)
+    return get_sampler(name or get_sampler(first_name).algorithm.name, schedule).name
+
+
+def _named_schedule(sampler_name: str, schedule_type: str | None = None) -> str | None:
+    """The schedule type a request names: its schedule type unless Automatic, else the one its sampler name
+    carries ('Karras' of "DPM++ 2M Karras"); None: Automatic."""
+    if schedule_type and get_schedule_type(schedule_type) is not AUTOMATIC:
+        return get_schedule_type(schedule_type).label
+    sampler = get_sampler(sampler_name)
+    plain = {sampler.algorithm.name.lower(), *(alias.lower() for alias in sampler.algorithm.aliases)}
+    return None if sampler_name.strip().lower() in plain else sampler.schedule.label
+
+
 def check_img2img(body, sampler) -> None:
     check_processing(body, sampler)
-    if body.resize_mode != 0:
-        refuse("resize_mode", body.resize_mode, "only 0 (just resize) is implemented")
+    if body.resize_mode not in RESIZE_MODES:
+        refuse("resize_mode", body.resize_mode, "use 0 (just resize), 1 (crop and resize), 2 (resize and fill) or 3")
     if body.initial_noise_multiplier not in (None, 1):
         refuse("initial_noise_multiplier", body.initial_noise_multiplier, "only 1 is implemented")
     if body.latent_mask:
         refuse("latent_mask", "...", "a separate latent mask is not implemented")
     if not body.mask:
         return  # the inpainting fields describe the mask's use only
-    # A1111's defaults here are 'only masked' (true) and 'fill' (0); an omitted field runs ldmkit's whole-picture,
-    # 'original' inpainting, which docs/server.md says; a value sent is run or refused.
-    if "inpaint_full_res" in body.model_fields_set and body.inpaint_full_res:
-        refuse("inpaint_full_res", True, "'only masked' inpainting is not implemented; send false (whole picture)")
-    if "inpainting_fill" in body.model_fields_set and body.inpainting_fill not in (INPAINT_FILL, INPAINT_ORIGINAL):
-        refuse("inpainting_fill", body.inpainting_fill, "only 0 (fill) and 1 (original) are implemented")
+    if body.inpainting_fill not in MASKED_CONTENTS:
+        refuse("inpainting_fill", body.inpainting_fill, "use 0 (fill), 1 (original), 2 (latent noise) or 3 (nothing)")
+    if body.resize_mode == 3 and not body.inpaint_full_res:
+        refuse("resize_mode", 3, "a latent upscale with a mask is not implemented; use 0, 1 or 2")
     if not body.mask_round:
         refuse("mask_round", False, "the mask is always rounded here (A1111's default)")
 
 
-def fills_masked_area(body) -> bool:
-    """inpainting_fill 0 sent with a mask: the init image's masked part is filled from around it first."""
-    return bool(body.mask) and "inpainting_fill" in body.model_fields_set and body.inpainting_fill == INPAINT_FILL
+def inpainting_fields(body) -> dict:
+    """GenerationParams' inpainting and resize fields of an img2img request (A1111's defaults for those omitted:
+    'only masked', 'fill'). 'Only masked' crops around the mask: the resize mode changes nothing then, in A1111 too.
+    """
+    if not body.mask:
+        return {"resize_mode": RESIZE_MODES[body.resize_mode]}
+    only_masked = bool(body.inpaint_full_res)
+    return {
+        "resize_mode": "resize" if only_masked else RESIZE_MODES[body.resize_mode],
+        "masked_content": MASKED_CONTENTS[body.inpainting_fill],
+        "inpaint_only_masked": only_masked,
+        "inpaint_padding": body.inpaint_full_res_padding,
+    }
 
 
 def mask_blur(body) -> int:
