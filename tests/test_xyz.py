@@ -235,3 +235,56 @@ def test_a_cell_the_model_refuses_is_refused_before_any_runs(pipe):
     with pytest.raises(InvalidRequest, match="steps must be an integer from 1 to 1000"):
         run_plot(pipe, plot, on_cell=lambda i, n: ran.append(i))
     assert ran == []
+
+
+# -- the CLI --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from support.tiny import make_tiny_components
+
+    from ldmkit.loading import save_pretrained
+
+    folder = tmp_path_factory.mktemp("model") / "tiny-model"
+    save_pretrained(make_tiny_components(), folder)
+    return folder
+
+
+def test_cli_writes_the_grid_with_its_infotext_and_each_cell(tiny_model, tmp_path, capsys):
+    from ldmkit.cli import main
+    from ldmkit.metadata import read_infotext
+
+    argv = ["generate", "a red cube", "--model", str(tiny_model), "--device", "cpu", "--seed", "7", "--steps", "2"]
+    argv += ["--size", "16x16", "-o", str(tmp_path), "-q", "--x", "sampler=Euler,DDIM", "--y", "cfg=1-2 (+1)"]
+    assert main([*argv, "--save-cells", "--no-legend"]) == 0
+    printed = capsys.readouterr().out.split()
+    grid_path = tmp_path / "00001-xyz-grid.png"
+    assert printed == [str(grid_path), *(str(tmp_path / f"0000{i}-7.png") for i in range(2, 6))]
+    params = parse_infotext(read_infotext(grid_path))
+    assert params["X Type"] == "Sampler" and params["X Values"] == "Euler,DDIM" and params["Y Values"] == "1-2 (+1)"
+    with Image.open(grid_path) as grid:
+        assert grid.size == (32, 32)
+        cells = [np.asarray(grid.crop((x, y, x + 16, y + 16))) for y in (0, 16) for x in (0, 16)]
+    for index, cell in enumerate(cells):
+        with Image.open(tmp_path / f"0000{index + 2}-7.png") as saved:
+            assert np.array_equal(np.asarray(saved), cell), index
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--x", "steps"], "--x must be AXIS=VALUES"),
+        (["--x", "checkpoint=a,b"], "unknown X/Y/Z axis 'checkpoint'"),
+        (["--x", "steps=1,2", "-n", "2"], "one image per cell"),
+        (["--x", "steps=0,2"], "steps must be an integer from 1 to 1000, got 0"),
+        (["--x", "steps=1,2", "--vary-seeds", "w"], "--vary-seeds takes the letters x, y, z"),
+    ],
+)
+def test_cli_refuses_bad_plots_in_one_line_before_loading(tmp_path, capsys, extra, message):
+    from ldmkit.cli import main
+
+    missing_model = tmp_path / "no-such-model"  # never reached: the plot is refused first
+    assert main(["generate", "a red cube", "--model", str(missing_model), "-o", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ldm: error: ") and message in err and err.count("\n") == 1, err

@@ -68,7 +68,7 @@ def test_webuiapi_plot_answers_the_grid_then_each_cell_equal_to_its_single_txt2i
     assert len(cells) == 4 and grid.width > 32 and grid.height > 32  # the legend's bands around 2x2 cells
     info = result.info
     assert info["all_seeds"] == [5] * 4 and info["index_of_first_image"] == 1
-    assert "Script: X/Y/Z plot, X Type: Steps, X Values: \"1,2\", Y Type: CFG Scale" in info["infotexts"][0]
+    assert 'Script: X/Y/Z plot, X Type: Steps, X Values: "1,2", Y Type: CFG Scale' in info["infotexts"][0]
     assert grid.info["parameters"] == info["infotexts"][0]
     for index, (steps, cfg) in enumerate([(1, 1), (2, 1), (1, 2), (2, 2)]):
         single = image_of(txt2img(url, seed=5, steps=steps, cfg_scale=cfg, sampler_name="Euler a").json()["images"][0])
@@ -88,7 +88,7 @@ def test_raw_payload_dropdown_sampler_axis_z_sub_grids_and_lowercase_name(url):
     sub_grid = image_of(body["images"][1])
     grid = image_of(body["images"][0])
     assert grid.width == 2 * sub_grid.width and grid.height > sub_grid.height  # side by side, under their titles
-    assert "Z Type: Seed, Z Values: \"3, 4\"" in info["infotexts"][0]
+    assert 'Z Type: Seed, Z Values: "3, 4"' in info["infotexts"][0]
 
 
 def test_img2img_denoising_axis(url):
