@@ -144,3 +144,46 @@ def test_scripts_and_script_info_list_the_plot(url):
         ("x/y/z plot", True, 18),
     ]
     assert info[0]["args"][0]["choices"][STEPS] == "Steps" and info[0]["args"][16]["maximum"] == 500
+
+
+# -- the web UI -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ui_url():
+    pytest.importorskip("gradio", reason="server extras not installed")
+    with serve_tiny(ui=True) as (base_url, _pipe, _app):
+        yield base_url
+
+
+def ui_values(url: str, **by_label) -> list:
+    """The txt2img tab's inputs (its endpoint /run is the first tab's), defaults with those named by label replaced."""
+    endpoint = requests.get(f"{url}/gradio_api/info", timeout=30).json()["named_endpoints"]["/run"]
+    values = [p.get("parameter_default") for p in endpoint["parameters"]]
+    labels = [p["label"] for p in endpoint["parameters"]]
+    for label, value in {"Negative prompt": "", **by_label}.items():
+        values[labels.index(label)] = value
+    return values
+
+
+def test_ui_plot_shows_the_grid_then_each_cell(ui_url):
+    from test_ui_security import call
+
+    values = ui_values(
+        ui_url, Prompt="a red cube", Steps=2, Width=16, Height=16, **{"Seed (-1: random)": 5},
+        **{"X type": "Steps", "X values": "1, 2", "Y type": "CFG Scale", "Y values": "1-2 (+1)"},
+    )  # fmt: skip
+    event, payload = call(ui_url, "run", values)
+    assert event == "complete", payload
+    _preview, status, gallery, parameters, _state = payload
+    assert status == "Done: 4 image(s), seed(s) 5, 5, 5, 5."
+    assert [item["caption"] for item in gallery] == ["X/Y/Z plot"] + ["seed 5"] * 4
+    assert 'X Type: Steps, X Values: "1, 2", Y Type: CFG Scale' in parameters  # the grid's, shown first
+
+
+def test_ui_plot_with_a_bad_axis_says_why(ui_url):
+    from test_ui_security import call
+
+    values = ui_values(ui_url, Prompt="a red cube", Width=16, Height=16, **{"X type": "Steps", "X values": "9-1"})
+    event, payload = call(ui_url, "run", values)
+    assert event == "error" and "range &#x27;9-1&#x27; is empty" in payload["error"], payload  # HTML-escaped
