@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -131,6 +132,25 @@ def test_other_scripts_and_batches_are_refused(url):
     assert other.status_code == 400 and "runs the 'x/y/z plot' script only" in other.text
     batch = txt2img(url, script_name="X/Y/Z plot", script_args=script_args(x=(STEPS, "1,2")), batch_size=2)
     assert batch.status_code == 400 and "one image per cell" in batch.text
+
+
+def test_progress_counts_cells_and_interrupt_answers_the_grid_formed_so_far():
+    with serve_tiny(ui=False) as (base_url, pipe, _app), ThreadPoolExecutor(1) as pool:
+        pipe.hold(at_step=1)  # the first cell's step 0 is done; it waits at step 1
+        args = script_args(x=(STEPS, "2, 2, 2"), include_lone_images=True)
+        answer = pool.submit(txt2img, base_url, seed=5, script_name="X/Y/Z plot", script_args=args)
+        assert pipe.held.wait(30)
+        progress = requests.get(f"{base_url}/sdapi/v1/progress?skip_current_image=true", timeout=10).json()
+        assert (progress["state"]["job_count"], progress["state"]["job_no"]) == (3, 0)
+        assert progress["progress"] == pytest.approx((0 + 1 / 2) / 3)
+        requests.post(f"{base_url}/sdapi/v1/interrupt", timeout=10)
+        pipe.release()
+        response = answer.result(timeout=60)
+    assert response.status_code == 200, response.text
+    body, info = response.json(), json.loads(response.json()["info"])
+    assert len(body["images"]) == 1 + 1 and info["all_seeds"] == [5]  # the grid and the one cell formed
+    grid = np.asarray(image_of(body["images"][0]))
+    assert grid[-16:, -32:].max() == 0  # the two cells never run are black
 
 
 def test_scripts_and_script_info_list_the_plot(url):

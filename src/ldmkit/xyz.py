@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
-import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ldmkit.errors import InvalidRequest
 from ldmkit.metadata import append_params
-from ldmkit.params import MAX_SEED, GenerationParams, is_int
+from ldmkit.params import MAX_SEED, GenerationParams, is_int, random_seed
 
 MAX_CELLS = 1000  # cells in one plot outside a server (a server's limit, max_grid_cells, is lower)
 MAX_GRID_PIXELS = 200_000_000  # the assembled grid, before its labels: A1111's default img_max_size_mp (200)
@@ -275,6 +274,8 @@ class XYZPlot:
         """The plan itself, before any cell is built: one image per cell, sizes and counts within bounds."""
         if not isinstance(self.base.prompt, str):
             raise InvalidRequest("an X/Y/Z plot takes one prompt (use a Prompt S/R axis to vary it)")
+        if isinstance(self.base.seed, tuple):
+            raise InvalidRequest("an X/Y/Z plot takes one seed (use a Seed axis to vary it)")
         if self.base.num_images != 1 or self.base.batch_count != 1:
             raise InvalidRequest(
                 "an X/Y/Z plot makes one image per cell: batch size and batch count must be 1, got "
@@ -298,9 +299,9 @@ class XYZPlot:
         """Random seeds (None, or -1 on a Seed axis) drawn now, so that cells agree on them (unless not fixed_seeds)."""
         if not self.fixed_seeds:
             return self
-        base = self.base if self.base.seed is not None else dataclasses.replace(self.base, seed=_random_seed())
+        base = self.base if self.base.seed is not None else dataclasses.replace(self.base, seed=random_seed())
         axes = [
-            dataclasses.replace(axis, values=tuple(_random_seed() if v == -1 else v for v in axis.values))
+            dataclasses.replace(axis, values=tuple(random_seed() if v == -1 else v for v in axis.values))
             if axis.kind.name == "seed"
             else axis
             for axis in self.axes
@@ -340,10 +341,6 @@ class XYZPlot:
         return params
 
 
-def _random_seed() -> int:
-    return random.randrange(MAX_SEED + 1)
-
-
 def _with_schedule(sampler: str | None, schedule: str) -> str:
     """The sampler's algorithm on the Schedule type axis's schedule (which replaces a schedule the name carries)."""
     from ldmkit.samplers import DEFAULT_SAMPLER, get_sampler
@@ -364,9 +361,6 @@ class PlotResult:
     cells: list  # GenerationResult per cell run, in index order; missing at the end if stopped
     grid_infotext: str
     interrupted: bool = False
-
-    def cell_images(self) -> list[Image.Image]:
-        return [result.images[0] for result in self.cells if result.images]
 
     def outputs(self, include_sub_grids: bool = False, include_cells: bool = False):
         """(images, infotexts, seeds) as A1111's script returns them: the grid, then sub-grids, then cells."""
