@@ -62,6 +62,7 @@ def test_values_and_ranges_expand_to_fixed_lists(kind, text, expected):
         ("steps", "many", "not a number or a range"),
         ("steps", "", "has no values"),
         ("steps", "1-10 [0]", "count in [...] must be from 1"),
+        ("steps", "1-600, 1-600", "the Steps axis has over 1000 values"),
         ("sampler", "Euler a, Warp drive", "unknown sampler 'Warp drive'"),
         ("scheduler", "Karras, Wobbly", "Wobbly"),
         ("size", "16 by 16", "must look like 512x768"),

@@ -199,6 +199,8 @@ def parse_values(kind: AxisKind, text: str) -> tuple:
     for item in split_values(text):
         expanded = expand_range(item, kind.value_type) if kind.value_type in (int, float) else None
         values.extend(expanded if expanded is not None else [_one_value(kind, item)])
+        if len(values) > MAX_CELLS:
+            raise InvalidRequest(f"the {kind.label} axis has over {MAX_CELLS} values")
     if not values:
         raise InvalidRequest(f"the {kind.label} axis has no values")
     return tuple(values)

@@ -1,5 +1,5 @@
 """AUTOMATIC1111's other endpoints, which its clients call at startup or for side jobs: lists of what the server
-has (often empty: no styles, face restorers, VAE files, hypernetworks, scripts here), the extras upscaler (Lanczos
+has (often empty: no styles, face restorers, VAE files or hypernetworks here), the extras upscaler (Lanczos
 resizes only) and refusals by name for what needs a model this server lacks (interrogation, model upscalers)."""
 
 from __future__ import annotations
