@@ -188,7 +188,7 @@ def run_generate(args) -> int:
         for unit in controls:
             library.resolve(unit.model)
     if plot is not None:
-        return run_xyz(args, plot)
+        return run_xyz(args, plot, StopOnSignal(), written_note)
 
     from diffusers.utils import logging as diffusers_logging
 

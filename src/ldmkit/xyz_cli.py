@@ -66,11 +66,13 @@ def plot_from_args(args, requests: list):
     return plot
 
 
-def run_xyz(args, plot) -> int:
-    """Load the model, run the cells, write the grid (and the cells): each file whole, listed as it is written."""
+def run_xyz(args, plot, stop, written_note) -> int:
+    """Load the model, run the cells, write the grid (and the cells): each file whole, listed as it is written.
+
+    `stop` and `written_note` are `ldm generate`'s (ldmkit.cli): its Ctrl-C handling and its note of the files
+    written when a run ends early."""
     from tqdm import tqdm
 
-    from ldmkit.cli import StopOnSignal, written_note
     from ldmkit.cli_options import load_pipelines
     from ldmkit.distributed import launched_world_size
     from ldmkit.metadata import save_png
@@ -88,7 +90,6 @@ def run_xyz(args, plot) -> int:
         if bar is not None:
             bar.update(index - bar.n)
 
-    stop = StopOnSignal()
     try:
         with stop.installed():
             result = run_plot(pipe, plot, should_stop=stop, on_cell=on_cell, prepared=cells)
