@@ -92,6 +92,14 @@ def test_raw_payload_dropdown_sampler_axis_z_sub_grids_and_lowercase_name(url):
     assert 'Z Type: Seed, Z Values: "3, 4"' in info["infotexts"][0]
 
 
+def test_a_short_script_args_list_takes_the_script_defaults(url):
+    response = txt2img(url, seed=2, script_name="X/Y/Z plot", script_args=[STEPS, "1, 2"])
+    assert response.status_code == 200, response.text
+    info = json.loads(response.json()["info"])
+    assert len(response.json()["images"]) == 1 and info["all_seeds"] == [2, 2]  # the grid only (no lone images)
+    assert "X Type: Steps" in info["infotexts"][0] and "Y Type" not in info["infotexts"][0]
+
+
 def test_img2img_denoising_axis(url):
     init = io.BytesIO()
     Image.new("RGB", (16, 16), (200, 30, 30)).save(init, format="PNG")
