@@ -356,7 +356,7 @@ def _with_schedule(sampler: str | None, schedule: str) -> str:
 
 @dataclass
 class PlotResult:
-    """The grid (the Z sub-grids side by side), each sub-grid, and each cell's image (None: not formed)."""
+    """The grid (the Z sub-grids side by side), each sub-grid, and the result of each cell that ran."""
 
     grid: Image.Image | None  # None: stopped before any cell formed
     sub_grids: list[Image.Image]
