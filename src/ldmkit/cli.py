@@ -24,6 +24,7 @@ from ldmkit.errors import InvalidRequest, LdmError  # noqa: E402
 from ldmkit.params import MASKED_CONTENTS, RESIZE_MODES  # noqa: E402
 from ldmkit.samplers import ALGORITHMS, DEFAULT_SAMPLER, REFUSED, get_sampler  # noqa: E402
 from ldmkit.schedules import SCHEDULE_TYPES  # noqa: E402
+from ldmkit.xyz_cli import add_xyz_options, plot_from_args, run_xyz, wants_plot  # noqa: E402
 
 MAX_INPUT_PIXELS = 64 * 1024 * 1024  # refuse decompression bombs before decoding them
 
@@ -181,6 +182,7 @@ def add_generate(sub) -> None:
     )
     gen.add_argument("--animation-format", default="gif", choices=["gif", "webp"])
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_xyz_options(gen)
     gen.set_defaults(func=run_generate)
 
 
@@ -257,6 +259,7 @@ def run_generate(args) -> int:
     requests = generation_params(args, prompts, init_image, mask_image, controls)
     for request in requests:
         request.validate()
+    plot = plot_from_args(args, requests) if wants_plot(args) else None
     if controls:
         from ldmkit.control_preprocess import opencv
         from ldmkit.controlnet import ControlNetLibrary
@@ -265,6 +268,8 @@ def run_generate(args) -> int:
         library = ControlNetLibrary(args.controlnet_dir)
         for unit in controls:
             library.resolve(unit.model)
+    if plot is not None:
+        return run_xyz(args, plot, StopOnSignal(), written_note)
 
     from diffusers.utils import logging as diffusers_logging
 

@@ -233,3 +233,9 @@ def save_png(
     return save_numbered_file(
         lambda tmp: image.save(tmp, format="PNG", pnginfo=pnginfo), folder, make_name, start_index
     )
+
+
+def append_params(infotext: str, params: dict) -> str:
+    """An infotext with more 'Key: value' pairs at the end of its parameter line (as A1111's scripts add theirs)."""
+    extra = ", ".join(f"{key}: {_quote(value)}" for key, value in params.items() if value is not None)
+    return f"{infotext}, {extra}" if extra else infotext

@@ -104,7 +104,7 @@ REFUSED = [
     ({"s_min_uncond": 0.2}, "s_min_uncond=0.2 is not supported"),
     ({"refiner_checkpoint": "sd_xl_refiner"}, "refiner_checkpoint 'sd_xl_refiner' is not a model of this server"),
     ({"disable_extra_networks": True}, "disable_extra_networks=True is not supported"),
-    ({"script_name": "x/y/z plot"}, "script_name='x/y/z plot' is not supported"),
+    ({"script_name": "prompt matrix"}, "script_name='prompt matrix' is not supported"),
     ({"infotext": "a cat\nSteps: 20"}, "infotext='...' is not supported"),
     ({"alwayson_scripts": {"ADetailer": {"args": []}}}, "alwayson_scripts.ADetailer is not supported"),
     ({"override_settings": {"sd_vae": "vae-ft-mse.safetensors"}}, "unknown VAE 'vae-ft-mse.safetensors'"),
@@ -222,7 +222,8 @@ def test_startup_lists_answer_lists(url, route):
 def test_startup_objects(url):
     flags = requests.get(f"{url}/sdapi/v1/cmd-flags", timeout=10).json()
     assert flags["api"] is True
-    assert requests.get(f"{url}/sdapi/v1/scripts", timeout=10).json() == {"txt2img": [], "img2img": []}
+    scripts = requests.get(f"{url}/sdapi/v1/scripts", timeout=10).json()
+    assert scripts == {"txt2img": ["x/y/z plot"], "img2img": ["x/y/z plot"]}
     memory = requests.get(f"{url}/sdapi/v1/memory", timeout=10).json()
     assert memory["ram"]["total"] >= memory["ram"]["free"] > 0 and "error" in memory["cuda"]  # a CPU server
     assert requests.get(f"{url}/sdapi/v1/upscalers", timeout=10).json()[1]["name"] == "Lanczos"
@@ -290,7 +291,8 @@ def test_webuiapi_as_a_client(url):
     batch = api.extra_batch_images(images=[init, init], upscaler_1="None", upscaling_resize=1.5)
     assert [image.size for image in batch.images] == [(24, 24), (24, 24)]
     assert api.get_prompt_styles() == [] and api.get_face_restorers() == [] and api.get_hypernetworks() == []
-    assert api.get_cmd_flags()["api"] is True and api.get_scripts() == {"txt2img": [], "img2img": []}
+    assert api.get_cmd_flags()["api"] is True
+    assert api.get_scripts() == {"txt2img": ["x/y/z plot"], "img2img": ["x/y/z plot"]}
     assert api.util_get_model_names() == [api.util_get_current_model()]
     assert "Euler a" in api.util_get_sampler_names()
     interrogated = requests.post(f"{url}/sdapi/v1/interrogate", json={"image": png_b64(init)}, timeout=10)

@@ -25,7 +25,7 @@ from ldmkit.pipeline import GenerationResult, Pipeline
 from ldmkit.previews import make_grid, preview_images
 from ldmkit.samplers import ALGORITHMS, get_sampler
 from ldmkit.schedules import SCHEDULE_TYPES
-from ldmkit.server import a1111_fields, a1111_misc
+from ldmkit.server import a1111_fields, a1111_misc, a1111_xyz
 from ldmkit.server.a1111_fields import ServerOptions
 from ldmkit.server.controlnet_api import detected_maps, units_from_scripts
 from ldmkit.server.imaging import MAX_INPUT_PIXELS, decode_base64_image, encode_all, encode_png_base64
@@ -33,6 +33,7 @@ from ldmkit.server.models import model_file, with_refiner
 from ldmkit.server.queue import GenerationQueue, Job, wait_for_result
 from ldmkit.styles import StyleLibrary
 from ldmkit.vae import vae_infotext
+from ldmkit.xyz import PlotResult
 
 DEFAULT_HR_STRENGTH = 0.7  # A1111's default denoising strength for the hires fix
 # A1111's hires upscaler names -> ldmkit's two upscalers. Every latent mode is bilinear here (the image's parameters
@@ -105,8 +106,10 @@ class ProcessingRequest(BaseModel):
     disable_extra_networks: bool = Field(False, description="false only")
     firstpass_image: str | None = Field(None, description="refused")
     comments: dict[str, Any] | None = Field(None, description="any: shown in A1111's UI only")
-    script_name: str | None = Field(None, description="refused: no scripts here")
-    script_args: list = Field(default_factory=list, description="no effect without script_name")
+    script_name: str | None = Field(None, description="'x/y/z plot' (any case) only: docs/xyz.md")
+    script_args: list = Field(
+        default_factory=list, description="the X/Y/Z plot's inputs as A1111 1.10's script takes them; else no effect"
+    )
     send_images: bool = True
     save_images: bool = Field(
         False, description="any: the images come back in the answer; the server keeps no files (SillyTavern sends true)"
@@ -262,7 +265,7 @@ def create_router(queue: GenerationQueue, styles: StyleLibrary, options: ServerO
         a1111_fields.check_txt2img(body, get_sampler(generation.sampler), pipe.model_name)
         if body.enable_hr:
             generation = dataclasses.replace(generation, hires=_hires(body))
-        return await _generate(queue, body, request, generation)
+        return await _generate(queue, body, request, generation, a1111_xyz.TXT2IMG)
 
     @router.post("/img2img", response_model=ImagesResponse)
     async def img2img(body: Img2ImgRequest, request: Request):
@@ -293,7 +296,7 @@ def create_router(queue: GenerationQueue, styles: StyleLibrary, options: ServerO
             mask_blur=mask_blur,
             **a1111_fields.inpainting_fields(body),
         )
-        response = await _generate(queue, body, request, generation)
+        response = await _generate(queue, body, request, generation, a1111_xyz.IMG2IMG)
         if not body.include_init_images:
             response["parameters"]["init_images"] = None
         return response
@@ -433,13 +436,22 @@ def _generation_request(
 
 
 async def _generate(
-    queue: GenerationQueue, body: ProcessingRequest, request: Request, generation: GenerationParams
+    queue: GenerationQueue, body: ProcessingRequest, request: Request, generation: GenerationParams, tab: str
 ) -> dict:
     controls, save_maps = await asyncio.to_thread(
         units_from_scripts, body.alwayson_scripts, queue.pipe.controlnets, queue.limits.max_input_pixels
     )
     generation = with_refiner(generation, body.refiner_checkpoint, body.refiner_switch_at, queue.models)
-    job = queue.submit(dataclasses.replace(generation, controls=controls))
+    generation = dataclasses.replace(generation, controls=controls)
+    if a1111_xyz.is_xyz_script(body.script_name):
+        if any(save_maps):
+            raise InvalidRequest(
+                "save_detected_map is not supported with the X/Y/Z plot (it answers the grid and its cells only); "
+                "send save_detected_map: false"
+            )
+        script = a1111_xyz.plot_from_script_args(body.script_args, tab, generation)
+        return await _generate_plot(queue, body, request, script)
+    job = queue.submit(generation)
     result = await wait_for_result(queue, job, request.is_disconnected)
     images = await asyncio.to_thread(lambda: encode_all(result) + detected_maps(result, save_maps))
     return {
@@ -447,6 +459,25 @@ async def _generate(
         "parameters": body.model_dump(),
         "info": json.dumps(_info(job, result, queue.pipe, body)),
     }
+
+
+async def _generate_plot(
+    queue: GenerationQueue, body: ProcessingRequest, request: Request, script: a1111_xyz.ScriptRequest
+) -> dict:
+    """A1111's X/Y/Z plot answer: the grid, the sub-grids and cells if asked, `info` describing the cells."""
+    job = queue.submit_plot(script.plot)
+    plot: PlotResult = await wait_for_result(queue, job, request.is_disconnected)
+    images, infotexts, seeds = plot.outputs(script.include_sub_grids, script.include_cells)
+    encoded = await asyncio.to_thread(lambda: [encode_png_base64(i, t) for i, t in zip(images, infotexts)])
+    info = _info(job, GenerationResult(images, seeds, infotexts, plot.interrupted), queue.pipe)
+    cells = job.cells[: len(seeds)]
+    info.update(
+        all_prompts=[cell.prompt for cell in cells],
+        all_negative_prompts=[cell.negative_prompt for cell in cells],
+        all_subseeds=[-1] * len(cells),
+        index_of_first_image=1 + (len(plot.sub_grids) if script.include_sub_grids else 0),
+    )
+    return {"images": encoded if body.send_images else [], "parameters": body.model_dump(), "info": json.dumps(info)}
 
 
 def _sampler(name: str, scheduler: str | None) -> str:
@@ -616,9 +647,9 @@ def _state(job: Job | None) -> dict:
         "interrupted": job is not None and job.stop == "interrupt",
         "stopping_generation": False,
         "job": "" if job is None else "img2img" if job.request.init_image is not None else "txt2img",
-        "job_count": 0 if job is None else job.request.batch_count,
+        "job_count": 0 if job is None else len(job.cells) or job.request.batch_count,
         "job_timestamp": "0" if job is None else _timestamp(job.created),
-        "job_no": 0 if job is None else job.batch,
+        "job_no": 0 if job is None else job.cell if job.plot is not None else job.batch,
         "sampling_step": 0 if step is None else step.step + 1,
         "sampling_steps": 0 if step is None else step.total,
     }

@@ -17,6 +17,7 @@ from ldmkit.errors import InvalidRequest
 from ldmkit.params import MAX_SEED
 from ldmkit.samplers import get_sampler
 from ldmkit.schedules import AUTOMATIC, get_schedule_type
+from ldmkit.server.a1111_xyz import is_xyz_script
 
 CLIP_SKIP_SETTING = "CLIP_stop_at_last_layers"  # A1111's name for clip skip
 MODEL_SETTING = "sd_model_checkpoint"
@@ -47,8 +48,8 @@ def check_processing(body, sampler) -> None:
         refuse("disable_extra_networks", True, "<lora:...> tags are always applied here; remove them instead")
     if body.firstpass_image:
         refuse("firstpass_image", "...", "a given first-pass image is not implemented")
-    if body.script_name not in (None, "", "None"):
-        refuse("script_name", body.script_name, "this server runs no scripts (GET /sdapi/v1/scripts)")
+    if body.script_name not in (None, "", "None") and not is_xyz_script(body.script_name):
+        refuse("script_name", body.script_name, "this server runs the 'x/y/z plot' script only (GET /sdapi/v1/scripts)")
     if body.infotext:
         refuse("infotext", "...", "reading the request from an infotext is not implemented; send the fields")
 

@@ -1,6 +1,7 @@
 """AUTOMATIC1111's other endpoints, which its clients call at startup or for side jobs: lists of what the server
-has (prompt styles, VAE files; no face restorers, hypernetworks or scripts here), the extras upscaler (Lanczos
-resizes only) and refusals by name for what needs a model this server lacks (interrogation, model upscalers)."""
+has (prompt styles, VAE files, the X/Y/Z plot script; no face restorers or hypernetworks here), the extras
+upscaler (Lanczos resizes only) and refusals by name for what needs a model this server lacks (interrogation,
+model upscalers)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from PIL import Image, ImageOps
 from pydantic import BaseModel, Field
 
 from ldmkit.errors import InvalidRequest
+from ldmkit.server import a1111_xyz
 from ldmkit.server.imaging import decode_base64_image, encode_png_base64
 from ldmkit.server.queue import GenerationQueue
 from ldmkit.styles import StyleLibrary
@@ -95,12 +97,12 @@ def add_routes(router: APIRouter, queue: GenerationQueue, styles: StyleLibrary) 
 
     @router.get("/scripts")
     async def scripts() -> dict:
-        """Selectable scripts: none (script_name is refused). The ControlNet extension's own routes say it is here."""
-        return {"txt2img": [], "img2img": []}
+        """Selectable scripts: the X/Y/Z plot. The ControlNet extension's own routes say it is here."""
+        return {"txt2img": [a1111_xyz.SCRIPT_NAME], "img2img": [a1111_xyz.SCRIPT_NAME]}
 
     @router.get("/script-info")
     async def script_info() -> list[dict]:
-        return []
+        return a1111_xyz.script_info()
 
     @router.post("/refresh-checkpoints")
     async def refresh_checkpoints() -> None:

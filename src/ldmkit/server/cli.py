@@ -64,6 +64,7 @@ LIMIT_FLAGS = [
     ("--max-prompt-chars", "max_prompt_chars", "characters per prompt (default 10000)"),
     ("--max-prompt-chunks", "max_prompt_chunks", "75-token chunks per prompt; each BREAK starts one (default 32)"),
     ("--max-loras", "max_loras", "different LoRAs per request (default 8)"),
+    ("--max-grid-cells", "max_grid_cells", "cells (images) of one X/Y/Z plot (default 64)"),
     ("--max-body-bytes", "max_body_bytes", "request body size (default 32 MiB)"),
     ("--max-ui-cache-bytes", "max_ui_cache_bytes", "the web UI's cached uploads and images (default 1 GiB)"),
     ("--max-ui-cache-seconds", "max_ui_cache_seconds", "how long the web UI keeps a cached file (default 3600)"),

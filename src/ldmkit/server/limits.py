@@ -27,6 +27,7 @@ class ServerLimits:
     max_prompt_chars: int = 10_000  # prompt and negative prompt, each
     max_prompt_chunks: int = 32  # 75-token chunks of the prompt and of the negative prompt (each BREAK starts one)
     max_loras: int = 8  # distinct LoRAs one request applies (each is a file to read and layers to add)
+    max_grid_cells: int = 64  # cells of one X/Y/Z plot (each is one image generated)
     max_body_bytes: int = 32 * 1024 * 1024  # a few large base64 PNGs; a larger body is refused (413)
     max_ui_cache_bytes: int = 1024 * 1024 * 1024  # the web UI's uploads and served images, oldest deleted first
     max_ui_cache_seconds: int = 3600  # and none kept longer
@@ -61,6 +62,10 @@ class ServerLimits:
     def check_loras(self, count: int) -> None:
         if count > self.max_loras:
             raise LimitExceeded(f"{count} different LoRAs in one request", "max_loras", self.max_loras)
+
+    def check_grid_cells(self, count: int) -> None:
+        if count > self.max_grid_cells:
+            raise LimitExceeded(f"X/Y/Z plot of {count} cells", "max_grid_cells", self.max_grid_cells)
 
     def check_size(self, width: int, height: int) -> None:
         if width * height > self.max_pixels:

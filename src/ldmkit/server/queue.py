@@ -24,6 +24,7 @@ import torch
 from ldmkit.params import GenerationParams
 from ldmkit.pipeline import SKIP, GenerationResult, Pipeline, StepInfo
 from ldmkit.server.limits import DEFAULT_LIMITS, ServerLimits
+from ldmkit.xyz import PlotResult, XYZPlot, prepare_cells, run_plot
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,11 @@ class OutOfMemory(Exception):
 class Job:
     """A submitted request: its future result, and its progress for previews and progress bars."""
 
-    def __init__(self, request: GenerationParams):
+    def __init__(self, request: GenerationParams, plot: XYZPlot | None = None, cells: tuple = ()):
         self.request = request  # prepared by the pipeline: seed, size and sampler name are concrete
+        self.plot = plot  # an X/Y/Z plot (its seeds fixed): the job runs its `cells` (prepared), request = the first
+        self.cells = cells
+        self.cell = 0  # the plot's cell being generated
         self.future: Future[GenerationResult] = Future()
         self.created = time.time()
         self.started_at: float | None = None
@@ -69,10 +73,12 @@ class Job:
         return self.future.done()
 
     def progress(self) -> float:
-        """Fraction of the job's denoising steps done, over all its batches."""
+        """Fraction of the job's denoising steps done, over all its batches (and a plot's cells)."""
+        cells = max(1, len(self.cells))
         if self.step is None:
-            return 0.0
-        return (self.batch + (self.step.step + 1) / self.step.total) / self.request.batch_count
+            return self.cell / cells
+        within = (self.batch + (self.step.step + 1) / self.step.total) / self.request.batch_count
+        return (self.cell + within) / cells
 
     def eta(self) -> float:
         """Seconds left, extrapolated from the time the steps so far took."""
@@ -116,7 +122,14 @@ class GenerationQueue:
 
     def submit(self, request: GenerationParams) -> Job:
         """Validate (InvalidRequest) and enqueue (QueueFull when every place is taken)."""
-        job = Job(self.pipe.prepare(request, self.limits))
+        return self._enqueue(Job(self.pipe.prepare(request, self.limits)))
+
+    def submit_plot(self, plot: XYZPlot) -> Job:
+        """An X/Y/Z plot as one job: every cell validated (InvalidRequest) before it is enqueued."""
+        plot, cells = prepare_cells(self.pipe, plot, self.limits)
+        return self._enqueue(Job(cells[0], plot, tuple(cells)))
+
+    def _enqueue(self, job: Job) -> Job:
         with self._lock:
             if self._closed:
                 raise QueueFull(self.retry_after())
@@ -204,11 +217,21 @@ class GenerationQueue:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _generate(self, job: Job) -> GenerationResult:
-        result = self.pipe.run(job.request, partial(self._on_step, job), partial(self._should_stop, job))
+    def _generate(self, job: Job) -> GenerationResult | PlotResult:
+        on_step, should_stop = partial(self._on_step, job), partial(self._should_stop, job)
+        if job.plot is not None:
+            result = run_plot(
+                self.pipe, job.plot, on_step, should_stop, on_cell=partial(self._on_cell, job), prepared=list(job.cells)
+            )
+        else:
+            result = self.pipe.run(job.request, on_step, should_stop)
         if job.stop == "cancel":
             raise Cancelled("cancelled")
         return result
+
+    @staticmethod
+    def _on_cell(job: Job, index: int, count: int) -> None:
+        job.cell, job.step = index, None
 
     def _on_step(self, job: Job, step: StepInfo) -> None:
         job.step = step

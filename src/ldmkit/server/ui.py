@@ -1,5 +1,5 @@
-"""The web UI (Gradio): txt2img (with hires fix), img2img and inpaint tabs with live intermediates, a gallery that
-keeps parameters, PNG info.
+"""The web UI (Gradio): txt2img (with hires fix), img2img and inpaint tabs with live intermediates and an X/Y/Z plot,
+a gallery that keeps parameters, PNG info.
 
 Generation goes through the same queue as the HTTP APIs. The event handler is an async generator:
 it submits a job, then yields a cheap preview of the predicted clean image whenever the worker has
@@ -24,7 +24,9 @@ from ldmkit.server.imaging import decode_image
 from ldmkit.server.queue import Cancelled, GenerationQueue, Job, as_asyncio
 from ldmkit.server.ui_controlnet import ControlNetPanel, controlnet_panel
 from ldmkit.server.ui_errors import user_error as _user_error
+from ldmkit.server.ui_xyz import xyz_panel
 from ldmkit.styles import StyleLibrary
+from ldmkit.xyz import PlotResult
 
 POLL_SECONDS = 0.1  # how often the page may get a new preview
 
@@ -145,6 +147,8 @@ def _generation_tab(queue: GenerationQueue, mode: str, styles: StyleLibrary) -> 
                             0, 150, value=0, step=1, label="Hires steps (0: same as Steps)"
                         )
                         fields["hires_upscaler"] = gr.Dropdown(list(HIRES_UPSCALERS), value="Latent", label="Upscaler")
+            xyz = xyz_panel(mode)
+            fields.update(xyz.inputs)
         with gr.Column(scale=3):
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id=f"{mode}-generate")
@@ -180,7 +184,8 @@ def _generation_tab(queue: GenerationQueue, mode: str, styles: StyleLibrary) -> 
             request = await asyncio.to_thread(
                 _user_error, lambda: _request(dict(zip(fields, values)), max_pixels, controlnet, styles)
             )
-            job = _user_error(lambda: queue.submit(request))
+            plot = _user_error(lambda: xyz.plot(dict(zip(fields, values)), request))
+            job = _user_error(lambda: queue.submit(request) if plot is None else queue.submit_plot(plot))
         except gr.Error as error:
             yield {status: f"Failed: {error.message}"}
             raise
@@ -199,17 +204,22 @@ def _generation_tab(queue: GenerationQueue, mode: str, styles: StyleLibrary) -> 
             queue.cancel(job)  # no-op once done; frees the place if this task was cancelled
             if running.get(session.session_hash) is job:
                 del running[session.session_hash]
-        for image, text in zip(result.images, result.infotexts):
+        if isinstance(result, PlotResult):  # the grid, then each cell
+            images, texts, seeds = result.outputs(include_cells=True)
+            captions, maps = ["X/Y/Z plot", *(f"seed {s}" for s in seeds)], []
+        else:
+            images, texts, seeds = result.images, result.infotexts, result.seeds
+            captions = [f"seed {s}" for s in seeds]
+            # Each ControlNet unit's map follows the images, as A1111 shows them; selecting one shows the run's text.
+            maps = [(image, f"ControlNet map {i}") for i, image in enumerate(result.control_maps)]
+        for image, text in zip(images, texts):
             image.info[PARAMETERS_KEY] = text  # Gradio writes PNG text info into the files it serves
-        seeds = ", ".join(map(str, result.seeds))
-        # Each ControlNet unit's map follows the images, as A1111 shows them; selecting one shows the run's text.
-        maps = [(image, f"ControlNet map {i}") for i, image in enumerate(result.control_maps)]
         yield {
-            preview: make_grid(result.images),
-            gallery: [(image, f"seed {s}") for image, s in zip(result.images, result.seeds)] + maps,
-            parameters: result.infotexts[0],
-            infotexts: result.infotexts + [result.infotexts[0]] * len(maps),
-            status: f"Done: {len(result.images)} image(s), seed(s) {seeds}.",
+            preview: images[0] if isinstance(result, PlotResult) else make_grid(images),
+            gallery: list(zip(images, captions)) + maps,
+            parameters: texts[0],
+            infotexts: texts + [texts[0]] * len(maps),
+            status: f"Done: {len(seeds)} image(s), seed(s) {', '.join(map(str, seeds))}.",
         }
 
     outputs = [preview, status, gallery, parameters, infotexts]
@@ -300,6 +310,8 @@ async def _watch(queue: GenerationQueue, job: Job, progress: gr.Progress):
             line = f"Step {step.step + 1}/{step.total}" + (
                 f", batch {job.batch + 1}/{r.batch_count}" if r.batch_count > 1 else ""
             )
+            if job.plot is not None:
+                line = f"Cell {job.cell + 1}/{len(job.cells)}, {line[0].lower()}{line[1:]}"
             progress(job.progress(), desc=line)
             yield make_grid(previews), f"{line}…"
         elif not job.done and (position := queue.position(job)) != last_position:
