@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ldmkit.data.emoji import EmojiRecord
@@ -85,9 +86,12 @@ TINY = {
 @pytest.fixture(scope="module")
 def trained(data_dir, model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "controlnet"
+    # Without the shifts, mirrors and half-empty captions: 60 tiny steps cannot average out their noise in the
+    # loss (test_augmented_pairs_stay_aligned checks them).
     cfg = cn_train.ControlNetTrainConfig(
-        data_dir=str(data_dir), out_dir=str(out), model_dir=str(model_dir), max_steps=60, **TINY
-    )
+        data_dir=str(data_dir), out_dir=str(out), model_dir=str(model_dir), max_steps=60, max_shift=0, mirror=False,
+        caption_dropout=0.15, **TINY,
+    )  # fmt: skip
     return cfg, cn_train.train(cfg)
 
 
@@ -237,3 +241,28 @@ def test_map_encoder_must_reach_the_latent_size(model_dir, data_dir, tmp_path):
     )
     with pytest.raises(LdmError, match="conditioning_channels needs 4 entries"):
         cn_train.train(cfg)
+
+
+def test_shifted_moves_each_sample_and_fills_what_it_uncovers():
+    from ldmkit.train.controlnet import _shifted
+
+    x = torch.arange(2 * 1 * 4 * 5, dtype=torch.float32).reshape(2, 1, 4, 5)
+    out = _shifted(x, torch.tensor([1, 0]), torch.tensor([-2, 0]), torch.full((1, 1, 1), -1.0))
+    expected = torch.full((4, 5), -1.0)
+    expected[1:, :3] = x[0, 0, :3, 2:]  # down 1, left 2
+    assert torch.equal(out[0, 0], expected)
+    assert torch.equal(out[1], x[1])  # no move
+
+
+def test_augmented_pairs_stay_aligned():
+    from ldmkit.train.controlnet import augment_pairs
+
+    generator = torch.Generator().manual_seed(3)
+    control = torch.zeros(16, 3, 32, 32)
+    for i in range(16):  # a different off-centre rectangle in each map
+        control[i, :, 4 + i % 5 : 12 + i % 7, 6 + i % 3 : 20 + i % 4] = 1.0
+    latents = F.avg_pool2d(control[:, :1], 8).expand(-1, 4, -1, -1)  # "latents" that are the map at 1/8
+    white = torch.zeros(1, 4, 4, 4)  # the background's latent here: what an empty map pools to
+    moved_latents, moved_control = augment_pairs(latents, control, white, 2, True, generator)
+    assert torch.equal(F.avg_pool2d(moved_control[:, :1], 8).expand(-1, 4, -1, -1), moved_latents)
+    assert not torch.equal(moved_latents, latents)  # they did move

@@ -469,7 +469,7 @@ async def _generate_plot(
     plot: PlotResult = await wait_for_result(queue, job, request.is_disconnected)
     images, infotexts, seeds = plot.outputs(script.include_sub_grids, script.include_cells)
     encoded = await asyncio.to_thread(lambda: [encode_png_base64(i, t) for i, t in zip(images, infotexts)])
-    info = _info(job, GenerationResult(images, seeds, infotexts, plot.interrupted), queue.pipe)
+    info = _info(job, GenerationResult(images, seeds, infotexts, plot.interrupted), queue.pipe, body)
     cells = job.cells[: len(seeds)]
     info.update(
         all_prompts=[cell.prompt for cell in cells],

@@ -42,7 +42,12 @@ class ControlNetTrainConfig:
     min_lr: float = 1e-5
     warmup_steps: int = 100
     weight_decay: float = 0.0
-    caption_dropout: float = 0.15  # empty caption: the control map alone must give the shape
+    # The first run (0.15, no shifts) learned nothing: the UNet has nearly memorized its images, so a caption
+    # alone already gives the image. Empty captions, and shifted/mirrored pairs whose place only the map tells,
+    # make the map worth learning from.
+    caption_dropout: float = 0.5  # empty caption: the control map alone must give the shape
+    max_shift: int = 3  # latent pixels (x8 image pixels) each pair is moved by at most, per axis; 0: none
+    mirror: bool = True  # mirror half of the pairs left-right
     min_snr_gamma: float = 5.0  # as the UNet stage (diffusion_loss reads it)
     ema_decay: float = 0.995  # a run is ~1-2k steps: a shorter horizon than the UNet stage's 0.999
     holdout_fraction: float = 0.02  # the VAE stage's held-out images (same hash): kept out here for `ldm eval`
@@ -65,6 +70,35 @@ def controlled(controlnet, unet, control: torch.Tensor):
         )
 
     return forward
+
+
+def augment_pairs(latents, control, white_latent, max_shift: int, mirror: bool, generator):
+    """Each (latents, map) pair moved by the same random offset (whole latent pixels; the map by that times its
+    scale) with the white background's latent and an empty map filling in, and mirrored left-right half the time."""
+    batch, _, h, w = latents.shape
+    if max_shift > 0:
+        device = latents.device
+        dy, dx = torch.randint(-max_shift, max_shift + 1, (2, batch), device=device, generator=generator)
+        factor = control.shape[-1] // w
+        latents = _shifted(latents, dy, dx, white_latent[0, :, :1, :1])
+        control = _shifted(control, dy * factor, dx * factor, torch.zeros(control.shape[1], 1, 1, device=device))
+    if mirror:
+        flip = torch.rand(batch, device=latents.device, generator=generator) < 0.5
+        latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
+        control = torch.where(flip[:, None, None, None], control.flip(-1), control)
+    return latents, control
+
+
+def _shifted(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """x (B, C, H, W) with sample b moved down dy[b] and right dx[b]; uncovered pixels get fill (C, 1, 1)."""
+    batch, _, height, width = x.shape
+    rows = torch.arange(height, device=x.device)[None, :] - dy[:, None]  # (B, H): where each output row comes from
+    cols = torch.arange(width, device=x.device)[None, :] - dx[:, None]
+    inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]  # (B, H, W)
+    b = torch.arange(batch, device=x.device)[:, None, None]
+    moved = x[b, :, rows.clamp(0, height - 1)[:, :, None], cols.clamp(0, width - 1)[:, None, :]]  # (B, H, W, C)
+    moved = moved.permute(0, 3, 1, 2)
+    return torch.where(inside[:, None], moved, fill.to(x.dtype).expand(x.shape[1], height, width))
 
 
 def check_model(model_dir: Path, cfg: ControlNetTrainConfig) -> dict:
@@ -124,6 +158,9 @@ def train(cfg: ControlNetTrainConfig) -> dict:
     if device.type == "cuda":
         text_states = text_states.to(torch.bfloat16)
     scaling_factor = vae.config.scaling_factor
+    with torch.no_grad(), accelerator.autocast():  # what shifted pairs are padded with: the white background
+        white = torch.ones(1, 3, *dataset.images.shape[-2:], device=device)
+        white_latent = vae.encode(white).latent_dist.mean.float() * scaling_factor
     del text_encoder, vae
     unet.to(memory_format=torch.channels_last)
     image_captions = dataset.image_captions.to(device)
@@ -153,6 +190,7 @@ def train(cfg: ControlNetTrainConfig) -> dict:
         caption_ids = torch.where(dropped, torch.zeros_like(caption_ids), caption_ids)  # id 0 is ""
         noise = torch.randn(posterior_mean[index].shape, device=device, generator=generator)
         latents = (posterior_mean[index] + posterior_std[index] * noise) * scaling_factor  # (B, 4, h, w)
+        latents, control = augment_pairs(latents, control, white_latent, cfg.max_shift, cfg.mirror, generator)
         denoiser = controlled(model, unet, control.contiguous(memory_format=torch.channels_last))
         with accelerator.autocast():
             loss = diffusion_loss(denoiser, latents, text_states[caption_ids], alphas_cumprod, cfg, generator)
