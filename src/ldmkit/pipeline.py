@@ -126,10 +126,11 @@ class Pipeline:
         self.lora_dir = lora_dir  # where <lora:NAME:W> prompt tags are looked up
         self.controlnets = ControlNetLibrary(controlnet_dir)  # ControlNets by name (and any by path)
         self.embeddings = {}  # textual inversion name -> file, usable as words in prompts
-        if embeddings_dir is not None:
-            if components.text_encoder_2 is not None:  # SDXL files hold a vector per encoder (clip_l, clip_g)
-                raise InvalidRequest("textual-inversion embeddings are not supported for SDXL models yet")
-            self.embeddings = load_embeddings(embeddings_dir, self.tokenizer, self.text_encoder)
+        if embeddings_dir is not None:  # SDXL files hold vectors for both encoders (clip_l, clip_g)
+            state = self._state
+            self.embeddings = load_embeddings(
+                embeddings_dir, state.tokenizer, state.text_encoder, state.tokenizer_2, state.text_encoder_2
+            )
 
     @classmethod
     def from_pretrained(
@@ -639,7 +640,8 @@ class Pipeline:
         if p.hires is not None:
             params.update(p.hires.infotext_params(p.steps))
         params.update(clip_skip_infotext(p.clip_skip))
-        params.update(ti_hashes_infotext(self.tokenizer, [*p.text_prompts(), p.negative_prompt], self.embeddings))
+        tokenizer = self.tokenizer or self._state.tokenizer_2  # the SDXL refiner has bigG's alone
+        params.update(ti_hashes_infotext(tokenizer, [*p.text_prompts(), p.negative_prompt], self.embeddings))
         params.update(lora_hashes_infotext([(name, path) for name, path, _ in lora_files]))
         for index, unit in enumerate(p.controls):
             params[f"ControlNet {index}"] = unit.infotext(self.controlnets.title(self.controlnets.resolve(unit.model)))
