@@ -373,7 +373,6 @@ def test_cli_info_on_an_image_without_parameters(tmp_path, capsys):
             {"refiner": object(), "refiner_switch": 1.0},
             r"refiner switch must be between 0 and 1 \(exclusive\), got 1\.0",
         ),
-        ({"refiner": object(), "hires": HiresFix()}, r"a refiner is not supported with hires fix yet"),
     ],
 )
 def test_more_request_values_are_refused_with_their_name(fields, message):
