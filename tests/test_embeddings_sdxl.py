@@ -122,3 +122,24 @@ def test_sdxl_embedding_is_refused_on_an_sd_model(embeddings_dir):
 
 def test_listed_shape_adds_both_widths_as_a1111_does(embeddings_dir):
     assert embedding_shape(embeddings_dir / "glowstyle.safetensors") == (2, 2 * HIDDEN)
+
+
+def test_the_refiner_reads_the_same_embeddings(embeddings_dir, tmp_path_factory):
+    """`--embeddings-dir` applies to `--refiner` too: its bigG takes each file's clip_g vectors."""
+    from argparse import Namespace
+
+    from ldmkit.cli_options import load_pipelines
+    from ldmkit.loading import save_pretrained
+
+    models = tmp_path_factory.mktemp("models")  # not in the embeddings folder
+    base = save_pretrained(make_tiny_sdxl_components(seed=0), models / "base")
+    refiner = save_pretrained(make_tiny_sdxl_components(seed=4, kind="refiner"), models / "refiner")
+    args = Namespace(
+        model=str(base), refiner=str(refiner), dtype="fp32", config=None, lora_dir=None,
+        embeddings_dir=embeddings_dir, controlnet_dir=None, fast=False, vae_tiling=False, offload=False,
+    )  # fmt: skip
+    pipe, refiner_pipe = load_pipelines(args, "cpu")
+    assert set(refiner_pipe.embeddings) == set(pipe.embeddings) == {"glowstyle", "badlight"}
+    state = refiner_pipe.state
+    ids = state.tokenizer_2.convert_tokens_to_ids(["glowstyle", "glowstyle_1"])
+    assert torch.equal(state.text_encoder_2.get_input_embeddings().weight[ids], sdxl_embedding(2, seed=1)["clip_g"])

@@ -42,7 +42,9 @@ def add_model_options(parser) -> None:
 def load_pipelines(args, device):
     """The model these options name, with its LoRA, embedding and ControlNet folders, and its --refiner (or None).
 
-    The refiner runs on the model's device and dtype, with the same speed and memory options.
+    The refiner runs on the model's device and dtype, with the same speed and memory options, and reads the same
+    embeddings (the SDXL refiner's bigG takes an SDXL file's clip_g vectors), so a prompt's embedding names mean the
+    same to both models.
     """
     from ldmkit.pipeline import Pipeline  # heavy: only once a command runs
 
@@ -59,5 +61,7 @@ def load_pipelines(args, device):
     )
     refiner = None
     if args.refiner is not None:
-        refiner = Pipeline.from_pretrained(args.refiner, device=pipe.device, dtype=pipe.dtype, **speed)
+        refiner = Pipeline.from_pretrained(
+            args.refiner, device=pipe.device, dtype=pipe.dtype, embeddings_dir=args.embeddings_dir, **speed
+        )
     return pipe, refiner
