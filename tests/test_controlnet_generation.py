@@ -143,7 +143,7 @@ def test_infotext_records_each_unit(pipe, folder):
     [
         ({"controls": [ControlUnit(model="cn0")]}, "unit 0 has no image"),
         ({"controls": [ControlUnit(model="missing", image=control_image())]}, "unit 0: ControlNet 'missing' not found"),
-        ({"controls": [ControlUnit(model="wide_text", image=control_image())]}, "16-wide text states"),
+        ({"controls": [ControlUnit(model="wide_text", image=control_image())]}, "'wide_text' is a 16-wide-text"),
         ({"controls": [ControlUnit(model="cn0", image=control_image(), weight=3)]}, "unit 0: weight"),
         ({"controls": ["cn0"]}, "must be a ControlUnit"),
     ],

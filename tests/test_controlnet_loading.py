@@ -8,9 +8,10 @@ import pytest
 import torch
 from diffusers import ControlNetModel
 from safetensors.torch import save_file
-from support.controlnet import make_tiny_controlnet, original_state_dict, write_config
+from support.controlnet import make_tiny_controlnet, make_tiny_sdxl_controlnet, original_state_dict, write_config
+from support.sdxl import make_tiny_sdxl_components
 
-from ldmkit.controlnet import SD1_CONFIG, SD2_CONFIG, ControlNetLibrary, load_controlnet, model_hash
+from ldmkit.controlnet import SD1_CONFIG, SD2_CONFIG, SDXL_CONFIG, ControlNetLibrary, load_controlnet, model_hash
 from ldmkit.errors import InvalidRequest, ModelLoadError
 
 # diffusers' converter places the hint block's last conv at index 14, as every real ControlNet has it
@@ -92,11 +93,12 @@ def test_wrong_config_is_refused_not_half_loaded(tmp_path, tiny):
     [
         (
             {
-                "control_model.label_emb.0.0.weight": torch.zeros(1),
+                "control_model.label_emb.0.0.weight": torch.zeros(4, 5),
                 "control_model.input_hint_block.0.weight": torch.zeros(1),
             },
-            "SDXL",
+            "not an SDXL-shaped ControlNet",
         ),
+        ({"lora_controlnet": torch.zeros(1), "input_hint_block.0.weight": torch.zeros(1)}, "Control-LoRA"),
         ({"control_model.difference": torch.zeros(1)}, "difference"),
         ({"adapter.body.0.block1.weight": torch.zeros(1)}, "T2I-Adapter"),
         ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, "not a ControlNet"),
@@ -142,6 +144,52 @@ def test_bundled_configs_are_the_sd_families():
         [5, 10, 20, 20],
         True,
     )
+
+
+# ---- SDXL ----
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl():
+    """A tiny SDXL ControlNet with four conditioning stages (the hint block's layout in every released file)."""
+    return make_tiny_sdxl_controlnet(make_tiny_sdxl_components().unet, conditioning_channels=(4, 4, 4, 4))
+
+
+def test_sdxl_diffusers_folder(tmp_path, tiny_sdxl):
+    tiny_sdxl.save_pretrained(tmp_path / "cn")
+    loaded = load_controlnet(tmp_path / "cn")
+    assert loaded.config.addition_embed_type == "text_time"
+    assert_same_weights(loaded, tiny_sdxl)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "original"])
+def test_sdxl_single_file(tmp_path, tiny_sdxl, layout):
+    """The public SDXL ControlNet files hold diffusers' keys (sd_control_collection's diffusers_xl_*); sgm's layout
+    (label_emb for the added embedding) is read too."""
+    weights = tiny_sdxl.state_dict() if layout == "diffusers" else original_state_dict(tiny_sdxl)
+    save_file(weights, tmp_path / "diffusers_xl_tiny.safetensors")
+    loaded = load_controlnet(tmp_path / "diffusers_xl_tiny.safetensors", config=write_config(tiny_sdxl, tmp_path / "c"))
+    assert_same_weights(loaded, tiny_sdxl)
+
+
+def test_sdxl_transformer_depths_are_read_from_the_weights(tmp_path, tiny_sdxl):
+    """diffusers' full, mid and small SDXL ControlNets differ in transformer layers per block: the weights decide."""
+    config = {k: v for k, v in tiny_sdxl.config.items() if not k.startswith("_")}
+    smaller = ControlNetModel.from_config({**config, "transformer_layers_per_block": [1, 0]}).eval()
+    assert not any("transformer_blocks" in key for key in smaller.state_dict())
+    save_file(smaller.state_dict(), tmp_path / "small.safetensors")
+    loaded = load_controlnet(tmp_path / "small.safetensors", config=write_config(tiny_sdxl, tmp_path / "c"))
+    assert_same_weights(loaded, smaller)
+
+
+def test_bundled_sdxl_config_is_the_sdxl_unets():
+    """Every field the SDXL ControlNet shares with the bundled SDXL base UNet config has its value (diffusers' SDXL
+    ControlNets are made from that UNet with ControlNetModel.from_unet)."""
+    controlnet = ControlNetModel.load_config(SDXL_CONFIG)
+    unet = json.loads((SDXL_CONFIG.parent / "stable-diffusion-xl-base-1.0" / "unet" / "config.json").read_text())
+    shared = set(controlnet) & set(unet) - {"_class_name"}
+    assert len(shared) > 25
+    assert {key: controlnet[key] for key in shared} == {key: unet[key] for key in shared}
 
 
 # ---- --controlnet-dir ----
@@ -230,3 +278,22 @@ def test_sd_sized_original_single_file_loads_with_no_config(tmp_path, config_dir
     loaded = load_controlnet(tmp_path / f"{name}.safetensors")
     assert loaded.config.cross_attention_dim == reference.config.cross_attention_dim
     assert_same_weights(loaded, reference)
+
+
+@pytest.mark.slow
+def test_sdxl_sized_single_file_loads_with_no_config(tmp_path):
+    """An SDXL-width ControlNet in the public files' layout (diffusers keys, fp16), with no transformer layers (the
+    smallest of diffusers' variants keeps only the attention blocks' norms and projections): detected from its keys,
+    the bundled SDXL config completed from its weights."""
+    config = dict(ControlNetModel.load_config(SDXL_CONFIG)) | {"transformer_layers_per_block": [0, 0, 0]}
+    with torch.device("meta"):
+        reference = ControlNetModel.from_config(config)
+    generator = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=generator).half().float() for k, v in reference.state_dict().items()}
+    reference.load_state_dict(state, assign=True)
+    save_file({k: v.half() for k, v in state.items()}, tmp_path / "diffusers_xl_canny_small.safetensors")
+    del state
+    loaded = load_controlnet(tmp_path / "diffusers_xl_canny_small.safetensors")
+    assert loaded.config.transformer_layers_per_block == [0, 0, 0]
+    assert loaded.config.cross_attention_dim == 2048
+    assert_same_weights(loaded, reference.eval())

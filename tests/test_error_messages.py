@@ -65,13 +65,14 @@ def test_unknown_dtype_is_named():
         resolve_dtype("fp8", CPU)
 
 
-def test_embeddings_are_refused_for_sdxl(tmp_path):
-    components = make_tiny_components()
-    sdxl_like = dataclasses.replace(
-        components, tokenizer_2=components.tokenizer, text_encoder_2=components.text_encoder
-    )
-    with pytest.raises(InvalidRequest, match=r"textual-inversion embeddings are not supported for SDXL models yet"):
-        Pipeline(sdxl_like, CPU, torch.float32, embeddings_dir=tmp_path)
+def test_an_sd_embedding_is_refused_for_sdxl(tmp_path):
+    """SDXL embeddings hold clip_l and clip_g vectors; a one-tensor SD file in an SDXL model's folder is named."""
+    from safetensors.torch import save_file
+    from support.sdxl import make_tiny_sdxl_components
+
+    save_file({"emb_params": torch.zeros(1, 8)}, tmp_path / "sd15style.safetensors")
+    with pytest.raises(LdmError, match=r"^embedding sd15style.safetensors is not an SDXL embedding \(it has no clip_l"):
+        Pipeline(make_tiny_sdxl_components(), CPU, torch.float32, embeddings_dir=tmp_path)
 
 
 def test_an_inpainting_model_needs_a_mask():
@@ -372,7 +373,6 @@ def test_cli_info_on_an_image_without_parameters(tmp_path, capsys):
             {"refiner": object(), "refiner_switch": 1.0},
             r"refiner switch must be between 0 and 1 \(exclusive\), got 1\.0",
         ),
-        ({"refiner": object(), "hires": HiresFix()}, r"a refiner is not supported with hires fix yet"),
     ],
 )
 def test_more_request_values_are_refused_with_their_name(fields, message):
@@ -437,9 +437,9 @@ def test_an_embedding_of_another_family_names_both_sizes(tmp_path):
         read_embedding(path, expected_size=8)
 
 
-def test_an_sdxl_embedding_is_refused(tmp_path):
+def test_an_sdxl_embedding_is_refused_for_sd(tmp_path):
     path = checkpoint(tmp_path / "ink.safetensors", {"clip_g": torch.zeros(1, 8), "clip_l": torch.zeros(1, 8)})
-    with pytest.raises(LdmError, match=r"ink\.safetensors is an SDXL embedding; only SD1\.x/SD2\.x embeddings"):
+    with pytest.raises(LdmError, match=r"ink\.safetensors is an SDXL embedding \(clip_l and clip_g\); it needs"):
         read_embedding(path)
 
 

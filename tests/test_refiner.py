@@ -165,10 +165,11 @@ def test_bad_refiner_requests_are_refused_before_compute(base, refiner, kwargs, 
         pipeline(base).generate("otter", steps=10, sampler="Euler", seed=1, width=16, height=16, **args)
 
 
-def test_refiner_with_inpainting_is_refused(base, refiner):
+def test_refiner_with_an_inpainting_model_is_refused(refiner):
     init = Image.new("RGB", (16, 16))
-    with pytest.raises(InvalidRequest, match="not supported with inpainting"):
-        pipeline(base).generate("otter", init_image=init, mask_image=init, refiner=pipeline(refiner))
+    inpainting = make_tiny_sdxl_components(seed=2, kind="inpainting")
+    with pytest.raises(InvalidRequest, match=r"not supported with an inpainting model \(9-channel UNet\)"):
+        pipeline(inpainting).generate("otter", init_image=init, mask_image=init, refiner=pipeline(refiner))
 
 
 # ---- the command line ----
@@ -200,7 +201,6 @@ def test_generate_with_a_refiner_from_the_command_line(base, refiner, model_fold
     "args,message",
     [
         (["--refiner-switch", "1.5"], "refiner switch must be between 0 and 1 (exclusive), got 1.5"),
-        (["--hires-scale", "2"], "a refiner is not supported with hires fix yet"),
     ],
 )
 def test_refiner_options_are_checked_before_loading(tmp_path, capsys, args, message):

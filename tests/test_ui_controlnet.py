@@ -4,6 +4,7 @@ preview shows the preprocessor's map, and the panel takes only files uploaded he
 from __future__ import annotations
 
 import io
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,9 +31,15 @@ MAX_PIXELS = 64 * 64
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def controlnet_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("controlnets")
     make_tiny_controlnet(1).save_pretrained(folder / "control_sketch")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(controlnet_folder):
+    folder = controlnet_folder
     pipe = GatedPipeline(make_tiny_components(), torch.device("cpu"), torch.float32, controlnet_dir=folder)
     with serve(create_app(pipe, limits=ServerLimits(max_input_pixels=MAX_PIXELS))) as url:
         yield url
@@ -182,6 +189,47 @@ def test_img2img_unit_with_an_empty_pad_uses_the_init_image(server):
     expected = np.zeros((16, 24, 3), np.uint8)  # the init image, inverted
     expected[6:10, 4:20] = 255
     assert np.array_equal(np.asarray(served(gallery[1]["image"]).convert("RGB")), expected)
+
+
+def test_inpaint_unit_with_an_empty_pad_uses_the_init_image(server):
+    init = Image.new("RGB", (24, 16), "white")
+    init.paste((0, 0, 0), (4, 6, 20, 10))
+    mask = Image.new("L", (24, 16), 0)
+    mask.paste(255, (8, 4, 16, 12))
+    values, labels = endpoint_values(
+        server,
+        "/run_2",
+        Prompt="otter",
+        Steps=2,
+        Width=24,
+        Height=16,
+        **{
+            "Init image": file_data(upload(server, init)),
+            "Mask (white = repaint)": file_data(upload(server, mask.convert("RGB"))),
+            "Resize mode": "Just Resize",
+        },
+    )
+    unit_inputs(values, labels, 0, Enable=True)
+    event, payload = call(server, "run_2", values)
+    assert event == "complete", payload
+    _preview, _status, gallery, parameters, _texts = payload
+    assert 'ControlNet 0: "Module: invert, Model: control_sketch [' in parameters and "Mask blur: 4" in parameters
+    expected = np.zeros((16, 24, 3), np.uint8)  # the init image, inverted
+    expected[6:10, 4:20] = 255
+    assert np.array_equal(np.asarray(served(gallery[1]["image"]).convert("RGB")), expected)
+
+
+def test_refresh_lists_controlnets_added_since_start_up(server, controlnet_folder):
+    make_tiny_controlnet(2).save_pretrained(controlnet_folder / "control_added")
+    try:
+        titles = requests.get(f"{server}/controlnet/model_list?update=true", timeout=30).json()["model_list"]
+        assert [title.split(" [")[0] for title in titles] == ["control_added", "control_sketch"]
+        event, payload = call(server, "inpaint_controlnet_1_refresh", [titles[1]])  # the one listed at start-up
+        assert event == "complete", payload
+        assert [choice[0] for choice in payload[0]["choices"]] == titles
+        assert payload[0]["value"] == titles[1]  # the chosen one stays chosen
+    finally:
+        shutil.rmtree(controlnet_folder / "control_added")
 
 
 def test_without_controlnets_the_panel_says_how_to_add_them():

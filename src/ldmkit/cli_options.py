@@ -57,8 +57,9 @@ def check_vae_option(args) -> None:
 def load_pipelines(args, device):
     """The model these options name, with its LoRA, embedding, ControlNet and VAE folders, and its --refiner (or None).
 
-    The refiner runs on the model's device and dtype, with the same speed and memory options. A --vae is loaded
-    now, so a file that does not fit the model is an error before any request.
+    The refiner runs on the model's device and dtype, with the same speed and memory options, and reads the same
+    embeddings (the SDXL refiner's bigG takes an SDXL file's clip_g vectors), so a prompt's embedding names mean the
+    same to both models. A --vae is loaded now, so a file that does not fit the model is an error before any request.
     """
     from ldmkit.pipeline import Pipeline  # heavy: only once a command runs
 
@@ -79,5 +80,7 @@ def load_pipelines(args, device):
         pipe.vaes.load(pipe.vaes.automatic, pipe.components.vae, pipe.device, pipe.dtype)
     refiner = None
     if args.refiner is not None:
-        refiner = Pipeline.from_pretrained(args.refiner, device=pipe.device, dtype=pipe.dtype, **speed)
+        refiner = Pipeline.from_pretrained(
+            args.refiner, device=pipe.device, dtype=pipe.dtype, embeddings_dir=args.embeddings_dir, **speed
+        )
     return pipe, refiner

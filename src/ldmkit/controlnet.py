@@ -2,9 +2,12 @@
 
 Original single files come in three layouts: lllyasviel's (`control_model.*` keys: ControlNet 1.0/1.1 .pth files,
 A1111's .safetensors conversions), bare (the same keys without the prefix: thibaud's SD2.1 ControlNets) and
-diffusers' own keys in one file. SD 1.x or 2.x is read from the cross-attention width of the weights and the
-bundled config of that family is used (configs/controlnet-sd15, controlnet-sd21; see configs/SOURCES.md);
-diffusers' single-file conversion renames the weights. Nothing is fetched from the network.
+diffusers' own keys in one file (the public SDXL ControlNet files: lllyasviel's sd_control_collection
+`diffusers_xl_*`, and diffusers' own repos' weights file renamed). The family is read from the weights: SDXL by its
+added (text_time) embedding, SD 1.x or 2.x by the cross-attention width; the bundled config of that family is used
+(configs/controlnet-sd15, controlnet-sd21, controlnet-sdxl; see configs/SOURCES.md), and an SDXL file's
+transformer depth per block is read from its weights (diffusers' full, mid and small SDXL ControlNets differ only
+there). diffusers' single-file conversion renames the weights. Nothing is fetched from the network.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from diffusers import ControlNetModel
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from PIL import Image
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from ldmkit import loading
@@ -32,7 +35,10 @@ from ldmkit.errors import InvalidRequest, ModelLoadError
 
 SD1_CONFIG = loading.CONFIGS_DIR / "controlnet-sd15"
 SD2_CONFIG = loading.CONFIGS_DIR / "controlnet-sd21"
-CONTEXT_DIMS = {768: SD1_CONFIG, 1024: SD2_CONFIG}  # cross-attention width -> family config
+SDXL_CONFIG = loading.CONFIGS_DIR / "controlnet-sdxl"
+CONTEXT_DIMS = {768: SD1_CONFIG, 1024: SD2_CONFIG}  # cross-attention width -> family config (SD 1.x/2.x)
+# The family a UNet or ControlNet belongs to, by the width of the text states it attends to.
+FAMILY_NAMES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "SDXL refiner"}
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")  # what A1111's extension lists as models
 
 ORIGINAL_PREFIX = "control_model."
@@ -40,7 +46,13 @@ ORIGINAL_PREFIX = "control_model."
 ORIGINAL_HINT_KEY = "input_hint_block.0.weight"
 DIFFUSERS_HINT_KEY = "controlnet_cond_embedding.conv_in.weight"
 CROSS_ATTENTION_KEY = "attn2.to_k.weight"  # its input width is the text conditioning's (the same in both layouts)
-SDXL_KEYS = ("label_emb.0.0.weight", "add_embedding.linear_1.weight")
+# SDXL's added embedding (pooled text + size/crop ids): diffusers' name, then sgm's
+SDXL_KEYS = {
+    "add_embedding.linear_1.": "add_embedding.linear_1.",
+    "label_emb.0.0.": "add_embedding.linear_1.",
+    "add_embedding.linear_2.": "add_embedding.linear_2.",
+    "label_emb.0.2.": "add_embedding.linear_2.",
+}
 
 
 def load_controlnet(source: str | os.PathLike, config: str | os.PathLike | None = None) -> ControlNetModel:
@@ -62,8 +74,11 @@ def _load_folder(folder: Path) -> ControlNetModel:
     config = loading._read_json(folder / "config.json")
     if config.get("_class_name") != "ControlNetModel":
         raise ModelLoadError(f"{folder} is not a diffusers ControlNet folder (its config.json has no ControlNetModel)")
-    if config.get("addition_embed_type") is not None:
-        raise ModelLoadError(f"{folder} is an SDXL ControlNet; ldmkit runs SD 1.x/2.x ControlNets")
+    if config.get("addition_embed_type") not in (None, "text_time"):
+        raise ModelLoadError(
+            f"{folder}: a ControlNet with {config['addition_embed_type']!r} added conditioning is not an SD 1.x/2.x "
+            "or SDXL ControlNet"
+        )
     with loading._load_errors(folder):
         model, info = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32, output_loading_info=True)
     loading._check_loading_info(info, "ControlNet", folder)
@@ -88,6 +103,15 @@ def _load_single_file(path: Path, config_dir: Path | None) -> ControlNetModel:
     except (KeyError, IndexError, RuntimeError) as error:
         raise ModelLoadError(f"{path.name}: its ControlNet weights do not convert ({error!r})") from None
     converted = {key: tensor for key, tensor in converted.items() if tensor is not None}
+    # diffusers' converter knows SD's keys only: SDXL's added embedding is carried over by name.
+    converted |= {
+        SDXL_KEYS[prefix] + key[len(prefix) :]: tensor
+        for key, tensor in weights.items()
+        for prefix in SDXL_KEYS
+        if key.startswith(prefix)
+    }
+    if config.get("addition_embed_type") == "text_time":
+        config |= _sdxl_layout(converted, len(config["block_out_channels"]))
     return loading._build(ControlNetModel, config, converted, "ControlNet", path)
 
 
@@ -111,7 +135,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _controlnet_weights(checkpoint: dict, path: Path) -> dict[str, torch.Tensor]:
-    """The ControlNet's own weights, without the `control_model.` prefix; refuses what is not an SD1/2 ControlNet.
+    """The ControlNet's own weights, without the `control_model.` prefix; refuses what is not a ControlNet.
 
     A ControlNet 1.0 file also holds the whole SD model it was trained with: only `control_model.*` is kept.
     """
@@ -122,24 +146,65 @@ def _controlnet_weights(checkpoint: dict, path: Path) -> dict[str, torch.Tensor]
             f"{path.name} is a 'difference' ControlNet (weights relative to a base model); convert it to a "
             "full ControlNet first"
         )
-    if any(key in checkpoint for key in SDXL_KEYS):
-        raise ModelLoadError(f"{path.name} is an SDXL ControlNet; ldmkit runs SD 1.x/2.x ControlNets")
+    if "lora_controlnet" in checkpoint:
+        raise ModelLoadError(
+            f"{path.name} is a Control-LoRA (low-rank ControlNet weights over an SDXL UNet); ldmkit loads full "
+            "ControlNets"
+        )
     if ORIGINAL_HINT_KEY not in checkpoint and DIFFUSERS_HINT_KEY not in checkpoint:
         kind = "a T2I-Adapter" if any(k.startswith(("body.", "adapter.")) for k in checkpoint) else "not a ControlNet"
-        raise ModelLoadError(f"{path.name} is {kind} (no input hint block); ldmkit loads SD 1.x/2.x ControlNets")
+        raise ModelLoadError(
+            f"{path.name} is {kind} (no input hint block); ldmkit loads SD 1.x/2.x and SDXL ControlNets"
+        )
     return checkpoint
 
 
 def _bundled_config(weights: dict, path: Path) -> Path:
-    """The family config from the cross-attention width: 768 (CLIP ViT-L, SD 1.x) or 1024 (OpenCLIP ViT-H, SD 2.x)."""
+    """The family config: SDXL's for an added (text_time) embedding of SDXL's width; else by the cross-attention
+    width, 768 (CLIP ViT-L, SD 1.x) or 1024 (OpenCLIP ViT-H, SD 2.x)."""
     to_k = next((tensor for key, tensor in weights.items() if key.endswith(CROSS_ATTENTION_KEY)), None)
     context_dim = None if to_k is None or to_k.ndim != 2 else int(to_k.shape[1])
+    added = weights.get("add_embedding.linear_1.weight", weights.get("label_emb.0.0.weight"))
+    if added is not None:
+        sdxl = ControlNetModel.load_config(SDXL_CONFIG)
+        if (
+            context_dim not in (None, sdxl["cross_attention_dim"])
+            or added.shape[-1] != sdxl["projection_class_embeddings_input_dim"]
+        ):
+            raise ModelLoadError(
+                f"{path.name} is not an SDXL-shaped ControlNet (cross-attention width {context_dim}, added "
+                f"embedding input {added.shape[-1]}); pass config= a folder with its diffusers config.json"
+            )
+        return SDXL_CONFIG
     if context_dim not in CONTEXT_DIMS:
         raise ModelLoadError(
-            f"{path.name} is not an SD 1.x/2.x-shaped ControlNet (cross-attention width {context_dim}); pass "
+            f"{path.name} is not an SD 1.x/2.x- or SDXL-shaped ControlNet (cross-attention width {context_dim}); pass "
             "config= a folder with its diffusers config.json"
         )
     return CONTEXT_DIMS[context_dim]
+
+
+def _sdxl_layout(weights: dict, blocks: int) -> dict:
+    """The config fields an SDXL ControlNet's weights decide: which down blocks attend, how many transformer layers
+    each (and the middle block) has. diffusers' full SDXL ControlNets have SDXL's [1, 2, 10]; its mid and small ones
+    fewer, some none (an attention block with zero layers keeps its norm and projections)."""
+
+    def depth(prefix: str) -> int:
+        layers = {key[len(prefix) :].split(".")[0] for key in weights if key.startswith(prefix)}
+        return len(layers)
+
+    attends = [any(key.startswith(f"down_blocks.{i}.attentions.") for key in weights) for i in range(blocks)]
+    depths = [depth(f"down_blocks.{i}.attentions.0.transformer_blocks.") for i in range(blocks)]
+    if any(key.startswith("mid_block.attentions.") for key in weights):
+        depths[-1] = depth("mid_block.attentions.0.transformer_blocks.")  # diffusers builds the middle from the last
+        mid_block_type = "UNetMidBlock2DCrossAttn"
+    else:
+        mid_block_type = "UNetMidBlock2D"
+    return {
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends],
+        "transformer_layers_per_block": depths,
+        "mid_block_type": mid_block_type,
+    }
 
 
 # ---- a folder of ControlNets (--controlnet-dir) ----
@@ -257,13 +322,16 @@ class PreparedControl:
         as diffusers keeps a ControlNet: the extension compares only the step's start with guidance_end)."""
         return not (step / steps < self.unit.guidance_start or (step + 1) / steps > self.unit.guidance_end)
 
-    def residuals(self, sample, timestep, context, guided: bool, size, hires: bool):
-        """The unit's weighted down-block and mid-block residuals for a UNet input batch."""
+    def residuals(self, sample, timestep, context, guided: bool, size, hires: bool, added_cond_kwargs=None):
+        """The unit's weighted down-block and mid-block residuals for a UNet input batch; `added_cond_kwargs` is
+        the UNet's own (SDXL's pooled text and size ids), which an SDXL ControlNet takes as well."""
         image = self.maps[size]
         cond_only = guided and (self.unit.control_mode == CONTROL_MODES[2] or self.model.config.global_pool_conditions)
         if cond_only:  # the unconditional half gets no control: classifier-free guidance then amplifies it
             half = sample.shape[0] // 2
             sample, context = sample[half:], context[half:]
+            if added_cond_kwargs is not None:
+                added_cond_kwargs = {key: value[half:] for key, value in added_cond_kwargs.items()}
         sample = sample[:, : self.model.config.in_channels]  # an inpainting UNet's extra mask/image channels
         down, mid = self.model(
             sample,
@@ -271,6 +339,7 @@ class PreparedControl:
             encoder_hidden_states=context,
             controlnet_cond=image.expand(sample.shape[0], -1, -1, -1),
             conditioning_scale=1.0,
+            added_cond_kwargs=added_cond_kwargs,
             return_dict=False,
         )
         scales = self.scales(len(down) + 1, hires)
@@ -306,7 +375,15 @@ class ControlledUNet:
         for control in self.controls:
             if not control.active(step, self.steps):
                 continue
-            d, m = control.residuals(sample, timestep, encoder_hidden_states, self.guided, self.size, self.hires)
+            d, m = control.residuals(
+                sample,
+                timestep,
+                encoder_hidden_states,
+                self.guided,
+                self.size,
+                self.hires,
+                kwargs.get("added_cond_kwargs"),
+            )
             down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         if down is not None:
@@ -335,8 +412,9 @@ class Controls:
 
 
 def check_controls(units, library: ControlNetLibrary, models) -> None:
-    """What can be checked of a request's units before any model loads: their models exist, and the UNet is run in
-    a form that takes residuals (not the fast path's compiled call)."""
+    """What can be checked of a request's units before any model loads: their models exist and are of the model's
+    family (as far as a config or file header tells), and the UNet is run in a form that takes residuals (not the
+    fast path's compiled call)."""
     if not units:
         return
     if models.unet_forward is not None:
@@ -345,9 +423,12 @@ def check_controls(units, library: ControlNetLibrary, models) -> None:
         )
     for index, unit in enumerate(units):
         try:
-            library.resolve(unit.model)
+            path = library.resolve(unit.model)
         except InvalidRequest as error:
             raise InvalidRequest(f"ControlNet unit {index}: {error}") from None
+        family = peek_family(path)
+        if family is not None and family[0] is not None:
+            _check_family(*family, models.unet, index, unit.model_name)
 
 
 def prepare_controls(
@@ -360,7 +441,7 @@ def prepare_controls(
     for index, unit in enumerate(units):
         path = library.resolve(unit.model)
         model = library.load(path, device, dtype)
-        _check_fits(model, unet, index)
+        _check_fits(model, unet, index, unit.model_name)
         image = unit.image if unit.image is not None else init_image
         processor_res = unit.processor_res
         if unit.pixel_perfect:
@@ -372,19 +453,50 @@ def prepare_controls(
     return Controls(prepared)
 
 
-def _check_fits(model: ControlNetModel, unet, index: int) -> None:
-    """A ControlNet guides a UNet of its own family: same text width, same latents, RGB control maps."""
-    theirs, ours = model.config.cross_attention_dim, unet.config.cross_attention_dim
-    if theirs != ours:
-        raise InvalidRequest(
-            f"ControlNet unit {index}: its ControlNet reads {theirs}-wide text states, this model's UNet {ours}-wide "
-            "(an SD 1.x ControlNet on an SD 2.x model, or the reverse)"
-        )
+def _check_fits(model: ControlNetModel, unet, index: int, name: str) -> None:
+    """A ControlNet guides a UNet of its own family (same text states and added conditioning) with RGB maps."""
+    _check_family(model.config.cross_attention_dim, model.config.addition_embed_type, unet, index, name)
     if model.config.conditioning_channels != 3:
         raise InvalidRequest(
             f"ControlNet unit {index}: its ControlNet takes {model.config.conditioning_channels}-channel control "
             "images (an inpainting ControlNet's image and mask); ldmkit makes RGB control maps"
         )
+
+
+def _check_family(context_dim, addition_embed_type, unet, index: int, name: str) -> None:
+    """Refuse, naming the ControlNet and both families, a ControlNet made for another family than the UNet's."""
+    ours = (unet.config.cross_attention_dim, unet.config.addition_embed_type)
+    if (context_dim, addition_embed_type) != ours:
+        raise InvalidRequest(
+            f"ControlNet unit {index}: '{name}' is {_family_name(context_dim, addition_embed_type)} ControlNet and "
+            f"this model is {_family_name(*ours)}: use a ControlNet made for the model's family"
+        )
+
+
+def _family_name(context_dim, addition_embed_type) -> str:
+    family = FAMILY_NAMES.get(context_dim)
+    if family is None or family.startswith("SDXL") != (addition_embed_type == "text_time"):
+        return f"a {context_dim}-wide-text ({addition_embed_type or 'no'} added conditioning)"
+    return f"an {family}"
+
+
+def peek_family(path: Path) -> tuple[int | None, str | None] | None:
+    """(cross-attention width, added conditioning type) of a ControlNet folder or .safetensors file, read from its
+    config or its file header without loading weights; None where only loading tells (pickles)."""
+    if path.is_dir():
+        config = loading._read_json(path / "config.json")
+        return config.get("cross_attention_dim"), config.get("addition_embed_type")
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            keys = [key.removeprefix(ORIGINAL_PREFIX) for key in file.keys()]
+            to_k = next((key for key in file.keys() if key.endswith(CROSS_ATTENTION_KEY)), None)
+            context_dim = None if to_k is None else file.get_slice(to_k).get_shape()[-1]
+    except (SafetensorError, OSError):
+        return None  # loading it says what is wrong
+    added = "text_time" if any(key.startswith(tuple(SDXL_KEYS)) for key in keys) else None
+    return context_dim, added
 
 
 def _map_tensor(control_map: np.ndarray, device, dtype) -> torch.Tensor:

@@ -55,14 +55,25 @@ class Schedule:
         return cls(scheduler, timesteps, _alpha_bars(scheduler, timesteps), dict(step_options or {}))
 
     @classmethod
-    def make_after(cls, sampler, scheduler_config: dict, steps: int, switch: float, step_options=None) -> Schedule:
+    def make_after(
+        cls,
+        sampler,
+        scheduler_config: dict,
+        steps: int,
+        switch: float,
+        strength: float | None = None,
+        step_options=None,
+    ) -> Schedule:
         """A refiner's pass (diffusers' `denoising_start`): the steps of a fresh `steps`-step schedule whose
-        timestep is below the switch point's, where the base's pass (`until(switch)`) stopped."""
+        timestep is below the switch point's, where the base's pass (`until(switch)`) stopped. With `strength` (an
+        img2img pass, such as the hires fix's), no more than that pass's tail: all of it if it starts below."""
         scheduler = sampler.make_scheduler(scheduler_config)
         scheduler.set_timesteps(steps, device="cpu")
         count = int((scheduler.timesteps < _switch_timestep(scheduler, switch)).sum())
         if scheduler.order == 2 and count % 2 == 0 and count > 0:
             count += 1  # a second-order step's two evaluations stay together, as diffusers counts them
+        if strength is not None:  # as Schedule.make cuts an img2img pass
+            count = min(count, len(scheduler.timesteps) - (steps - min(int(steps * strength), steps)) * scheduler.order)
         t_start = len(scheduler.timesteps) - count
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start)

@@ -19,12 +19,13 @@ class KnownRegion:
     noise: torch.Tensor  # (B, C, h, w) the start noise, reused to re-noise the known region
     mask: torch.Tensor  # (B, 1, h, w) 1 = repaint
     schedule: Schedule
+    handover: torch.Tensor | None = None  # the timestep a refiner goes on from after the schedule's last step
 
     def after_step(self, latents: torch.Tensor, step: int) -> torch.Tensor:
-        """The original, noised to the next step's level, outside the mask."""
+        """The original, noised to the next step's level (a refiner's first, at a hand-over), outside the mask."""
         known = self.image_latents
-        if step < len(self.schedule) - 1:
-            timesteps = self.schedule.timesteps[step + 1 : step + 2]
+        timesteps = self.schedule.timesteps[step + 1 : step + 2] if step < len(self.schedule) - 1 else self.handover
+        if timesteps is not None:
             known = self.schedule.scheduler.add_noise(known, self.noise, timesteps)
         return (1 - self.mask) * known + self.mask * latents
 

@@ -393,14 +393,8 @@ class GenerationParams:
     def _check_refiner(self) -> None:
         if not _is_number(self.refiner_switch) or not 0.0 < self.refiner_switch < 1.0:
             raise InvalidRequest(f"refiner switch must be between 0 and 1 (exclusive), got {self.refiner_switch!r}")
-        combined = {
-            "inpainting": self.mask_image is not None,
-            "hires fix": self.hires is not None,
-            "tiling": self.tiling,
-        }
-        for what, used in (combined | {"ControlNet": bool(self.controls)}).items():
-            if used:
-                raise InvalidRequest(f"a refiner is not supported with {what} yet")
+        if self.tiling:
+            raise InvalidRequest("a refiner is not supported with tiling yet")
 
     def _check_loras(self) -> None:
         self.prompt_loras()  # parses and checks the tags

@@ -40,7 +40,7 @@ from ldmkit.noise import NoiseRecipe, step_noise_generators, uses_ensd
 from ldmkit.params import GenerationParams, HiresFix, RequestLimits
 from ldmkit.previews import fast_preview, latent_rgb_projection
 from ldmkit.prompts import MAX_PROMPT_CHUNKS, check_prompt_chunks, clip_skip_infotext
-from ldmkit.refiner import DEFAULT_SWITCH, check_refiner, checkpoint_shorthash, refiner_infotext
+from ldmkit.refiner import DEFAULT_SWITCH, check_refiner, checkpoint_shorthash, refined_pass, refiner_infotext
 from ldmkit.resize_modes import fit
 from ldmkit.samplers import DEFAULT_SAMPLER, get_sampler
 from ldmkit.tiling import circular_padding
@@ -135,10 +135,11 @@ class Pipeline:
         self.controlnets = ControlNetLibrary(controlnet_dir)  # ControlNets by name (and any by path)
         self.vaes = VaeLibrary(vae_dir, automatic=vae)  # VAEs a request may name (GenerationParams.vae)
         self.embeddings = {}  # textual inversion name -> file, usable as words in prompts
-        if embeddings_dir is not None:
-            if components.text_encoder_2 is not None:  # SDXL files hold a vector per encoder (clip_l, clip_g)
-                raise InvalidRequest("textual-inversion embeddings are not supported for SDXL models yet")
-            self.embeddings = load_embeddings(embeddings_dir, self.tokenizer, self.text_encoder)
+        if embeddings_dir is not None:  # SDXL files hold vectors for both encoders (clip_l, clip_g)
+            state = self._state
+            self.embeddings = load_embeddings(
+                embeddings_dir, state.tokenizer, state.text_encoder, state.tokenizer_2, state.text_encoder_2
+            )
 
     @classmethod
     def from_pretrained(
@@ -445,18 +446,36 @@ class Pipeline:
             hires_options = sampler_options.step_kwargs(hires_sampler, p.eta, p.s_churn, p.s_tmin, p.s_tmax, p.s_noise)
             hires_steps = p.hires.pass_steps(p.steps)
             second = Schedule.make(hires_sampler, self.scheduler_config, hires_steps, p.hires.strength, hires_options)
-        elif p.refiner is not None:  # the refiner runs the schedule's steps below the switch point
-            base = base.until(p.refiner_switch)
-            second = Schedule.make_after(sampler, p.refiner.scheduler_config, p.steps, p.refiner_switch, options)
-        steps = _Steps(callback, batch, len(base) + (len(second) if second else 0))  # one count over both passes
+        # The refiner finishes the last pass (the hires pass when there is one, as AUTOMATIC1111 does by default)
+        # below the switch point, with that pass's sampler; ControlNets' start/end stay fractions of that whole
+        # pass, as in diffusers' ControlNet pipelines with denoising_end, and guide this model's steps only.
+        refined = None
+        base_steps, hires_steps = len(base), len(second) if second else 0
+        if p.refiner is not None:
+            pass_steps, pass_strength = refined_pass(p)
+            last_sampler, last_options = (hires_sampler, hires_options) if second else (sampler, options)
+            refined = Schedule.make_after(
+                last_sampler, p.refiner.scheduler_config, pass_steps, p.refiner_switch, pass_strength, last_options
+            )
+            if second is None:
+                base = base.until(p.refiner_switch)
+        own_hires = second.until(p.refiner_switch) if second and refined else second
+        total = len(base) + (len(own_hires) if second else 0) + (len(refined) if refined else 0)
+        steps = _Steps(callback, batch, total)  # one count over every pass and both models
         noise_generators = step_noise_generators(sampler, options, generators, seeds, p.eta_noise_seed_delta)
+        hires_noise = noise_generators  # the same sampler goes on drawing from the base pass's generators
+        if hires_sampler is not None and hires_sampler.name != sampler.name:
+            hires_noise = step_noise_generators(hires_sampler, hires_options, generators, seeds, p.eta_noise_seed_delta)
         unguided = denoiser
         if controls is not None:
-            denoiser = controls.guide(unguided, len(base), (p.width, p.height))
+            denoiser = controls.guide(unguided, base_steps, (p.width, p.height))
 
         # 4. The base pass: txt2img from noise, img2img from the init image noised to `strength`, or inpainting.
+        hook = None
         if p.mask_image is not None:
             latents, hook, extra_channels = self.prepare_inpainting(p, generators, base, recipe)
+            if hook is not None and refined is not None:
+                hook = dataclasses.replace(hook, handover=refined.timesteps[:1])  # re-noised to the refiner's start
             inpainting = dataclasses.replace(denoiser, extra_channels=extra_channels)
             done = sample(inpainting, base, latents, noise_generators, hook, steps.callback, stop)
         elif p.init_image is not None:
@@ -468,43 +487,63 @@ class Pipeline:
             latents = self.prepare_latents(generators, p.height, p.width, recipe=recipe)
             latents = latents * base.scheduler.init_noise_sigma
             done = sample(denoiser, base, latents, noise_generators, None, steps.callback, stop)
-        if not second or done.interrupted or stop():
-            handed_over = p.refiner is not None and not done.interrupted  # its latents are still noisy
+        if (not second and not refined) or done.interrupted or stop():
+            handed_over = refined is not None and second is None and not done.interrupted  # still noisy latents
             latents = done.clean if handed_over else done.latents
             return Formed(seeds, latents, done.interrupted or stop.requested, hires_done=False)
-        if p.refiner is not None:
+        if second is None:
             steps.before = len(base)
-            self._state.release()  # with offload, this model's UNet leaves the GPU to the refiner
-            refined = p.refiner.refine(p, second, done.latents, noise_generators, steps.callback, stop)
-            if refined.latents is None:  # stopped before its first step: the base's prediction is the image
+            finished = self.hand_over(p, refined, done.latents, noise_generators, steps.callback, stop, hook)
+            if finished.latents is None:  # stopped before its first step: this model's prediction is the image
                 return Formed(seeds, done.clean, interrupted=True)
-            return Formed(seeds, refined.latents, refined.interrupted, refined=True)
+            return Formed(seeds, finished.latents, finished.interrupted, refined=True)
 
         # 5. Hires fix: upscale, then the img2img stage again at the larger size (which size-conditioned families
-        # such as SDXL are told, as AUTOMATIC1111 tells them), with the pass's own prompts.
-        conditioning = self.encode_prompt(p.hires_pass(), p.hires.target_size(p.width, p.height))
+        # such as SDXL are told, as AUTOMATIC1111 tells them), with the pass's own prompts; a refiner finishes it
+        # below its switch point.
+        size = p.hires.target_size(p.width, p.height)
+        conditioning = self.encode_prompt(p.hires_pass(), size)
         denoiser = dataclasses.replace(denoiser, context=conditioning.context, unet_kwargs=conditioning.unet_kwargs)
         upscaled = upscale(p.hires, done.latents, self.vae_scale_factor, self.latents_to_images, self.images_to_latents)
         steps.before = len(base)
         if controls is not None:
-            denoiser = controls.guide(unguided, len(second), p.final_size, hires=True)
-        hires_noise = noise_generators  # the same sampler goes on drawing from the base pass's generators
-        if hires_sampler.name != sampler.name:
-            hires_noise = step_noise_generators(hires_sampler, hires_options, generators, seeds, p.eta_noise_seed_delta)
-        hires = self.img2img(denoiser, second, upscaled, generators, hires_noise, steps.callback, stop)
-        if hires.latents is None:  # stopped before its first step: the base pass's image is the one formed
+            denoiser = controls.guide(unguided, hires_steps, p.final_size, hires=True)
+        noise = self.prepare_latents(generators, *upscaled.shape[-2:], in_latent_space=True)
+        hires = sample(denoiser, own_hires, second.add_noise(upscaled, noise), hires_noise, None, steps.callback, stop)
+        # What an interrupt leaves: this pass's last prediction, or the base pass's image if it took no step.
+        formed_so_far = (hires.clean, True) if len(own_hires) else (done.latents, False)
+        if hires.latents is None:  # stopped before its first step
             return Formed(seeds, done.latents, interrupted=True, hires_done=False)
-        return Formed(seeds, hires.latents, hires.interrupted, hires_done=True)
+        if refined is None or hires.interrupted:
+            return Formed(seeds, hires.latents, hires.interrupted or stop.requested, hires_done=True)
+        if stop():  # at the hand-over: the latents are still noisy
+            return Formed(seeds, formed_so_far[0], interrupted=True, hires_done=formed_so_far[1])
+        steps.before = len(base) + len(own_hires)
+        finished = self.hand_over(p.hires_pass(), refined, hires.latents, hires_noise, steps.callback, stop, None, size)
+        if finished.latents is None:
+            return Formed(seeds, formed_so_far[0], interrupted=True, hires_done=formed_so_far[1])
+        return Formed(seeds, finished.latents, finished.interrupted, refined=True)
 
-    def refine(self, p: GenerationParams, schedule: Schedule, latents, noise_generators, callback, stop) -> Sampled:
+    def hand_over(self, p, schedule, latents, noise_generators, callback, stop, hook, size=None) -> Sampled:
+        """The refiner finishes a pass from `latents` over `schedule` (its part, conditioned on `size`); inpainting's
+        known region stays kept by `hook`, on the refiner's noise levels."""
+        self._state.release()  # with offload, this model's UNet leaves the GPU to the refiner
+        if hook is not None:
+            hook = dataclasses.replace(hook, schedule=schedule, handover=None)
+        return p.refiner.refine(p, schedule, latents, noise_generators, callback, stop, size, hook)
+
+    def refine(
+        self, p: GenerationParams, schedule: Schedule, latents, noise_generators, callback, stop, size=None, hook=None
+    ) -> Sampled:
         """As a refiner: go on denoising latents another model left at the start of `schedule`, with this model's
-        own conditioning of the request's prompts."""
-        conditioning = self.encode_prompt(p)
+        own conditioning of the request's prompts (for images of `size`, the request's unless given); `hook` keeps
+        an inpainted image's known region."""
+        conditioning = self.encode_prompt(p, size)
         prediction_type = self.scheduler_config["prediction_type"]
         denoiser = Denoiser(
             self._state.run_unet, conditioning.context, p.guidance, prediction_type, conditioning.unet_kwargs
         )
-        return sample(denoiser, schedule, latents.to(self.dtype), noise_generators, None, callback, stop)
+        return sample(denoiser, schedule, latents.to(self.dtype), noise_generators, hook, callback, stop)
 
     def img2img(
         self, denoiser, schedule, clean_latents, generators, noise_generators, callback, stop, recipe=None
@@ -528,7 +567,7 @@ class Pipeline:
             # parameters say so, and this model's VAE decodes it.
             described = p if batch.hires_done or p.hires is None else dataclasses.replace(p, hires=None)
             if p.refiner is not None and not batch.refined:
-                described = dataclasses.replace(p, refiner=None)
+                described = dataclasses.replace(described, refiner=None)
             batch_extra = extra if described is p else self.infotext_params(described, lora_files)
             decoder = p.refiner if batch.refined else self
             subseeds = self.noise_recipe(p, index).subseeds or [None] * len(batch.seeds)
@@ -799,7 +838,8 @@ class Pipeline:
             params.update(p.hires.infotext_params(p.steps, p.sampler))
         params["Tiling"] = True if p.tiling else None
         params.update(clip_skip_infotext(p.clip_skip))
-        params.update(ti_hashes_infotext(self.tokenizer, [*p.text_prompts(), p.negative_prompt], self.embeddings))
+        tokenizer = self.tokenizer or self._state.tokenizer_2  # the SDXL refiner has bigG's alone
+        params.update(ti_hashes_infotext(tokenizer, [*p.text_prompts(), p.negative_prompt], self.embeddings))
         params.update(lora_hashes_infotext([(name, path) for name, path, _ in lora_files]))
         for index, unit in enumerate(p.controls):
             params[f"ControlNet {index}"] = unit.infotext(self.controlnets.title(self.controlnets.resolve(unit.model)))

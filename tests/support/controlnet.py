@@ -65,6 +65,8 @@ def original_state_dict(controlnet: ControlNetModel, prefix: str = "control_mode
 
 def _original_key(key: str, per_block: int, hint_out: int) -> str | None:
     simple = {
+        "add_embedding.linear_1.": "label_emb.0.0.",  # SDXL's added conditioning, as sgm names it
+        "add_embedding.linear_2.": "label_emb.0.2.",
         "time_embedding.linear_1.": "time_embed.0.",
         "time_embedding.linear_2.": "time_embed.2.",
         "conv_in.": "input_blocks.0.0.",
@@ -98,3 +100,17 @@ def _resnet_rest(rest: str) -> str:
         if rest.startswith(old + "."):
             return new + rest[len(old) :]
     return rest
+
+
+def make_tiny_sdxl_controlnet(unet, seed: int = 0, conditioning_channels=(16, 32)) -> ControlNetModel:
+    """A ControlNet shaped from a tiny SDXL UNet (support.sdxl) as diffusers' `from_unet` shapes SDXL ControlNets:
+    it takes the UNet's text_time added conditioning. Random weights, zero convolutions included."""
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=conditioning_channels, load_weights_from_unet=False
+    )
+    with torch.no_grad():
+        for name, param in controlnet.named_parameters():
+            if "controlnet_down_blocks" in name or "controlnet_mid_block" in name or "cond_embedding.conv_out" in name:
+                param.normal_(0, 0.5)
+    return controlnet.eval()

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from safetensors import SafetensorError, safe_open
 
 import ldmkit
-from ldmkit.embeddings import read_embedding
+from ldmkit.embeddings import embedding_shape
 from ldmkit.errors import InvalidRequest, LdmError
 from ldmkit.lora import LORA_SUFFIX
 from ldmkit.metadata import PARAMETERS_KEY, parse_infotext
@@ -592,10 +592,10 @@ def _safetensors_metadata(path: Path) -> dict:
 
 def _embedding_item(path: Path) -> EmbeddingItem:
     try:
-        vectors = read_embedding(path)  # (vectors, D)
+        count, width = embedding_shape(path)
     except LdmError:
         return EmbeddingItem(shape=0, vectors=0)
-    return EmbeddingItem(shape=vectors.shape[-1], vectors=vectors.shape[0])
+    return EmbeddingItem(shape=width, vectors=count)
 
 
 def _info(job: Job, result: GenerationResult, pipe: Pipeline, body: ProcessingRequest) -> dict:

@@ -99,7 +99,8 @@ def create_router(queue) -> APIRouter:
 
     @router.get("/model_list")
     async def model_list(update: bool = True) -> dict:
-        """Every ControlNet of --controlnet-dir as "name [hash]" (the folder is read on each call)."""
+        """Every ControlNet of --controlnet-dir as "name [hash]". The folder is read on each call, so `update` (the
+        extension's "re-scan the folder") holds whatever its value: a file added since start-up is listed."""
         return {"model_list": await asyncio.to_thread(pipe.controlnets.titles)}
 
     @router.get("/module_list")

@@ -66,7 +66,7 @@ def build_ui(queue: GenerationQueue, styles: StyleLibrary | None = None) -> gr.B
 
 
 MODES = ("txt2img", "img2img", "inpaint")
-CONTROLNET_MODES = ("txt2img", "img2img")  # the tabs with a ControlNet panel
+CONTROLNET_MODES = ("txt2img", "img2img", "inpaint")  # the tabs with a ControlNet panel
 HIRES_UPSCALERS = {"Latent": "latent", "Lanczos": "pixel"}  # A1111's names for ldmkit's two upscalers
 
 

@@ -96,12 +96,14 @@ def controlnet_panel(library: ControlNetLibrary, mode: str, max_pixels: int) -> 
             return ControlNetPanel(library, {})
         for index in range(UNITS):
             with gr.Tab(f"Unit {index}", id=f"{mode}-controlnet-{index}"):
-                unit = _unit_controls(titles, f"{mode}-controlnet-{index}", max_pixels)
+                unit = _unit_controls(library, titles, f"{mode}-controlnet-{index}", max_pixels)
             inputs.update({f"controlnet_{index}_{field}": component for field, component in unit.items()})
     return ControlNetPanel(library, inputs)
 
 
-def _unit_controls(titles: list[str], prefix: str, max_pixels: int) -> dict[str, gr.components.Component]:
+def _unit_controls(
+    library: ControlNetLibrary, titles: list[str], prefix: str, max_pixels: int
+) -> dict[str, gr.components.Component]:
     c: dict[str, gr.components.Component] = {}
     c["enabled"] = gr.Checkbox(label="Enable", elem_id=f"{prefix}-enable")
     with gr.Row():
@@ -122,7 +124,9 @@ def _unit_controls(titles: list[str], prefix: str, max_pixels: int) -> dict[str,
             control_map = gr.Image(
                 label="Control map", format="png", interactive=False, height=260, elem_id=f"{prefix}-map"
             )
-            c["model"] = gr.Dropdown(titles, value=titles[0], label="Model", elem_id=f"{prefix}-model")
+            with gr.Row():
+                c["model"] = gr.Dropdown(titles, value=titles[0], label="Model", elem_id=f"{prefix}-model")
+                refresh = gr.Button("Refresh", elem_id=f"{prefix}-refresh", scale=0, min_width=80)
             with gr.Row():
                 c["module"] = gr.Dropdown(
                     list(PREPROCESSORS), value=DEFAULT_MODULE, label="Preprocessor", elem_id=f"{prefix}-module"
@@ -155,6 +159,12 @@ def _unit_controls(titles: list[str], prefix: str, max_pixels: int) -> dict[str,
 
     sliders = [c["processor_res"], c["threshold_a"], c["threshold_b"]]
     c["module"].change(_module_sliders, c["module"], sliders, queue=False, api_visibility="private")
+    refresh.click(  # the folder read again, as /controlnet/model_list?update=true reads it
+        lambda current: _model_choices(library.titles(), current),
+        c["model"],
+        c["model"],
+        api_name=f"{prefix.replace('-', '_')}_refresh",
+    )
     preview.click(
         lambda image, module, res, a, b: preview_map(image, module, res, a, b, max_pixels),
         [c["image"], c["module"], *sliders],
@@ -162,6 +172,13 @@ def _unit_controls(titles: list[str], prefix: str, max_pixels: int) -> dict[str,
         api_name=f"{prefix.replace('-', '_')}_preview",
     )
     return c
+
+
+def _model_choices(titles: list[str], current: str | None):
+    """The dropdown with the folder's ControlNets now, keeping the chosen one if it is still there."""
+    if not titles:
+        return gr.update(choices=[], value=None)
+    return gr.update(choices=titles, value=current if current in titles else titles[0])
 
 
 def _module_sliders(module: str):
