@@ -34,11 +34,12 @@ from ldmkit.lora import applied_loras, check_lora_file, lora_hashes_infotext, re
 from ldmkit.memory import Footprint, check_memory
 from ldmkit.metadata import format_infotext
 from ldmkit.model_state import ModelState
-from ldmkit.params import GenerationParams, HiresFix, RequestLimits
+from ldmkit.params import HIRES_UPSCALERS, GenerationParams, HiresFix, RequestLimits
 from ldmkit.previews import fast_preview, latent_rgb_projection
 from ldmkit.prompts import MAX_PROMPT_CHUNKS, check_prompt_chunks, clip_skip_infotext
 from ldmkit.refiner import DEFAULT_SWITCH, check_refiner, checkpoint_shorthash, refiner_infotext
 from ldmkit.samplers import DEFAULT_SAMPLER, get_sampler
+from ldmkit.upscalers import UpscalerLibrary
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Pipeline:
         lora_dir=None,
         embeddings_dir=None,
         controlnet_dir=None,
+        upscalers_dir=None,
     ):
         self.components = components
         self.family = family_of(components)  # what differs between SD 1.x/2.x and other families
@@ -125,6 +127,7 @@ class Pipeline:
         self.is_inpainting_model = self.unet.config.in_channels == 2 * self.latent_channels + 1
         self.lora_dir = lora_dir  # where <lora:NAME:W> prompt tags are looked up
         self.controlnets = ControlNetLibrary(controlnet_dir)  # ControlNets by name (and any by path)
+        self.upscalers = UpscalerLibrary(upscalers_dir, device, dtype)  # hires fix's (and the server's) upscalers
         self.embeddings = {}  # textual inversion name -> file, usable as words in prompts
         if embeddings_dir is not None:
             if components.text_encoder_2 is not None:  # SDXL files hold a vector per encoder (clip_l, clip_g)
@@ -145,6 +148,7 @@ class Pipeline:
         lora_dir=None,
         embeddings_dir=None,
         controlnet_dir=None,
+        upscalers_dir=None,
     ) -> Pipeline:
         """Load a diffusers folder, a cached Hub repo id, an original single file, or (None) the default model.
 
@@ -158,7 +162,7 @@ class Pipeline:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         components = loading.load_components(source, config=config)
-        pipe = cls(components, device, dtype, lora_dir, embeddings_dir, controlnet_dir)
+        pipe = cls(components, device, dtype, lora_dir, embeddings_dir, controlnet_dir, upscalers_dir)
         if vae_tiling:
             pipe.enable_vae_tiling()
         if offload:
@@ -361,6 +365,9 @@ class Pipeline:
         p = params.resolved(self.default_size)
         p.validate(limits)  # again, with the size known
         self.family.check(self._state, p)
+        if p.hires is not None and p.hires.upscaler not in HIRES_UPSCALERS:  # the name as the folder spells it
+            info = self.upscalers.check(p.hires.upscaler, (p.width, p.height), p.final_size, "hires upscaler")
+            p = dataclasses.replace(p, hires=dataclasses.replace(p.hires, upscaler=info.name))
         max_chunks = MAX_PROMPT_CHUNKS if limits is None else limits.max_prompt_chunks
         for text in p.text_prompts():  # before any LoRA file is read or any text encoded
             check_prompt_chunks(self._state.tokenizer or self._state.tokenizer_2, text, p.negative_prompt, max_chunks)
@@ -435,7 +442,14 @@ class Pipeline:
         # such as SDXL are told, as AUTOMATIC1111 tells them).
         conditioning = self.encode_prompt(p, p.hires.target_size(p.width, p.height))
         denoiser = dataclasses.replace(denoiser, context=conditioning.context, unet_kwargs=conditioning.unet_kwargs)
-        upscaled = upscale(p.hires, done.latents, self.vae_scale_factor, self.latents_to_images, self.images_to_latents)
+        upscaled = upscale(
+            p.hires,
+            done.latents,
+            self.vae_scale_factor,
+            self.latents_to_images,
+            self.images_to_latents,
+            self.upscalers.upscale,
+        )
         steps.before = len(base)
         if controls is not None:
             denoiser = controls.guide(unguided, len(second), p.final_size, hires=True)

@@ -71,7 +71,8 @@ def run_serve(args) -> int:
     if args.queue_size < 0:
         raise InvalidRequest(f"--queue-size must be >= 0, got {args.queue_size}")
     folders = ((args.lora_dir, "--lora-dir"), (args.embeddings_dir, "--embeddings-dir"))
-    for folder, option in (*folders, (args.controlnet_dir, "--controlnet-dir")):
+    folders += ((args.controlnet_dir, "--controlnet-dir"), (args.upscalers_dir, "--upscalers-dir"))
+    for folder, option in folders:
         if folder is not None and not folder.is_dir():
             raise InvalidRequest(f"{option}: folder not found: {folder}")
     from ldmkit.server.limits import ServerLimits

@@ -63,7 +63,7 @@ def build_ui(queue: GenerationQueue) -> gr.Blocks:
 
 MODES = ("txt2img", "img2img", "inpaint")
 CONTROLNET_MODES = ("txt2img", "img2img")  # the tabs with a ControlNet panel
-HIRES_UPSCALERS = {"Latent": "latent", "Lanczos": "pixel"}  # A1111's names for ldmkit's two upscalers
+HIRES_UPSCALERS = {"Latent": "latent", "Lanczos": "pixel"}  # A1111's names for ldmkit's two; models by their own
 
 
 def _generation_tab(queue: GenerationQueue, mode: str) -> None:
@@ -138,7 +138,11 @@ def _generation_tab(queue: GenerationQueue, mode: str) -> None:
                         fields["hires_steps"] = gr.Slider(
                             0, 150, value=0, step=1, label="Hires steps (0: same as Steps)"
                         )
-                        fields["hires_upscaler"] = gr.Dropdown(list(HIRES_UPSCALERS), value="Latent", label="Upscaler")
+                        fields["hires_upscaler"] = gr.Dropdown(
+                            [*HIRES_UPSCALERS, *(i.name for i in queue.pipe.upscalers.entries() if i.is_model)],
+                            value="Latent",
+                            label="Upscaler",
+                        )
         with gr.Column(scale=3):
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id=f"{mode}-generate")
@@ -268,7 +272,9 @@ def _request(v: dict, max_pixels: int, controlnet: ControlNetPanel | None = None
         fields["mask_blur"] = int(v["mask_blur"])
     if v.get("hires"):
         scale, strength, steps = float(v["hires_scale"]), float(v["hires_strength"]), int(v["hires_steps"])
-        fields["hires"] = HiresFix(scale, strength, steps or None, HIRES_UPSCALERS[v["hires_upscaler"]])
+        fields["hires"] = HiresFix(
+            scale, strength, steps or None, HIRES_UPSCALERS.get(v["hires_upscaler"], v["hires_upscaler"])
+        )
     if controlnet is not None:
         fields["controls"] = controlnet.units(v, max_pixels)
     return GenerationParams(**fields)
