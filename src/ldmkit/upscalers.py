@@ -100,7 +100,7 @@ class UpscalerLibrary:
             raise InvalidRequest(f"{what} {name!r} is ambiguous: {len(matches)} files in the upscalers folder")
         if not matches:
             where = "" if self.folder is not None else " (no upscalers folder is set: --upscalers-dir)"
-            raise InvalidRequest(f"{what} {name!r} is not available{where}; this server has: {', '.join(self.names())}")
+            raise InvalidRequest(f"{what} {name!r} is not available{where}; upscalers here: {', '.join(self.names())}")
         return UpscalerInfo(matches[0][0], matches[0][1])
 
     # -- upscaling ------------------------------------------------------------------------------
