@@ -19,6 +19,7 @@ from ldmkit.errors import LdmError
 from ldmkit.pipeline import Pipeline
 from ldmkit.server import a1111, controlnet_api, openai_api
 from ldmkit.server.limits import DEFAULT_LIMITS, BodySizeLimit, ServerLimits
+from ldmkit.server.native_size import AS_IS, OversizePolicy
 from ldmkit.server.origins import CrossOriginGuard
 from ldmkit.server.queue import Cancelled, GenerationQueue, OutOfMemory, QueueFull
 
@@ -31,6 +32,7 @@ def create_app(
     allowed_hosts: list[str] | None = None,
     allowed_origins: tuple[str, ...] = (),
     refiners: tuple[Pipeline, ...] = (),
+    oversize: OversizePolicy = AS_IS,
 ) -> FastAPI:
     """The app over an already loaded pipeline; its worker starts and stops with the app's lifespan.
 
@@ -39,9 +41,10 @@ def create_app(
     through a DNS name it rebinds to 127.0.0.1). `allowed_origins` are the web origins besides this
     server's own whose pages may call it: read its answers (CORS) and send requests that change state;
     state-changing requests from other origins' pages are refused (403). `refiners` are the models requests may
-    name as their refiner besides the served one.
+    name as their refiner besides the served one. `oversize` says what becomes of requests far over the model's
+    native size (ldmkit.server.native_size; default: run as asked).
     """
-    queue = GenerationQueue(pipe, max_waiting=queue_size, limits=limits, refiners=refiners)
+    queue = GenerationQueue(pipe, max_waiting=queue_size, limits=limits, refiners=refiners, oversize=oversize)
     ui_files = None
     if ui:
         from ldmkit.server.ui_files import UiFileCache

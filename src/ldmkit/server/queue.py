@@ -24,6 +24,7 @@ import torch
 from ldmkit.params import GenerationParams
 from ldmkit.pipeline import GenerationResult, Pipeline, StepInfo
 from ldmkit.server.limits import DEFAULT_LIMITS, ServerLimits
+from ldmkit.server.native_size import AS_IS, OversizePolicy
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,9 @@ class OutOfMemory(Exception):
 class Job:
     """A submitted request: its future result, and its progress for previews and progress bars."""
 
-    def __init__(self, request: GenerationParams):
+    def __init__(self, request: GenerationParams, output_size: tuple[int, int] | None = None):
         self.request = request  # prepared by the pipeline: seed, size and sampler name are concrete
+        self.output_size = output_size  # the images are upscaled to this size (an oversize request run natively)
         self.future: Future[GenerationResult] = Future()
         self.created = time.time()
         self.started_at: float | None = None
@@ -63,6 +65,11 @@ class Job:
     def batch(self) -> int:
         """Index of the batch (of batch_count) being generated."""
         return self.step.batch if self.step is not None else 0
+
+    @property
+    def delivered_size(self) -> tuple[int, int]:
+        """The size of the images the job answers with."""
+        return self.output_size or self.request.final_size
 
     @property
     def done(self) -> bool:
@@ -85,9 +92,15 @@ class Job:
 
 class GenerationQueue:
     def __init__(
-        self, pipe: Pipeline, max_waiting: int = 8, limits: ServerLimits = DEFAULT_LIMITS, refiners: tuple = ()
+        self,
+        pipe: Pipeline,
+        max_waiting: int = 8,
+        limits: ServerLimits = DEFAULT_LIMITS,
+        refiners: tuple = (),
+        oversize: OversizePolicy = AS_IS,
     ):
         self.pipe = pipe
+        self.oversize = oversize  # what becomes of requests far over the model's native size
         self.models = [pipe, *refiners]  # what requests may name: the served model, then `ldm serve --refiner`s
         self.max_waiting = max_waiting  # requests that may wait while one runs
         self.limits = limits
@@ -115,8 +128,15 @@ class GenerationQueue:
             self._thread.join()
 
     def submit(self, request: GenerationParams) -> Job:
-        """Validate (InvalidRequest) and enqueue (QueueFull when every place is taken)."""
-        job = Job(self.pipe.prepare(request, self.limits))
+        """Validate (InvalidRequest) and enqueue (QueueFull when every place is taken).
+
+        The request is checked as asked (the size delivered is within the limits), then as the oversize policy
+        runs it, with the upscaling to the size asked."""
+        run, output_size = self.oversize.fit(self.pipe.prepare(request, self.limits), self.pipe.default_size)
+        if output_size is not None:
+            run = self.pipe.prepare(run, self.limits)
+            self.pipe.upscalers.check(self.oversize.upscaler, run.final_size, output_size, "--oversize-upscaler")
+        job = Job(run, output_size)
         with self._lock:
             if self._closed:
                 raise QueueFull(self.retry_after())
@@ -198,6 +218,8 @@ class GenerationQueue:
         result = self.pipe.run(job.request, partial(self._on_step, job), partial(self._should_stop, job))
         if job.stop == "cancel":
             raise Cancelled("cancelled")
+        if job.output_size is not None:
+            result = self.oversize.deliver(result, job.output_size, self.pipe.upscalers)
         return result
 
     def _on_step(self, job: Job, step: StepInfo) -> None:
