@@ -146,3 +146,25 @@ def test_serve_runs_the_shipped_model_natively_and_others_as_asked(tmp_path):
     args.oversize_upscaler = "R-ESRGAN 4x+"
     with pytest.raises(InvalidRequest, match=r"--oversize-upscaler 'R-ESRGAN 4x\+' is not available"):
         oversize_policy(args, Loaded)
+
+
+@pytest.mark.slow  # 47 s on the shared 2-core CPU
+def test_the_shipped_model_answers_openais_default_1024_from_its_native_size():
+    """What the `openai` client gets from `ldm serve` with no options: a 1024x1024 picture drawn at the shipped
+    model's native size (from its config, whatever it is) and upscaled."""
+    from fastapi.testclient import TestClient
+
+    from ldmkit.server.app import create_app
+
+    pipe = Pipeline.from_pretrained(device="cpu")
+    native = pipe.default_size
+    policy = oversize_policy(argparse.Namespace(model=None, oversize=None, oversize_upscaler=None), pipe)
+    with TestClient(create_app(pipe, ui=False, oversize=policy), base_url="http://127.0.0.1") as client:
+        body = {"prompt": "a red apple", "size": "1024x1024", "quality": "low"}
+        response = client.post("/v1/images/generations", json=body)
+    assert response.status_code == 200, response.text
+    image = decoded(response.json()["data"][0]["b64_json"])
+    params = parse_infotext(image.info["parameters"])
+    assert image.size == (1024, 1024) and params["Size"] == f"{native}x{native}"
+    expected = pipe.generate("a red apple", steps=10, seed=int(params["Seed"]), width=native, height=native).images[0]
+    assert_close(image, expected.resize((1024, 1024), Image.Resampling.LANCZOS))
