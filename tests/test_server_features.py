@@ -131,7 +131,7 @@ def test_hires_resize_to_an_odd_size_keeps_the_aspect_ratio(url):
 @pytest.mark.parametrize(
     ("fields", "reason"),
     [
-        ({"hr_upscaler": "Waifu2x"}, "hr_upscaler 'Waifu2x' is not available (no upscalers folder is set: --upscalers-dir)"),
+        ({"hr_upscaler": "Waifu2x"}, "hr_upscaler 'Waifu2x' is not available (no upscalers folder is set"),
         ({"hr_scale": 0.5}, "hires scale must be from 1 to"),
         ({"hr_scale": 9}, "hires scale must be from 1 to 4"),
         ({"denoising_strength": 0}, "hires strength must be in (0, 1]"),
