@@ -187,3 +187,15 @@ def test_extras_refusals_name_the_field(client, fields, reason):
     response = client.post("/sdapi/v1/extra-single-image", json={"image": b64(random_image(20, 12)), **fields})
     assert response.status_code == 400, response.text
     assert reason in json.loads(response.text)["detail"]
+
+
+def test_ldm_generate_runs_hires_fix_with_a_model_of_the_folder(folder, tmp_path):
+    from ldmkit.loading import save_pretrained
+    from ldmkit.metadata import read_infotext
+
+    save_pretrained(make_tiny_components(), tmp_path / "tiny")
+    argv = ["generate", "a red cube", "--model", str(tmp_path / "tiny"), "--device", "cpu", "--steps", "3"]
+    argv += ["--seed", "5", "--hires-scale", "2", "--hires-upscaler", "tiny2x", "--upscalers-dir", str(folder)]
+    assert main([*argv, "-o", str(tmp_path / "out")]) == 0
+    (written,) = (tmp_path / "out").glob("*.png")
+    assert Image.open(written).size == (32, 32) and "Hires upscaler: tiny2x" in read_infotext(written)
