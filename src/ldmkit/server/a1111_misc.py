@@ -35,7 +35,7 @@ class ExtrasOptions(BaseModel):
     upscaling_resize_w: int = 512
     upscaling_resize_h: int = 512
     upscaling_crop: bool = Field(True, description="resize_mode 1: crop to the aspect ratio (else stretch)")
-    upscaler_1: str = Field("None", description="an upscaler of /sdapi/v1/upscalers ('None' resizes with Lanczos)")
+    upscaler_1: str = Field("None", description="an upscaler of /sdapi/v1/upscalers; 'None' leaves the image as it is")
     upscaler_2: str = Field("None", description="a second upscaler of the original, blended in by its visibility")
     extras_upscaler_2_visibility: float = Field(0, description="0 to 1: upscaler_2's share of the result")
     upscale_first: bool = Field(False, description="any: no face restorer to run before or after")
@@ -206,8 +206,10 @@ def _upscaled_size(image: Image.Image, body: ExtrasOptions, max_pixels: int) -> 
 
 def _upscale(image: Image.Image, body: ExtrasOptions, upscalers: UpscalerLibrary) -> str:
     """A1111's extras upscale: upscaler_1 to the size, upscaler_2's result blended in by its visibility, then (resize
-    mode 1 with cropping) the centre cut to the target."""
+    mode 1 with cropping) the centre cut to the target. upscaler_1 'None' leaves the image as it is, as in A1111."""
     image = image.convert("RGBA" if image.mode in ("RGBA", "LA", "P") else "RGB")
+    if upscalers.resolve(body.upscaler_1).name == "None":
+        return encode_png_base64(image)
     size = _upscaled_size(image, body, math.inf)
     result = upscalers.upscale(image, body.upscaler_1, size)
     if _second_upscaler(body):
