@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import numpy as np
 import pytest
@@ -136,3 +137,13 @@ def test_a_pickle_with_code_is_not_run(tmp_path):
     torch.save({"conv_first.weight": Payload()}, tmp_path / "evil.pth")
     with pytest.raises(ModelLoadError, match="upscaler evil.pth could not be read"):
         UpscalerLibrary(tmp_path).upscale(random_image(8, 8), "evil", (16, 16))
+
+
+def test_without_spandrel_a_model_is_one_line_naming_the_extra(folder, monkeypatch):
+    monkeypatch.setitem(sys.modules, "spandrel", None)  # as if not installed
+    library = UpscalerLibrary(folder)
+    assert library.upscale(random_image(8, 8), "Lanczos", (16, 16)).size == (16, 16)  # the resizes need nothing
+    with pytest.raises(
+        ModelLoadError, match=r"upscaler models need the spandrel package: pip install 'ldmkit\[upscale\]'"
+    ):
+        library.upscale(random_image(8, 8), "tiny2x", (16, 16))

@@ -184,7 +184,9 @@ def import_spandrel():
         if exc.name == "spandrel":
             raise ModelLoadError("upscaler models need the spandrel package: pip install 'ldmkit[upscale]'") from None
         if exc.name is None or exc.name.split(".")[0] != "torchvision":
-            raise
+            raise ModelLoadError(f"spandrel could not be imported ({describe(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 (a torchvision built for another torch fails as it registers its ops)
+        raise ModelLoadError(f"spandrel could not be imported ({describe(exc)})") from None
     stand_ins = _torchvision_stand_in()
     sys.modules.update(stand_ins)
     try:
