@@ -158,6 +158,7 @@ class Pipeline:
         vae_tiling=True encodes and decodes images larger than a tile (512 px for SD) in tiles that share
         GroupNorm statistics (ldmkit.tiled_vae), so the VAE's memory stays that of one tile, without seams.
         offload=True keeps the models in CPU memory and moves each to the GPU only while it runs (ldmkit.offload).
+        upscalers_dir: upscaler model files (ESRGAN...) hires fix can name besides latent and Lanczos (upscalers.py).
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
