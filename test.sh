@@ -7,4 +7,7 @@ cd "$(dirname "$0")"
 if ! .venv/bin/python -c "import pytest, playwright, schemathesis, openai, httpx, requests, psutil, ruff" 2>/dev/null; then
   .venv/bin/python -m pip install -q -e ".[all,test]"
 fi
+if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('spandrel') is None)"; then
+  .venv/bin/python -m pip install -q --no-deps "spandrel>=0.4.2,<0.5" "einops>=0.8"  # as ./setup.sh does
+fi
 exec .venv/bin/python -m pytest "$@"

@@ -368,7 +368,7 @@ def test_cli_info_on_an_image_without_parameters(tmp_path, capsys):
         ({"init_image": image(), "steps": 2, "strength": 0.4}, r"strength 0\.4 with 2 steps leaves no denoising step"),
         ({"init_image": image(), "mask_image": image(), "mask_blur": 65}, r"mask blur must be an integer from 0 to 64"),
         ({"hires": HiresFix(steps=1, strength=0.5)}, r"hires steps 1 at strength 0\.5 leave no denoising step"),
-        ({"hires": HiresFix(upscaler="esrgan")}, r"unknown hires upscaler 'esrgan'; use one of latent, pixel"),
+        ({"hires": HiresFix(upscaler="")}, r"hires upscaler must be latent or pixel or an upscaler's name"),
         (
             {"refiner": object(), "refiner_switch": 1.0},
             r"refiner switch must be between 0 and 1 \(exclusive\), got 1\.0",
@@ -482,8 +482,8 @@ def png_b64(keep: int | None = None) -> str:
         ),
         (
             "/sdapi/v1/extra-single-image",
-            {"image": "a", "upscaler_2": "Lanczos", "extras_upscaler_2_visibility": 0.5},
-            "upscaler_2 'Lanczos' is not available: a second upscaler is not implemented",
+            {"image": "a", "upscaler_2": "R-ESRGAN 4x+", "extras_upscaler_2_visibility": 0.5},
+            "upscaler_2 'R-ESRGAN 4x+' is not available (no upscalers folder is set: --upscalers-dir)",
         ),
         (
             "/sdapi/v1/extra-single-image",

@@ -121,7 +121,7 @@ def test_hires_fix_upscales_and_records_parameters(upscaler):
     [
         (HiresFix(scale=0), "hires scale must be above 0 and at most"),
         (HiresFix(strength=0.0), "hires strength"),
-        (HiresFix(upscaler="esrgan"), "unknown hires upscaler"),
+        (HiresFix(upscaler="esrgan"), r"hires upscaler 'esrgan' is not available \(no upscalers folder is set"),
         (HiresFix(scale=4.0), "width must be a multiple of 8 from 8 to"),
     ],
 )

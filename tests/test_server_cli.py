@@ -111,11 +111,13 @@ def test_fast_and_vae_tiling_reach_the_pipeline_and_warm_up_only_on_cuda(monkeyp
     import uvicorn
 
     from ldmkit.pipeline import Pipeline
+    from ldmkit.upscalers import UpscalerLibrary
 
     loaded, warmed = {}, []
 
     class FakePipe:
         device, model_name, default_size = torch.device("cpu"), "fake", 16
+        upscalers = UpscalerLibrary()
 
         def generate(self, *args, **kwargs):
             warmed.append(kwargs)

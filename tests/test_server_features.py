@@ -98,7 +98,7 @@ def test_hires_fix_defaults_and_pixel_upscalers(url):
     assert image.size == (32, 32) and "Denoising strength: 0.7" in image.info["parameters"]  # A1111's default
     image, _ = generated(post(url, "txt2img", enable_hr=True, hr_scale=1.5, hr_upscaler="Lanczos"))
     assert image.size == (24, 24) and "Hires upscaler: Lanczos" in image.info["parameters"]
-    refused = post(url, "txt2img", enable_hr=True, hr_upscaler="R-ESRGAN 4x+")  # a model upscaler: not a resize
+    refused = post(url, "txt2img", enable_hr=True, hr_upscaler="R-ESRGAN 4x+")  # a model this server does not have
     assert refused.status_code == 400 and "hr_upscaler 'R-ESRGAN 4x+' is not available" in refused.json()["detail"]
     image, _ = generated(post(url, "txt2img", enable_hr=True, hr_upscaler="Latent (bicubic antialiased)"))
     assert "Hires upscaler: Latent" in image.info["parameters"]
@@ -160,7 +160,7 @@ def test_hires_resize_to_an_odd_size_keeps_the_aspect_ratio(url):
 @pytest.mark.parametrize(
     ("fields", "reason"),
     [
-        ({"hr_upscaler": "Waifu2x"}, "hr_upscaler 'Waifu2x' is not available on this server"),
+        ({"hr_upscaler": "Waifu2x"}, "hr_upscaler 'Waifu2x' is not available (no upscalers folder is set"),
         ({"hr_scale": 0}, "hires scale must be above 0 and at most 4"),
         ({"hr_scale": 9}, "hires scale must be above 0 and at most 4"),
         ({"denoising_strength": 0}, "hires strength must be in (0, 1]"),
@@ -200,7 +200,8 @@ def test_openapi_schema_describes_the_new_fields(url):
 def test_upscaler_lists_name_what_hr_upscaler_takes(url):
     upscalers = [u["name"] for u in requests.get(f"{url}/sdapi/v1/upscalers", timeout=10).json()]
     latent = [m["name"] for m in requests.get(f"{url}/sdapi/v1/latent-upscale-modes", timeout=10).json()]
-    assert "Lanczos" in upscalers and "Latent" in latent and sorted(upscalers + latent) == sorted(HR_UPSCALERS)
+    assert upscalers == ["None", "Lanczos", "Nearest"]  # without --upscalers-dir, the resizes alone
+    assert sorted(latent) == sorted(name for name, kind in HR_UPSCALERS.items() if kind == "latent")
 
 
 # -- inpainting -------------------------------------------------------------------------------------

@@ -132,7 +132,11 @@ def add_generate(sub) -> None:
     gen.add_argument(
         "--hires-steps", type=int, default=None, help="hires fix: steps of the second pass (default: --steps)"
     )
-    gen.add_argument("--hires-upscaler", default="latent", choices=["latent", "pixel"])
+    gen.add_argument(
+        "--hires-upscaler",
+        default="latent",
+        help="hires fix: latent (on the latents), pixel (Lanczos), Nearest, or an upscaler of --upscalers-dir by name",
+    )
     gen.add_argument("--hires-prompt", default="", help="hires fix: the second pass's prompt (default: the prompt)")
     gen.add_argument("--hires-negative", default="", help="hires fix: the second pass's negative prompt")
     gen.add_argument(
@@ -247,7 +251,8 @@ def run_generate(args) -> int:
         raise InvalidRequest(f"--every must be >= 1, got {args.every}")
     ensure_writable(args.output_dir)
     folders = ((args.lora_dir, "LoRA folder"), (args.embeddings_dir, "embeddings folder"))
-    for folder, what in (*folders, (args.controlnet_dir, "ControlNet folder")):
+    folders += ((args.controlnet_dir, "ControlNet folder"), (args.upscalers_dir, "upscalers folder"))
+    for folder, what in folders:
         if folder is not None and not folder.is_dir():
             raise LdmError(f"{what} not found: {folder}")
     check_vae_option(args)
@@ -268,9 +273,14 @@ def run_generate(args) -> int:
         library = ControlNetLibrary(args.controlnet_dir)
         for unit in controls:
             library.resolve(unit.model)
+    from ldmkit.params import HIRES_UPSCALERS
+
+    if args.hires_scale is not None and args.hires_upscaler not in HIRES_UPSCALERS:
+        from ldmkit.upscalers import UpscalerLibrary
+
+        UpscalerLibrary(args.upscalers_dir).resolve(args.hires_upscaler, "--hires-upscaler")
     if plot is not None:
         return run_xyz(args, plot, StopOnSignal(), written_note)
-
     from diffusers.utils import logging as diffusers_logging
 
     from ldmkit.distributed import start_workers  # torch and diffusers load only when needed

@@ -24,6 +24,12 @@ def add_model_options(parser) -> None:
         "--controlnet-dir", type=Path, default=None, help="folder of ControlNets, each named by its file or folder stem"
     )
     parser.add_argument(
+        "--upscalers-dir",
+        type=Path,
+        default=None,
+        help="folder of upscaler models (ESRGAN, Real-ESRGAN... .pth/.safetensors), each named by its file stem",
+    )
+    parser.add_argument(
         "--refiner",
         default=None,
         metavar="MODEL",
@@ -74,6 +80,7 @@ def load_pipelines(args, device):
         controlnet_dir=args.controlnet_dir,
         vae_dir=getattr(args, "vae_dir", None),
         vae=args.vae,
+        upscalers_dir=args.upscalers_dir,
         **speed,
     )
     if args.vae is not None:

@@ -20,11 +20,14 @@ def upscale(
     vae_scale_factor: int,
     to_images: Callable[[torch.Tensor], list[Image.Image]],
     to_latents: Callable[[list[Image.Image]], torch.Tensor],
+    upscale_image: Callable[[Image.Image, str, tuple[int, int]], Image.Image],
 ) -> torch.Tensor:
     """(B, C, h, w) -> (B, C, h', w') latents of the target size: bilinear on the latents ("latent"), or decoded,
-    resized with Lanczos and encoded again ("pixel") through the two conversions given."""
+    upscaled (Lanczos for "pixel", else the named upscaler, as `upscale_image(image, name, size)` does it) and
+    encoded again, through the conversions given: AUTOMATIC1111's non-latent upscalers."""
     f = vae_scale_factor
     width, height = hires.target_size(latents.shape[-1] * f, latents.shape[-2] * f)
     if hires.upscaler == "latent":
         return F.interpolate(latents, size=(height // f, width // f), mode="bilinear", align_corners=False)
-    return to_latents([image.resize((width, height), Image.Resampling.LANCZOS) for image in to_images(latents)])
+    name = "Lanczos" if hires.upscaler == "pixel" else hires.upscaler
+    return to_latents([upscale_image(image, name, (width, height)) for image in to_images(latents)])

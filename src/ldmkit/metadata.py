@@ -35,6 +35,12 @@ def format_infotext(prompt: str, negative_prompt: str, params: dict) -> str:
     return "\n".join(lines)
 
 
+def add_parameters(infotext: str, params: dict) -> str:
+    """The infotext with more 'Key: value' pairs at the end of its parameters line (the last line)."""
+    extra = ", ".join(f"{key}: {_quote(value)}" for key, value in params.items() if value is not None)
+    return f"{infotext}, {extra}" if extra else infotext
+
+
 def _quote(value) -> str:
     text = str(value)
     return json.dumps(text, ensure_ascii=False) if any(ch in text for ch in ',:\n"') else text

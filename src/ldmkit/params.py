@@ -28,7 +28,7 @@ MAX_SIDE = 8192
 MAX_GUIDANCE = 100.0  # far past any useful scale; larger ones overflow the guided prediction into NaN
 MAX_MASK_BLUR = 64
 MAX_HIRES_SCALE = 4.0
-HIRES_UPSCALERS = ("latent", "pixel")
+HIRES_UPSCALERS = ("latent", "pixel")  # built in; any other name is one of the pipeline's upscalers (ldmkit.upscalers)
 # img2img: how the init image is fitted to the size (A1111's resize_mode 0-3; ldmkit.resize_modes)
 RESIZE_MODES = ("resize", "crop", "fill", "latent")
 # inpainting: what the masked area starts from (A1111's inpainting_fill 0-3, its "Masked content")
@@ -42,7 +42,7 @@ class HiresFix:
     scale: float = 2.0
     strength: float = 0.5  # denoising strength of the second pass
     steps: int | None = None  # second-pass steps; None = the first pass's
-    upscaler: str = "latent"  # "latent": bilinear on latents; "pixel": decode, Lanczos, encode
+    upscaler: str = "latent"  # "latent": bilinear on latents; "pixel": decode, Lanczos, encode; else an upscaler's name
     # The second pass's own prompt, negative prompt and sampler (a name of ldmkit.samplers); empty/None: the
     # first pass's, as A1111's hr_prompt, hr_negative_prompt and hr_sampler_name.
     prompt: str = ""
@@ -59,8 +59,8 @@ class HiresFix:
         hires_steps = self.pass_steps(steps)
         if not is_int(hires_steps) or not 1 <= hires_steps <= MAX_STEPS or int(hires_steps * self.strength) < 1:
             raise InvalidRequest(f"hires steps {hires_steps!r} at strength {self.strength} leave no denoising step")
-        if self.upscaler not in HIRES_UPSCALERS:
-            raise InvalidRequest(f"unknown hires upscaler {self.upscaler!r}; use one of {', '.join(HIRES_UPSCALERS)}")
+        if not isinstance(self.upscaler, str) or not self.upscaler:  # a name other than these: Pipeline.prepare's
+            raise InvalidRequest(f"hires upscaler must be {' or '.join(HIRES_UPSCALERS)} or an upscaler's name")
         if self.sampler is not None:
             from ldmkit.samplers import get_sampler  # the registry imports diffusers
 
@@ -81,7 +81,7 @@ class HiresFix:
         params = {
             "Hires upscale": self.scale,
             "Hires steps": self.steps if self.steps and self.steps != base_steps else None,
-            "Hires upscaler": "Latent" if self.upscaler == "latent" else "Lanczos",
+            "Hires upscaler": {"latent": "Latent", "pixel": "Lanczos"}.get(self.upscaler, self.upscaler),
         }
         if self.sampler and self.sampler != base_sampler:
             from ldmkit.samplers import get_sampler

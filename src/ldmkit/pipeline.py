@@ -37,13 +37,14 @@ from ldmkit.memory import Footprint, check_memory
 from ldmkit.metadata import format_infotext
 from ldmkit.model_state import ModelState
 from ldmkit.noise import NoiseRecipe, step_noise_generators, uses_ensd
-from ldmkit.params import GenerationParams, HiresFix, RequestLimits
+from ldmkit.params import HIRES_UPSCALERS, GenerationParams, HiresFix, RequestLimits
 from ldmkit.previews import fast_preview, latent_rgb_projection
 from ldmkit.prompts import MAX_PROMPT_CHUNKS, check_prompt_chunks, clip_skip_infotext
 from ldmkit.refiner import DEFAULT_SWITCH, check_refiner, checkpoint_shorthash, refined_pass, refiner_infotext
 from ldmkit.resize_modes import fit
 from ldmkit.samplers import DEFAULT_SAMPLER, get_sampler
 from ldmkit.tiling import circular_padding
+from ldmkit.upscalers import UpscalerLibrary
 from ldmkit.vae import VaeLibrary, vae_infotext, vae_name
 
 
@@ -113,6 +114,7 @@ class Pipeline:
         controlnet_dir=None,
         vae_dir=None,
         vae=None,
+        upscalers_dir=None,
     ):
         self.components = components
         self.family = family_of(components)  # what differs between SD 1.x/2.x and other families
@@ -134,6 +136,7 @@ class Pipeline:
         self.lora_dir = lora_dir  # where <lora:NAME:W> prompt tags are looked up
         self.controlnets = ControlNetLibrary(controlnet_dir)  # ControlNets by name (and any by path)
         self.vaes = VaeLibrary(vae_dir, automatic=vae)  # VAEs a request may name (GenerationParams.vae)
+        self.upscalers = UpscalerLibrary(upscalers_dir, device, dtype)  # hires fix's (and the server's) upscalers
         self.embeddings = {}  # textual inversion name -> file, usable as words in prompts
         if embeddings_dir is not None:  # SDXL files hold vectors for both encoders (clip_l, clip_g)
             state = self._state
@@ -157,6 +160,7 @@ class Pipeline:
         controlnet_dir=None,
         vae_dir=None,
         vae=None,
+        upscalers_dir=None,
     ) -> Pipeline:
         """Load a diffusers folder, a cached Hub repo id, an original single file, or (None) the default model.
 
@@ -168,11 +172,12 @@ class Pipeline:
         offload=True keeps the models in CPU memory and moves each to the GPU only while it runs (ldmkit.offload).
         vae_dir holds the VAEs requests may name; `vae` is the one A1111's "Automatic" names (ldmkit.vae): a request
         runs the model's own VAE unless its GenerationParams.vae names one.
+        upscalers_dir: upscaler model files (ESRGAN...) hires fix can name besides latent and Lanczos (upscalers.py).
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         components = loading.load_components(source, config=config)
-        pipe = cls(components, device, dtype, lora_dir, embeddings_dir, controlnet_dir, vae_dir, vae)
+        pipe = cls(components, device, dtype, lora_dir, embeddings_dir, controlnet_dir, vae_dir, vae, upscalers_dir)
         if vae_tiling:
             pipe.enable_vae_tiling()
         if offload:
@@ -397,6 +402,9 @@ class Pipeline:
         p = params.resolved(self.default_size)
         p.validate(limits)  # again, with the size known
         self.family.check(self._state, p)
+        if p.hires is not None and p.hires.upscaler not in HIRES_UPSCALERS:  # the name as the folder spells it
+            info = self.upscalers.check(p.hires.upscaler, (p.width, p.height), p.final_size, "hires upscaler")
+            p = dataclasses.replace(p, hires=dataclasses.replace(p.hires, upscaler=info.name))
         max_chunks = MAX_PROMPT_CHUNKS if limits is None else limits.max_prompt_chunks
         passes = [p] if p.hires is None else [p, p.hires_pass()]
         for text, negative in ((t, q.negative_prompt) for q in passes for t in q.text_prompts()):
@@ -504,7 +512,14 @@ class Pipeline:
         size = p.hires.target_size(p.width, p.height)
         conditioning = self.encode_prompt(p.hires_pass(), size)
         denoiser = dataclasses.replace(denoiser, context=conditioning.context, unet_kwargs=conditioning.unet_kwargs)
-        upscaled = upscale(p.hires, done.latents, self.vae_scale_factor, self.latents_to_images, self.images_to_latents)
+        upscaled = upscale(
+            p.hires,
+            done.latents,
+            self.vae_scale_factor,
+            self.latents_to_images,
+            self.images_to_latents,
+            self.upscalers.upscale,
+        )
         steps.before = len(base)
         if controls is not None:
             denoiser = controls.guide(unguided, hires_steps, p.final_size, hires=True)

@@ -288,8 +288,10 @@ def test_webuiapi_as_a_client(url):
     assert upscaled.image.size == (32, 32)
     with pytest.raises(RuntimeError, match=r"upscaler_1 .*R-ESRGAN 4x\+.* is not available"):
         api.extra_single_image(image=init, upscaler_1="R-ESRGAN 4x+")
-    batch = api.extra_batch_images(images=[init, init], upscaler_1="None", upscaling_resize=1.5)
+    batch = api.extra_batch_images(images=[init, init], upscaler_1="Nearest", upscaling_resize=1.5)
     assert [image.size for image in batch.images] == [(24, 24), (24, 24)]
+    unchanged = api.extra_single_image(image=init, upscaling_resize=2)  # its default upscaler_1 'None'
+    assert unchanged.image.size == (16, 16)  # as in A1111: no upscaler, nothing done
     assert api.get_prompt_styles() == [] and api.get_face_restorers() == [] and api.get_hypernetworks() == []
     assert api.get_cmd_flags()["api"] is True
     assert api.get_scripts() == {"txt2img": ["x/y/z plot"], "img2img": ["x/y/z plot"]}

@@ -32,12 +32,13 @@ from ldmkit.server.imaging import MAX_INPUT_PIXELS, decode_base64_image, encode_
 from ldmkit.server.models import model_file, with_refiner
 from ldmkit.server.queue import GenerationQueue, Job, wait_for_result
 from ldmkit.styles import StyleLibrary
+from ldmkit.upscalers import UpscalerInfo
 from ldmkit.vae import vae_infotext
 from ldmkit.xyz import PlotResult
 
 DEFAULT_HR_STRENGTH = 0.7  # A1111's default denoising strength for the hires fix
-# A1111's hires upscaler names -> ldmkit's two upscalers. Every latent mode is bilinear here (the image's parameters
-# say 'Latent'); 'None' is a plain Lanczos resize in A1111 too. Model upscalers (ESRGAN...) are refused by name.
+# A1111's hires upscaler names -> ldmkit's built-in two. Every latent mode is bilinear here (the image's parameters
+# say 'Latent'); 'None' is a plain Lanczos resize in A1111 too. Any other name is one of /upscalers (pipe.upscalers).
 HR_UPSCALERS = {
     **dict.fromkeys(
         [
@@ -131,7 +132,9 @@ class Txt2ImgRequest(ProcessingRequest):
     firstphase_width: int = Field(0, description="any: A1111 1.x ignores it")
     firstphase_height: int = Field(0, description="any: A1111 1.x ignores it")
     hr_scale: float = Field(2.0, description="1 to 4; 1 runs the second pass at the same size")
-    hr_upscaler: str | None = Field(None, description="Latent (any 'Latent (...)' mode), Lanczos or None")
+    hr_upscaler: str | None = Field(
+        None, description="Latent (any 'Latent (...)' mode), or an upscaler of /sdapi/v1/upscalers (a model: ESRGAN...)"
+    )
     hr_second_pass_steps: float = Field(0, description="0: as many as steps; a fraction is truncated as A1111 does")
     hr_resize_x: int = Field(0, description="target width instead of hr_scale (0: from hr_resize_y or hr_scale)")
     hr_resize_y: int = 0
@@ -264,7 +267,7 @@ def create_router(queue: GenerationQueue, styles: StyleLibrary, options: ServerO
         generation = _generation_request(body, options, styles, pipe)
         a1111_fields.check_txt2img(body, get_sampler(generation.sampler), pipe.model_name)
         if body.enable_hr:
-            generation = dataclasses.replace(generation, hires=_hires(body))
+            generation = dataclasses.replace(generation, hires=_hires(body, pipe))
         return await _generate(queue, body, request, generation, a1111_xyz.TXT2IMG)
 
     @router.post("/img2img", response_model=ImagesResponse)
@@ -334,7 +337,8 @@ def create_router(queue: GenerationQueue, styles: StyleLibrary, options: ServerO
 
     @router.get("/upscalers", response_model=list[UpscalerItem])
     async def upscalers():
-        return [UpscalerItem(name=name) for name, kind in HR_UPSCALERS.items() if kind == "pixel"]
+        """The resizes, then the model files of --upscalers-dir (their path within it; the scale once loaded)."""
+        return [_upscaler_item(info, pipe.upscalers.folder) for info in await asyncio.to_thread(pipe.upscalers.entries)]
 
     @router.get("/latent-upscale-modes")
     async def latent_upscale_modes() -> list[dict]:
@@ -506,14 +510,17 @@ def _check_nesting(value: Any, name: str, max_depth: int) -> None:
             raise InvalidRequest(f"{name} is nested more than {max_depth} levels deep")
 
 
-def _hires(body: Txt2ImgRequest) -> HiresFix:
+def _upscaler_item(info: UpscalerInfo, folder: Path | None) -> UpscalerItem:
+    if not info.is_model:
+        return UpscalerItem(name=info.name)
+    path = info.path.relative_to(folder).as_posix()  # where the folder is on disk is not a client's business
+    return UpscalerItem(name=info.name, model_name=info.name, model_path=path, scale=info.scale)
+
+
+def _hires(body: Txt2ImgRequest, pipe: Pipeline) -> HiresFix:
     """A1111's hires fields -> ldmkit's HiresFix; hr_resize_x/y, when given, set the scale."""
     upscaler_name = body.hr_upscaler or "Latent"
-    if upscaler_name not in HR_UPSCALERS:
-        raise InvalidRequest(
-            f"hr_upscaler {upscaler_name!r} is not available on this server (no such upscaler model); it has: "
-            f"{', '.join(HR_UPSCALERS)}"
-        )
+    upscaler = HR_UPSCALERS.get(upscaler_name) or pipe.upscalers.resolve(upscaler_name, "hr_upscaler").name
     if not 0 <= body.hr_second_pass_steps <= MAX_STEPS:
         raise InvalidRequest(
             f"hr_second_pass_steps must be from 0 (as steps) to {MAX_STEPS}, got {body.hr_second_pass_steps}"
@@ -527,7 +534,7 @@ def _hires(body: Txt2ImgRequest) -> HiresFix:
         scale,
         strength,
         second_pass_steps or None,
-        HR_UPSCALERS[upscaler_name],
+        upscaler,
         prompt=body.hr_prompt,
         negative_prompt=body.hr_negative_prompt,
         sampler=a1111_fields.hires_sampler(body),

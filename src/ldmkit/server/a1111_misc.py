@@ -1,16 +1,17 @@
 """AUTOMATIC1111's other endpoints, which its clients call at startup or for side jobs: lists of what the server
 has (prompt styles, VAE files, the X/Y/Z plot script; no face restorers or hypernetworks here), the extras
-upscaler (Lanczos resizes only) and refusals by name for what needs a model this server lacks (interrogation,
-model upscalers)."""
+upscalers (the resizes and the models of --upscalers-dir, ldmkit.upscalers) and refusals by name for what needs a
+model this server lacks (interrogation, face restoration)."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 
 import torch
 from fastapi import APIRouter
-from PIL import Image, ImageOps
+from PIL import Image
 from pydantic import BaseModel, Field
 
 from ldmkit.errors import InvalidRequest
@@ -18,15 +19,14 @@ from ldmkit.server import a1111_xyz
 from ldmkit.server.imaging import decode_base64_image, encode_png_base64
 from ldmkit.server.queue import GenerationQueue
 from ldmkit.styles import StyleLibrary
+from ldmkit.upscalers import UpscalerLibrary
 
-# The extras tab's upscalers this server has: resizes, as A1111's own 'None' and 'Lanczos' are.
-EXTRAS_UPSCALERS = {"None": Image.Resampling.LANCZOS, "Lanczos": Image.Resampling.LANCZOS}
 MAX_EXTRAS_SCALE = 8.0
 MAX_BATCH_IMAGES = 16
 
 
 class ExtrasOptions(BaseModel):
-    """A1111's extras fields (ExtrasBaseRequest); face restoration and a second upscaler are refused when used."""
+    """A1111's extras fields (ExtrasBaseRequest); face restoration is refused when used."""
 
     resize_mode: int = Field(0, description="0: scale by upscaling_resize; 1: to upscaling_resize_w x _h")
     show_extras_results: bool = True
@@ -37,10 +37,10 @@ class ExtrasOptions(BaseModel):
     upscaling_resize_w: int = 512
     upscaling_resize_h: int = 512
     upscaling_crop: bool = Field(True, description="resize_mode 1: crop to the aspect ratio (else stretch)")
-    upscaler_1: str = Field("None", description="None or Lanczos")
-    upscaler_2: str = Field("None", description="None only, or any with extras_upscaler_2_visibility 0")
-    extras_upscaler_2_visibility: float = 0
-    upscale_first: bool = False
+    upscaler_1: str = Field("None", description="an upscaler of /sdapi/v1/upscalers; 'None' leaves the image as it is")
+    upscaler_2: str = Field("None", description="a second upscaler of the original, blended in by its visibility")
+    extras_upscaler_2_visibility: float = Field(0, description="0 to 1: upscaler_2's share of the result")
+    upscale_first: bool = Field(False, description="any: no face restorer to run before or after")
 
 
 class ExtrasSingleImageRequest(ExtrasOptions):
@@ -93,7 +93,12 @@ def add_routes(router: APIRouter, queue: GenerationQueue, styles: StyleLibrary) 
 
     @router.get("/realesrgan-models")
     async def realesrgan_models() -> list[dict]:
-        return []
+        """The model files of --upscalers-dir (spandrel runs Real-ESRGAN's among others): as /upscalers lists them."""
+        models = [info for info in await asyncio.to_thread(pipe.upscalers.entries) if info.is_model]
+        return [
+            {"name": m.name, "path": m.path.relative_to(pipe.upscalers.folder).as_posix(), "scale": m.scale}
+            for m in models
+        ]
 
     @router.get("/scripts")
     async def scripts() -> dict:
@@ -133,14 +138,19 @@ def add_routes(router: APIRouter, queue: GenerationQueue, styles: StyleLibrary) 
 
     @router.post("/extra-single-image")
     async def extra_single_image(body: ExtrasSingleImageRequest) -> dict:
-        _check_extras(body)
+        _check_extras(body, pipe.upscalers)
         limit = queue.limits.max_input_pixels
-        image = await asyncio.to_thread(lambda: _upscale(decode_base64_image(body.image, "image", limit), body, limit))
-        return {"html_info": _html_info(body), "image": image}
+
+        def run() -> str:
+            image = decode_base64_image(body.image, "image", limit)
+            _check_sizes([image], body, pipe.upscalers, limit)
+            return _upscale(image, body, pipe.upscalers)
+
+        return {"html_info": _html_info(body), "image": await asyncio.to_thread(run)}
 
     @router.post("/extra-batch-images")
     async def extra_batch_images(body: ExtrasBatchImagesRequest) -> dict:
-        _check_extras(body)
+        _check_extras(body, pipe.upscalers)
         if not 1 <= len(body.imageList) <= MAX_BATCH_IMAGES:
             raise InvalidRequest(f"imageList must hold 1 to {MAX_BATCH_IMAGES} images, got {len(body.imageList)}")
 
@@ -149,7 +159,8 @@ def add_routes(router: APIRouter, queue: GenerationQueue, styles: StyleLibrary) 
             decoded = [
                 decode_base64_image(item.data, f"imageList[{i}]", limit) for i, item in enumerate(body.imageList)
             ]
-            return [_upscale(image, body, limit) for image in decoded]
+            _check_sizes(decoded, body, pipe.upscalers, limit)
+            return [_upscale(image, body, pipe.upscalers) for image in decoded]
 
         return {"html_info": _html_info(body), "images": await asyncio.to_thread(run)}
 
@@ -160,15 +171,14 @@ def _vae_filename(vaes, path) -> str:
     return path.name
 
 
-def _check_extras(body: ExtrasOptions) -> None:
-    """Everything refused before any image is decoded."""
-    if body.upscaler_1 not in EXTRAS_UPSCALERS:
-        raise InvalidRequest(
-            f"upscaler_1 {body.upscaler_1!r} is not available on this server (no such upscaler model);"
-            f" it has: {', '.join(EXTRAS_UPSCALERS)}"
-        )
-    if body.upscaler_2 != "None" and body.extras_upscaler_2_visibility > 0:
-        raise InvalidRequest(f"upscaler_2 {body.upscaler_2!r} is not available: a second upscaler is not implemented")
+def _check_extras(body: ExtrasOptions, upscalers: UpscalerLibrary) -> None:
+    """Everything refused before any image is decoded: the names, the scale, face restoration."""
+    upscalers.resolve(body.upscaler_1, "upscaler_1")
+    visibility = body.extras_upscaler_2_visibility
+    if not 0 <= visibility <= 1:
+        raise InvalidRequest(f"extras_upscaler_2_visibility must be from 0 to 1, got {visibility}")
+    if _second_upscaler(body):
+        upscalers.resolve(body.upscaler_2, "upscaler_2")
     for name in ("gfpgan_visibility", "codeformer_visibility"):
         if getattr(body, name) > 0:
             raise InvalidRequest(f"{name}={getattr(body, name)!r} is not supported: this server has no face restorer")
@@ -180,7 +190,22 @@ def _check_extras(body: ExtrasOptions) -> None:
         )
 
 
-def _target_size(image: Image.Image, body: ExtrasOptions, max_pixels: int) -> tuple[int, int]:
+def _second_upscaler(body: ExtrasOptions) -> bool:
+    return body.upscaler_2 != "None" and body.extras_upscaler_2_visibility > 0
+
+
+def _check_sizes(images: list[Image.Image], body: ExtrasOptions, upscalers: UpscalerLibrary, max_pixels: int) -> None:
+    """Every image's result size, and every model pass on the way to it, before the first image is upscaled."""
+    names = [("upscaler_1", body.upscaler_1)] + ([("upscaler_2", body.upscaler_2)] if _second_upscaler(body) else [])
+    for image in images:
+        size = _upscaled_size(image, body, max_pixels)
+        for what, name in names:
+            upscalers.check(name, image.size, size, what)
+
+
+def _upscaled_size(image: Image.Image, body: ExtrasOptions, max_pixels: int) -> tuple[int, int]:
+    """The size the upscalers make: the target, or with resize_mode 1 and cropping the size that covers the target
+    keeping the aspect ratio (cropped to the target after)."""
     if body.resize_mode == 0:
         size = (round(image.width * body.upscaling_resize), round(image.height * body.upscaling_resize))
     else:
@@ -189,22 +214,33 @@ def _target_size(image: Image.Image, body: ExtrasOptions, max_pixels: int) -> tu
         raise InvalidRequest(
             f"the upscaled size {size[0]}x{size[1]} must be at least 1x1 and at most {max_pixels} pixels"
         )
+    if body.resize_mode == 1 and body.upscaling_crop:
+        scale = max(size[0] / image.width, size[1] / image.height)
+        size = (max(size[0], round(image.width * scale)), max(size[1], round(image.height * scale)))
     return size
 
 
-def _upscale(image: Image.Image, body: ExtrasOptions, max_pixels: int) -> str:
-    """Resized; the result is bounded as an input image is."""
+def _upscale(image: Image.Image, body: ExtrasOptions, upscalers: UpscalerLibrary) -> str:
+    """A1111's extras upscale: upscaler_1 to the size, upscaler_2's result blended in by its visibility, then (resize
+    mode 1 with cropping) the centre cut to the target. upscaler_1 'None' leaves the image as it is, as in A1111."""
     image = image.convert("RGBA" if image.mode in ("RGBA", "LA", "P") else "RGB")
-    width, height = _target_size(image, body, max_pixels)
+    if upscalers.resolve(body.upscaler_1).name == "None":
+        return encode_png_base64(image)
+    size = _upscaled_size(image, body, math.inf)
+    result = upscalers.upscale(image, body.upscaler_1, size)
+    if _second_upscaler(body):
+        second = upscalers.upscale(image, body.upscaler_2, size)
+        result = Image.blend(result, second, body.extras_upscaler_2_visibility)
     if body.resize_mode == 1 and body.upscaling_crop:
-        result = ImageOps.fit(image, (width, height), EXTRAS_UPSCALERS[body.upscaler_1])
-    else:
-        result = image.resize((width, height), EXTRAS_UPSCALERS[body.upscaler_1])
+        width, height = body.upscaling_resize_w, body.upscaling_resize_h
+        left, top = (result.width - width) // 2, (result.height - height) // 2
+        result = result.crop((left, top, left + width, top + height))
     return encode_png_base64(result)
 
 
 def _html_info(body: ExtrasOptions) -> str:
-    return f"<p>Postprocess upscaler: {body.upscaler_1}</p>"
+    second = f", Postprocess upscaler 2: {body.upscaler_2}" if _second_upscaler(body) else ""
+    return f"<p>Postprocess upscaler: {body.upscaler_1}{second}</p>"
 
 
 def _ram() -> dict:

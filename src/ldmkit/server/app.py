@@ -19,6 +19,7 @@ from ldmkit.errors import LdmError
 from ldmkit.pipeline import Pipeline
 from ldmkit.server import a1111, controlnet_api, openai_api
 from ldmkit.server.limits import DEFAULT_LIMITS, BodySizeLimit, ServerLimits
+from ldmkit.server.native_size import AS_IS, OversizePolicy
 from ldmkit.server.origins import CrossOriginGuard
 from ldmkit.server.queue import Cancelled, GenerationQueue, OutOfMemory, QueueFull
 from ldmkit.styles import StyleLibrary
@@ -33,6 +34,7 @@ def create_app(
     allowed_origins: tuple[str, ...] = (),
     refiners: tuple[Pipeline, ...] = (),
     styles: StyleLibrary | None = None,
+    oversize: OversizePolicy = AS_IS,
 ) -> FastAPI:
     """The app over an already loaded pipeline; its worker starts and stops with the app's lifespan.
 
@@ -42,8 +44,10 @@ def create_app(
     server's own whose pages may call it: read its answers (CORS) and send requests that change state;
     state-changing requests from other origins' pages are refused (403). `refiners` are the models requests may
     name as their refiner besides the served one. `styles` are the prompt styles requests may name (default none).
+    `oversize` says what becomes of requests far over the model's native size (ldmkit.server.native_size; default:
+    run as asked).
     """
-    queue = GenerationQueue(pipe, max_waiting=queue_size, limits=limits, refiners=refiners)
+    queue = GenerationQueue(pipe, max_waiting=queue_size, limits=limits, refiners=refiners, oversize=oversize)
     ui_files = None
     if ui:
         from ldmkit.server.ui_files import UiFileCache

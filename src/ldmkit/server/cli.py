@@ -32,6 +32,19 @@ def register(subparsers) -> None:
         "--vae-dir", type=Path, default=None, metavar="DIR", help="VAE files and folders requests may name (sd_vae)"
     )
     serve.add_argument(
+        "--oversize",
+        choices=["native", "refuse", "as-is"],
+        default=None,
+        help="a request with a side over 2x the model's native size: run at the native size and upscale (native), "
+        "refuse it (400), or run it as asked (as-is). Default: native for the shipped model, as-is for others",
+    )
+    serve.add_argument(
+        "--oversize-upscaler",
+        default=None,
+        metavar="NAME",
+        help="--oversize native's upscaler (default: the first model of --upscalers-dir, else Lanczos)",
+    )
+    serve.add_argument(
         "--allowed-host",
         action="append",
         metavar="NAME",
@@ -84,7 +97,8 @@ def run_serve(args) -> int:
     if args.queue_size < 0:
         raise InvalidRequest(f"--queue-size must be >= 0, got {args.queue_size}")
     folders = ((args.lora_dir, "--lora-dir"), (args.embeddings_dir, "--embeddings-dir"), (args.vae_dir, "--vae-dir"))
-    for folder, option in (*folders, (args.controlnet_dir, "--controlnet-dir")):
+    folders += ((args.controlnet_dir, "--controlnet-dir"), (args.upscalers_dir, "--upscalers-dir"))
+    for folder, option in folders:
         if folder is not None and not folder.is_dir():
             raise InvalidRequest(f"{option}: folder not found: {folder}")
     check_vae_option(args)
@@ -116,6 +130,7 @@ def run_serve(args) -> int:
             check_offload(resolve_device(args.device), args.fast)
         pipe, refiner = load_pipelines(args, args.device)
         refiners = () if refiner is None else (refiner,)
+        oversize = oversize_policy(args, pipe)
         if args.fast and pipe.device.type == "cuda":
             warm_up(pipe)
         app = create_app(
@@ -127,6 +142,7 @@ def run_serve(args) -> int:
             allowed_origins=tuple(args.allowed_origin),
             refiners=refiners,
             styles=styles,
+            oversize=oversize,
         )
         print(f"ldm serve: {pipe.model_name} on {pipe.device}; web UI http://{args.host}:{args.port}/ , API docs /docs")
         # On Ctrl-C, requests get a few seconds to finish; then they are cancelled, which stops the worker.
@@ -138,6 +154,16 @@ def run_serve(args) -> int:
     finally:
         sock.close()
     return 0
+
+
+def oversize_policy(args, pipe):
+    """--oversize and its upscaler, checked against the loaded model's upscalers."""
+    from ldmkit.server.native_size import OversizePolicy
+
+    mode = args.oversize or ("native" if args.model is None else "as-is")  # the shipped model is small
+    models = [info.name for info in pipe.upscalers.entries() if info.is_model]
+    name = args.oversize_upscaler or (models[0] if models else "Lanczos")
+    return OversizePolicy(mode, pipe.upscalers.resolve(name, "--oversize-upscaler").name)
 
 
 def warm_up(pipe) -> None:

@@ -113,12 +113,11 @@ def create_router(queue: GenerationQueue) -> APIRouter:
             data = [ImageData(url=f"data:{MIME[output_format]};base64,{b64}") for b64 in encoded]
         else:
             data = [ImageData(b64_json=b64) for b64 in encoded]
-        r = job.request
         return ImagesResponse(
             created=int(time.time()),
             data=data,
             output_format=output_format,
-            size=f"{r.width}x{r.height}",
+            size="{}x{}".format(*job.delivered_size),
             quality=getattr(options, "quality", None),
             background=getattr(options, "background", None),
         )

@@ -24,6 +24,7 @@ import torch
 from ldmkit.params import GenerationParams
 from ldmkit.pipeline import SKIP, GenerationResult, Pipeline, StepInfo
 from ldmkit.server.limits import DEFAULT_LIMITS, ServerLimits
+from ldmkit.server.native_size import AS_IS, OversizePolicy
 from ldmkit.xyz import PlotResult, XYZPlot, prepare_cells, run_plot
 
 logger = logging.getLogger(__name__)
@@ -51,11 +52,18 @@ class OutOfMemory(Exception):
 class Job:
     """A submitted request: its future result, and its progress for previews and progress bars."""
 
-    def __init__(self, request: GenerationParams, plot: XYZPlot | None = None, cells: tuple = ()):
+    def __init__(
+        self,
+        request: GenerationParams,
+        plot: XYZPlot | None = None,
+        cells: tuple = (),
+        output_size: tuple[int, int] | None = None,
+    ):
         self.request = request  # prepared by the pipeline: seed, size and sampler name are concrete
         self.plot = plot  # an X/Y/Z plot (its seeds fixed): the job runs its `cells` (prepared), request = the first
         self.cells = cells
         self.cell = 0  # the plot's cell being generated
+        self.output_size = output_size  # the images are upscaled to this size (an oversize request run natively)
         self.future: Future[GenerationResult] = Future()
         self.created = time.time()
         self.started_at: float | None = None
@@ -67,6 +75,11 @@ class Job:
     def batch(self) -> int:
         """Index of the batch (of batch_count) being generated."""
         return self.step.batch if self.step is not None else 0
+
+    @property
+    def delivered_size(self) -> tuple[int, int]:
+        """The size of the images the job answers with."""
+        return self.output_size or self.request.final_size
 
     @property
     def done(self) -> bool:
@@ -91,9 +104,15 @@ class Job:
 
 class GenerationQueue:
     def __init__(
-        self, pipe: Pipeline, max_waiting: int = 8, limits: ServerLimits = DEFAULT_LIMITS, refiners: tuple = ()
+        self,
+        pipe: Pipeline,
+        max_waiting: int = 8,
+        limits: ServerLimits = DEFAULT_LIMITS,
+        refiners: tuple = (),
+        oversize: OversizePolicy = AS_IS,
     ):
         self.pipe = pipe
+        self.oversize = oversize  # what becomes of requests far over the model's native size
         self.models = [pipe, *refiners]  # what requests may name: the served model, then `ldm serve --refiner`s
         self.max_waiting = max_waiting  # requests that may wait while one runs
         self.limits = limits
@@ -121,11 +140,18 @@ class GenerationQueue:
             self._thread.join()
 
     def submit(self, request: GenerationParams) -> Job:
-        """Validate (InvalidRequest) and enqueue (QueueFull when every place is taken)."""
-        return self._enqueue(Job(self.pipe.prepare(request, self.limits)))
+        """Validate (InvalidRequest) and enqueue (QueueFull when every place is taken).
+
+        The request is checked as asked (the size delivered is within the limits), then as the oversize policy
+        runs it, with the upscaling to the size asked."""
+        run, output_size = self.oversize.fit(self.pipe.prepare(request, self.limits), self.pipe.default_size)
+        if output_size is not None:
+            run = self.pipe.prepare(run, self.limits)
+            self.pipe.upscalers.check(self.oversize.upscaler, run.final_size, output_size, "--oversize-upscaler")
+        return self._enqueue(Job(run, output_size=output_size))
 
     def submit_plot(self, plot: XYZPlot) -> Job:
-        """An X/Y/Z plot as one job: every cell validated (InvalidRequest) before it is enqueued."""
+        """An X/Y/Z plot as one job: every cell validated (InvalidRequest) before it is enqueued (run as asked)."""
         plot, cells = prepare_cells(self.pipe, plot, self.limits)
         return self._enqueue(Job(cells[0], plot, tuple(cells)))
 
@@ -227,6 +253,8 @@ class GenerationQueue:
             result = self.pipe.run(job.request, on_step, should_stop)
         if job.stop == "cancel":
             raise Cancelled("cancelled")
+        if job.output_size is not None:
+            result = self.oversize.deliver(result, job.output_size, self.pipe.upscalers)
         return result
 
     @staticmethod

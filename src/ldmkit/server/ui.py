@@ -67,7 +67,7 @@ def build_ui(queue: GenerationQueue, styles: StyleLibrary | None = None) -> gr.B
 
 MODES = ("txt2img", "img2img", "inpaint")
 CONTROLNET_MODES = ("txt2img", "img2img", "inpaint")  # the tabs with a ControlNet panel
-HIRES_UPSCALERS = {"Latent": "latent", "Lanczos": "pixel"}  # A1111's names for ldmkit's two upscalers
+HIRES_UPSCALERS = {"Latent": "latent", "Lanczos": "pixel"}  # A1111's names for ldmkit's two; models by their own
 
 
 def _generation_tab(queue: GenerationQueue, mode: str, styles: StyleLibrary) -> None:
@@ -146,7 +146,11 @@ def _generation_tab(queue: GenerationQueue, mode: str, styles: StyleLibrary) -> 
                         fields["hires_steps"] = gr.Slider(
                             0, 150, value=0, step=1, label="Hires steps (0: same as Steps)"
                         )
-                        fields["hires_upscaler"] = gr.Dropdown(list(HIRES_UPSCALERS), value="Latent", label="Upscaler")
+                        fields["hires_upscaler"] = gr.Dropdown(
+                            [*HIRES_UPSCALERS, *(i.name for i in queue.pipe.upscalers.entries() if i.is_model)],
+                            value="Latent",
+                            label="Upscaler",
+                        )
             xyz = xyz_panel(mode)
             fields.update(xyz.inputs)
         with gr.Column(scale=3):
@@ -289,7 +293,9 @@ def _request(
         fields["mask_blur"] = int(v["mask_blur"])
     if v.get("hires"):
         scale, strength, steps = float(v["hires_scale"]), float(v["hires_strength"]), int(v["hires_steps"])
-        fields["hires"] = HiresFix(scale, strength, steps or None, HIRES_UPSCALERS[v["hires_upscaler"]])
+        fields["hires"] = HiresFix(
+            scale, strength, steps or None, HIRES_UPSCALERS.get(v["hires_upscaler"], v["hires_upscaler"])
+        )
     if controlnet is not None:
         fields["controls"] = controlnet.units(v, max_pixels)
     return GenerationParams(**fields)
