@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from diffusers import EulerDiscreteScheduler
 from sampler_table import EXPECTED, reference_sigmas, training_sigmas
 from support.tiny import SCHEDULER_CONFIG
@@ -172,3 +173,28 @@ def test_euler_a_sgm_uniform_is_the_trailing_spacing_turbo_models_use():
     scheduler = get_sampler("Euler a", "SGM Uniform").make_scheduler(SCHEDULER_CONFIG)
     scheduler.set_timesteps(4, device="cpu")
     assert scheduler.timesteps.tolist() == pytest.approx([999, 749.25, 499.5, 249.75], abs=1e-3)
+
+
+def test_align_your_steps_takes_the_sdxl_list_for_sdxl_models():
+    """NVIDIA's published 10-step lists (as A1111 picks them by model): SDXL's for SDXL, SD 1.5's otherwise."""
+    from ldmkit.schedules import FAMILY_KEY
+
+    sdxl = [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029, 0.0]
+    sd15 = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029, 0.0]
+    sampler = get_sampler("Euler", "Align Your Steps")
+    for family, expected in (("sdxl", sdxl), ("sd", sd15)):
+        scheduler = sampler.make_scheduler({**SCHEDULER_CONFIG, FAMILY_KEY: family})
+        scheduler.set_timesteps(11)
+        np.testing.assert_allclose(scheduler.sigmas.numpy(), expected, rtol=1e-5)
+
+
+def test_a_pipeline_tells_its_schedulers_its_family(tiny_components):
+    from support.sdxl import make_tiny_sdxl_components
+
+    from ldmkit.pipeline import Pipeline
+    from ldmkit.schedules import FAMILY_KEY
+
+    assert Pipeline(tiny_components, torch.device("cpu"), torch.float32).scheduler_config[FAMILY_KEY] == "sd"
+    assert (
+        Pipeline(make_tiny_sdxl_components(), torch.device("cpu"), torch.float32).scheduler_config[FAMILY_KEY] == "sdxl"
+    )

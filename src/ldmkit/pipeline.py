@@ -43,6 +43,7 @@ from ldmkit.prompts import MAX_PROMPT_CHUNKS, check_prompt_chunks, clip_skip_inf
 from ldmkit.refiner import DEFAULT_SWITCH, check_refiner, checkpoint_shorthash, refined_pass, refiner_infotext
 from ldmkit.resize_modes import fit
 from ldmkit.samplers import DEFAULT_SAMPLER, get_sampler
+from ldmkit.schedules import FAMILY_KEY
 from ldmkit.tiling import circular_padding
 from ldmkit.upscalers import UpscalerLibrary
 from ldmkit.vae import VaeLibrary, vae_infotext, vae_name
@@ -118,7 +119,8 @@ class Pipeline:
     ):
         self.components = components
         self.family = family_of(components)  # what differs between SD 1.x/2.x and other families
-        self.scheduler_config = components.scheduler_config
+        # the family rides along for the schedules that differ by it (Align Your Steps)
+        self.scheduler_config = {**components.scheduler_config, FAMILY_KEY: self.family.name}
         self._state = ModelState(
             tokenizer=components.tokenizer,
             text_encoder=_place(components.text_encoder, device, dtype),

@@ -34,7 +34,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from ldmkit.errors import InvalidRequest
-from ldmkit.schedules import AUTOMATIC, SCHEDULE_TYPES, ModelSigmas, ScheduleType, get_schedule_type
+from ldmkit.schedules import AUTOMATIC, FAMILY_KEY, SCHEDULE_TYPES, ModelSigmas, ScheduleType, get_schedule_type
 
 # How an algorithm takes a schedule type other than its own:
 OWN_ONLY = "own"  # it cannot: Automatic only
@@ -123,7 +123,7 @@ class _OnSchedule:
 
     def set_timesteps(self, num_inference_steps: int, device=None, *args, **kwargs):
         super().set_timesteps(num_inference_steps, device, *args, **kwargs)
-        model = ModelSigmas(self.alphas_cumprod)
+        model = ModelSigmas(self.alphas_cumprod, self.config.get(FAMILY_KEY, "sd"))
         sigmas = self.schedule.sigmas(num_inference_steps, model)
         if self.replace_sigmas:
             self.sigmas = torch.from_numpy(sigmas).to(device=device, dtype=torch.float32)

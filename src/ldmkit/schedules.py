@@ -17,9 +17,14 @@ import torch
 
 from ldmkit.errors import InvalidRequest
 
-# Align Your Steps (Sabour et al. 2024), NVIDIA's published 10-step sigmas for SD 1.5, as A1111 uses them
-# for every non-SDXL model; other step counts interpolate them log-linearly.
+# Align Your Steps (Sabour et al. 2024), NVIDIA's published 10-step sigmas (research.nvidia.com/labs/toronto-ai/
+# AlignYourSteps/howto.html): SDXL's for SDXL models, SD 1.5's for every other, as A1111 uses them; other step
+# counts interpolate them log-linearly.
 AYS_SD15_SIGMAS = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]
+AYS_SDXL_SIGMAS = [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029]
+# The key of a scheduler config that names the model family (ldmkit.families) for schedules that differ by family;
+# diffusers keeps "_"-prefixed keys in a scheduler's config without reading them.
+FAMILY_KEY = "_ldmkit_family"
 BETA_ALPHA = BETA_BETA = 0.6  # A1111's defaults for the Beta schedule (Lee et al. 2024, arXiv:2407.12173)
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
 
@@ -27,7 +32,8 @@ KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
 class ModelSigmas:
     """The model's training noise levels sigma(t) = sqrt((1 - alpha_bar_t) / alpha_bar_t), t = 0..T-1."""
 
-    def __init__(self, alphas_cumprod: torch.Tensor):
+    def __init__(self, alphas_cumprod: torch.Tensor, family: str = "sd"):
+        self.family = family  # the model family ("sd", "sdxl"): Align Your Steps has a list for each
         alphas_cumprod = alphas_cumprod.double().cpu().numpy()
         self.sigmas = np.sqrt((1 - alphas_cumprod) / alphas_cumprod)  # increasing in t
         self.log_sigmas = np.log(self.sigmas)
@@ -86,8 +92,8 @@ def kl_optimal(n: int, model: ModelSigmas) -> np.ndarray:
 
 
 def align_your_steps(n: int, model: ModelSigmas) -> np.ndarray:
-    """NVIDIA's Align Your Steps sigmas for SD 1.5, interpolated in log sigma to n steps."""
-    published = np.array(AYS_SD15_SIGMAS)
+    """NVIDIA's Align Your Steps sigmas for the model's family, interpolated in log sigma to n steps."""
+    published = np.array(AYS_SDXL_SIGMAS if model.family == "sdxl" else AYS_SD15_SIGMAS)
     if n == len(published):
         return _with_zero(published)
     log_increasing = np.log(published[::-1])
