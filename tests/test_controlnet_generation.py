@@ -4,8 +4,7 @@ control image, the infotext, and what is refused."""
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from support.controlnet import make_tiny_controlnet
+from support.controlnet import control_image, make_tiny_controlnet
 from support.tiny import make_tiny_components
 
 from ldmkit import Pipeline
@@ -16,11 +15,6 @@ from ldmkit.metadata import parse_infotext
 from ldmkit.params import HiresFix
 
 WIDTH, HEIGHT = 24, 16
-
-
-def control_image(seed=0, size=(WIDTH, HEIGHT)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")

@@ -9,21 +9,15 @@ from diffusers import (
     StableDiffusionControlNetPipeline,
 )
 from PIL import Image
-from support.controlnet import make_tiny_controlnet
+from support.controlnet import control_image, make_tiny_controlnet
 from support.tiny import make_tiny_components
-from test_parity import assert_parity, ours_as_float
+from test_parity import assert_parity, ours_as_float, reference_scheduler
 
 from ldmkit import Pipeline
 from ldmkit.control_units import ControlUnit
-from ldmkit.samplers import get_sampler
 
 WIDTH, HEIGHT = 24, 16
 PROMPT, NEGATIVE = "an otter in a river", "blurry"
-
-
-def control_image(seed=0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +31,7 @@ def setup(tmp_path_factory):
 
 
 def theirs(pipeline_class, components, controlnets, sampler, seeds, **kwargs):
-    scheduler = get_sampler(sampler).make_scheduler(components.scheduler_config)
+    scheduler = reference_scheduler(components, sampler, seeds)  # the independent table, not ldmkit's registry
     pipe = pipeline_class(
         vae=components.vae,
         text_encoder=components.text_encoder,

@@ -10,7 +10,7 @@ from diffusers import (
     StableDiffusionXLControlNetPipeline,
 )
 from PIL import Image
-from support.controlnet import make_tiny_controlnet, make_tiny_sdxl_controlnet
+from support.controlnet import control_image, make_tiny_controlnet, make_tiny_sdxl_controlnet
 from support.sdxl import make_tiny_sdxl_components
 from test_parity import assert_parity, ours_as_float, reference_scheduler
 
@@ -20,11 +20,6 @@ from ldmkit.errors import InvalidRequest
 
 WIDTH, HEIGHT = 24, 16
 PROMPT, NEGATIVE = "an otter in a river", "blurry"
-
-
-def control_image(seed=0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")

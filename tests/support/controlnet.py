@@ -6,8 +6,17 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import ControlNetModel
+from PIL import Image
+
+
+def control_image(seed: int = 0, size: tuple[int, int] = (24, 16)) -> Image.Image:
+    """A random RGB control map of size (width, height): the same one for the same seed."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
 
 # diffusers' ControlNet pipeline tests' tiny ControlNet, with conftest's UNet widths (cross-attention 8, 2 groups).
 TINY_CONTROLNET = {

@@ -280,3 +280,12 @@ class Meter:
         rate = self.samples / max(time.perf_counter() - self.t0, 1e-9)
         self.__init__()
         return mean, rate
+
+
+def optimizer_step(accelerator, model, optimizer, loss, ema: EMA, step: int) -> None:
+    """One update of every stage: backward, the gradient norm clipped to 1, the optimizer's step, then the EMA."""
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    ema.update(accelerator.unwrap_model(model), step)

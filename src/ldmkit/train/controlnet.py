@@ -194,11 +194,7 @@ def train(cfg: ControlNetTrainConfig) -> dict:
         denoiser = controlled(model, unet, control.contiguous(memory_format=torch.channels_last))
         with accelerator.autocast():
             loss = diffusion_loss(denoiser, latents, text_states[caption_ids], alphas_cumprod, cfg, generator)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        ema.update(accelerator.unwrap_model(model), step)
+        common.optimizer_step(accelerator, model, optimizer, loss, ema, step)
         progress.done(loss, batch)
     step, elapsed, history = progress.step, progress.finish(), progress.history
     common.save_checkpoint(out_dir / "ckpt.pt", accelerator, model, optimizer, cfg, step, elapsed, ema=ema.state_dict())

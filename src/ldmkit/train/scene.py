@@ -158,11 +158,7 @@ def train(cfg: SceneTrainConfig) -> dict:
             latents = (posterior.mean + posterior.std * noise).float() * scaling_factor
         with accelerator.autocast():
             loss = diffusion_loss(bound, latents, tokens.to(device), alphas_cumprod, cfg, generator)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        ema.update(accelerator.unwrap_model(model), step)
+        common.optimizer_step(accelerator, model, optimizer, loss, ema, step)
         progress.done(loss, latents.shape[0])
         if progress.elapsed - last_save > 60 * cfg.checkpoint_minutes:
             last_save = progress.elapsed
