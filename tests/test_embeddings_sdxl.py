@@ -136,7 +136,8 @@ def test_the_refiner_reads_the_same_embeddings(embeddings_dir, tmp_path_factory)
     refiner = save_pretrained(make_tiny_sdxl_components(seed=4, kind="refiner"), models / "refiner")
     args = Namespace(
         model=str(base), refiner=str(refiner), dtype="fp32", config=None, lora_dir=None,
-        embeddings_dir=embeddings_dir, controlnet_dir=None, fast=False, vae_tiling=False, offload=False,
+        embeddings_dir=embeddings_dir, controlnet_dir=None, fast=False, vae_tiling=False, offload=False, vae=None,
+        upscalers_dir=None,
     )  # fmt: skip
     pipe, refiner_pipe = load_pipelines(args, "cpu")
     assert set(refiner_pipe.embeddings) == set(pipe.embeddings) == {"glowstyle", "badlight"}

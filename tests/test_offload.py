@@ -11,6 +11,7 @@ from ldmkit import Pipeline
 from ldmkit.cli import main
 from ldmkit.errors import InvalidRequest
 from ldmkit.offload import check_offload, install_offload_hooks
+from ldmkit.upscalers import UpscalerLibrary
 
 GENERATE = {"prompt": "otter", "steps": 3, "sampler": "Euler", "seed": 4, "width": 16, "height": 16}
 
@@ -62,6 +63,7 @@ def test_serve_passes_offload_to_the_pipeline(monkeypatch):
 
     class FakePipe:
         device, model_name, default_size = torch.device("cuda"), "fake", 16
+        upscalers = UpscalerLibrary(None)  # no --upscalers-dir: the resizes only
 
     def fake_load(source, **kwargs):
         loaded.update(kwargs)
