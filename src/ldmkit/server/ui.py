@@ -24,6 +24,7 @@ from ldmkit.server.imaging import decode_image
 from ldmkit.server.queue import Cancelled, GenerationQueue, Job, as_asyncio
 from ldmkit.server.ui_controlnet import ControlNetPanel, controlnet_panel
 from ldmkit.server.ui_errors import user_error as _user_error
+from ldmkit.server.ui_options import advanced_kwargs, advanced_panel, hires_pass_inputs, hires_pass_kwargs
 from ldmkit.server.ui_xyz import xyz_panel
 from ldmkit.styles import StyleLibrary
 from ldmkit.xyz import PlotResult
@@ -151,6 +152,8 @@ def _generation_tab(queue: GenerationQueue, mode: str, styles: StyleLibrary) -> 
                             value="Latent",
                             label="Upscaler",
                         )
+                    hires_pass_inputs(fields)
+            advanced_panel(mode, fields)
             xyz = xyz_panel(mode)
             fields.update(xyz.inputs)
         with gr.Column(scale=3):
@@ -293,12 +296,11 @@ def _request(
         fields["mask_blur"] = int(v["mask_blur"])
     if v.get("hires"):
         scale, strength, steps = float(v["hires_scale"]), float(v["hires_strength"]), int(v["hires_steps"])
-        fields["hires"] = HiresFix(
-            scale, strength, steps or None, HIRES_UPSCALERS.get(v["hires_upscaler"], v["hires_upscaler"])
-        )
+        upscaler = HIRES_UPSCALERS.get(v["hires_upscaler"], v["hires_upscaler"])
+        fields["hires"] = HiresFix(scale, strength, steps or None, upscaler, **hires_pass_kwargs(v))
     if controlnet is not None:
         fields["controls"] = controlnet.units(v, max_pixels)
-    return GenerationParams(**fields)
+    return GenerationParams(**fields, **advanced_kwargs(v))
 
 
 async def _watch(queue: GenerationQueue, job: Job, progress: gr.Progress):

@@ -1,0 +1,67 @@
+"""The web UI's less used generation options, as AUTOMATIC1111's UI groups them: the hires pass's own prompt and
+sampler, tiling, a variation seed, and for inpainting what the masked area starts from and "only masked"."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ldmkit.samplers import SAMPLERS
+
+SAME_SAMPLER = "Use same sampler"  # A1111's choice for a hires pass that keeps the first pass's sampler
+# A1111's "Masked content" labels -> GenerationParams.masked_content
+MASKED_CONTENT = {
+    "fill": "fill",
+    "original": "original",
+    "latent noise": "latent_noise",
+    "latent nothing": "latent_nothing",
+}
+INPAINT_AREAS = ("Whole picture", "Only masked")
+
+
+def hires_pass_inputs(fields: dict) -> None:
+    """Inside the Hires fix accordion: the second pass's prompt, negative prompt and sampler (empty: the first's)."""
+    with gr.Row():
+        fields["hires_prompt"] = gr.Textbox(label="Hires prompt (empty: the prompt)", lines=1)
+        fields["hires_negative"] = gr.Textbox(label="Hires negative prompt (empty: the negative prompt)", lines=1)
+    fields["hires_sampler"] = gr.Dropdown([SAME_SAMPLER, *SAMPLERS], value=SAME_SAMPLER, label="Hires sampler")
+
+
+def hires_pass_kwargs(values: dict) -> dict:
+    """HiresFix's keyword arguments for the second pass's own prompt, negative prompt and sampler."""
+    sampler = values.get("hires_sampler")
+    return {
+        "prompt": values.get("hires_prompt") or "",
+        "negative_prompt": values.get("hires_negative") or "",
+        "sampler": None if sampler in (None, "", SAME_SAMPLER) else sampler,
+    }
+
+
+def advanced_panel(mode: str, fields: dict) -> None:
+    """An "Advanced" accordion: tiling and a variation seed; on the inpaint tab also the masked area's start."""
+    with gr.Accordion("Advanced", open=False, elem_id=f"{mode}-advanced"):
+        fields["tiling"] = gr.Checkbox(label="Tiling (seamless: the image tiles without seams)")
+        with gr.Row():
+            fields["subseed"] = gr.Number(label="Variation seed (-1: random)", value=-1, precision=0)
+            fields["subseed_strength"] = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Variation strength")
+        if mode == "inpaint":
+            with gr.Row():
+                fields["masked_content"] = gr.Radio(list(MASKED_CONTENT), value="original", label="Masked content")
+                fields["inpaint_area"] = gr.Radio(list(INPAINT_AREAS), value=INPAINT_AREAS[0], label="Inpaint area")
+                fields["inpaint_padding"] = gr.Slider(0, 256, value=32, step=4, label="Only masked padding, pixels")
+
+
+def advanced_kwargs(values: dict) -> dict:
+    """GenerationParams' keyword arguments for what advanced_panel shows (a variation only at strength > 0); a
+    value the tab does not send keeps its default."""
+    kwargs = {"tiling": bool(values.get("tiling"))}
+    strength = float(values.get("subseed_strength") or 0.0)
+    if strength > 0:
+        subseed = values.get("subseed")
+        kwargs.update(subseed=None if subseed in (None, -1) else int(subseed), subseed_strength=strength)
+    if "masked_content" in values:
+        kwargs.update(
+            masked_content=MASKED_CONTENT[values["masked_content"]],
+            inpaint_only_masked=values["inpaint_area"] == "Only masked",
+            inpaint_padding=int(values["inpaint_padding"]),
+        )
+    return kwargs

@@ -1,0 +1,56 @@
+"""The web UI's advanced options (ldmkit.server.ui_options): the tab's values -> the request's fields."""
+
+import pytest
+import torch
+from support.tiny import make_tiny_components
+
+pytest.importorskip("gradio")
+
+from ldmkit.pipeline import Pipeline  # noqa: E402
+from ldmkit.server.queue import GenerationQueue  # noqa: E402
+from ldmkit.server.ui import _request, build_ui  # noqa: E402
+from ldmkit.server.ui_options import advanced_kwargs, hires_pass_kwargs  # noqa: E402
+
+BASE = {
+    "prompt": "an otter", "negative": "", "steps": 2, "guidance": 7, "sampler": "Euler", "schedule_type": "Automatic",
+    "seed": 1, "width": 16, "height": 16, "batch_size": 1, "n_iter": 1, "clip_skip": 1,
+}  # fmt: skip
+
+
+def test_the_tabs_show_the_advanced_options():
+    queue = GenerationQueue(Pipeline(make_tiny_components(), torch.device("cpu"), torch.float32))
+    labels = [c["props"].get("label") for c in build_ui(queue).config["components"]]
+    for label in ("Hires prompt (empty: the prompt)", "Hires sampler", "Variation strength", "Masked content"):
+        assert label in labels, label
+    assert labels.count("Tiling (seamless: the image tiles without seams)") == 3  # one per generation tab
+    assert labels.count("Masked content") == 1  # the inpaint tab's only
+
+
+def test_advanced_values_become_request_fields():
+    assert advanced_kwargs({"tiling": False, "subseed": 5, "subseed_strength": 0}) == {"tiling": False}
+    assert advanced_kwargs({"tiling": True, "subseed": -1, "subseed_strength": 0.25}) == {
+        "tiling": True,
+        "subseed": None,  # random, drawn when the request is prepared
+        "subseed_strength": 0.25,
+    }
+    inpaint = {"tiling": False, "subseed": -1, "subseed_strength": 0}
+    inpaint |= {"masked_content": "latent noise", "inpaint_area": "Only masked", "inpaint_padding": 48}
+    assert advanced_kwargs(inpaint) == {
+        "tiling": False,
+        "masked_content": "latent_noise",
+        "inpaint_only_masked": True,
+        "inpaint_padding": 48,
+    }
+    same = {"hires_prompt": "", "hires_negative": None, "hires_sampler": "Use same sampler"}
+    assert hires_pass_kwargs(same) == {"prompt": "", "negative_prompt": "", "sampler": None}
+    own = {"hires_prompt": "a sea otter", "hires_negative": "blur", "hires_sampler": "DDIM"}
+    assert hires_pass_kwargs(own) == {"prompt": "a sea otter", "negative_prompt": "blur", "sampler": "DDIM"}
+
+
+def test_the_request_carries_them():
+    values = BASE | {"tiling": True, "subseed": 7, "subseed_strength": 0.5, "hires": True, "hires_scale": 2.0}
+    values |= {"hires_strength": 0.6, "hires_steps": 0, "hires_upscaler": "Latent", "hires_prompt": "a sea otter"}
+    values |= {"hires_negative": "", "hires_sampler": "DDIM"}
+    request = _request(values, 1 << 20)
+    assert (request.tiling, request.subseed, request.subseed_strength) == (True, 7, 0.5)
+    assert (request.hires.prompt, request.hires.sampler, request.hires.scale) == ("a sea otter", "DDIM", 2.0)
