@@ -263,6 +263,12 @@ def test_augmented_pairs_stay_aligned():
         control[i, :, 4 + i % 5 : 12 + i % 7, 6 + i % 3 : 20 + i % 4] = 1.0
     latents = F.avg_pool2d(control[:, :1], 8).expand(-1, 4, -1, -1)  # "latents" that are the map at 1/8
     white = torch.zeros(1, 4, 4, 4)  # the background's latent here: what an empty map pools to
-    moved_latents, moved_control = augment_pairs(latents, control, white, 2, True, generator)
+    mirrorable = torch.arange(16) % 2 == 0
+    moved_latents, moved_control = augment_pairs(latents, control, white, 2, mirrorable, generator)
     assert torch.equal(F.avg_pool2d(moved_control[:, :1], 8).expand(-1, 4, -1, -1), moved_latents)
     assert not torch.equal(moved_latents, latents)  # they did move
+    # without shifts, only the mirrorable ones may come back mirrored
+    same_latents, same_control = augment_pairs(latents, control, white, 0, mirrorable, generator)
+    mirrored = [not torch.equal(same_control[i], control[i]) for i in range(16)]
+    assert any(mirrored) and not any(m for m, ok in zip(mirrored, mirrorable) if not ok)
+    assert all(torch.equal(same_control[i], control[i].flip(-1)) for i in range(16) if mirrored[i])

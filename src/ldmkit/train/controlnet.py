@@ -47,7 +47,7 @@ class ControlNetTrainConfig:
     # make the map worth learning from.
     caption_dropout: float = 0.5  # empty caption: the control map alone must give the shape
     max_shift: int = 3  # latent pixels (x8 image pixels) each pair is moved by at most, per axis; 0: none
-    mirror: bool = True  # mirror half of the pairs left-right
+    mirror: bool = True  # mirror half of the uncaptioned pairs left-right
     min_snr_gamma: float = 5.0  # as the UNet stage (diffusion_loss reads it)
     ema_decay: float = 0.995  # a run is ~1-2k steps: a shorter horizon than the UNet stage's 0.999
     holdout_fraction: float = 0.02  # the VAE stage's held-out images (same hash): kept out here for `ldm eval`
@@ -72,9 +72,10 @@ def controlled(controlnet, unet, control: torch.Tensor):
     return forward
 
 
-def augment_pairs(latents, control, white_latent, max_shift: int, mirror: bool, generator):
+def augment_pairs(latents, control, white_latent, max_shift: int, mirrorable: torch.Tensor, generator):
     """Each (latents, map) pair moved by the same random offset (whole latent pixels; the map by that times its
-    scale) with the white background's latent and an empty map filling in, and mirrored left-right half the time."""
+    scale) with the white background's latent and an empty map filling in, and, where `mirrorable` (B,) is true,
+    mirrored left-right half the time."""
     batch, _, h, w = latents.shape
     if max_shift > 0:
         device = latents.device
@@ -82,8 +83,8 @@ def augment_pairs(latents, control, white_latent, max_shift: int, mirror: bool, 
         factor = control.shape[-1] // w
         latents = _shifted(latents, dy, dx, white_latent[0, :, :1, :1])
         control = _shifted(control, dy * factor, dx * factor, torch.zeros(control.shape[1], 1, 1, device=device))
-    if mirror:
-        flip = torch.rand(batch, device=latents.device, generator=generator) < 0.5
+    if bool(mirrorable.any()):
+        flip = (torch.rand(batch, device=latents.device, generator=generator) < 0.5) & mirrorable
         latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
         control = torch.where(flip[:, None, None, None], control.flip(-1), control)
     return latents, control
@@ -190,7 +191,9 @@ def train(cfg: ControlNetTrainConfig) -> dict:
         caption_ids = torch.where(dropped, torch.zeros_like(caption_ids), caption_ids)  # id 0 is ""
         noise = torch.randn(posterior_mean[index].shape, device=device, generator=generator)
         latents = (posterior_mean[index] + posterior_std[index] * noise) * scaling_factor  # (B, 4, h, w)
-        latents, control = augment_pairs(latents, control, white_latent, cfg.max_shift, cfg.mirror, generator)
+        # mirrored only without a caption, which could name a direction ("right arrow")
+        mirrorable = dropped if cfg.mirror else torch.zeros_like(dropped)
+        latents, control = augment_pairs(latents, control, white_latent, cfg.max_shift, mirrorable, generator)
         denoiser = controlled(model, unet, control.contiguous(memory_format=torch.channels_last))
         with accelerator.autocast():
             loss = diffusion_loss(denoiser, latents, text_states[caption_ids], alphas_cumprod, cfg, generator)
