@@ -123,6 +123,12 @@ def test_hires_resize_sets_the_target_size(url, resize, size):
     assert image.size == size
 
 
+def test_hires_resize_of_another_aspect_ratio_covers_then_cuts_the_middle_as_a1111(url):
+    image, _ = generated(post(url, "txt2img", enable_hr=True, hr_resize_x=40, hr_resize_y=24))
+    assert image.size == (40, 24)  # 16x16 upscaled to cover it (40x40), then its middle 40x24
+    assert "Hires resize: 40x24" in image.info["parameters"] and "Hires upscale:" not in image.info["parameters"]
+
+
 def test_hires_resize_below_the_base_size_runs_a_smaller_second_pass_as_a1111(url):
     image, _ = generated(post(url, "txt2img", enable_hr=True, width=24, height=16, hr_resize_x=16))
     assert image.size == (16, 8)  # 16 wide keeps 3:2 at 10.7 high, rounded down to a multiple of 8
@@ -169,7 +175,6 @@ def test_hires_resize_to_an_odd_size_keeps_the_aspect_ratio(url):
         ({"hr_second_pass_steps": 1001}, "hr_second_pass_steps must be from 0"),
         ({"hr_second_pass_steps": 500}, "max_steps"),  # the server's limit, below the pipeline's
         ({"hr_second_pass_steps": 1, "denoising_strength": 0.5}, "leave no denoising step"),
-        ({"hr_resize_x": 40, "hr_resize_y": 24}, "keep the aspect ratio"),
         ({"hr_resize_x": 20}, "multiples of 8"),
         ({"hr_resize_x": -16}, "must be from 1 to"),
         ({"hr_resize_y": 10**400}, "must be from 1 to"),

@@ -26,8 +26,21 @@ def upscale(
     upscaled (Lanczos for "pixel", else the named upscaler, as `upscale_image(image, name, size)` does it) and
     encoded again, through the conversions given: AUTOMATIC1111's non-latent upscalers."""
     f = vae_scale_factor
-    width, height = hires.target_size(latents.shape[-1] * f, latents.shape[-2] * f)
+    width, height = hires.upscaled_size(latents.shape[-1] * f, latents.shape[-2] * f)
     if hires.upscaler == "latent":
-        return F.interpolate(latents, size=(height // f, width // f), mode="bilinear", align_corners=False)
-    name = "Lanczos" if hires.upscaler == "pixel" else hires.upscaler
-    return to_latents([upscale_image(image, name, (width, height)) for image in to_images(latents)])
+        upscaled = F.interpolate(latents, size=(height // f, width // f), mode="bilinear", align_corners=False)
+    else:
+        name = "Lanczos" if hires.upscaler == "pixel" else hires.upscaler
+        upscaled = to_latents([upscale_image(image, name, (width, height)) for image in to_images(latents)])
+    return centre_crop(upscaled, hires.crop_to, f)
+
+
+def centre_crop(latents: torch.Tensor, crop_to: tuple[int, int] | None, vae_scale_factor: int) -> torch.Tensor:
+    """The latents of the middle crop_to (width, height) pixels, as A1111 cuts them: of an odd count of latent
+    rows (columns) to drop, the extra one comes off the bottom (right)."""
+    if crop_to is None:
+        return latents
+    drop_y = latents.shape[-2] - crop_to[1] // vae_scale_factor
+    drop_x = latents.shape[-1] - crop_to[0] // vae_scale_factor
+    top, left = drop_y // 2, drop_x // 2
+    return latents[..., top : top + crop_to[1] // vae_scale_factor, left : left + crop_to[0] // vae_scale_factor]

@@ -48,6 +48,9 @@ class HiresFix:
     prompt: str = ""
     negative_prompt: str = ""
     sampler: str | None = None
+    # (width, height) the upscaled image is cut to, around its centre, before the second pass: A1111's hr_resize_x/y
+    # of another aspect ratio than the base size (it upscales to cover the target, then cuts); None: no cut
+    crop_to: tuple[int, int] | None = None
 
     def check(self, steps: int, width: int | None = None, height: int | None = None) -> None:
         """The pass's own values; with the base size known, also the upscaled size."""
@@ -65,21 +68,47 @@ class HiresFix:
             from ldmkit.samplers import get_sampler  # the registry imports diffusers
 
             get_sampler(self.sampler)
+        if self.crop_to is not None and not (
+            isinstance(self.crop_to, tuple) and len(self.crop_to) == 2 and all(is_int(side) for side in self.crop_to)
+        ):
+            raise InvalidRequest(f"hires crop must be (width, height) in pixels, got {self.crop_to!r}")
         if width is not None and height is not None:
             check_size(*self.target_size(width, height))
+            if self.crop_to is not None:
+                self._check_crop(*self.upscaled_size(width, height))
+
+    def _check_crop(self, upscaled_width: int, upscaled_height: int) -> None:
+        crop_width, crop_height = self.crop_to
+        if (
+            crop_width % 8
+            or crop_height % 8
+            or not (0 < crop_width <= upscaled_width and 0 < crop_height <= upscaled_height)
+        ):
+            raise InvalidRequest(
+                f"hires crop {crop_width}x{crop_height} must be multiples of 8 within the upscaled "
+                f"{upscaled_width}x{upscaled_height}"
+            )
 
     def pass_steps(self, base_steps: int) -> int:
         return self.steps or base_steps
 
-    def target_size(self, width: int, height: int) -> tuple[int, int]:
-        """The upscaled size, rounded down to multiples of 8."""
+    def upscaled_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size the first pass is upscaled to, rounded down to multiples of 8."""
         return int(width * self.scale) // 8 * 8, int(height * self.scale) // 8 * 8
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """The second pass's size: the upscaled size, or what the crop cuts from it."""
+        return self.crop_to if self.crop_to is not None else self.upscaled_size(width, height)
 
     def infotext_params(self, base_steps: int, base_sampler: str | None = None) -> dict:
         """A1111's names; a second-pass sampler that differs is written as its sampler and schedule type (A1111's
         "Hires sampler" and "Hires schedule type"), both, so that neither is read from the first pass's."""
+        # A1111 writes the target it was given, "Hires resize", where hr_resize_x/y set the size
+        size = (
+            {"Hires resize": f"{self.crop_to[0]}x{self.crop_to[1]}"} if self.crop_to else {"Hires upscale": self.scale}
+        )
         params = {
-            "Hires upscale": self.scale,
+            **size,
             "Hires steps": self.steps if self.steps and self.steps != base_steps else None,
             "Hires upscaler": {"latent": "Latent", "pixel": "Lanczos"}.get(self.upscaler, self.upscaler),
         }

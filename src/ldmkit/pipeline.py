@@ -405,7 +405,8 @@ class Pipeline:
         p.validate(limits)  # again, with the size known
         self.family.check(self._state, p)
         if p.hires is not None and p.hires.upscaler not in HIRES_UPSCALERS:  # the name as the folder spells it
-            info = self.upscalers.check(p.hires.upscaler, (p.width, p.height), p.final_size, "hires upscaler")
+            upscaled = p.hires.upscaled_size(p.width, p.height)  # before any crop: what the model must make
+            info = self.upscalers.check(p.hires.upscaler, (p.width, p.height), upscaled, "hires upscaler")
             p = dataclasses.replace(p, hires=dataclasses.replace(p.hires, upscaler=info.name))
         max_chunks = MAX_PROMPT_CHUNKS if limits is None else limits.max_prompt_chunks
         passes = [p] if p.hires is None else [p, p.hires_pass()]

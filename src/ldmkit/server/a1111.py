@@ -527,9 +527,9 @@ def _hires(body: Txt2ImgRequest, pipe: Pipeline) -> HiresFix:
         )
     second_pass_steps = int(body.hr_second_pass_steps)  # A1111 truncates 7.5 to 7
     strength = DEFAULT_HR_STRENGTH if body.denoising_strength is None else body.denoising_strength
-    scale = body.hr_scale
+    scale, crop_to = body.hr_scale, None
     if body.hr_resize_x or body.hr_resize_y:
-        scale = _resize_scale(body.width, body.height, body.hr_resize_x, body.hr_resize_y)
+        scale, crop_to = _resize_scale(body.width, body.height, body.hr_resize_x, body.hr_resize_y)
     return HiresFix(
         scale,
         strength,
@@ -538,11 +538,15 @@ def _hires(body: Txt2ImgRequest, pipe: Pipeline) -> HiresFix:
         prompt=body.hr_prompt,
         negative_prompt=body.hr_negative_prompt,
         sampler=a1111_fields.hires_sampler(body),
+        crop_to=crop_to,
     )
 
 
-def _resize_scale(width: int, height: int, target_width: int, target_height: int) -> float:
-    """The scale that takes width x height to the target; a missing side keeps the aspect ratio (ldmkit never crops)."""
+def _resize_scale(
+    width: int, height: int, target_width: int, target_height: int
+) -> tuple[float, tuple[int, int] | None]:
+    """(scale, crop) that take width x height to the target: a missing side keeps the aspect ratio; two sides of
+    another aspect ratio upscale to cover the target and cut it from the middle, as A1111 does."""
     if not (
         0 <= target_width <= MAX_SIDE
         and 0 <= target_height <= MAX_SIDE
@@ -553,15 +557,23 @@ def _resize_scale(width: int, height: int, target_width: int, target_height: int
             f"hr_resize_x/y and the size must be from 1 to {MAX_SIDE}, "
             f"got {target_width}x{target_height} from {width}x{height}"
         )
-    ratio = target_width / width if target_width else target_height / height
-    scale = math.ceil(ratio * 1e6) / 1e6  # just above the ratio, so HiresFix's rounding down lands on the target
-    wanted = (target_width or int(width * scale) // 8 * 8, target_height or int(height * scale) // 8 * 8)
-    if HiresFix(scale).target_size(width, height) != wanted:
+    if target_width % 8 or target_height % 8:
         raise InvalidRequest(
-            f"hr_resize {target_width}x{target_height} from {width}x{height}: give sides that are multiples of 8 "
-            "and keep the aspect ratio (or give one side only)"
+            f"hr_resize {target_width}x{target_height} from {width}x{height}: give sides that are multiples of 8"
         )
-    return scale
+    if target_width and target_height and target_width * height != target_height * width:
+        ratio = max(target_width / width, target_height / height)  # cover the target, then cut it out
+        crop = (target_width, target_height)
+    else:
+        ratio, crop = (target_width / width if target_width else target_height / height), None
+    scale = math.ceil(ratio * 1e6) / 1e6  # just above the ratio, so HiresFix's rounding down lands on the target
+    covered = HiresFix(scale).upscaled_size(width, height)
+    wanted = crop or (target_width or covered[0], target_height or covered[1])
+    if covered[0] < wanted[0] or covered[1] < wanted[1] or (crop is None and covered != wanted):
+        raise InvalidRequest(
+            f"hr_resize {target_width}x{target_height} from {width}x{height}: give sides that are multiples of 8"
+        )
+    return scale, crop
 
 
 def _decode_mask(text: str, invert: bool, max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
