@@ -27,9 +27,10 @@ def test_the_tabs_show_the_advanced_options():
 
 
 def test_advanced_values_become_request_fields():
-    assert advanced_kwargs({"tiling": False, "subseed": 5, "subseed_strength": 0}) == {"tiling": False}
+    assert advanced_kwargs({"tiling": False, "subseed": 5, "subseed_strength": 0}) == {"tiling": False, "vae": None}
     assert advanced_kwargs({"tiling": True, "subseed": -1, "subseed_strength": 0.25}) == {
         "tiling": True,
+        "vae": None,
         "subseed": None,  # random, drawn when the request is prepared
         "subseed_strength": 0.25,
     }
@@ -37,6 +38,7 @@ def test_advanced_values_become_request_fields():
     inpaint |= {"masked_content": "latent noise", "inpaint_area": "Only masked", "inpaint_padding": 48}
     assert advanced_kwargs(inpaint) == {
         "tiling": False,
+        "vae": None,
         "masked_content": "latent_noise",
         "inpaint_only_masked": True,
         "inpaint_padding": 48,
@@ -54,3 +56,25 @@ def test_the_request_carries_them():
     request = _request(values, 1 << 20)
     assert (request.tiling, request.subseed, request.subseed_strength) == (True, 7, 0.5)
     assert (request.hires.prompt, request.hires.sampler, request.hires.scale) == ("a sea otter", "DDIM", 2.0)
+
+
+def test_the_vae_dropdown_names_the_servers_vaes_as_sd_vae_does(tmp_path):
+    from support.convert import save_vae_file
+
+    save_vae_file(make_tiny_components().vae, tmp_path / "other.safetensors")
+    pipe = Pipeline(make_tiny_components(), torch.device("cpu"), torch.float32, vae_dir=tmp_path)
+    dropdowns = [c["props"] for c in build_ui(GenerationQueue(pipe)).config["components"]]
+    vae_choices = [[choice[0] for choice in d["choices"]] for d in dropdowns if d.get("label") == "VAE"]
+    assert vae_choices == [["Automatic", "None", "other.safetensors"]] * 3  # one per generation tab
+    assert advanced_kwargs({"vae": "Automatic"}, automatic_vae="/vaes/ft-mse.safetensors")["vae"] == (
+        "/vaes/ft-mse.safetensors"
+    )
+    assert advanced_kwargs({"vae": "None"}, automatic_vae="/vaes/ft-mse.safetensors")["vae"] is None
+    assert _request(BASE | {"vae": "other.safetensors"}, 1 << 20).vae == "other.safetensors"
+    no_vaes = [
+        c["props"].get("label")
+        for c in build_ui(GenerationQueue(Pipeline(make_tiny_components(), torch.device("cpu"), torch.float32))).config[
+            "components"
+        ]
+    ]
+    assert "VAE" not in no_vaes  # a server without VAEs shows no dropdown

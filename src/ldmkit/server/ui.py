@@ -153,7 +153,7 @@ def _generation_tab(queue: GenerationQueue, mode: str, styles: StyleLibrary) -> 
                             label="Upscaler",
                         )
                     hires_pass_inputs(fields)
-            advanced_panel(mode, fields)
+            advanced_panel(mode, fields, queue.pipe.vaes.names())
             xyz = xyz_panel(mode)
             fields.update(xyz.inputs)
         with gr.Column(scale=3):
@@ -185,11 +185,13 @@ def _generation_tab(queue: GenerationQueue, mode: str, styles: StyleLibrary) -> 
     running: dict[str, Job] = {}  # browser session -> its job in this tab, for the Cancel button
 
     max_pixels = queue.limits.max_input_pixels
+    automatic_vae = None if queue.pipe.vaes.automatic is None else str(queue.pipe.vaes.automatic)
 
     async def run(session: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's way)
         try:  # a request refused before it runs (bad input, an unknown LoRA, a full queue) says so in the status too
             request = await asyncio.to_thread(
-                _user_error, lambda: _request(dict(zip(fields, values)), max_pixels, controlnet, styles)
+                _user_error,
+                lambda: _request(dict(zip(fields, values)), max_pixels, controlnet, styles, automatic_vae),
             )
             plot = _user_error(lambda: xyz.plot(dict(zip(fields, values)), request))
             job = _user_error(lambda: queue.submit(request) if plot is None else queue.submit_plot(plot))
@@ -265,7 +267,11 @@ def _image_size(path: str | None, max_pixels: int):
 
 
 def _request(
-    v: dict, max_pixels: int, controlnet: ControlNetPanel | None = None, styles: StyleLibrary | None = None
+    v: dict,
+    max_pixels: int,
+    controlnet: ControlNetPanel | None = None,
+    styles: StyleLibrary | None = None,
+    automatic_vae: str | None = None,
 ) -> GenerationParams:
     """The tab's input values -> a queue request; uploads are decoded here (off the event loop)."""
     prompt, negative_prompt = v["prompt"], v["negative"]
@@ -300,7 +306,7 @@ def _request(
         fields["hires"] = HiresFix(scale, strength, steps or None, upscaler, **hires_pass_kwargs(v))
     if controlnet is not None:
         fields["controls"] = controlnet.units(v, max_pixels)
-    return GenerationParams(**fields, **advanced_kwargs(v))
+    return GenerationParams(**fields, **advanced_kwargs(v, automatic_vae))
 
 
 async def _watch(queue: GenerationQueue, job: Job, progress: gr.Progress):

@@ -1,5 +1,5 @@
 """The web UI's less used generation options, as AUTOMATIC1111's UI groups them: the hires pass's own prompt and
-sampler, tiling, a variation seed, and for inpainting what the masked area starts from and "only masked"."""
+sampler, tiling, a variation seed, the VAE, and for inpainting what the masked area starts from and "only masked"."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import gradio as gr
 
 from ldmkit.samplers import SAMPLERS
 
+AUTOMATIC_VAE, OWN_VAE = "Automatic", "None"  # A1111's sd_vae choices: the server's --vae (else the model's), its own
 SAME_SAMPLER = "Use same sampler"  # A1111's choice for a hires pass that keeps the first pass's sampler
 # A1111's "Masked content" labels -> GenerationParams.masked_content
 MASKED_CONTENT = {
@@ -36,10 +37,14 @@ def hires_pass_kwargs(values: dict) -> dict:
     }
 
 
-def advanced_panel(mode: str, fields: dict) -> None:
-    """An "Advanced" accordion: tiling and a variation seed; on the inpaint tab also the masked area's start."""
+def advanced_panel(mode: str, fields: dict, vae_names: list[str]) -> None:
+    """An "Advanced" accordion: tiling, a variation seed and (where the server has VAEs) the VAE; on the inpaint tab
+    also the masked area's start."""
     with gr.Accordion("Advanced", open=False, elem_id=f"{mode}-advanced"):
-        fields["tiling"] = gr.Checkbox(label="Tiling (seamless: the image tiles without seams)")
+        with gr.Row():
+            fields["tiling"] = gr.Checkbox(label="Tiling (seamless: the image tiles without seams)")
+            if vae_names:
+                fields["vae"] = gr.Dropdown([AUTOMATIC_VAE, OWN_VAE, *vae_names], value=AUTOMATIC_VAE, label="VAE")
         with gr.Row():
             fields["subseed"] = gr.Number(label="Variation seed (-1: random)", value=-1, precision=0)
             fields["subseed_strength"] = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Variation strength")
@@ -50,10 +55,12 @@ def advanced_panel(mode: str, fields: dict) -> None:
                 fields["inpaint_padding"] = gr.Slider(0, 256, value=32, step=4, label="Only masked padding, pixels")
 
 
-def advanced_kwargs(values: dict) -> dict:
+def advanced_kwargs(values: dict, automatic_vae: str | None = None) -> dict:
     """GenerationParams' keyword arguments for what advanced_panel shows (a variation only at strength > 0); a
-    value the tab does not send keeps its default."""
+    value the tab does not send keeps its default. `automatic_vae`: the server's --vae, which "Automatic" names."""
     kwargs = {"tiling": bool(values.get("tiling"))}
+    vae = values.get("vae") or AUTOMATIC_VAE
+    kwargs["vae"] = automatic_vae if vae == AUTOMATIC_VAE else None if vae == OWN_VAE else vae
     strength = float(values.get("subseed_strength") or 0.0)
     if strength > 0:
         subseed = values.get("subseed")
