@@ -6,6 +6,7 @@ from support.tiny import make_tiny_components
 
 pytest.importorskip("gradio")
 
+from ldmkit.errors import InvalidRequest  # noqa: E402
 from ldmkit.pipeline import Pipeline  # noqa: E402
 from ldmkit.server.queue import GenerationQueue  # noqa: E402
 from ldmkit.server.ui import _request, build_ui  # noqa: E402
@@ -47,6 +48,14 @@ def test_advanced_values_become_request_fields():
     assert hires_pass_kwargs(same) == {"prompt": "", "negative_prompt": "", "sampler": None}
     own = {"hires_prompt": "a sea otter", "hires_negative": "blur", "hires_sampler": "DDIM"}
     assert hires_pass_kwargs(own) == {"prompt": "a sea otter", "negative_prompt": "blur", "sampler": "DDIM"}
+
+
+def test_eta_and_ensd_are_sent_only_when_set():
+    assert "eta" not in advanced_kwargs({"eta": " ", "ensd": 0}) and "eta_noise_seed_delta" not in advanced_kwargs({})
+    request = _request(BASE | {"sampler": "Euler a", "eta": "0.5", "ensd": 31337}, 1 << 20)
+    assert (request.eta, request.eta_noise_seed_delta) == (0.5, 31337)
+    with pytest.raises(InvalidRequest, match="eta must be a number from 0 to 1, or empty for the sampler's default"):
+        advanced_kwargs({"eta": "half"})
 
 
 def test_the_request_carries_them():

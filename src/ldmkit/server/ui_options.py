@@ -1,10 +1,12 @@
 """The web UI's less used generation options, as AUTOMATIC1111's UI groups them: the hires pass's own prompt and
-sampler, tiling, a variation seed, the VAE, and for inpainting what the masked area starts from and "only masked"."""
+sampler, tiling, a variation seed, eta and ENSD, the VAE, and for inpainting what the masked area starts from and
+"only masked"."""
 
 from __future__ import annotations
 
 import gradio as gr
 
+from ldmkit.errors import InvalidRequest
 from ldmkit.samplers import SAMPLERS
 
 AUTOMATIC_VAE, OWN_VAE = "Automatic", "None"  # A1111's sd_vae choices: the server's --vae (else the model's), its own
@@ -48,6 +50,10 @@ def advanced_panel(mode: str, fields: dict, vae_names: list[str]) -> None:
         with gr.Row():
             fields["subseed"] = gr.Number(label="Variation seed (-1: random)", value=-1, precision=0)
             fields["subseed_strength"] = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Variation strength")
+        with gr.Row():
+            # text, not a number box: empty must mean the sampler's own (a number box shows and sends 0)
+            fields["eta"] = gr.Textbox(label="Eta, 0 to 1 (empty: the sampler's default)", value="", max_lines=1)
+            fields["ensd"] = gr.Number(label="Eta noise seed delta (ENSD)", value=0, precision=0, minimum=0)
         if mode == "inpaint":
             with gr.Row():
                 fields["masked_content"] = gr.Radio(list(MASKED_CONTENT), value="original", label="Masked content")
@@ -59,6 +65,15 @@ def advanced_kwargs(values: dict, automatic_vae: str | None = None) -> dict:
     """GenerationParams' keyword arguments for what advanced_panel shows (a variation only at strength > 0); a
     value the tab does not send keeps its default. `automatic_vae`: the server's --vae, which "Automatic" names."""
     kwargs = {"tiling": bool(values.get("tiling"))}
+    eta = str(values.get("eta") or "").strip()
+    if eta:
+        try:
+            kwargs["eta"] = float(eta)
+        except ValueError:
+            message = f"eta must be a number from 0 to 1, or empty for the sampler's default; got {eta!r}"
+            raise InvalidRequest(message) from None
+    if values.get("ensd"):
+        kwargs["eta_noise_seed_delta"] = int(values["ensd"])
     vae = values.get("vae") or AUTOMATIC_VAE
     kwargs["vae"] = automatic_vae if vae == AUTOMATIC_VAE else None if vae == OWN_VAE else vae
     strength = float(values.get("subseed_strength") or 0.0)
