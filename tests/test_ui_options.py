@@ -50,6 +50,12 @@ def test_advanced_values_become_request_fields():
     assert hires_pass_kwargs(own) == {"prompt": "a sea otter", "negative_prompt": "blur", "sampler": "DDIM"}
 
 
+def test_seed_resize_needs_both_sides():
+    assert "seed_resize_from" not in advanced_kwargs({"seed_resize_w": 512, "seed_resize_h": 0})
+    request = _request(BASE | {"seed_resize_w": 24, "seed_resize_h": 8}, 1 << 20)
+    assert request.seed_resize_from == (24, 8)
+
+
 def test_eta_and_ensd_are_sent_only_when_set():
     assert "eta" not in advanced_kwargs({"eta": " ", "ensd": 0}) and "eta_noise_seed_delta" not in advanced_kwargs({})
     request = _request(BASE | {"sampler": "Euler a", "eta": "0.5", "ensd": 31337}, 1 << 20)

@@ -1,6 +1,6 @@
 """The web UI's less used generation options, as AUTOMATIC1111's UI groups them: the hires pass's own prompt and
-sampler, tiling, a variation seed, eta and ENSD, the VAE, and for inpainting what the masked area starts from and
-"only masked"."""
+sampler, tiling, a variation seed and seed resize, eta and ENSD, the VAE, and for inpainting what the masked area
+starts from and "only masked"."""
 
 from __future__ import annotations
 
@@ -50,6 +50,9 @@ def advanced_panel(mode: str, fields: dict, vae_names: list[str]) -> None:
         with gr.Row():
             fields["subseed"] = gr.Number(label="Variation seed (-1: random)", value=-1, precision=0)
             fields["subseed_strength"] = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Variation strength")
+        with gr.Row():  # A1111's "Resize seed from": the seed's noise as drawn at that size, centred (0: off)
+            fields["seed_resize_w"] = gr.Number(label="Resize seed from width (0: off)", value=0, precision=0)
+            fields["seed_resize_h"] = gr.Number(label="Resize seed from height (0: off)", value=0, precision=0)
         with gr.Row():
             # text, not a number box: empty must mean the sampler's own (a number box shows and sends 0)
             fields["eta"] = gr.Textbox(label="Eta, 0 to 1 (empty: the sampler's default)", value="", max_lines=1)
@@ -72,6 +75,9 @@ def advanced_kwargs(values: dict, automatic_vae: str | None = None) -> dict:
         except ValueError:
             message = f"eta must be a number from 0 to 1, or empty for the sampler's default; got {eta!r}"
             raise InvalidRequest(message) from None
+    resize = (int(values.get("seed_resize_w") or 0), int(values.get("seed_resize_h") or 0))
+    if min(resize) > 0:  # as the API's seed_resize_from_w/_h: a side of 0 or less turns it off
+        kwargs["seed_resize_from"] = resize
     if values.get("ensd"):
         kwargs["eta_noise_seed_delta"] = int(values["ensd"])
     vae = values.get("vae") or AUTOMATIC_VAE
