@@ -289,3 +289,20 @@ def optimizer_step(accelerator, model, optimizer, loss, ema: EMA, step: int) -> 
     accelerator.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     ema.update(accelerator.unwrap_model(model), step)
+
+
+def start_run(accelerator: Accelerator, model, cfg, stage: str, out_dir: Path, params=None):
+    """What every stage's loop starts from: the EMA of the weights, AdamW over `params` (default: the model's),
+    accelerate's wrapping, the LR schedule, and the resume from out_dir/ckpt.pt.
+
+    Returns (model, optimizer, ema, schedule, step, elapsed)."""
+    ema = EMA(model, cfg.ema_decay)
+    params = model.parameters() if params is None else params
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.params = [p.to(accelerator.device) for p in ema.params]
+    schedule = Schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.max_minutes)
+    step, elapsed, checkpoint = resume(out_dir / "ckpt.pt", accelerator, model, optimizer, stage)
+    if checkpoint is not None:
+        ema.load_state_dict(checkpoint["ema"])
+    return model, optimizer, ema, schedule, step, elapsed

@@ -168,14 +168,7 @@ def train(cfg: ControlNetTrainConfig) -> dict:
 
     model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(cfg.conditioning_channels))
     model = model.to(memory_format=torch.channels_last)
-    ema = common.EMA(model, cfg.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    ema.params = [p.to(device) for p in ema.params]
-    schedule = common.Schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.max_minutes)
-    step, elapsed, checkpoint = common.resume(out_dir / "ckpt.pt", accelerator, model, optimizer, "controlnet")
-    if checkpoint is not None:
-        ema.load_state_dict(checkpoint["ema"])
+    model, optimizer, ema, schedule, step, elapsed = common.start_run(accelerator, model, cfg, "controlnet", out_dir)
 
     n, kinds, batch = len(dataset), maps.shape[1], min(cfg.batch_size, len(dataset))
     progress = common.Progress(accelerator, optimizer, schedule, "controlnet samples/s", cfg.log_every, step, elapsed)

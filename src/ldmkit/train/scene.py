@@ -122,18 +122,11 @@ def train(cfg: SceneTrainConfig) -> dict:
         unet = build_unet(cfg, text_encoder.config.hidden_size)
     unet = unet.to(memory_format=torch.channels_last)
     model = TextToNoise(text_encoder, unet).to(device)
-    ema = common.EMA(model, cfg.ema_decay)
     groups = [
         {"params": list(model.unet.parameters()), "scale": 1.0},
         {"params": list(model.text_encoder.parameters()), "scale": cfg.text_lr_scale},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    ema.params = [p.to(device) for p in ema.params]
-    schedule = common.Schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.max_minutes)
-    step, elapsed, checkpoint = common.resume(out_dir / "ckpt.pt", accelerator, model, optimizer, "scene")
-    if checkpoint is not None:
-        ema.load_state_dict(checkpoint["ema"])
+    model, optimizer, ema, schedule, step, elapsed = common.start_run(accelerator, model, cfg, "scene", out_dir, groups)
     alphas_cumprod = DDPMScheduler.from_config(SCHEDULER_CONFIG).alphas_cumprod.to(device)
     scaling_factor = vae.config.scaling_factor
 

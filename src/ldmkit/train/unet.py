@@ -123,14 +123,7 @@ def train(cfg: UnetTrainConfig) -> dict:
     alphas_cumprod = DDPMScheduler.from_config(SCHEDULER_CONFIG).alphas_cumprod.to(device)
 
     model = build_model(cfg, text_states.shape[-1], posterior_mean.shape[-1]).to(memory_format=torch.channels_last)
-    ema = common.EMA(model, cfg.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    ema.params = [p.to(device) for p in ema.params]
-    schedule = common.Schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.max_minutes)
-    step, elapsed, checkpoint = common.resume(out_dir / "ckpt.pt", accelerator, model, optimizer, "unet")
-    if checkpoint is not None:
-        ema.load_state_dict(checkpoint["ema"])
+    model, optimizer, ema, schedule, step, elapsed = common.start_run(accelerator, model, cfg, "unet", out_dir)
 
     n, batch = len(dataset), min(cfg.batch_size, len(dataset))
     progress = common.Progress(accelerator, optimizer, schedule, "unet samples/s", cfg.log_every, step, elapsed)
