@@ -124,14 +124,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             raise ModelLoadError(f"{path} is not a readable safetensors file ({error})") from None
     if path.suffix not in FILE_SUFFIXES:
         raise ModelLoadError(f"{path} is not a ControlNet file: expected one of {', '.join(FILE_SUFFIXES)}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - unpickling fails in many ways, all with the same remedy
-        raise ModelLoadError(
-            f"{path} cannot be loaded safely ({type(error).__name__}); convert it to .safetensors once "
-            "with a tool you trust"
-        ) from None
-    return loading._ckpt_state_dict(checkpoint, path)  # a state_dict holding itself is refused, not looped over
+    return loading._ckpt_state_dict(
+        loading.load_pickled(path), path
+    )  # a state_dict holding itself is refused, not looped over
 
 
 def _controlnet_weights(checkpoint: dict, path: Path) -> dict[str, torch.Tensor]:

@@ -285,16 +285,22 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
                 f"{path} is not a readable safetensors file ({error}); it may be truncated or corrupted"
             ) from None
     if path.suffix == ".ckpt":
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - unpickling fails in many ways, all with the same remedy
-            raise ModelLoadError(
-                f"{path} cannot be loaded safely ({type(error).__name__}); convert it to .safetensors "
-                "once with a tool you trust (e.g. diffusers' convert_original_stable_diffusion_to_diffusers.py)"
-            ) from None
+        checkpoint = load_pickled(path, " (e.g. diffusers' convert_original_stable_diffusion_to_diffusers.py)")
         global_step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
         return _ckpt_state_dict(checkpoint, path), global_step if isinstance(global_step, int) else None
     raise ModelLoadError(f"{path} is not a model: expected a folder, a .safetensors or a .ckpt file")
+
+
+def load_pickled(path: Path, converter_hint: str = ""):
+    """A pickled checkpoint through torch.load(weights_only=True): anything but tensors and plain containers in it
+    is refused, with one line that says how to get a file that loads."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - unpickling fails in many ways, all with the same remedy
+        raise ModelLoadError(
+            f"{path} cannot be loaded safely ({type(error).__name__}); convert it to .safetensors once with a tool "
+            f"you trust{converter_hint}"
+        ) from None
 
 
 def _ckpt_state_dict(checkpoint, path: Path) -> dict[str, torch.Tensor]:
