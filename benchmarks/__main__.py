@@ -9,6 +9,7 @@ SCENARIOS = {
     "first-image": ("startup", "a fresh `ldm generate --fast` process on empty compile caches: the first image"),
     "warm-start": ("startup", "the same command again on the caches the first run filled"),
     "tiling": ("tiling", "large images with the tiled VAE: peak memory, time, seams against a whole decode"),
+    "step-profile": ("step_profile", "a warm --fast generation's time outside the UNet (GPU idle per phase)"),
     "scaling": ("scaling", "images/s and UNet training samples/s on 1, 2, ... N GPUs"),
 }
 
