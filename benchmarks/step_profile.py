@@ -3,6 +3,8 @@ into phases by the Denoiser's calls, with the GPU's idle time in each phase.
 
     python -m benchmarks step-profile --family sdxl --steps 30 --sampler Euler     # ours-fast, 1024x1024
 
+    python -m benchmarks step-profile --analyse trace.json.gz   # the same numbers from a trace brought back
+
 Prints, per phase (before the first UNet call: prompt encoding and setup; the denoising loop; after the last UNet
 call: decode and conversion), the wall time, the GPU's busy time (the union of its kernels' intervals) and the
 difference, plus the operators with the most CPU time. Writes OUT/step-profile.json and OUT/trace.json (chrome).
@@ -12,14 +14,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
 import time
+from pathlib import Path
 
 from ldmkit import bench
 
 from .common import describe_environment, out_dir
 
 MARK = "ldmkit.denoiser_call"
+
+
+KERNEL_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
 def busy_ms(intervals: list[tuple[float, float]], start: float, end: float) -> float:
@@ -33,22 +40,42 @@ def busy_ms(intervals: list[tuple[float, float]], start: float, end: float) -> f
     return total / 1000
 
 
-def phases(kernels: list[tuple[float, float]], marks: list[tuple[float, float]], start: float, end: float) -> dict:
-    """Per phase (before the first Denoiser call, the loop, after it) the wall ms, the GPU's busy ms and the rest.
-
-    The loop ends where the GPU finishes the last step's work: the CPU marks end when the work is queued.
+def analyse(events: list[dict]) -> dict:
+    """Phases of one profiled call from its chrome trace events (a "generate" range around it, MARK ranges around
+    each Denoiser call, on the CPU as user_annotation and on the GPU as gpu_user_annotation):
+    * before: from the call's start to the first Denoiser call on the CPU (prompt encoding, noise, schedule);
+    * loop: the GPU's span of the Denoiser calls, the kernels' share of it, and per step;
+    * after: from the last step's end on the GPU to the call's end (decode, conversion to 8 bits).
     """
-    bounds = {"whole": (start, end)}
-    if marks:
-        last_mark_end = max(b for _, b in marks)
-        loop_end = max([b for a, b in kernels if a < last_mark_end] or [last_mark_end])
-        bounds = {"before": (start, min(a for a, _ in marks)), "loop": (min(a for a, _ in marks), loop_end),
-                  "after": (loop_end, end)}  # fmt: skip
-    result = {}
-    for name, (a, b) in bounds.items():
+    call = next(e for e in events if e.get("name") == "generate" and e.get("cat") == "user_annotation")
+    cpu_marks = sorted(e["ts"] for e in events if e.get("name") == MARK and e.get("cat") == "user_annotation")
+    gpu_marks = sorted(
+        (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == MARK and e.get("cat") == "gpu_user_annotation"
+    )
+    kernels = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in KERNEL_CATEGORIES]
+    start = call["ts"]
+    end = max([call["ts"] + call["dur"], *[b for _, b in kernels]])
+    loop_start, loop_end = gpu_marks[0][0], gpu_marks[-1][1]
+
+    def phase(a, b):
         wall, busy = (b - a) / 1000, busy_ms(kernels, a, b)
-        result[name] = {"wall_ms": round(wall, 2), "gpu_busy_ms": round(busy, 2), "gpu_idle_ms": round(wall - busy, 2)}
-    return result
+        return {"wall_ms": round(wall, 2), "gpu_busy_ms": round(busy, 2), "gpu_idle_ms": round(wall - busy, 2)}
+
+    steps = [busy_ms(kernels, a, b) for a, b in gpu_marks]
+    spans = [(b - a) / 1000 for a, b in gpu_marks]
+    return {
+        "total": phase(start, end),
+        "before": phase(start, cpu_marks[0]),
+        "loop": phase(loop_start, loop_end),
+        "after": phase(loop_end, end),
+        "steps": len(gpu_marks),
+        "step_kernels_ms": {
+            "first": round(steps[0], 2),
+            "last": round(steps[-1], 2),
+            "mean": round(sum(steps) / len(steps), 2),
+        },
+        "step_span_ms_mean": round(sum(spans) / len(spans), 2),
+    }
 
 
 def main(name: str, argv: list[str]) -> int:
@@ -65,7 +92,13 @@ def main(name: str, argv: list[str]) -> int:
     parser.add_argument("--size", type=int, default=None, help="image side (default: the family's)")
     parser.add_argument("--row", default="ours-fast", choices=bench.RUNNER_NAMES)
     parser.add_argument("--out-dir", default="bench-out")
+    parser.add_argument("--analyse", type=Path, default=None, help="only analyse this trace (.json or .json.gz)")
     args = parser.parse_args(argv)
+    if args.analyse:
+        opener = gzip.open if args.analyse.suffix == ".gz" else open
+        with opener(args.analyse, "rt") as f:
+            print(json.dumps(analyse(json.load(f)["traceEvents"]), indent=1))
+        return 0
     out = out_dir(args.out_dir)
     bench.quiet_libraries()
     describe_environment(out)
@@ -100,17 +133,13 @@ def main(name: str, argv: list[str]) -> int:
                 torch.cuda.synchronize()
     finally:
         denoise.Denoiser.__call__ = original
-    events = prof.events()
-    whole = next(e for e in events if e.name == "generate")
-    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA"]
-    marks = [(e.time_range.start, e.time_range.end) for e in events if e.name == MARK]
-    start, end = whole.time_range.start, max([whole.time_range.end, *[b for _, b in kernels]])
-    result = {**phases(kernels, marks, start, end), "denoiser_calls": len(marks)}
+    trace = out / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    result = analyse(json.loads(trace.read_text())["traceEvents"])
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
     print(json.dumps(result, indent=1))
     print(table)
     record = {"request": dataclasses.asdict(request), **result}
     (out / "step-profile.json").write_text(json.dumps(record, indent=1, default=str))
     (out / "step-profile-ops.txt").write_text(table)
-    prof.export_chrome_trace(str(out / "trace.json"))
     return 0

@@ -166,3 +166,29 @@ def test_benchmarks_table_adds_the_ablation_rows_which_compute_the_same_images(t
     assert all(row["error"] is None and row["psnr_eager"] > 48 for row in rows.values())
     assert capsys.readouterr().out.endswith((tmp_path / "table.md").read_text())  # after the environment line
     assert json.loads((tmp_path / "env.json").read_text())["gpus"] == []
+
+
+def test_step_profile_phases_from_a_trace():
+    """A hand-made trace: 3 ms of prompt encoding (1 ms of it on the GPU), two 10 ms steps whose kernels cover 8 ms
+    each, then a 4 ms decode; the phases, the GPU's idle time and the per-step kernel time follow from it."""
+    from benchmarks.step_profile import MARK, analyse
+
+    def event(name, cat, ts, dur):
+        return {"name": name, "cat": cat, "ts": ts, "dur": dur}
+
+    events = [
+        event("generate", "user_annotation", 0, 20_000),
+        event("encoder", "kernel", 1_000, 1_000),
+        event(MARK, "user_annotation", 3_000, 100),
+        event(MARK, "user_annotation", 3_200, 100),
+        event(MARK, "gpu_user_annotation", 4_000, 10_000),
+        event(MARK, "gpu_user_annotation", 14_000, 10_000),
+        *[event("unet", "kernel", 4_000 + 10_000 * i + 1_000 * k, 800) for i in range(2) for k in range(10)],
+        event("decode", "kernel", 24_000, 4_000),
+    ]
+    result = analyse(events)
+    assert result["before"] == {"wall_ms": 3.0, "gpu_busy_ms": 1.0, "gpu_idle_ms": 2.0}
+    assert result["loop"] == {"wall_ms": 20.0, "gpu_busy_ms": 16.0, "gpu_idle_ms": 4.0}
+    assert result["after"] == {"wall_ms": 4.0, "gpu_busy_ms": 4.0, "gpu_idle_ms": 0.0}
+    assert result["total"]["wall_ms"] == 28.0  # the GPU's last kernel ends after the CPU's range
+    assert result["steps"] == 2 and result["step_kernels_ms"]["mean"] == 8.0 and result["step_span_ms_mean"] == 10.0
