@@ -14,7 +14,7 @@ STEPS = 12  # enough for a recognizable emoji; keeps the test a few seconds on a
 
 def test_folder_layout_and_size_limits():
     files = [p for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) <= 60_000_000
+    assert sum(p.stat().st_size for p in files) <= 100_000_000  # the whole folder, its ControlNet included
     assert max(p.stat().st_size for p in files) <= 15_000_000
     for part in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "LICENSES.md"):
         assert (DEFAULT_MODEL_DIR / part).exists(), part
@@ -55,3 +55,25 @@ def test_prompts_give_different_emoji(pipe):
     assert r > g + 40 and r > b + 40  # a red apple is red
     r, g, b = mean_color(frog)
     assert g > r and g > b  # a frog is green
+
+
+def test_the_shipped_controlnet_is_there_without_options(pipe):
+    assert pipe.controlnets.names() == ["emoji-lines"]
+
+
+@pytest.mark.parametrize("name", ["heart", "star"])
+def test_a_sketch_alone_gives_its_shape(pipe, name):
+    """The shipped ControlNet with an empty prompt: the image's edges follow the sketch's (edge F1 within 2 px),
+    which the model without it does not (measured 0.83 against 0.28 for the heart, 0.72 against 0.26 for the
+    star at 12 steps)."""
+    pytest.importorskip("cv2")
+    from ldmkit.control_units import ControlUnit
+    from ldmkit.eval.controlnet import canny_edges, demo_sketches, edge_f1
+
+    unit = ControlUnit(model="emoji-lines", image=dict(demo_sketches())[name], module="invert")
+    options = dict(steps=STEPS, guidance=7.5, sampler="DPM++ 2M Karras", seed=0)
+    guided = pipe.generate("", controls=[unit], **options)
+    sketch_edges = np.asarray(guided.control_maps[0].convert("L")) > 127
+    with_controlnet = edge_f1(canny_edges(guided.images[0]), sketch_edges, 2)["f1"]
+    without = edge_f1(canny_edges(pipe.generate("", **options).images[0]), sketch_edges, 2)["f1"]
+    assert with_controlnet > 0.5 and with_controlnet > without + 0.3, (with_controlnet, without)

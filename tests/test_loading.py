@@ -317,3 +317,13 @@ def test_sd21_single_file_loads_without_config(tmp_path):
     assert (loaded.text_encoder.config.hidden_act, loaded.text_encoder.config.num_hidden_layers) == ("gelu", 23)
     assert loaded.tokenizer.pad_token_id == 0
     assert loaded.scheduler_config["prediction_type"] == "v_prediction"
+
+
+def test_a_model_folder_carries_its_own_controlnets(tmp_path):
+    from ldmkit.loading import DEFAULT_MODEL_DIR, model_controlnet_dir
+
+    assert model_controlnet_dir(None) == DEFAULT_MODEL_DIR / "controlnets"  # the shipped model's emoji-lines
+    assert model_controlnet_dir(tmp_path) is None
+    (tmp_path / "controlnets").mkdir()
+    assert model_controlnet_dir(tmp_path) == tmp_path / "controlnets"
+    assert model_controlnet_dir(tmp_path / "model.safetensors") is None  # a single file has no folder of its own

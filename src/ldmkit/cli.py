@@ -270,7 +270,9 @@ def run_generate(args) -> int:
         from ldmkit.controlnet import ControlNetLibrary
 
         opencv()  # the preprocessors and map fitting need it: say so before loading anything
-        library = ControlNetLibrary(args.controlnet_dir)
+        from ldmkit.loading import model_controlnet_dir
+
+        library = ControlNetLibrary(args.controlnet_dir or model_controlnet_dir(args.model))
         for unit in controls:
             library.resolve(unit.model)
     from ldmkit.params import HIRES_UPSCALERS

@@ -21,7 +21,11 @@ def add_model_options(parser) -> None:
         "--embeddings-dir", type=Path, default=None, help="textual inversion embeddings, used by writing their names"
     )
     parser.add_argument(
-        "--controlnet-dir", type=Path, default=None, help="folder of ControlNets, each named by its file or folder stem"
+        "--controlnet-dir",
+        type=Path,
+        default=None,
+        help="folder of ControlNets, each named by its file or folder stem (default: the model folder's controlnets/; "
+        "the shipped model has emoji-lines)",
     )
     parser.add_argument(
         "--upscalers-dir",

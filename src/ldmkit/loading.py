@@ -128,6 +128,16 @@ def save_pretrained(components: Components, folder: str | os.PathLike) -> Path:
     return Path(folder)
 
 
+MODEL_CONTROLNETS = "controlnets"  # a model folder's own ControlNets (`ldm train controlnet` exports there too)
+
+
+def model_controlnet_dir(source: str | os.PathLike | None) -> Path | None:
+    """The ControlNets a model folder carries (its `controlnets` subfolder; the shipped model's when `source` is
+    None), used when no ControlNet folder is given; None when it has none."""
+    folder = DEFAULT_MODEL_DIR if source is None else Path(source).expanduser()
+    return folder / MODEL_CONTROLNETS if (folder / MODEL_CONTROLNETS).is_dir() else None
+
+
 def _default_model_dir() -> Path:
     if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
         raise ModelLoadError(f"no default model is shipped with this install ({DEFAULT_MODEL_DIR}); {PASS_A_MODEL}")

@@ -175,10 +175,14 @@ class Pipeline:
         vae_dir holds the VAEs requests may name; `vae` is the one A1111's "Automatic" names (ldmkit.vae): a request
         runs the model's own VAE unless its GenerationParams.vae names one.
         upscalers_dir: upscaler model files (ESRGAN...) hires fix can name besides latent and Lanczos (upscalers.py).
+        controlnet_dir: the ControlNets requests may name; without it, the model folder's `controlnets` subfolder
+        (the shipped model carries `emoji-lines` there).
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         components = loading.load_components(source, config=config)
+        if controlnet_dir is None:  # the model folder's own ControlNets, if it has any (the shipped model does)
+            controlnet_dir = loading.model_controlnet_dir(source)
         pipe = cls(components, device, dtype, lora_dir, embeddings_dir, controlnet_dir, vae_dir, vae, upscalers_dir)
         if vae_tiling:
             pipe.enable_vae_tiling()
