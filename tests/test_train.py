@@ -278,3 +278,30 @@ def test_cli_registers_data_train_eval_and_overrides(data_dir):
         cli.apply_overrides(cfg, ["nope=1"])
     assert parser.parse_args(["data", "emoji", "--out", "x"]).func is cli.run_data
     assert parser.parse_args(["eval"]).func is cli.run_eval
+
+
+def test_a_scene_unet_starts_from_a_unet_of_another_layout():
+    """The shipped model's layout (attention at every level) into the scene stage's (none at the top level): every
+    weight but the top level's attention is copied; nothing in common is an error, not a silent fresh start."""
+    from diffusers import UNet2DConditionModel
+
+    from ldmkit.errors import LdmError
+
+    def tiny(top: str, up: str, seed: int):
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(
+            sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+            down_block_types=(top, "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", up),
+            attention_head_dim=(2, 2), cross_attention_dim=8,
+        )  # fmt: skip
+
+    shipped = tiny("CrossAttnDownBlock2D", "CrossAttnUpBlock2D", seed=0).state_dict()
+    scene_unet = tiny("DownBlock2D", "UpBlock2D", seed=1)
+    copied, left = scene.copy_matching(scene_unet, shipped)
+    after = scene_unet.state_dict()
+    assert copied == len(after) - len(left) > 0
+    assert left == []  # the scene UNet has nothing the shipped one lacks: it only drops the top attentions
+    assert all(torch.equal(after[name], shipped[name]) for name in after)
+    assert any(name.startswith("down_blocks.0.attentions") for name in shipped)  # ...which were not copied
+    with pytest.raises(LdmError, match="no weight matches"):
+        scene.copy_matching(scene_unet, {"other.weight": torch.zeros(1)})
