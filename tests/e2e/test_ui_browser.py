@@ -221,8 +221,8 @@ def test_screenshots_of_the_default_model_for_the_docs(tmp_path):
         browser.close()
 
 
-def generate_for_screenshot(page, tab: str, prompt: str, seed: int, batch_size: int) -> list[str]:
-    """Generate in a tab; the gallery's image URLs."""
+def generate_for_screenshot(page, tab: str, prompt: str, seed: int, batch_size: int, maps: int = 0) -> list[str]:
+    """Generate in a tab; the gallery's image URLs (the generated images: `maps` ControlNet maps follow them)."""
     page.fill(f"#{tab}-prompt textarea", prompt)
     for field, value in (("seed", seed), ("batch-size", batch_size)):
         box = page.locator(f"#{tab}-{field} input[type='number']")
@@ -230,7 +230,7 @@ def generate_for_screenshot(page, tab: str, prompt: str, seed: int, batch_size: 
         box.press("Enter")
     page.click(f"#{tab}-generate")
     page.wait_for_function(f"document.querySelector('#{tab}-status').innerText.startsWith('Done')")
-    page.wait_for_function(f"document.querySelectorAll('#{tab}-gallery img').length === {batch_size}")
+    page.wait_for_function(f"document.querySelectorAll('#{tab}-gallery img').length === {batch_size + maps}")
     page.wait_for_timeout(500)  # let the gallery's images finish loading
     return [page.locator(f"#{tab}-gallery img").nth(i).get_attribute("src") for i in range(batch_size)]
 
@@ -328,3 +328,44 @@ def test_controlnet_preprocessor_shows_its_own_sliders(controlnet_ui):
 def open_controlnet_panel(page):
     if not page.is_visible("#txt2img-controlnet-0-enable"):
         page.click("#txt2img-controlnet button")  # the accordion opens
+
+
+def test_a_star_drawn_on_the_pad_becomes_a_star_with_the_shipped_controlnet(ui, tmp_path):
+    """The shipped model's server lists its own ControlNet with no option; a star drawn with the mouse and the empty
+    prompt gives an image whose edges follow the drawing (edge F1 within 2 px, against the map the gallery shows).
+    LDM_UI_SCREENSHOT=docs/ui.png also writes docs/ui-controlnet-shipped.png."""
+    pytest.importorskip("cv2")
+    from ldmkit.eval.controlnet import canny_edges, edge_f1
+
+    with serve(create_app(Pipeline.from_pretrained(None, device="cpu"))) as url:
+        page = ui[0].context.browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(120_000)
+        page.goto(url + "/")
+        unit = "#txt2img-controlnet-0"
+        open_controlnet_panel(page)
+        page.click(f"{unit}-model input")
+        page.click("ul[role='listbox'] li:has-text('emoji-lines')")  # the model folder's own, listed unasked
+        page.click(f"{unit}-image button[aria-label='Brush']")
+        box = page.locator(f"{unit}-image canvas").first.bounding_box()
+        centre_x, centre_y, radius = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["height"] * 0.35
+        angles = -np.pi / 2 + np.arange(11) * np.pi / 5  # a five-pointed star, closed
+        radii = np.where(np.arange(11) % 2 == 0, radius, radius * 0.4)
+        corners = [(centre_x + r * np.cos(a), centre_y + r * np.sin(a)) for r, a in zip(radii, angles)]
+        page.mouse.move(*corners[0])
+        page.mouse.down()
+        for (x0, y0), (x1, y1) in zip(corners, corners[1:]):
+            for t in np.linspace(0.1, 1.0, 10):  # in small moves, as a hand draws
+                page.mouse.move(x0 + t * (x1 - x0), y0 + t * (y1 - y0))
+        page.mouse.up()
+        page.check(f"{unit}-enable input[type='checkbox']")
+        generated = generate_for_screenshot(page, "txt2img", "", seed=1, batch_size=2, maps=1)
+        if os.environ.get("LDM_UI_SCREENSHOT"):
+            root, extension = os.path.splitext(os.environ["LDM_UI_SCREENSHOT"])
+            page.screenshot(path=f"{root}-controlnet-shipped{extension}", full_page=True)
+        control_map = page.locator("#txt2img-gallery img").nth(2).get_attribute("src")
+        drawing = np.asarray(Image.open(io.BytesIO(page.request.get(control_map).body())).convert("L")) > 127
+        for src in generated:
+            image = Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB")
+            assert image.size == (drawing.shape[1], drawing.shape[0])
+            assert edge_f1(canny_edges(image), drawing, 2)["f1"] > 0.5
+        page.close()
