@@ -185,3 +185,14 @@ def test_sdxl_controlnet_on_sd_model_is_refused_before_compute(setup, tiny_compo
     unit = ControlUnit(model=str(folder / "cn1"), image=control_image())
     with pytest.raises(InvalidRequest, match=r"unit 0: '.*cn1' is a 16-wide-text \(text_time added"):
         pipe.generate(PROMPT, steps=2, width=WIDTH, height=HEIGHT, controls=[unit])
+
+
+def test_a_controlnet_of_another_unet_layout_is_refused_before_compute(tiny_components, tmp_path):
+    """Same text width, other block widths (the shipped 128 px model's ControlNet on a scene model, say): refused by
+    name with both layouts, not a shape error deep in the UNet."""
+    make_tiny_controlnet(1, block_out_channels=(8, 16), norm_num_groups=4).save_pretrained(tmp_path / "other")
+    pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
+    pipe.unet.register_forward_pre_hook(lambda *args: pytest.fail("the UNet ran"))
+    unit = ControlUnit(model=str(tmp_path / "other"), image=control_image())
+    with pytest.raises(InvalidRequest, match=r"unit 0: '.*other' was made for a UNet of widths \(8, 16\) with 1 "):
+        pipe.generate(PROMPT, steps=2, width=WIDTH, height=HEIGHT, controls=[unit])

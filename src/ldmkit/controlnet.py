@@ -451,11 +451,23 @@ def prepare_controls(
 def _check_fits(model: ControlNetModel, unet, index: int, name: str) -> None:
     """A ControlNet guides a UNet of its own family (same text states and added conditioning) with RGB maps."""
     _check_family(model.config.cross_attention_dim, model.config.addition_embed_type, unet, index, name)
+    # Its residuals are added to the UNet's skip connections: one per layer of every level, at the level's width.
+    layout, unet_layout = _layout(model.config), _layout(unet.config)
+    if layout != unet_layout:
+        raise InvalidRequest(
+            f"ControlNet unit {index}: '{name}' was made for a UNet of widths {layout[0]} with {layout[1]} layers per "
+            f"level; this model's UNet has {unet_layout[0]} with {unet_layout[1]}: use a ControlNet made for this model"
+        )
     if model.config.conditioning_channels != 3:
         raise InvalidRequest(
             f"ControlNet unit {index}: its ControlNet takes {model.config.conditioning_channels}-channel control "
             "images (an inpainting ControlNet's image and mask); ldmkit makes RGB control maps"
         )
+
+
+def _layout(config) -> tuple[tuple[int, ...], int]:
+    layers = config.layers_per_block
+    return tuple(config.block_out_channels), layers if isinstance(layers, int) else tuple(layers)
 
 
 def _check_family(context_dim, addition_embed_type, unet, index: int, name: str) -> None:
