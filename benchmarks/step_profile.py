@@ -48,10 +48,12 @@ def analyse(events: list[dict]) -> dict:
     * after: from the last step's end on the GPU to the call's end (decode, conversion to 8 bits).
     """
     call = next(e for e in events if e.get("name") == "generate" and e.get("cat") == "user_annotation")
-    cpu_marks = sorted(e["ts"] for e in events if e.get("name") == MARK and e.get("cat") == "user_annotation")
-    gpu_marks = sorted(
-        (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == MARK and e.get("cat") == "gpu_user_annotation"
-    )
+    marks = {
+        cat: sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == MARK and e.get("cat") == cat)
+        for cat in ("user_annotation", "gpu_user_annotation")
+    }
+    cpu_marks = [a for a, _ in marks["user_annotation"]]
+    gpu_marks = marks["gpu_user_annotation"] or marks["user_annotation"]  # a CPU run has no GPU timeline
     kernels = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in KERNEL_CATEGORIES]
     start = call["ts"]
     end = max([call["ts"] + call["dur"], *[b for _, b in kernels]])

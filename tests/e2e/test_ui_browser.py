@@ -330,7 +330,7 @@ def open_controlnet_panel(page):
         page.click("#txt2img-controlnet button")  # the accordion opens
 
 
-def test_a_star_drawn_on_the_pad_becomes_a_star_with_the_shipped_controlnet(ui, tmp_path):
+def test_a_star_drawn_on_the_pad_becomes_a_star_with_the_shipped_controlnet(ui):
     """The shipped model's server lists its own ControlNet with no option; a star drawn with the mouse and the empty
     prompt gives an image whose edges follow the drawing (edge F1 within 2 px, against the map the gallery shows).
     LDM_UI_SCREENSHOT=docs/ui.png also writes docs/ui-controlnet-shipped.png."""

@@ -33,8 +33,8 @@ class SceneTrainConfig:
     text_encoder_dir: str = ".runs/clip/text_encoder"  # the starting point: it already knows the emoji names
     unet_dir: str | None = None  # start from this UNet (an exported scene model's) instead of a new one
     # or build a new one and copy in every weight of this UNet whose name and shape match (e.g. the shipped 128 px
-    # model's, with block_out_channels=[64,128,192], layers_per_block=2, attention_heads=[2,4,6]: all but its top
-    # level's attention, which the scene UNet leaves out), so training starts from a UNet that knows the emoji
+    # model's, with block_out_channels=[64,128,192], layers_per_block=2, attention_heads=[2,4,6]: all of it with
+    # top_attention, else all but its top level's attention), so training starts from a UNet that knows the emoji
     init_unet_dir: str | None = None
     # classic, single, pair, count, wearing, floating: a curriculum raises the first two while identity is learned
     scene_shares: tuple[float, ...] = scenes.SceneSampler.DEFAULT_SHARES
