@@ -150,7 +150,8 @@ def train(cfg: SceneTrainConfig) -> dict:
         if cfg.init_unet_dir:
             copied, left = copy_matching(unet, UNet2DConditionModel.from_pretrained(cfg.init_unet_dir).state_dict())
             if accelerator.is_main_process:
-                print(f"init_unet_dir: {copied} tensors copied, {len(left)} new ({', '.join(left[:4])}...)", flush=True)
+                new = f": {', '.join(left[:4])}{', ...' if len(left) > 4 else ''}" if left else ""
+                print(f"init_unet_dir: {copied} tensors copied, {len(left)} new{new}", flush=True)
     unet = unet.to(memory_format=torch.channels_last)
     model = TextToNoise(text_encoder, unet).to(device)
     groups = [
