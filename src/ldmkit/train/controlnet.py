@@ -19,7 +19,7 @@ from transformers import CLIPTextModel
 from ldmkit.errors import LdmError
 from ldmkit.loading import DEFAULT_MODEL_DIR
 from ldmkit.train import common, control_maps
-from ldmkit.train.unet import diffusion_loss, encode_captions
+from ldmkit.train.unet import diffusion_loss, draw_pairs, encode_captions
 from ldmkit.train.vae import encode_posteriors
 
 EXPORT_SUBDIR = "controlnets"  # out_dir/controlnets/<name>: a folder to pass as --controlnet-dir (ckpt.pt stays out)
@@ -178,12 +178,9 @@ def train(cfg: ControlNetTrainConfig) -> dict:
         index = torch.randint(0, n, (batch,), device=device, generator=generator)
         kind = torch.randint(0, kinds, (batch,), device=device, generator=generator)
         control = (maps[index, kind].float() / 255.0)[:, None].expand(-1, 3, -1, -1)  # (B, 3, H, W) in [0, 1]
-        variant = torch.randint(0, 3, (batch,), device=device, generator=generator)
-        caption_ids = image_captions[index, variant]
-        dropped = torch.rand(batch, device=device, generator=generator) < cfg.caption_dropout
-        caption_ids = torch.where(dropped, torch.zeros_like(caption_ids), caption_ids)  # id 0 is ""
-        noise = torch.randn(posterior_mean[index].shape, device=device, generator=generator)
-        latents = (posterior_mean[index] + posterior_std[index] * noise) * scaling_factor  # (B, 4, h, w)
+        caption_ids, dropped, latents = draw_pairs(
+            index, image_captions, posterior_mean, posterior_std, scaling_factor, cfg.caption_dropout, generator
+        )
         # mirrored only without a caption, which could name a direction ("right arrow")
         mirrorable = dropped if cfg.mirror else torch.zeros_like(dropped)
         latents, control = augment_pairs(latents, control, white_latent, cfg.max_shift, mirrorable, generator)

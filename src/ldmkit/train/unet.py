@@ -84,6 +84,22 @@ def encode_captions(text_encoder: CLIPTextModel, captions: list[str], device, ba
     return torch.cat(states)
 
 
+def draw_pairs(index, image_captions, posterior_mean, posterior_std, scaling_factor, caption_dropout, generator):
+    """For the images `index` (B,): one of each image's three captions, emptied with probability `caption_dropout`
+    (id 0 is ""), and one latent sample of its posterior.
+
+    Returns (caption ids (B,), which were emptied (B,) bool, latents (B, 4, h, w)).
+    """
+    batch, device = len(index), index.device
+    variant = torch.randint(0, 3, (batch,), device=device, generator=generator)
+    caption_ids = image_captions[index, variant]
+    dropped = torch.rand(batch, device=device, generator=generator) < caption_dropout
+    caption_ids = torch.where(dropped, torch.zeros_like(caption_ids), caption_ids)
+    noise = torch.randn(posterior_mean[index].shape, device=device, generator=generator)
+    latents = (posterior_mean[index] + posterior_std[index] * noise) * scaling_factor
+    return caption_ids, dropped, latents
+
+
 def diffusion_loss(unet, latents, text_states, alphas_cumprod, cfg: UnetTrainConfig, generator) -> torch.Tensor:
     """v-prediction MSE at uniformly drawn timesteps, Min-SNR weighted."""
     batch = latents.shape[0]
@@ -131,12 +147,9 @@ def train(cfg: UnetTrainConfig) -> dict:
     model.train()
     for step in progress:
         index = torch.randint(0, n, (batch,), device=device, generator=generator)
-        variant = torch.randint(0, 3, (batch,), device=device, generator=generator)
-        caption_ids = image_captions[index, variant]
-        dropped = torch.rand(batch, device=device, generator=generator) < cfg.caption_dropout
-        caption_ids = torch.where(dropped, torch.zeros_like(caption_ids), caption_ids)  # id 0 is ""
-        noise = torch.randn(posterior_mean[index].shape, device=device, generator=generator)
-        latents = (posterior_mean[index] + posterior_std[index] * noise) * scaling_factor  # (B, 4, h, w)
+        caption_ids, _, latents = draw_pairs(
+            index, image_captions, posterior_mean, posterior_std, scaling_factor, cfg.caption_dropout, generator
+        )
         with accelerator.autocast():
             loss = diffusion_loss(model, latents, text_states[caption_ids], alphas_cumprod, cfg, generator)
         common.optimizer_step(accelerator, model, optimizer, loss, ema, step)
