@@ -221,16 +221,8 @@ class ControlNetLibrary:
         found: dict[str, list[Path]] = {}
         if self.folder is None:
             return found
-        for root, dirs, files in os.walk(self.folder):
-            root_path = Path(root)
-            for name in sorted(dirs):
-                if loading._read_json(root_path / name / "config.json").get("_class_name") == "ControlNetModel":
-                    found.setdefault(name, []).append(root_path / name)
-            dirs[:] = sorted(d for d in dirs if not (root_path / d / "config.json").is_file())
-            for name in sorted(files):
-                path = root_path / name
-                if path.suffix in FILE_SUFFIXES and not name.startswith("."):
-                    found.setdefault(path.stem, []).append(path)
+        for path in loading.walk_models(self.folder, "ControlNetModel", FILE_SUFFIXES):
+            found.setdefault(path.stem if path.is_file() else path.name, []).append(path)
         return found
 
     def names(self) -> list[str]:

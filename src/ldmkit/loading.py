@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,21 @@ def model_controlnet_dir(source: str | os.PathLike | None) -> Path | None:
     None), used when no ControlNet folder is given; None when it has none."""
     folder = DEFAULT_MODEL_DIR if source is None else Path(source).expanduser()
     return folder / MODEL_CONTROLNETS if (folder / MODEL_CONTROLNETS).is_dir() else None
+
+
+def walk_models(folder: Path, class_name: str, suffixes) -> Iterator[Path]:
+    """The diffusers folders of `class_name` (by their config.json) and the files ending in `suffixes` under
+    `folder`, directory by directory in name order: its model folders, then its files. A folder with a
+    config.json is a model, never searched inside; hidden files are skipped."""
+    for root, dirs, files in os.walk(folder):
+        root_path = Path(root)
+        for name in sorted(dirs):
+            if _read_json(root_path / name / "config.json").get("_class_name") == class_name:
+                yield root_path / name
+        dirs[:] = sorted(d for d in dirs if not (root_path / d / "config.json").is_file())
+        for name in sorted(files):
+            if Path(name).suffix in suffixes and not name.startswith("."):
+                yield root_path / name
 
 
 def _default_model_dir() -> Path:

@@ -35,15 +35,8 @@ class VaeLibrary:
         found = {} if self.automatic is None else {vae_name(self.automatic): self.automatic}
         if self.folder is None:
             return found
-        for root, dirs, files in os.walk(self.folder):
-            root_path = Path(root)
-            for name in sorted(dirs):
-                if loading._read_json(root_path / name / "config.json").get("_class_name") == "AutoencoderKL":
-                    found.setdefault(name, root_path / name)
-            dirs[:] = sorted(d for d in dirs if not (root_path / d / "config.json").is_file())
-            for name in sorted(files):
-                if Path(name).suffix in loading.VAE_FILE_SUFFIXES and not name.startswith("."):
-                    found.setdefault(name, root_path / name)
+        for path in loading.walk_models(self.folder, "AutoencoderKL", loading.VAE_FILE_SUFFIXES):
+            found.setdefault(path.name, path)  # a file is named with its suffix, as A1111's sd_vae list names it
         return found
 
     def names(self) -> list[str]:
