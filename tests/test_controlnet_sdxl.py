@@ -171,28 +171,29 @@ def test_inpainting_matches_diffusers(setup, sampler, strength):
 def test_sd_controlnet_on_sdxl_model_is_refused_before_compute(setup, tmp_path):
     components, _, _ = setup
     make_tiny_controlnet(1).save_pretrained(tmp_path / "sd15_canny")
-    pipe = Pipeline(components, torch.device("cpu"), torch.float32)
-    pipe.unet.register_forward_pre_hook(lambda *args: pytest.fail("the UNet ran"))
-    unit = ControlUnit(model=str(tmp_path / "sd15_canny"), image=control_image())
-    with pytest.raises(InvalidRequest, match=r"unit 0: '.*sd15_canny' is a 8-wide-text.*this model is a 16-wide"):
-        pipe.generate(PROMPT, steps=2, width=WIDTH, height=HEIGHT, controls=[unit])
+    refused_before_compute(
+        components, tmp_path / "sd15_canny", r"unit 0: '.*sd15_canny' is a 8-wide-text.*this model is a 16-wide"
+    )
 
 
 def test_sdxl_controlnet_on_sd_model_is_refused_before_compute(setup, tiny_components):
     _, _, folder = setup
-    pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
-    pipe.unet.register_forward_pre_hook(lambda *args: pytest.fail("the UNet ran"))
-    unit = ControlUnit(model=str(folder / "cn1"), image=control_image())
-    with pytest.raises(InvalidRequest, match=r"unit 0: '.*cn1' is a 16-wide-text \(text_time added"):
-        pipe.generate(PROMPT, steps=2, width=WIDTH, height=HEIGHT, controls=[unit])
+    refused_before_compute(tiny_components, folder / "cn1", r"unit 0: '.*cn1' is a 16-wide-text \(text_time added")
 
 
 def test_a_controlnet_of_another_unet_layout_is_refused_before_compute(tiny_components, tmp_path):
     """Same text width, other block widths (the shipped 128 px model's ControlNet on a scene model, say): refused by
     name with both layouts, not a shape error deep in the UNet."""
     make_tiny_controlnet(1, block_out_channels=(8, 16), norm_num_groups=4).save_pretrained(tmp_path / "other")
-    pipe = Pipeline(tiny_components, torch.device("cpu"), torch.float32)
+    refused_before_compute(
+        tiny_components, tmp_path / "other", r"unit 0: '.*other' was made for a UNet of widths \(8, 16\) with 1 "
+    )
+
+
+def refused_before_compute(components, controlnet, match: str) -> None:
+    """A generation with `controlnet` on `components` is refused with `match`, and the UNet never runs."""
+    pipe = Pipeline(components, torch.device("cpu"), torch.float32)
     pipe.unet.register_forward_pre_hook(lambda *args: pytest.fail("the UNet ran"))
-    unit = ControlUnit(model=str(tmp_path / "other"), image=control_image())
-    with pytest.raises(InvalidRequest, match=r"unit 0: '.*other' was made for a UNet of widths \(8, 16\) with 1 "):
+    unit = ControlUnit(model=str(controlnet), image=control_image())
+    with pytest.raises(InvalidRequest, match=match):
         pipe.generate(PROMPT, steps=2, width=WIDTH, height=HEIGHT, controls=[unit])
