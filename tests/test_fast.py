@@ -11,7 +11,7 @@ from diffusers.models.attention_processor import FusedAttnProcessor2_0
 from support.sdxl import make_tiny_sdxl_components
 
 from ldmkit import Pipeline
-from ldmkit.fast import FastUNet, compile_models, unet_forward, use_fp16
+from ldmkit.fast import FastTextEncoder, FastUNet, compile_models, unet_forward, use_fp16
 
 KWARGS = {
     "prompt": "an otter in a river",
@@ -191,6 +191,97 @@ def test_unknown_compile_mode_is_refused(tiny_components):
         pipe.make_fast(mode="fastest")
 
 
+class RecordedGraph:
+    """Stands in for CUDAGraphed(fn, module) on the CPU: runs fn and counts the calls."""
+
+    def __init__(self, fn, module):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *tensors):
+        self.calls += 1
+        return self.fn(*tensors)
+
+
+def assert_same_outputs(got, expected):
+    assert type(got) is type(expected) and list(got.keys()) == list(expected.keys())
+    for name, value in expected.items():
+        values = value if isinstance(value, tuple) else (value,)
+        got_values = got[name] if isinstance(value, tuple) else (got[name],)
+        assert len(got_values) == len(values)
+        for a, b in zip(got_values, values):
+            assert torch.equal(a, b), name
+
+
+def test_fast_text_encoder_rebuilds_each_encoders_output_from_the_flat_graph_outputs():
+    components = make_tiny_sdxl_components(seed=3)
+    ids = torch.randint(0, 1000, (2, 77))
+    for encoder in (components.text_encoder, components.text_encoder_2):  # CLIPTextModel, ...WithProjection
+        fast = FastTextEncoder(encoder, graph=RecordedGraph)
+        assert fast.config is encoder.config and fast.device == encoder.device  # read through to the encoder
+        with torch.no_grad():
+            for hidden in (False, True):
+                expected = encoder(ids, output_hidden_states=hidden)
+                assert_same_outputs(fast(ids, output_hidden_states=hidden), expected)
+                assert fast.calls[hidden].graphed.calls == 1
+            assert fast(ids)[0] is not None and fast.calls[False].graphed.calls == 2
+            # an argument the graphs were not made for: the encoder itself
+            masked = fast(ids, attention_mask=torch.ones_like(ids))
+            assert_same_outputs(masked, encoder(ids, attention_mask=torch.ones_like(ids)))
+        assert fast.calls[False].graphed.calls == 2
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_generation_encodes_prompts_through_the_states_text_encoder_calls(tiny_components, family):
+    components = make_tiny_sdxl_components(seed=3) if family == "sdxl" else tiny_components
+    kwargs = SDXL_KWARGS if family == "sdxl" else KWARGS
+    eager = pixels(cpu_pipeline(components), **kwargs)
+    pipe = cpu_pipeline(components)
+    names = ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",)
+    fast = {f"{name}_forward": FastTextEncoder(getattr(pipe.state, name), graph=RecordedGraph) for name in names}
+    pipe.apply(lambda state: state.with_transform("graphed-text:test", **fast))
+    assert np.array_equal(pixels(pipe, **kwargs), eager)
+    # SDXL takes the penultimate hidden states (and bigG's pooled embedding): the hidden-states graphs
+    hidden = family == "sdxl"
+    assert all(encoder.calls[hidden].graphed.calls == 1 and encoder.calls[not hidden].graphed.calls == 0
+               for encoder in fast.values())  # fmt: skip
+
+
+def test_compile_models_graphs_the_text_encoders_on_cuda_only(tiny_components):
+    pipe = cpu_pipeline(tiny_components)
+    pipe.apply(compile_models)  # builds the wrappers; nothing compiles before a call
+    assert pipe.state.text_encoder_forward is None and pipe.state.run_text_encoder is pipe.text_encoder
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_fast_text_encoders_replay_cuda_graphs_with_the_eager_outputs():
+    components = make_tiny_sdxl_components(seed=3)
+    for encoder in (components.text_encoder, components.text_encoder_2):
+        encoder.cuda()
+        fast = FastTextEncoder(encoder)
+        with torch.inference_mode():
+            for seed in (0, 1):  # new ids through the same graph
+                ids = torch.randint(0, 1000, (2, 77), generator=torch.Generator().manual_seed(seed)).cuda()
+                for hidden in (False, True):
+                    expected = encoder(ids, output_hidden_states=hidden)
+                    got = fast(ids, output_hidden_states=hidden)
+                    assert type(got) is type(expected) and list(got.keys()) == list(expected.keys())
+                    torch.testing.assert_close(got.to_tuple(), expected.to_tuple())
+        assert all(len(call.graphed.captured) == 1 for call in fast.calls.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphed_returns_copies_of_tuple_outputs():
+    from ldmkit.cuda_graphs import CUDAGraphed
+
+    module = torch.nn.Linear(8, 8).cuda()
+    call = CUDAGraphed(lambda x: (module(x), 2 * x), module)
+    x = torch.randn(4, 8, device="cuda")
+    first = call(x)
+    torch.testing.assert_close(first, (module(x), 2 * x))
+    call(3 * x)  # a replay writes the graph's outputs: the copies handed out before stay
+    torch.testing.assert_close(first, (module(x), 2 * x))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graphed_replays_and_recaptures_when_weights_move():
     from ldmkit.cuda_graphs import CUDAGraphed
@@ -219,3 +310,5 @@ def test_sdxl_on_cuda_runs_every_step_through_one_cuda_graph_and_keeps_the_image
     assert np.abs(pixels(pipe, **SDXL_KWARGS) - eager).max() <= 1
     graphed = pipe.state.unet_forward.call
     assert isinstance(graphed, CUDAGraphed) and len(graphed.captured) == 1 and len(graphed.fn.compiled) == 1
+    for encoder in (pipe.state.text_encoder_forward, pipe.state.text_encoder_2_forward):  # prompts: graphs too
+        assert isinstance(encoder, FastTextEncoder) and len(encoder.calls[True].graphed.captured) == 1

@@ -21,12 +21,13 @@ from ldmkit.precompile import call_signature
 class _Captured:
     graph: torch.cuda.CUDAGraph
     inputs: list[torch.Tensor]  # the graph reads these: new inputs are copied in
-    output: torch.Tensor  # the graph writes this: callers get a copy
+    output: torch.Tensor | tuple[torch.Tensor, ...]  # the graph writes this: callers get a copy
     weights: tuple[int, ...]  # parameter addresses the graph read at capture
 
 
 class CUDAGraphed:
-    """`call(*tensors)` replays `fn(*tensors)` from a CUDA graph captured per tensor signature.
+    """`call(*tensors)` replays `fn(*tensors)` from a CUDA graph captured per tensor signature; `fn` returns a
+    tensor or a tuple of tensors.
 
     The graph reads the module's weights where they were at capture; if any parameter has moved since
     (the module was cast or moved), the call is captured again rather than reading freed memory.
@@ -47,6 +48,8 @@ class CUDAGraphed:
         for static, new in zip(entry.inputs, tensors):
             static.copy_(new)
         entry.graph.replay()
+        if isinstance(entry.output, tuple):
+            return tuple(output.clone() for output in entry.output)
         return entry.output.clone()
 
     def _weights(self) -> tuple[int, ...]:

@@ -8,7 +8,8 @@ Each one leaves the arithmetic the same up to fp16 rounding (measured: docs/benc
   - torch.compile of the UNet and of the VAE decoder, saved to disk by ldmkit.precompile so that a
     second process loads them instead of tracing the models again;
   - the compiled UNet call replayed as a CUDA graph (ldmkit.cuda_graphs), which removes the
-    per-kernel launch cost that bounds a 512 px step on a fast GPU.
+    per-kernel launch cost that bounds a 512 px step on a fast GPU; the text encoders replay as CUDA
+    graphs too (eager inside: they run once a request, so compiling them would not pay).
 Approximate speed-ups (fewer steps, caches of UNet features, lower precision than fp16) are not
 here: they change the picture and must be asked for by name.
 """
@@ -103,7 +104,16 @@ def compile_models(
 
         unet_call = CUDAGraphed(unet_call, unet)
     fast_decode = FastDecode(vae, PrecompiledCall(vae_decode, vae, options))
-    return state.with_transform(f"compiled:{mode}", unet_forward=FastUNet(unet, unet_call), vae_decode=fast_decode)
+    encoders = {}
+    if cuda_graphs and state.device.type == "cuda":
+        encoders = {
+            f"{name}_forward": FastTextEncoder(encoder)
+            for name, encoder in (("text_encoder", state.text_encoder), ("text_encoder_2", state.text_encoder_2))
+            if encoder is not None  # the SDXL refiner has no CLIP ViT-L
+        }
+    return state.with_transform(
+        f"compiled:{mode}", unet_forward=FastUNet(unet, unet_call), vae_decode=fast_decode, **encoders
+    )
 
 
 # The UNet inputs a family adds, as `added_cond_kwargs` (SDXL's pooled text embedding and size/crop numbers):
@@ -176,3 +186,54 @@ class FastDecode:
             return self.vae.decode(latents, return_dict=return_dict, **kwargs)
         image = self.call(latents)
         return DecoderOutput(sample=image) if return_dict else (image,)
+
+
+class FastTextEncoder:
+    """Called as a transformers CLIP text encoder is, `encoder(ids)` or `encoder(ids, output_hidden_states=True)`, on
+    CUDA each from a CUDA graph (ldmkit.cuda_graphs); every attribute is the encoder's own.
+
+    The SDXL encoders ran eagerly before the first step: 627 kernel launches while the GPU idled 27 ms of 29.5
+    (docs/benchmarks.md). Calls with other arguments run the encoder itself. `graph(fn, module)` makes the replayed
+    call (CUDAGraphed; tests pass a stand-in).
+    """
+
+    def __init__(self, encoder, graph=None):
+        from ldmkit.cuda_graphs import CUDAGraphed
+
+        self.encoder = encoder
+        self.calls = {hidden: _FlatOutputCall(encoder, hidden, graph or CUDAGraphed) for hidden in (False, True)}
+
+    def __getattr__(self, name):
+        return getattr(self.encoder, name)  # config, device, text_model, offload hooks: the encoder's
+
+    def __call__(self, input_ids, output_hidden_states=False, **kwargs):
+        if kwargs:
+            return self.encoder(input_ids, output_hidden_states=output_hidden_states, **kwargs)
+        return self.calls[bool(output_hidden_states)](input_ids)
+
+
+class _FlatOutputCall:
+    """The encoder's output (a transformers ModelOutput holding tensors and a tuple of hidden states) flattened to
+    the tuple of tensors a CUDA graph returns, and rebuilt as the same ModelOutput after each replay."""
+
+    def __init__(self, encoder, output_hidden_states: bool, graph):
+        self.encoder, self.output_hidden_states = encoder, output_hidden_states
+        self.layout = None  # (ModelOutput class, [(field, tuple length or None)]): set by every eager run
+        self.graphed = graph(self.flat_outputs, encoder)
+
+    def flat_outputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        output = self.encoder(input_ids, output_hidden_states=self.output_hidden_states, return_dict=True)
+        fields, flat = [], []
+        for name, value in output.items():  # a ModelOutput's items leave out its None fields
+            is_tuple = isinstance(value, tuple)
+            fields.append((name, len(value) if is_tuple else None))
+            flat.extend(value if is_tuple else (value,))
+        self.layout = (type(output), fields)
+        return tuple(flat)
+
+    def __call__(self, input_ids: torch.Tensor):
+        flat = iter(self.graphed(input_ids))
+        output_class, fields = self.layout
+        return output_class(
+            **{name: next(flat) if n is None else tuple(next(flat) for _ in range(n)) for name, n in fields}
+        )

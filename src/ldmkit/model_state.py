@@ -35,6 +35,9 @@ class ModelState:
     text_encoder_2: torch.nn.Module | None = None
     pipeline_config: dict = dataclasses.field(default_factory=dict)
     offload_hooks: tuple = ()  # accelerate's hooks of ldmkit.offload: each model on the GPU only while it runs
+    # what runs each text encoder when not the module (the fast path's CUDA graphs; ldmkit.fast.FastTextEncoder)
+    text_encoder_forward: Callable | None = None
+    text_encoder_2_forward: Callable | None = None
 
     def release(self) -> None:
         """With offload, every model back to the CPU (a request's last model stays on the GPU otherwise)."""
@@ -54,6 +57,15 @@ class ModelState:
     def run_unet(self) -> Callable:
         """Called as diffusers' UNet2DConditionModel is."""
         return self.unet_forward or self.unet
+
+    @property
+    def run_text_encoder(self) -> Callable | None:
+        """Called as transformers' CLIP text encoder is; None where the model has none (the SDXL refiner)."""
+        return self.text_encoder_forward or self.text_encoder
+
+    @property
+    def run_text_encoder_2(self) -> Callable | None:
+        return self.text_encoder_2_forward or self.text_encoder_2
 
     @property
     def vae_scale_factor(self) -> int:

@@ -278,15 +278,17 @@ def execution_device(text_encoder) -> torch.device:
 
 
 def _chunk_batches(tokenizer: PreTrainedTokenizerBase, prompts: list[str], device):
-    """Per chunk position: the (len(prompts), 77) token ids and emphasis weights of every prompt's chunk there."""
+    """Per chunk position: the (len(prompts), 77) token ids and emphasis weights of every prompt's chunk there
+    (weights None where every one is 1: known here on the CPU, where asking the GPU tensor would wait for the GPU)."""
     embeddings = embedding_token_groups(tokenizer)
     prompt_chunks = [_chunk_prompt(tokenizer, prompt, embeddings).chunks for prompt in prompts]
     num_chunks = max(len(chunks) for chunks in prompt_chunks)
     for i in range(num_chunks):
         batch = [chunks[i] if i < len(chunks) else _Chunk() for chunks in prompt_chunks]
         ids = torch.tensor([_padded_ids(tokenizer, chunk) for chunk in batch], device=device)
-        weights = torch.tensor([_padded_weights(chunk) for chunk in batch], device=device)
-        yield ids, weights
+        weights = [_padded_weights(chunk) for chunk in batch]
+        plain = all(w == 1 for row in weights for w in row)
+        yield ids, None if plain else torch.tensor(weights, device=device)
 
 
 def _padded_ids(tokenizer: PreTrainedTokenizerBase, chunk: _Chunk) -> list[int]:
@@ -316,13 +318,13 @@ def _encode(text_encoder: CLIPTextModel, ids: torch.Tensor, clip_skip: int) -> t
     return final_layer_norm(hidden_states[-clip_skip])
 
 
-def _apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """Scale each token's hidden state by its weight, then restore each prompt's mean (A1111's "Original").
 
     A1111 encodes one prompt per call, so its mean is a prompt's; here it is taken per row for the same result.
     """
-    if torch.all(weights == 1):
-        return hidden  # bit for bit the plain embedding
+    if weights is None:
+        return hidden  # no emphasis: bit for bit the plain embedding
     z = hidden.float()  # an fp16/bf16 mean would be rounded
     original_mean = z.mean(dim=(1, 2), keepdim=True)
     z = z * weights[:, :, None]

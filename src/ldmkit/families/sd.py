@@ -31,7 +31,7 @@ class StableDiffusion(ModelFamily):
         """(B or 2B, 77k, D) CLIP hidden states; A1111 prompt syntax: (emphasis:1.2), [de-emphasis], BREAK, and
         75-token chunks for long prompts (ldmkit.prompts)."""
         texts = [negative_prompt, *prompts] if use_guidance else list(prompts)
-        hidden = encode_prompts(models.tokenizer, models.text_encoder, texts, clip_skip)  # (len(texts), 77k, D)
+        hidden = encode_prompts(models.tokenizer, models.run_text_encoder, texts, clip_skip)  # (len(texts), 77k, D)
         if not use_guidance:
             return Conditioning(hidden.repeat_interleave(num_images, dim=0))
         uncond = hidden[:1].expand(len(prompts) * num_images, -1, -1)

@@ -102,9 +102,9 @@ def _text_encoders(models) -> list:
 
 def _encode(models, texts: list[str], clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Both encoders' states side by side (CLIP ViT-L first, as sgm concatenates them) and bigG's pooled output."""
-    hidden, pooled = encode_prompts_sdxl(models.tokenizer_2, models.text_encoder_2, texts, clip_skip, pooled=True)
+    hidden, pooled = encode_prompts_sdxl(models.tokenizer_2, models.run_text_encoder_2, texts, clip_skip, pooled=True)
     if models.text_encoder is not None:
-        clip_l, _ = encode_prompts_sdxl(models.tokenizer, models.text_encoder, texts, clip_skip)
+        clip_l, _ = encode_prompts_sdxl(models.tokenizer, models.run_text_encoder, texts, clip_skip)
         hidden = torch.cat([clip_l, hidden], dim=-1)
     return hidden, pooled
 
