@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ldmkit.data.emoji import EmojiRecord
-from ldmkit.train import clip, common, export, scene, unet, vae
+from ldmkit.train import clip, common, export, phrasing, scene, unet, vae
 
 SIZE = 32
 NAMES = ["red square", "green circle", "blue bar", "yellow cross"]
@@ -235,6 +235,67 @@ def test_scene_stage_trains_text_encoder_and_unet_together(trained, sprite_dir, 
     assert all(torch.equal(start[k], after[k]) for k in start)
 
 
+def test_phrasing_targets_reachable_teacher_positions():
+    from ldmkit.loading import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    typed = common.tokenize(tokenizer, ["a cute cat", "coffee, 3d render", "", "otter"])
+    canonical = common.tokenize(tokenizer, ["cat", "hot beverage, 3d render", "", "otter"])
+    target = phrasing.target_positions(typed, canonical)
+    # "a cute cat" (3 tokens) -> "cat" (1): "a" and "cute" take the start token's state, "cat" cat's, then the end
+    # token's, then the canonical padding from the first position it has padding at
+    assert target[0, :8].tolist() == [0, 0, 0, 1, 2, 5, 6, 7]
+    # 5 typed tokens right-aligned onto the last 5 of 6 canonical ones; the end token onto the end token (7)
+    assert target[1, :10].tolist() == [0, 2, 3, 4, 5, 6, 7, 8, 8, 9]
+    identity = torch.arange(77).tolist()
+    assert target[2].tolist() == identity and target[3].tolist() == identity  # canonical captions learn themselves
+    assert int(target.max()) == 76
+
+
+def test_phrasing_caption_pairs_keep_the_meaning(sprite_dir):
+    import random
+
+    from ldmkit.data import scenes
+
+    _, sampler = scenes.load_sampler(sprite_dir)
+    rng = random.Random(0)
+    pairs = phrasing.draw_pairs(sampler, rng, 300, empty_share=0.1)
+    assert 10 < sum(p == ("", "") for p in pairs) < 60
+    canonical_forms = {c for n in NAMES for s in STYLES for c in (n, f"{n}, {s}", f"{s} of {n}")}
+    typed = [(t, c) for t, c in pairs if t and t != c]
+    assert len(typed) > 100 and all(c in canonical_forms for _, c in pairs if c)
+    for text, canonical in typed:  # the name is in the caption, and the style phrase iff the canonical has one
+        name, _, style = canonical.partition(", ")
+        assert name in text and (style in text if style else not any(s in text for s in STYLES)), (text, canonical)
+
+
+def test_phrasing_stage_moves_typed_captions_towards_their_canonical_states(trained, sprite_dir, tmp_path):
+    from transformers import CLIPTextModel
+
+    from ldmkit.loading import load_tokenizer
+
+    runs, _ = trained
+    teacher_dir = runs / "clip" / "text_encoder"
+    cfg = phrasing.PhrasingTrainConfig(
+        data_dir=str(sprite_dir), out_dir=str(tmp_path / "phrasing"), text_encoder_dir=str(teacher_dir),
+        max_steps=60, batch_size=32, lr=3e-3, warmup_steps=2, log_every=10, empty_share=0.1, mixed_precision="no",
+    )  # fmt: skip
+    result = phrasing.train(cfg)
+    assert result["steps"] == 60 and losses(result)[-1] < losses(result)[0]
+    teacher = CLIPTextModel.from_pretrained(teacher_dir, torch_dtype=torch.float32)
+    student = CLIPTextModel.from_pretrained(tmp_path / "phrasing" / "text_encoder", torch_dtype=torch.float32)
+    assert (tmp_path / "phrasing" / "text_encoder" / "config.json").exists()
+    tokenizer = load_tokenizer()
+    typed = common.tokenize(tokenizer, ["a red square", "the blue bar", "a green circle emoji"])
+    canonical = common.tokenize(tokenizer, ["red square", "blue bar", "green circle"])
+    index = phrasing.target_positions(typed, canonical)[:, :, None].expand(-1, -1, 32)
+    with torch.no_grad():
+        goal = torch.gather(teacher(canonical).last_hidden_state, 1, index)
+        before = torch.nn.functional.mse_loss(teacher(typed).last_hidden_state, goal)
+        after = torch.nn.functional.mse_loss(student(typed).last_hidden_state, goal)
+    assert after < 0.7 * before
+
+
 def test_contrastive_loss_counts_every_matching_caption():
     image = torch.eye(2)
     text = torch.eye(2)
@@ -276,6 +337,9 @@ def test_cli_registers_data_train_eval_and_overrides(data_dir):
     assert (cfg.batch_size, cfg.block_out_channels, cfg.max_minutes) == (4, (8, 16), 2.0)
     with pytest.raises(LdmError):
         cli.apply_overrides(cfg, ["nope=1"])
+    args = parser.parse_args(["train", "phrasing", "--model", "some/model", "--minutes", "15"])
+    cfg = cli.stage_config("phrasing", args)
+    assert (cfg.text_encoder_dir, cfg.out_dir, cfg.max_minutes) == ("some/model/text_encoder", ".runs/phrasing", 15.0)
     assert parser.parse_args(["data", "emoji", "--out", "x"]).func is cli.run_data
     assert parser.parse_args(["eval"]).func is cli.run_eval
 

@@ -214,7 +214,7 @@ def test_cli_wires_the_stage_and_refuses_model_elsewhere(data_dir, model_dir):
     cfg = cli.stage_config("controlnet", args)
     assert isinstance(cfg, cn_train.ControlNetTrainConfig)
     assert (cfg.model_dir, cfg.max_minutes, cfg.lr, cfg.out_dir) == (str(model_dir), 4.0, 1e-4, ".runs/controlnet")
-    with pytest.raises(LdmError, match="--model applies to `ldm train controlnet` only"):
+    with pytest.raises(LdmError, match="--model applies to `ldm train controlnet` and `phrasing` only"):
         cli.run_train(parser.parse_args(["train", "unet", "--model", str(model_dir)]))
     with pytest.raises(LdmError, match="--grid applies to --controlnet only"):
         cli.run_eval(parser.parse_args(["eval", "--grid", "x.png"]))

@@ -260,6 +260,17 @@ class SceneSampler:
             caption = self._finish(rng, self._noun(rng, info, allow_keyword=True), style, "white", "none", rng.random())
         return Scene([placed], "white", "none", caption, "classic")
 
+    def caption_pair(self, rng) -> tuple[str, str]:
+        """A single emoji's caption as `classic` draws it, and its canonical form: the caption of the 128 px
+        model's data with the same meaning (the name, with the style phrase when the caption has one)."""
+        scene = self.classic(rng, 1.0, 1.0)
+        record = self.infos[scene.objects[0].sprite].record
+        canonical = record.captions()
+        name, name_style = canonical[:2]  # "otter", "otter, 3d render"
+        if scene.caption in canonical:
+            return scene.caption, scene.caption
+        return scene.caption, name_style if record.style in scene.caption else name
+
     def single(self, rng, width, height) -> Scene:
         style = rng.choice(self.styles)
         index = rng.choice(self.objects[style] or self.by_style[style])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ldmkit.errors import LdmError
 
-STAGES = ("clip", "vae", "unet", "scene", "controlnet")
+STAGES = ("clip", "vae", "unet", "scene", "controlnet", "phrasing")
 
 
 def register(subparsers) -> None:
@@ -41,7 +41,7 @@ def register(subparsers) -> None:
         "stage",
         choices=STAGES + ("export",),
         help="clip, vae, unet (single emoji), scene (text encoder + 256 px UNet on scenes), controlnet (edges and "
-        "sketches, for --model); export assembles the model",
+        "sketches, for --model), phrasing (--model's text encoder learns typed prompts); export assembles the model",
     )
     train.add_argument("--data", type=Path, default=Path(".data/emoji"))
     train.add_argument("--runs", type=Path, default=Path(".runs"), help="stage outputs go to RUNS/<stage>")
@@ -50,7 +50,10 @@ def register(subparsers) -> None:
     train.add_argument("--out", type=Path, default=None, help="export: the model folder to write")
     train.add_argument("--vae", type=Path, default=None, help="export and scene: the VAE folder (default RUNS/vae/vae)")
     train.add_argument(
-        "--model", type=Path, default=None, help="controlnet: the model it guides (default: the shipped model)"
+        "--model",
+        type=Path,
+        default=None,
+        help="controlnet: the model it guides; phrasing: the model whose text encoder learns (default: shipped)",
     )
     train.add_argument(
         "--set",
@@ -112,7 +115,7 @@ def run_data(args) -> int:
 
 def stage_config(stage: str, args):
     """The stage's dataclass config with paths from --data/--runs and --set overrides applied."""
-    from ldmkit.train import clip, controlnet, scene, unet, vae
+    from ldmkit.train import clip, controlnet, phrasing, scene, unet, vae
 
     runs = args.runs
     vae_dir = str(args.vae or runs / "vae" / "vae")
@@ -131,6 +134,10 @@ def stage_config(stage: str, args):
         cfg = controlnet.ControlNetTrainConfig(data_dir=str(args.data), out_dir=str(runs / "controlnet"))
         if args.model is not None:
             cfg.model_dir = str(args.model)
+    elif stage == "phrasing":
+        cfg = phrasing.PhrasingTrainConfig(data_dir=str(args.data), out_dir=str(runs / "phrasing"))
+        if args.model is not None:
+            cfg.text_encoder_dir = str(args.model / "text_encoder")
     else:
         cfg = scene.SceneTrainConfig(
             data_dir=str(args.data),
@@ -162,8 +169,8 @@ def apply_overrides(cfg, assignments: list[str]):
 
 
 def run_train(args) -> int:
-    if args.model is not None and args.stage != "controlnet":
-        raise LdmError(f"--model applies to `ldm train controlnet` only, not to {args.stage}")
+    if args.model is not None and args.stage not in ("controlnet", "phrasing"):
+        raise LdmError(f"--model applies to `ldm train controlnet` and `phrasing` only, not to {args.stage}")
     if args.stage == "export":
         from ldmkit.train import export
 
