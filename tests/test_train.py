@@ -267,6 +267,11 @@ def test_phrasing_caption_pairs_keep_the_meaning(sprite_dir):
     for text, canonical in typed:  # the name is in the caption, and the style phrase iff the canonical has one
         name, _, style = canonical.partition(", ")
         assert name in text and (style in text if style else not any(s in text for s in STYLES)), (text, canonical)
+    # ldm eval's typed_unseen prompts stay held out: no caption uses their frames' words
+    from ldmkit.eval.scenes import UNSEEN_FRAMES, UNSEEN_WORDS
+
+    assert all(any(word in frame.split() for word in UNSEEN_WORDS) for frame in UNSEEN_FRAMES)
+    assert not any(set(text.split()) & set(UNSEEN_WORDS) for text, _ in pairs)
 
 
 def test_phrasing_stage_moves_typed_captions_towards_their_canonical_states(trained, sprite_dir, tmp_path):

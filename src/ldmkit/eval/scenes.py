@@ -3,6 +3,8 @@
 Each prompt set is fixed here; a metric reads the generated pixels with simple rules or with the project's
 CLIP (trained on the emoji set, so it is a fair judge of "is this an X" on a plain background):
 * typed: user phrasings ("a cup of coffee") -> is one of the accepted names in CLIP's top 5 of all names?
+  typed_unseen: the same phrasings in frames no training caption uses ("a frog sticker"), the held-out check
+  now that `ldm train phrasing` and the scene stage train on captions such as "a cat".
 * spatial: "X on the left and Y on the right" -> CLIP on a square crop of each half finds its own object.
 * colour: "a blue banana" -> the hue of the object's saturated pixels is within 40 degrees of the colour's.
 * count: "three bananas" -> connected foreground blobs (background estimated from the border) equal the number.
@@ -60,6 +62,10 @@ TYPED = (
     ("a cute penguin", ("penguin",)),
     ("the moon", ("full moon", "crescent moon", "first quarter moon", "new moon", "full moon face")),
 )
+# Frames that the caption generators (data.scenes FRAMES and STYLE_TEMPLATES) never write; tests/test_train.py
+# checks that the phrasing stage's captions keep clear of their words.
+UNSEEN_FRAMES = ("an image of {x}", "{x} sticker", "{x} clipart", "draw {x}", "my {x}")
+UNSEEN_WORDS = ("image", "sticker", "clipart", "draw", "my")
 SPATIAL = (
     ("cat face", "rocket"),
     ("banana", "red apple"),
@@ -116,6 +122,7 @@ def prompt_sets() -> dict[str, list[str]]:
     """Every composition prompt, per set, in a fixed order (images are generated in this order, seed 0)."""
     return {
         "typed": [p for p, _ in TYPED],
+        "typed_unseen": [UNSEEN_FRAMES[i % len(UNSEEN_FRAMES)].format(x=p) for i, (p, _) in enumerate(TYPED)],
         "spatial": [f"{_article(a)} {a} on the left and {_article(b)} {b} on the right" for a, b in SPATIAL],
         "colour": [f"{_article(c)} {c} {n}" for c, n in COLOUR],
         "count": [f"{NUMBER[n]} {plural}" for n, _, plural in COUNT],
@@ -187,6 +194,10 @@ def score(
     typed_ranks = rank_of(metrics.image_features(clip, images["typed"], device), [acc for _, acc in TYPED])
     out["typed_top1"] = float((typed_ranks < 1).float().mean())
     out["typed_top5"] = float((typed_ranks < 5).float().mean())
+    if "typed_unseen" in images:  # image sets saved before it was added lack it
+        unseen_ranks = rank_of(metrics.image_features(clip, images["typed_unseen"], device), [a for _, a in TYPED])
+        out["typed_unseen_top1"] = float((unseen_ranks < 1).float().mean())
+        out["typed_unseen_top5"] = float((unseen_ranks < 5).float().mean())
 
     hits_left, hits_right = [], []
     for half, hits, column in (("left", hits_left, 0), ("right", hits_right, 1)):
