@@ -98,19 +98,17 @@ def compile_models(
         return state.with_transform(f"compiled:{mode}", unet_forward=compiled_unet, vae_decode=compiled_decode)
     from ldmkit.precompile import PrecompiledCall
 
-    unet_call = PrecompiledCall(unet_forward, unet, options)
+    unet_call, encoders = PrecompiledCall(unet_forward, unet, options), {}
     if cuda_graphs and state.device.type == "cuda":
         from ldmkit.cuda_graphs import CUDAGraphed
 
         unet_call = CUDAGraphed(unet_call, unet)
-    fast_decode = FastDecode(vae, PrecompiledCall(vae_decode, vae, options))
-    encoders = {}
-    if cuda_graphs and state.device.type == "cuda":
         encoders = {
             f"{name}_forward": FastTextEncoder(encoder)
             for name, encoder in (("text_encoder", state.text_encoder), ("text_encoder_2", state.text_encoder_2))
             if encoder is not None  # the SDXL refiner has no CLIP ViT-L
         }
+    fast_decode = FastDecode(vae, PrecompiledCall(vae_decode, vae, options))
     return state.with_transform(
         f"compiled:{mode}", unet_forward=FastUNet(unet, unet_call), vae_decode=fast_decode, **encoders
     )
