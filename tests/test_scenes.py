@@ -191,3 +191,16 @@ def test_scene_shares_choose_the_kinds_drawn(catalogue):
     assert {only_classic.sample(rng).kind for _ in range(100)} == {"classic"}
     with pytest.raises(ValueError, match="scene shares"):
         scenes.SceneSampler(infos, shares=(1, 0, 0))
+
+
+def test_classic_size_sets_the_emoji_square(catalogue):
+    _, infos, _ = catalogue
+    half = scenes.SceneSampler(infos, shares=(1, 0, 0, 0, 0, 0), classic_size=(0.45, 0.6))
+    rng = random.Random(0)
+    drawn = [half.sample(rng, 1.5, 1.0) for _ in range(50)]
+    assert all(0.45 <= s.objects[0].size <= 0.6 for s in drawn)
+    assert all((s.objects[0].cx, s.objects[0].cy) == (0.75, 0.5) for s in drawn)  # centred on any canvas
+    default = scenes.SceneSampler(infos, shares=(1, 0, 0, 0, 0, 0)).sample(rng)
+    assert default.objects[0].size == 1.0  # the old data set: the emoji fills the frame
+    with pytest.raises(ValueError, match="classic_size"):
+        scenes.SceneSampler(infos, classic_size=(0.8, 0.5))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ldmkit.data.emoji import EmojiRecord
+from ldmkit.errors import LdmError
 from ldmkit.train import clip, common, export, phrasing, scene, unet, vae
 
 SIZE = 32
@@ -203,6 +204,20 @@ def test_vae_fine_tunes_on_scenes(trained, sprite_dir, tmp_path):
     assert result["steps"] == 6 and result["scaling_factor"] > 0
     assert (tmp_path / "vae" / "vae" / "config.json").exists()
 
+    # decoder_only keeps the latent space (encoder, quant_conv, scaling factor) the UNet was trained on
+    from diffusers import AutoencoderKL
+
+    start = AutoencoderKL.from_pretrained(runs / "vae" / "vae")
+    decoder_cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "decoder"), decoder_only=True, lr=1e-3)
+    assert vae.train(decoder_cfg)["scaling_factor"] == start.config.scaling_factor
+    tuned = AutoencoderKL.from_pretrained(tmp_path / "decoder" / "vae")
+    for part in ("encoder", "quant_conv", "decoder"):
+        pairs = zip(getattr(start, part).parameters(), getattr(tuned, part).parameters())
+        same = all(torch.equal(a, b) for a, b in pairs)
+        assert same == (part != "decoder"), part
+    with pytest.raises(LdmError, match="decoder_only needs init_dir"):
+        vae.train(dataclasses.replace(decoder_cfg, init_dir=None))
+
 
 def test_scene_stage_trains_text_encoder_and_unet_together(trained, sprite_dir, tmp_path):
     runs, _ = trained
@@ -233,6 +248,14 @@ def test_scene_stage_trains_text_encoder_and_unet_together(trained, sprite_dir, 
     start = UNet2DConditionModel.from_pretrained(tmp_path / "scene" / "unet").state_dict()
     after = UNet2DConditionModel.from_pretrained(tmp_path / "next" / "unet").state_dict()
     assert all(torch.equal(start[k], after[k]) for k in start)
+
+    # text_lr_scale 0 keeps the text encoder exactly as it started (the UNet learns to read it)
+    frozen = dataclasses.replace(
+        cfg, out_dir=str(tmp_path / "frozen"), max_steps=3, text_lr_scale=0.0, classic_size=(0.5, 0.6)
+    )
+    scene.train(frozen)
+    kept = CLIPTextModel.from_pretrained(tmp_path / "frozen" / "text_encoder")
+    assert all(torch.equal(a.half(), b.half()) for a, b in zip(start_text.parameters(), kept.parameters()))
 
 
 def test_phrasing_targets_reachable_teacher_positions():

@@ -205,8 +205,19 @@ class SceneSampler:
     # Shares of the scene kinds: classic, single, pair, count, wearing, floating
     DEFAULT_SHARES = (0.22, 0.22, 0.20, 0.12, 0.18, 0.06)
 
-    def __init__(self, infos: list[SpriteInfo], animal_keys: set[str] | None = None, shares=DEFAULT_SHARES):
+    def __init__(
+        self,
+        infos: list[SpriteInfo],
+        animal_keys: set[str] | None = None,
+        shares=DEFAULT_SHARES,
+        classic_size: tuple[float, float] = (1.0, 1.0),
+    ):
+        """classic_size: the side of a classic emoji's square, drawn uniformly from this range (1.0 fills the
+        shorter side; 0.5 on a 256 px canvas is 128 px, the sprites' own resolution)."""
+        if not 0 < classic_size[0] <= classic_size[1] <= 1:
+            raise ValueError(f"classic_size: expected 0 < low <= high <= 1, got {classic_size}")
         self.infos = infos
+        self.classic_size = tuple(classic_size)
         self.styles = sorted({i.record.style for i in infos})
         self.by_style: dict[str, list[int]] = {s: [] for s in self.styles}
         self.objects: dict[str, list[int]] = {s: [] for s in self.styles}
@@ -248,11 +259,13 @@ class SceneSampler:
     # --- generators -------------------------------------------------------------------------------------------
 
     def classic(self, rng, width, height) -> Scene:
-        """One emoji filling a square on white: the old data set, with its captions and typed ones."""
+        """One emoji centred on white (its square `classic_size` of the canvas): the old data set, with its captions
+        and typed ones."""
         style = rng.choice(self.styles)
         index = rng.choice(self.by_style[style])
         info = self.infos[index]
-        placed = Placed(index, width / 2, height / 2, 1.0)
+        low, high = self.classic_size
+        placed = Placed(index, width / 2, height / 2, rng.uniform(low, high) if high > low else high)
         if rng.random() < 0.5:
             name = info.record.name
             caption = rng.choice([name, f"{name}, {style}", f"{style} of {name}"])
@@ -564,7 +577,7 @@ def _with_position(rng, noun: str, region: str) -> str:
 
 
 def load_sampler(
-    data_dir, limit: int | None = None, shares=SceneSampler.DEFAULT_SHARES
+    data_dir, limit: int | None = None, shares=SceneSampler.DEFAULT_SHARES, classic_size=(1.0, 1.0)
 ) -> tuple[np.ndarray, SceneSampler]:
     """The data set's sprites (N, S, S, 4) uint8 (in memory) and a scene sampler over them."""
     sprites, records = emoji.load_sprites(data_dir)
@@ -573,4 +586,6 @@ def load_sampler(
     sprites = np.ascontiguousarray(sprites)
     raw = keywords.load_keywords(data_dir)
     animals = {k for k, tags in raw.items() if "animal" in tags}
-    return sprites, SceneSampler(measure_sprites(sprites, records, keywords.specific(raw)), animals, shares)
+    return sprites, SceneSampler(
+        measure_sprites(sprites, records, keywords.specific(raw)), animals, shares, classic_size
+    )

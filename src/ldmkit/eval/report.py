@@ -103,12 +103,22 @@ def evaluate(
     results["generation_seconds"] = float(images["seconds"])
     targets = torch.tensor([name_index[p] for p in prompts])
     gen = metrics.retrieval_accuracy(metrics.image_features(clip, generated, device), name_feats, targets)
+    # the same on the square around the drawn object (a scene model may draw it smaller than the frame)
+    crops = scenes.object_crops(generated)
+    gen_crop = metrics.retrieval_accuracy(metrics.image_features(clip, crops, device), name_feats, targets)
     real_rows = [i for i, r in enumerate(dataset.records) if r.name in set(prompts)]
     real_targets = torch.tensor([name_index[dataset.records[i].name] for i in real_rows])
     real = metrics.retrieval_accuracy(
         metrics.image_features(clip, dataset.images[real_rows], device), name_feats, real_targets
     )
-    results.update(prompts=len(prompts), candidates=len(names), generated=gen, real=real, real_images=len(real_rows))
+    results.update(
+        prompts=len(prompts),
+        candidates=len(names),
+        generated=gen,
+        generated_object_crop=gen_crop,
+        real=real,
+        real_images=len(real_rows),
+    )
 
     # Style adherence: "name, style" prompts; CLIP picks among the same name in each of the 4 styles.
     styles = [s.style for s in SOURCES]

@@ -38,6 +38,9 @@ class SceneTrainConfig:
     init_unet_dir: str | None = None
     # classic, single, pair, count, wearing, floating: a curriculum raises the first two while identity is learned
     scene_shares: tuple[float, ...] = scenes.SceneSampler.DEFAULT_SHARES
+    # a classic emoji's side, drawn from this range: 0.5 on a 256 px canvas is 128 px, the scale the sprites (and the
+    # shipped 128 px UNet) have; 1.0 fills the canvas with a 2x-upsampled sprite
+    classic_size: tuple[float, float] = (1.0, 1.0)
     # 16.9M params (34 MB fp16); no attention at the 32x32 level keeps 50 CPU forwards at ~2.2x the old 16x16 cost
     block_out_channels: tuple[int, ...] = (64, 128, 192, 192)
     layers_per_block: int = 1
@@ -53,7 +56,7 @@ class SceneTrainConfig:
     max_minutes: float | None = None  # the whole run's budget: the LR schedule ends there
     session_minutes: float | None = None  # stop this process after this long (checkpointed; resume continues)
     lr: float = 5e-4
-    text_lr_scale: float = 0.4  # the text encoder starts trained: move it more gently
+    text_lr_scale: float = 0.4  # the text encoder starts trained: move it more gently (0: keep it frozen)
     min_lr: float = 2e-5
     warmup_steps: int = 300
     weight_decay: float = 0.01
@@ -134,7 +137,7 @@ def train(cfg: SceneTrainConfig) -> dict:
     device = accelerator.device
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out_dir)
-    sprites, sampler = scenes.load_sampler(Path(cfg.data_dir), cfg.limit, cfg.scene_shares)
+    sprites, sampler = scenes.load_sampler(Path(cfg.data_dir), cfg.limit, cfg.scene_shares, cfg.classic_size)
     compositor = Compositor(sprites, device)
     del sprites
 
@@ -154,10 +157,11 @@ def train(cfg: SceneTrainConfig) -> dict:
                 print(f"init_unet_dir: {copied} tensors copied, {len(left)} new{new}", flush=True)
     unet = unet.to(memory_format=torch.channels_last)
     model = TextToNoise(text_encoder, unet).to(device)
-    groups = [
-        {"params": list(model.unet.parameters()), "scale": 1.0},
-        {"params": list(model.text_encoder.parameters()), "scale": cfg.text_lr_scale},
-    ]
+    groups = [{"params": list(model.unet.parameters()), "scale": 1.0}]
+    if cfg.text_lr_scale > 0:
+        groups.append({"params": list(model.text_encoder.parameters()), "scale": cfg.text_lr_scale})
+    else:  # frozen: no gradients, no optimizer state (and the EMA copy stays the weights it started from)
+        model.text_encoder.requires_grad_(False)
     model, optimizer, ema, schedule, step, elapsed = common.start_run(accelerator, model, cfg, "scene", out_dir, groups)
     alphas_cumprod = DDPMScheduler.from_config(SCHEDULER_CONFIG).alphas_cumprod.to(device)
     scaling_factor = vae.config.scaling_factor

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from ldmkit.errors import LdmError
 from ldmkit.train import common
 
 
@@ -33,6 +34,9 @@ class VaeTrainConfig:
     mse_weight: float = 1.0  # L1 + MSE: L1 keeps edges sharp, MSE is what PSNR measures
     holdout_fraction: float = 0.02  # images never trained on, for the PSNR in `ldm eval`
     init_dir: str | None = None  # start from this VAE (diffusers folder) instead of random weights
+    # train only the decoder (with init_dir): the latent space, and so every UNet trained on it, stays as it was,
+    # while the decoder learns to draw what the new data adds (scene backgrounds); the scaling factor is kept
+    decoder_only: bool = False
     scenes: bool = False  # train on scenes pasted on the GPU (backgrounds, several objects) instead of single emoji
     scene_size: int = 256  # their side in pixels; batch_size counts 128x128 images, so the batch shrinks to match
     workers: int = 6  # CPU processes drawing scene layouts
@@ -60,12 +64,16 @@ def build_model(cfg: VaeTrainConfig) -> AutoencoderKL:
 class Autoencode(torch.nn.Module):
     """encode -> posterior sample -> decode as one forward: DDP synchronises gradients through forward calls."""
 
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: AutoencoderKL, decoder_only: bool = False):
         super().__init__()
-        self.vae = vae
+        self.vae, self.decoder_only = vae, decoder_only
+        if decoder_only:
+            vae.encoder.requires_grad_(False)
+            vae.quant_conv.requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        posterior = self.vae.encode(images).latent_dist
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.decoder_only):
+            posterior = self.vae.encode(images).latent_dist
         return self.vae.decode(posterior.sample()).sample, posterior.mean, posterior.logvar
 
 
@@ -87,9 +95,12 @@ def train(cfg: VaeTrainConfig) -> dict:
     dataset = common.load_dataset(Path(cfg.data_dir), cfg.limit)
     train_set = dataset.subset(~common.holdout_mask(dataset, cfg.holdout_fraction)).to(accelerator.device)
 
+    if cfg.decoder_only and not cfg.init_dir:
+        raise LdmError("decoder_only needs init_dir: the encoder whose latent space is kept")
     base = AutoencoderKL.from_pretrained(cfg.init_dir, torch_dtype=torch.float32) if cfg.init_dir else build_model(cfg)
-    model = Autoencode(base.to(memory_format=torch.channels_last))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    model = Autoencode(base.to(memory_format=torch.channels_last), cfg.decoder_only)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     model, optimizer = accelerator.prepare(model, optimizer)
     schedule = common.Schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.max_minutes)
     step, elapsed, _ = common.resume(out_dir / "ckpt.pt", accelerator, model, optimizer, "vae")
@@ -109,17 +120,20 @@ def train(cfg: VaeTrainConfig) -> dict:
             loss, _ = vae_loss(model, images, cfg)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        accelerator.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         progress.done(loss, batch)
     step, elapsed, history = progress.step, progress.finish(), progress.history
 
     vae = accelerator.unwrap_model(model).vae
     vae.eval()
-    if draw is not None:  # the latents the UNet will see: scenes
-        sample = torch.cat([next(draw) for _ in range(max(1, 1024 // cfg.batch_size))])
-        train_set = dataclasses.replace(train_set, images=((sample + 1) * 127.5).round().to(torch.uint8))
-    scaling_factor = latent_scaling_factor(vae, train_set.images, accelerator)
+    if cfg.decoder_only:  # same latents as before: the UNets trained on them expect this factor
+        scaling_factor = vae.config.scaling_factor
+    else:
+        if draw is not None:  # the latents the UNet will see: scenes
+            sample = torch.cat([next(draw) for _ in range(max(1, 1024 // cfg.batch_size))])
+            train_set = dataclasses.replace(train_set, images=((sample + 1) * 127.5).round().to(torch.uint8))
+        scaling_factor = latent_scaling_factor(vae, train_set.images, accelerator)
     vae.register_to_config(scaling_factor=scaling_factor)
     common.save_checkpoint(
         out_dir / "ckpt.pt", accelerator, model, optimizer, cfg, step, elapsed, scaling_factor=scaling_factor
