@@ -397,3 +397,17 @@ def test_a_scene_unet_starts_from_a_unet_of_another_layout():
     assert any(name.startswith("down_blocks.0.attentions") for name in shipped)  # ...which were not copied
     with pytest.raises(LdmError, match="no weight matches"):
         scene.copy_matching(scene_unet, {"other.weight": torch.zeros(1)})
+
+
+def test_pyramid_noise_adds_low_frequencies_at_unit_std():
+    """White noise averages out over a region; multi-resolution noise keeps coarse fields a model cannot read a layout
+    through (see unet.pyramid_noise)."""
+    shape = (64, 4, 32, 32)
+    white = unet.pyramid_noise(shape, 0.0, "cpu", torch.Generator().manual_seed(0))
+    assert torch.equal(white, torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+    multi = unet.pyramid_noise(shape, 0.6, "cpu", torch.Generator().manual_seed(0))
+    assert multi.shape == shape
+    assert torch.allclose(multi.std(dim=(1, 2, 3)), torch.ones(64), atol=1e-4)
+    # the variance of a quadrant's mean: 1/256 for white noise, several times that with the coarse fields
+    quadrant_var = {name: x[:, :, :16, :16].mean(dim=(2, 3)).var().item() for name, x in (("w", white), ("m", multi))}
+    assert quadrant_var["w"] < 2 / 256 < 5 / 256 < quadrant_var["m"]
