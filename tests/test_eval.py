@@ -1,5 +1,6 @@
 """Evaluation metrics and the batched sampler, on made-up features and the tiny random components."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -108,3 +109,35 @@ def test_vae_helper_shapes():
 
     mean, std = encode_posteriors(vae, torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8), "cpu", batch_size=2)
     assert mean.shape == std.shape == (3, 4, 8, 8) and (std > 0).all()
+
+
+def _canvas(n: int = 1, size: int = 64, colour=255) -> torch.Tensor:
+    return torch.full((n, 3, size, size), colour, dtype=torch.uint8)
+
+
+def test_composition_pixel_rules_find_objects_counts_and_hues():
+    from ldmkit.eval import scenes
+
+    images = _canvas(2)
+    images[0, :, 10:20, 10:20] = torch.tensor([255, 0, 0], dtype=torch.uint8)[:, None, None]  # a red square
+    images[0, :, 40:50, 40:54] = torch.tensor([0, 0, 255], dtype=torch.uint8)[:, None, None]  # a blue one
+    masks = scenes.foreground(images)
+    assert masks[0].sum() == 100 + 140 and masks[1].sum() == 0
+    assert scenes.count_objects(masks[0]) == 2 and scenes.count_objects(masks[1]) == 0
+    red = np.zeros_like(masks[0])
+    red[10:20, 10:20] = True
+    assert scenes.object_hue(images[0], red) == pytest.approx(0.0, abs=1)
+    assert scenes.object_hue(images[1], masks[1]) is None  # nothing saturated
+    assert scenes.centre_square(images, "right").shape == (2, 3, 32, 32)
+
+
+def test_object_crops_zoom_to_the_drawn_object_despite_specks():
+    from ldmkit.eval import scenes
+
+    images = _canvas(2)
+    images[0, :, 24:40, 16:48] = 0  # a 32x16 object
+    images[0, :, 0, 63] = 0  # a one-pixel speck in the corner
+    crops = scenes.object_crops(images, margin=0.0)
+    dark = (crops[0] < 128).all(0)
+    assert dark.float().mean() == pytest.approx(0.5, abs=0.05)  # the square around it: the object fills half
+    assert torch.equal(crops[1], images[1])  # nothing drawn: kept whole

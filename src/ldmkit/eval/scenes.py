@@ -170,10 +170,12 @@ def object_crops(images: torch.Tensor, margin: float = 0.08) -> torch.Tensor:
     back to (H, W): an object drawn at half the canvas reaches the eval CLIP, trained on emoji that fill the frame,
     at the scale it knows. An image that is all foreground, or has none, is kept whole."""
     import torch.nn.functional as F
+    from scipy import ndimage
 
     _, _, h, w = images.shape
     crops = []
     for image, mask in zip(images, foreground(images)):
+        mask = ndimage.binary_opening(mask, iterations=2)  # stray specks would stretch the box to the frame
         rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
         if len(rows) == 0:
             crops.append(image)
