@@ -141,3 +141,12 @@ def test_object_crops_zoom_to_the_drawn_object_despite_specks():
     dark = (crops[0] < 128).all(0)
     assert dark.float().mean() == pytest.approx(0.5, abs=0.05)  # the square around it: the object fills half
     assert torch.equal(crops[1], images[1])  # nothing drawn: kept whole
+
+
+def test_white_background_reads_the_border():
+    from ldmkit.eval import scenes
+
+    images = _canvas(3)
+    images[1, :, :, :] = torch.tensor([120, 200, 90], dtype=torch.uint8)[:, None, None]  # grass everywhere
+    images[2, :, 20:44, 20:44] = 0  # an object inside a white frame
+    assert scenes.white_background(images).tolist() == [True, False, True]

@@ -42,8 +42,10 @@ def generate_eval_images(
     guidance: float = 7.5,
     seed: int = 0,
     device=None,
+    name_seeds: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """The images `evaluate` scores (no data set or CLIP needed): plain prompts and "name, style" prompts."""
+    """The images `evaluate` scores (no data set or CLIP needed): plain prompts and "name, style" prompts; with
+    name_seeds > 1 the plain prompts again at seeds seed+1, ... ("plain_seed1", ...)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(Path(model_dir or DEFAULT_MODEL_DIR), device)
     prompts = eval_prompts()[:num_prompts]
@@ -55,6 +57,10 @@ def generate_eval_images(
     styled_prompts_ = [f"{p}, {s}" for p, s in styled]
     with_style = generate(model, styled_prompts_, [seed] * len(styled), steps, guidance, height=size, width=size)
     images = {"plain": plain, "styled": with_style, "seconds": seconds}
+    for k in range(1, name_seeds):
+        images[f"plain_seed{k}"] = generate(
+            model, prompts, [seed + k] * len(prompts), steps, guidance, height=size, width=size
+        )
     for name, set_prompts in scenes.prompt_sets().items():
         seeds = [seed + s for s in scenes.seeds_for(name, len(set_prompts))]
         images[name] = generate(model, set_prompts, seeds, steps, guidance, height=size, width=size)
@@ -72,6 +78,7 @@ def evaluate(
     holdout_fraction: float = 0.02,
     device=None,
     images: dict | None = None,
+    name_seeds: int = 1,
 ) -> dict:
     """All metrics; `images` (from generate_eval_images, e.g. made on a GPU) skips generation here."""
     from transformers import CLIPModel
@@ -79,7 +86,7 @@ def evaluate(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(Path(model_dir or DEFAULT_MODEL_DIR), device)
     if images is None:
-        images = generate_eval_images(model_dir, num_prompts, steps, guidance, seed, device)
+        images = generate_eval_images(model_dir, num_prompts, steps, guidance, seed, device, name_seeds)
     clip = CLIPModel.from_pretrained(clip_dir, torch_dtype=torch.float32).to(device).eval()
     dataset = load_dataset(Path(data_dir))
     results: dict = {
@@ -102,10 +109,9 @@ def evaluate(
     generated = images["plain"][: len(prompts)]
     results["generation_seconds"] = float(images["seconds"])
     targets = torch.tensor([name_index[p] for p in prompts])
-    gen = metrics.retrieval_accuracy(metrics.image_features(clip, generated, device), name_feats, targets)
-    # the same on the square around the drawn object (a scene model may draw it smaller than the frame)
-    crops = scenes.object_crops(generated)
-    gen_crop = metrics.retrieval_accuracy(metrics.image_features(clip, crops, device), name_feats, targets)
+    more_seeds = sorted((int(key.removeprefix("plain_seed")), key) for key in images if key.startswith("plain_seed"))
+    by_seed = [(seed, generated)] + [(seed + k, images[key][: len(prompts)]) for k, key in more_seeds]
+    names_by_seed = [{"seed": s, **_name_scores(clip, imgs, name_feats, targets, device)} for s, imgs in by_seed]
     real_rows = [i for i, r in enumerate(dataset.records) if r.name in set(prompts)]
     real_targets = torch.tensor([name_index[dataset.records[i].name] for i in real_rows])
     real = metrics.retrieval_accuracy(
@@ -114,8 +120,10 @@ def evaluate(
     results.update(
         prompts=len(prompts),
         candidates=len(names),
-        generated=gen,
-        generated_object_crop=gen_crop,
+        generated=names_by_seed[0]["whole"],
+        generated_object_crop=names_by_seed[0]["object_crop"],
+        plain_white_background=names_by_seed[0]["white_background"],
+        names_by_seed=names_by_seed,
         real=real,
         real_images=len(real_rows),
     )
@@ -138,3 +146,12 @@ def evaluate(
         data_images = {n: dataset.images[by_name[n]] for n in scenes.DIVERSITY_NAMES if n in by_name}
         results["composition"] = scenes.score(images, clip, names, data_images, device)
     return results
+
+
+def _name_scores(clip, images: torch.Tensor, name_feats: torch.Tensor, targets: torch.Tensor, device) -> dict:
+    """Bare-name retrieval on the whole image and on the square around the drawn object (a scene model may draw it
+    smaller than the frame), and the share drawn on a plain white background (the prompt asks for none)."""
+    whole = metrics.retrieval_accuracy(metrics.image_features(clip, images, device), name_feats, targets)
+    crops = scenes.object_crops(images)
+    crop = metrics.retrieval_accuracy(metrics.image_features(clip, crops, device), name_feats, targets)
+    return {"whole": whole, "object_crop": crop, "white_background": float(scenes.white_background(images).mean())}

@@ -165,6 +165,12 @@ def object_hue(image: torch.Tensor, mask: np.ndarray) -> float | None:
     return float(np.degrees(np.arctan2(np.sin(angle).mean(), np.cos(angle).mean())) % 360.0)
 
 
+def white_background(images: torch.Tensor, level: int = 225) -> np.ndarray:
+    """(N, 3, H, W) uint8 -> (N,) bool: the median of the image's border is at least `level` in every channel."""
+    border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], dim=2)
+    return (border.float().median(dim=2).values.min(dim=1).values >= level).numpy()
+
+
 def object_crops(images: torch.Tensor, margin: float = 0.08) -> torch.Tensor:
     """Each (3, H, W) uint8 image cut to the square around its foreground's box (plus `margin` of its side), resized
     back to (H, W): an object drawn at half the canvas reaches the eval CLIP, trained on emoji that fill the frame,

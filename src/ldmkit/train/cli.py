@@ -69,6 +69,13 @@ def register(subparsers) -> None:
     evaluate.add_argument("--clip", type=Path, default=Path(".runs/clip/clip"), help="the trained CLIP (both towers)")
     evaluate.add_argument("--data", type=Path, default=Path(".data/emoji"))
     evaluate.add_argument("--prompts", type=int, default=None, help="use only the first N eval prompts")
+    evaluate.add_argument(
+        "--name-seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="score the bare names at N seeds (the first stays the headline figure; each is listed)",
+    )
     evaluate.add_argument("--steps", type=int, default=25)
     evaluate.add_argument("--guidance", type=float, default=7.5)
     evaluate.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
@@ -219,8 +226,14 @@ def run_eval(args) -> int:
         raise LdmError("--grid applies to --controlnet only")
     from ldmkit.eval import report
 
+    if args.name_seeds < 1:
+        raise LdmError(f"--name-seeds must be at least 1, got {args.name_seeds}")
+    if args.images and args.name_seeds != 1:
+        raise LdmError("--name-seeds applies when the images are generated; --images scores the seeds its files hold")
     if args.generate_only:
-        images = report.generate_eval_images(args.model, args.prompts, args.steps, args.guidance)
+        images = report.generate_eval_images(
+            args.model, args.prompts, args.steps, args.guidance, name_seeds=args.name_seeds
+        )
         args.generate_only.mkdir(parents=True, exist_ok=True)
         for key, value in images.items():
             torch.save(value, args.generate_only / f"{key}.pt")
@@ -241,6 +254,7 @@ def run_eval(args) -> int:
         steps=args.steps,
         guidance=args.guidance,
         images=images,
+        name_seeds=args.name_seeds,
     )
     text = json.dumps(metrics, indent=1)
     if args.out:
@@ -254,7 +268,12 @@ def run_eval_controlnet(args) -> int:
     from ldmkit.eval import controlnet
     from ldmkit.loading import DEFAULT_MODEL_DIR
 
-    model_only = (("--generate-only", args.generate_only), ("--images", args.images), ("--prompts", args.prompts))
+    model_only = (
+        ("--generate-only", args.generate_only),
+        ("--images", args.images),
+        ("--prompts", args.prompts),
+        ("--name-seeds", args.name_seeds if args.name_seeds != 1 else None),
+    )
     for flag, value in model_only:
         if value is not None:
             raise LdmError(f"{flag} does not apply to --controlnet")
