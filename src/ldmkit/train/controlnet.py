@@ -49,6 +49,7 @@ class ControlNetTrainConfig:
     max_shift: int = 3  # latent pixels (x8 image pixels) each pair is moved by at most, per axis; 0: none
     mirror: bool = True  # mirror half of the uncaptioned pairs left-right
     min_snr_gamma: float = 5.0  # as the UNet stage (diffusion_loss reads it)
+    noise_discount: float = 0.0  # the training noise of its UNet (0: white; see unet.pyramid_noise)
     ema_decay: float = 0.995  # a run is ~1-2k steps: a shorter horizon than the UNet stage's 0.999
     holdout_fraction: float = 0.02  # the VAE stage's held-out images (same hash): kept out here for `ldm eval`
     map_workers: int | None = None  # processes making control maps (default: all cores)
