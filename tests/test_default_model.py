@@ -32,14 +32,20 @@ def pipe():
 
 def generate(pipe, prompt, seed):
     result = pipe.generate(
-        prompt, steps=STEPS, guidance=7.5, sampler="DPM++ 2M Karras", seed=seed, width=128, height=128
-    )
+        prompt,
+        steps=STEPS,
+        guidance=7.5,
+        sampler="DPM++ 2M Karras",
+        seed=seed,
+        width=pipe.default_size,
+        height=pipe.default_size,
+    )  # the model's own size (128 px today; a scene model's is 256)
     return np.asarray(result.images[0], dtype=np.float32)
 
 
 def test_same_seed_same_image(pipe):
     first = generate(pipe, "red apple", seed=0)
-    assert first.shape == (128, 128, 3)
+    assert first.shape == (pipe.default_size, pipe.default_size, 3)
     np.testing.assert_array_equal(first, generate(pipe, "red apple", seed=0))
 
 
