@@ -18,12 +18,12 @@ from ldmkit.data.scenes import BACKGROUND_IDS, GRADE_IDS, MAX_OBJECTS, Scene, Sc
 
 
 class SceneBatch:
-    """Scenes as tensors: (B, K) slots, K = MAX_OBJECTS; empty slots have valid False."""
+    """Scenes as tensors: (B, K) slots, K = MAX_OBJECTS; `rows[k]` lists the scenes whose slot k holds an object."""
 
     def __init__(self, scenes: list[Scene], device):
         b, k = len(scenes), MAX_OBJECTS
         rows = [[0.0] * 6 * k for _ in range(b)]
-        valid = [[False] * k for _ in range(b)]
+        valid = [[False] * k for _ in range(b)]  # slot j of scene i holds an object
         for i, scene in enumerate(scenes):
             for j, o in enumerate(scene.objects[:k]):
                 rows[i][j::k] = [float(o.sprite), o.cx, o.cy, o.size, o.hue, float(o.flip)]
@@ -31,7 +31,18 @@ class SceneBatch:
         fields = torch.tensor(rows, device=device).view(b, 6, k).permute(1, 0, 2)
         self.sprite = fields[0].long()
         self.cx, self.cy, self.size, self.hue, self.flip = fields[1], fields[2], fields[3], fields[4], fields[5] > 0
-        self.valid = torch.tensor(valid, device=device).view(b, k)
+        # Which scenes fill each slot, and which have each background, as index lists made here from Python lists: the
+        # compositor then never asks the GPU (an `.any()` or `.nonzero()` on a device tensor makes the CPU wait for
+        # all queued work; that was twice per slot and once per background, every step)
+        self.rows = [
+            torch.tensor([i for i in range(b) if valid[i][j]], dtype=torch.long, device=device) for j in range(k)
+        ]
+        self.background_rows = {
+            name: torch.tensor(
+                [i for i, s in enumerate(scenes) if s.background == name], dtype=torch.long, device=device
+            )
+            for name in BACKGROUND_IDS
+        }
         self.background = torch.tensor([BACKGROUND_IDS[s.background] for s in scenes], device=device)
         self.grade = torch.tensor([GRADE_IDS[s.grade] for s in scenes], device=device)
 
@@ -77,8 +88,10 @@ def scene_batches(sampler, sizes, batch_size: int, workers: int, seed: int, capt
 
 
 def to_device(batch: SceneBatch, device) -> SceneBatch:
-    for name in ("sprite", "cx", "cy", "size", "hue", "flip", "valid", "background", "grade"):
+    for name in ("sprite", "cx", "cy", "size", "hue", "flip", "background", "grade"):
         setattr(batch, name, getattr(batch, name).to(device, non_blocking=True))
+    batch.rows = [rows.to(device, non_blocking=True) for rows in batch.rows]
+    batch.background_rows = {name: rows.to(device, non_blocking=True) for name, rows in batch.background_rows.items()}
     return batch
 
 
@@ -102,12 +115,10 @@ class Compositor:
         """(B, 3, height, width) float in [-1, 1]."""
         device = self.bank.device
         unit = min(height, width)  # pixels per layout unit
-        canvas = paint_backgrounds(batch.background, height, width, generator)
-        for k in range(batch.sprite.shape[1]):
-            valid = batch.valid[:, k]
-            if not bool(valid.any()):
+        canvas = paint_backgrounds(batch.background, height, width, generator, batch.background_rows)
+        for k, rows in enumerate(batch.rows):
+            if len(rows) == 0:  # a shape, not a value: no wait for the GPU
                 continue
-            rows = valid.nonzero().squeeze(1)
             size = batch.size[rows, k]
             pixels = size * unit
             level = (pixels < 0.75 * self.sprite_size).long() + (pixels < 0.375 * self.sprite_size).long()
@@ -153,12 +164,15 @@ def apply_grades(images: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
 # --- backgrounds ----------------------------------------------------------------------------------------------
 
 
-def paint_backgrounds(kinds: torch.Tensor, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
-    """(B,) background ids -> (B, 3, H, W) in [0, 1]."""
+def paint_backgrounds(
+    kinds: torch.Tensor, height: int, width: int, generator: torch.Generator, rows_by_name: dict | None = None
+) -> torch.Tensor:
+    """(B,) background ids -> (B, 3, H, W) in [0, 1]; `rows_by_name` (SceneBatch.background_rows) saves finding
+    each background's rows on the device."""
     device = kinds.device
     canvas = torch.ones(len(kinds), 3, height, width, device=device)
     for name, kind in BACKGROUND_IDS.items():
-        rows = (kinds == kind).nonzero().squeeze(1)
+        rows = rows_by_name[name] if rows_by_name is not None else (kinds == kind).nonzero().squeeze(1)
         if name != "white" and len(rows):
             canvas[rows] = PAINTERS[name](Field(len(rows), height, width, device, generator))
     return canvas

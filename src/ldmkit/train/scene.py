@@ -66,6 +66,9 @@ class SceneTrainConfig:
     # backgrounds off the seed; 0.6 makes the mean of a quadrant or half ~3x noisier than white noise does
     noise_discount: float = 0.0
     ema_decay: float = 0.999
+    # torch.compile the frozen VAE encoder: on one H200 (batch 256 at 256 px, bf16) its encode took 96 ms eager and
+    # 29 ms compiled (14 s to compile, once per canvas size), next to 126 ms for the UNet's step
+    compile_vae: bool = False
     workers: int = 6  # CPU processes drawing scenes and tokenizing captions
     checkpoint_minutes: float = 3.0
     log_every: int = 100
@@ -146,6 +149,8 @@ def train(cfg: SceneTrainConfig) -> dict:
 
     vae = AutoencoderKL.from_pretrained(cfg.vae_dir, torch_dtype=torch.float32).to(device).eval().requires_grad_(False)
     vae = vae.to(memory_format=torch.channels_last)
+    if cfg.compile_vae:
+        vae.encoder = torch.compile(vae.encoder)
     text_encoder = CLIPTextModel.from_pretrained(cfg.text_encoder_dir, torch_dtype=torch.float32)
     if cfg.unet_dir and cfg.init_unet_dir:
         raise LdmError("unet_dir and init_unet_dir both set: start from one UNet")
