@@ -11,6 +11,7 @@ SCENARIOS = {
     "tiling": ("tiling", "large images with the tiled VAE: peak memory, time, seams against a whole decode"),
     "step-profile": ("step_profile", "a warm --fast generation's time outside the UNet (GPU idle per phase)"),
     "scaling": ("scaling", "images/s and UNet training samples/s on 1, 2, ... N GPUs"),
+    "scene-step": ("scene_step", "`ldm train scene`'s step in parts: VAE encode and UNet step, eager and compiled"),
 }
 
 
