@@ -134,12 +134,17 @@ def seeds_for(set_name: str, count: int) -> list[int]:
     return [i % DIVERSITY_SEEDS for i in range(count)] if set_name == "diversity" else [0] * count
 
 
-def foreground(images: torch.Tensor, threshold: float = 40.0) -> np.ndarray:
-    """(N, 3, H, W) uint8 -> (N, H, W) bool: pixels far from the border's median colour."""
+def border_colour(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 3) float: the median colour of each image's outermost pixels, taken as its background."""
     x = images.float()
     border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=2)  # (N, 3, 2H+2W)
-    background = border.median(dim=2).values[:, :, None, None]
-    return ((x - background).abs().sum(1) > threshold).numpy()
+    return border.median(dim=2).values
+
+
+def foreground(images: torch.Tensor, threshold: float = 40.0) -> np.ndarray:
+    """(N, 3, H, W) uint8 -> (N, H, W) bool: pixels far from the border's median colour."""
+    background = border_colour(images)[:, :, None, None]
+    return ((images.float() - background).abs().sum(1) > threshold).numpy()
 
 
 def count_objects(mask: np.ndarray, min_fraction: float = 0.006) -> int:
@@ -167,8 +172,7 @@ def object_hue(image: torch.Tensor, mask: np.ndarray) -> float | None:
 
 def white_background(images: torch.Tensor, level: int = 225) -> np.ndarray:
     """(N, 3, H, W) uint8 -> (N,) bool: the median of the image's border is at least `level` in every channel."""
-    border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], dim=2)
-    return (border.float().median(dim=2).values.min(dim=1).values >= level).numpy()
+    return (border_colour(images).min(dim=1).values >= level).numpy()
 
 
 def object_crops(images: torch.Tensor, margin: float = 0.08) -> torch.Tensor:
