@@ -141,6 +141,32 @@ def test_build_renders_on_white_and_writes_files(packages, tmp_path):
     assert keywords.specific(raw)["2615"] == ["coffee", "hot beverage"]  # "animal" names 4 emoji: not a synonym
 
 
+def test_larger_sprites_for_scenes_and_the_same_128_px_images(packages, tmp_path):
+    """--resolution 256 renders the sprites at 256 px (scenes draw big objects from them); the single-emoji
+    stages still read 128 px images, the block means of the 256 px ones."""
+    small, large = tmp_path / "128", tmp_path / "256"
+    emoji.build(small, cache_dir=packages, workers=1, sources=FAKE_SOURCES)
+    emoji.build(large, cache_dir=packages, workers=1, sources=FAKE_SOURCES, resolution=256)
+    sprites, _ = emoji.load_sprites(large)
+    assert sprites.shape[1:] == (256, 256, 4)
+    images_128, _ = emoji.load(small)
+    images_256, _ = emoji.load(large)
+    assert images_256.shape == images_128.shape
+    # the same pictures; they differ only where edges were antialiased at a different scale
+    diff = np.abs(images_256.astype(int) - images_128.astype(int))
+    assert np.median(diff) == 0 and diff.mean() < 2.0, diff.mean()
+    expected = emoji.on_white(sprites[:1]).reshape(1, 128, 2, 128, 2, 3).mean(axis=(2, 4))
+    assert np.abs(images_256[:1] - expected).max() <= 0.5
+
+
+def test_a_resolution_that_is_no_multiple_of_128_is_refused_before_any_work(tmp_path):
+    from ldmkit.errors import LdmError
+
+    with pytest.raises(LdmError, match="--resolution: expected one of 128, 256, 384, 512 px, got 200"):
+        emoji.build(tmp_path / "out", cache_dir=tmp_path / "none", resolution=200)
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_dataset_is_a_one_line_error(tmp_path):
     from ldmkit.errors import LdmError
 

@@ -153,9 +153,10 @@ def test_sample_draws_every_kind(catalogue):
     assert kinds == {"classic", "single", "pair", "count", "wearing", "float"}
 
 
-def test_compositor_places_recolours_and_mirrors():
-    red_left_half = np.zeros((S, S, 4), np.uint8)
-    red_left_half[:, : S // 2] = (255, 0, 0, 255)  # opaque red on the sprite's left half only
+@pytest.mark.parametrize("side", [S, 2 * S])  # sprites from `ldm data emoji --resolution`: the canvas is the same
+def test_compositor_places_recolours_and_mirrors(side):
+    red_left_half = np.zeros((side, side, 4), np.uint8)
+    red_left_half[:, : side // 2] = (255, 0, 0, 255)  # opaque red on the sprite's left half only
     compositor = Compositor(torch.from_numpy(red_left_half[None]), "cpu")
     objects = [scenes.Placed(0, cx=0.5, cy=0.5, size=1.0)]
     gen = torch.Generator().manual_seed(0)

@@ -63,7 +63,8 @@ EXTRA_SOURCES = (
     ),
 )
 
-RESOLUTION = 128
+RESOLUTION = 128  # the single-emoji stages' size; `build(resolution=...)` renders larger sprites for scenes
+RESOLUTIONS = (128, 256, 384, 512)  # multiples of 128, so that `load` gives the 128 px images by block means
 SKIN_TONES = {"1f3fb", "1f3fc", "1f3fd", "1f3fe", "1f3ff"}
 
 
@@ -186,10 +187,10 @@ def emoji_name(key: str, icon_names: dict[str, str]) -> str | None:
     return None
 
 
-def _rgba(image: Image.Image) -> np.ndarray:
+def _rgba(image: Image.Image, size: int) -> np.ndarray:
     image = image.convert("RGBA")
-    if image.size != (RESOLUTION, RESOLUTION):
-        image = image.resize((RESOLUTION, RESOLUTION), Image.LANCZOS)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.LANCZOS)
     return np.asarray(image, dtype=np.uint8)
 
 
@@ -200,22 +201,22 @@ def on_white(rgba: np.ndarray) -> np.ndarray:
     return np.round(rgb).astype(np.uint8)
 
 
-def render_svg(svg: str) -> np.ndarray:
-    """SVG markup -> (128, 128, 4) uint8 RGBA, rasterized by resvg."""
+def render_svg(svg: str, size: int = RESOLUTION) -> np.ndarray:
+    """SVG markup -> (size, size, 4) uint8 RGBA, rasterized by resvg."""
     import resvg_py
 
-    png = resvg_py.svg_to_bytes(svg_string=svg, width=RESOLUTION, height=RESOLUTION, skip_system_fonts=True)
-    return _rgba(Image.open(io.BytesIO(bytes(png))))
+    png = resvg_py.svg_to_bytes(svg_string=svg, width=size, height=size, skip_system_fonts=True)
+    return _rgba(Image.open(io.BytesIO(bytes(png))), size)
 
 
-def render_webp(data: bytes) -> np.ndarray:
-    """WebP bytes (any size, with alpha) -> (128, 128, 4) uint8 RGBA."""
-    return _rgba(Image.open(io.BytesIO(data)))
+def render_webp(data: bytes, size: int = RESOLUTION) -> np.ndarray:
+    """WebP bytes (any size, with alpha) -> (size, size, 4) uint8 RGBA."""
+    return _rgba(Image.open(io.BytesIO(data)), size)
 
 
-def _render(item: tuple[str, str | bytes]) -> np.ndarray:
-    kind, payload = item
-    return render_svg(payload) if kind == "svg" else render_webp(payload)
+def _render(item: tuple[str, str | bytes, int]) -> np.ndarray:
+    kind, payload, size = item
+    return render_svg(payload, size) if kind == "svg" else render_webp(payload, size)
 
 
 def collect(tarballs: dict[str, Path], sources=SOURCES, skin_tones: bool = False):
@@ -275,8 +276,13 @@ def build(
     skin_tones: bool = False,
     sources=SOURCES,
     keywords: bool = True,
+    resolution: int = RESOLUTION,
 ) -> list[EmojiRecord]:
-    """Fetch, render and caption: sprites.npy (N, 128, 128, 4) uint8 RGBA, records.json, keywords.json, LICENSES.md."""
+    """Fetch, render and caption: sprites.npy (N, R, R, 4) uint8 RGBA at R = `resolution`, records.json,
+    keywords.json, LICENSES.md. A larger R keeps large objects in scenes sharp (a 128 px sprite drawn at 200 px
+    is upsampled); the single-emoji stages read it back at 128 px (`load`)."""
+    if resolution not in RESOLUTIONS:
+        raise LdmError(f"--resolution: expected one of {', '.join(map(str, RESOLUTIONS))} px, got {resolution}")
     out_dir.mkdir(parents=True, exist_ok=True)
     tarballs = fetch_packages(cache_dir or out_dir / "packages", sources)
     records, jobs = collect(tarballs, sources, skin_tones)
@@ -285,6 +291,7 @@ def build(
     if not records:
         raise LdmError("no emoji found in the source packages")
     workers = workers or os.cpu_count() or 1
+    jobs = [(kind, payload, resolution) for kind, payload in jobs]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             images = list(pool.map(_render, jobs, chunksize=64))
@@ -302,18 +309,31 @@ def build(
 
 
 def load(data_dir: Path) -> tuple[np.ndarray, list[EmojiRecord]]:
-    """images (N, 128, 128, 3) uint8 on white and their records, as `build` wrote them."""
+    """images (N, 128, 128, 3) uint8 on white and their records, as `build` wrote them (sprites rendered larger
+    are area-averaged down to 128 px: the single-emoji stages, the eval and the ControlNet work at that size)."""
     data_dir = Path(data_dir)
     if (data_dir / "sprites.npy").exists():
         sprites, records = load_sprites(data_dir)
-        return np.concatenate([on_white(sprites[i : i + 1024]) for i in range(0, len(sprites), 1024)]), records
+        chunks = [_on_white_at(sprites[i : i + 1024], RESOLUTION) for i in range(0, len(sprites), 1024)]
+        return np.concatenate(chunks), records
     if not (data_dir / "images.npy").exists():  # RGB on white, as earlier versions wrote it
         raise LdmError(f"no dataset in {data_dir}: run `ldm data emoji --out {data_dir}` first")
     return np.load(data_dir / "images.npy", mmap_mode="r"), _records(data_dir)
 
 
+def _on_white_at(rgba: np.ndarray, size: int) -> np.ndarray:
+    """(N, S, S, 4) uint8 RGBA -> (N, size, size, 3) uint8 on white, by the mean of each block (S = k * size).
+    Compositing first makes the mean exact: transparent pixels count as the white they show."""
+    rgb = on_white(rgba)
+    factor = rgba.shape[1] // size
+    if factor == 1:
+        return rgb
+    blocks = rgb.reshape(len(rgb), size, factor, size, factor, 3).astype(np.float32)
+    return np.round(blocks.mean(axis=(2, 4))).astype(np.uint8)
+
+
 def load_sprites(data_dir: Path) -> tuple[np.ndarray, list[EmojiRecord]]:
-    """sprites (N, 128, 128, 4) uint8 RGBA and their records."""
+    """sprites (N, R, R, 4) uint8 RGBA (R: the resolution `build` rendered at, 128 by default) and their records."""
     data_dir = Path(data_dir)
     if not (data_dir / "sprites.npy").exists():
         raise LdmError(f"no sprites in {data_dir}: run `ldm data emoji --out {data_dir}` first")

@@ -30,6 +30,10 @@ def register(subparsers) -> None:
     emoji.add_argument("--limit", type=int, default=None, help="only the first N images (smoke runs)")
     emoji.add_argument("--skin-tones", action="store_true", help="keep the skin-tone variants (5x more people)")
     emoji.add_argument(
+        "--resolution", type=int, default=128, metavar="PX",
+        help="sprite size: 128 (default), 256, 384 or 512; larger keeps big objects in 256 px scenes sharp",
+    )  # fmt: skip
+    emoji.add_argument(
         "--extra-sets",
         action="store_true",
         help="also the five sets matched by name (noto-v1, emojione, fxemoji, streamline-emojis, fluent-emoji)",
@@ -114,7 +118,7 @@ def run_data(args) -> int:
     sources = emoji.SOURCES + (emoji.EXTRA_SOURCES if args.extra_sets else ())
     records = emoji.build(
         args.out, cache_dir=args.cache, workers=args.workers, limit=args.limit, skin_tones=args.skin_tones,
-        sources=sources,
+        sources=sources, resolution=args.resolution,
     )  # fmt: skip
     print(f"{len(records)} images, {len({r.name for r in records})} names -> {args.out}")
     return 0
