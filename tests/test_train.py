@@ -333,6 +333,21 @@ def test_contrastive_loss_counts_every_matching_caption():
     assert clip.contrastive_loss(image, text, scale, diagonal) < clip.contrastive_loss(image, text, scale, both)
 
 
+def test_random_framing_redraws_each_image_smaller_or_larger_on_white():
+    black = -torch.ones(64, 3, 32, 32)  # a black picture filling the frame
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(clip.random_framing(black, (1.0, 1.0), generator), black)  # off: untouched
+    half = clip.random_framing(black, (0.5, 0.5), generator)
+    dark = half[:, 0] < 0
+    assert dark.float().mean(dim=(1, 2)).sub(0.25).abs().max() < 0.03  # a quarter of the frame: a half-side square
+    assert (half[:, 0][~dark] == 1).float().mean() > 0.85  # white around it (but for its blended edge)
+    rows = dark.any(2).float().argmax(1)  # each picture's top row: shifted differently per image
+    assert rows.min() < 6 and rows.max() > 10
+    assert (clip.random_framing(black, (1.2, 1.2), generator) < 0).all()  # zoomed in: the frame stays covered
+    wide = clip.random_framing(black, (0.6, 1.15), generator)[:, 0] < 0
+    assert len({round(float(f), 2) for f in wide.float().mean(dim=(1, 2))}) > 10  # scales drawn per image
+
+
 def test_schedule_warms_up_then_decays_by_steps_or_time():
     schedule = common.Schedule(lr=1.0, min_lr=0.0, warmup_steps=10, max_steps=100, max_minutes=1.0)
     assert schedule.lr_at(0, 0) == pytest.approx(0.1)
