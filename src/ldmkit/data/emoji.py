@@ -322,11 +322,12 @@ def load(data_dir: Path) -> tuple[np.ndarray, list[EmojiRecord]]:
 
 
 def _on_white_at(rgba: np.ndarray, size: int) -> np.ndarray:
-    """(N, S, S, 4) uint8 RGBA -> (N, size, size, 3) uint8 on white, by the mean of each block (S = k * size).
-    Compositing first makes the mean exact: transparent pixels count as the white they show."""
+    """(N, S, S, 4) uint8 RGBA -> (N, size, size, 3) uint8 on white, by the mean of each block (S = k * size;
+    sprites no larger than `size`, as small test sets have, are kept). Compositing first makes the mean exact:
+    transparent pixels count as the white they show."""
     rgb = on_white(rgba)
     factor = rgba.shape[1] // size
-    if factor == 1:
+    if factor <= 1:
         return rgb
     blocks = rgb.reshape(len(rgb), size, factor, size, factor, 3).astype(np.float32)
     return np.round(blocks.mean(axis=(2, 4))).astype(np.uint8)
