@@ -5,6 +5,7 @@ The alpha channel is kept (scenes paste sprites onto backgrounds); `load` gives 
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -214,8 +215,8 @@ def render_webp(data: bytes, size: int = RESOLUTION) -> np.ndarray:
     return _rgba(Image.open(io.BytesIO(data)), size)
 
 
-def _render(item: tuple[str, str | bytes, int]) -> np.ndarray:
-    kind, payload, size = item
+def _render(item: tuple[str, str | bytes], size: int) -> np.ndarray:
+    kind, payload = item
     return render_svg(payload, size) if kind == "svg" else render_webp(payload, size)
 
 
@@ -291,12 +292,12 @@ def build(
     if not records:
         raise LdmError("no emoji found in the source packages")
     workers = workers or os.cpu_count() or 1
-    jobs = [(kind, payload, resolution) for kind, payload in jobs]
+    render = functools.partial(_render, size=resolution)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            images = list(pool.map(_render, jobs, chunksize=64))
+            images = list(pool.map(render, jobs, chunksize=64))
     else:
-        images = [_render(job) for job in jobs]
+        images = [render(job) for job in jobs]
     np.save(out_dir / "sprites.npy", np.stack(images))
     if keywords:
         from ldmkit.data import keywords as keyword_list
@@ -323,8 +324,8 @@ def load(data_dir: Path) -> tuple[np.ndarray, list[EmojiRecord]]:
 
 def _on_white_at(rgba: np.ndarray, size: int) -> np.ndarray:
     """(N, S, S, 4) uint8 RGBA -> (N, size, size, 3) uint8 on white, by the mean of each block (S = k * size;
-    sprites no larger than `size`, as small test sets have, are kept). Compositing first makes the mean exact:
-    transparent pixels count as the white they show."""
+    sprites no larger than `size`, as small test sets have, are kept). Compositing first makes transparent pixels
+    count as the white they show."""
     rgb = on_white(rgba)
     factor = rgba.shape[1] // size
     if factor <= 1:
