@@ -202,6 +202,31 @@ def test_adherence_eval_and_grid(trained, data_dir, model_dir):
     assert grid.size == (3 * SIZE, 2 * SIZE)
 
 
+
+def test_adherence_eval_asks_the_model_at_its_own_size(trained, data_dir, model_dir, monkeypatch):
+    """A model that draws larger than the data's images (a 256 px scene model, 128 px emoji) is asked at its own
+    size, with the held-out images upsampled to it."""
+    from ldmkit.pipeline import Pipeline
+
+    cfg, result = trained
+    monkeypatch.setattr(Pipeline, "default_size", property(lambda self: 2 * SIZE))
+    sizes = []
+    generate = cn_eval._generate
+
+    def recording(pipe, prompts, seed, steps, guidance, size, unit=None):
+        sizes.append(size)
+        images = generate(pipe, prompts, seed, steps, guidance, size, unit)
+        assert images[0].shape == (2 * SIZE, 2 * SIZE, 3)
+        if unit is not None:
+            assert unit.image.size == (2 * SIZE, 2 * SIZE)
+        return images
+
+    monkeypatch.setattr(cn_eval, "_generate", recording)
+    metrics = cn_eval.evaluate_controlnet(
+        model_dir, result["export"], data_dir, count=1, steps=2, holdout_fraction=cfg.holdout_fraction
+    )
+    assert set(sizes) == {(2 * SIZE, 2 * SIZE)} and 0.0 <= metrics["empty_with"]["tol2"]["f1"] <= 1.0
+
 def test_cli_wires_the_stage_and_refuses_model_elsewhere(data_dir, model_dir):
     from ldmkit.train import cli
 
@@ -278,3 +303,38 @@ def test_augmented_pairs_stay_aligned():
     mirrored = [not torch.equal(same_control[i], control[i]) for i in range(16)]
     assert any(mirrored) and not any(m for m, ok in zip(mirrored, mirrorable) if not ok)
     assert all(torch.equal(same_control[i], control[i].flip(-1)) for i in range(16) if mirrored[i])
+
+
+def test_place_on_canvas_draws_each_image_at_a_drawn_size_and_place():
+    images = torch.from_numpy(np.stack([shape_image("square", "red"), shape_image("disc", "blue")])).permute(0, 3, 1, 2)
+    placed, source = cn_train.place_on_canvas(images, 96, (0.5, 1.0), 3, seed=1)
+    assert placed.shape == (6, 3, 96, 96) and placed.dtype == torch.uint8
+    assert source.tolist() == [0, 0, 0, 1, 1, 1]
+    again, _ = cn_train.place_on_canvas(images, 96, (0.5, 1.0), 3, seed=1)
+    assert torch.equal(placed, again)  # seeded
+    boxes = []
+    for image, j in zip(placed, source.tolist()):
+        ink = (image < 250).any(0).nonzero()
+        top, left = ink.min(0).values.tolist()
+        bottom, right = ink.max(0).values.tolist()
+        boxes.append((top, left))
+        # the shape's box scales with the image: the 32 px fixture's shapes span 17-23 px of it
+        span = (bottom - top + 1) / 96 * SIZE
+        assert 0.5 * 17 - 1 <= span <= 23 + 1, span
+        colour = image[:, (top + bottom) // 2, (left + right) // 2].tolist()
+        assert colour == list({0: COLORS["red"], 1: COLORS["blue"]}[j]), colour
+    assert len(set(boxes)) > 1  # not all in one place
+    with pytest.raises(LdmError, match="object_scale"):
+        cn_train.place_on_canvas(images, 96, (0.0, 1.0), 1, seed=1)
+
+
+def test_canvas_pairs_train_at_the_models_size(data_dir, model_dir, tmp_path):
+    cfg = cn_train.ControlNetTrainConfig(
+        data_dir=str(data_dir), out_dir=str(tmp_path / "cn"), model_dir=str(model_dir), max_steps=3, canvas=64,
+        placements=2, **TINY,
+    )  # fmt: skip
+    result = cn_train.train(cfg)
+    dataset = common.load_dataset(cfg.data_dir)
+    kept = len(dataset) - int(common.holdout_mask(dataset, cfg.holdout_fraction).sum())
+    assert result["train_images"] == 2 * kept and result["steps"] == 3
+    assert all(np.isfinite(loss) for _, loss in result["history"])

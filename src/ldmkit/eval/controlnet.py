@@ -76,9 +76,12 @@ def evaluate_controlnet(
     held_out = dataset.subset(holdout_mask(dataset, holdout_fraction))
     if len(held_out) == 0:
         raise LdmError(f"no held-out images in {data_dir} at holdout_fraction {holdout_fraction}")
-    images = [Image.fromarray(held_out.images[i].permute(1, 2, 0).numpy()) for i in range(min(count, len(held_out)))]
-    captions = [held_out.records[i].captions()[1] for i in range(len(images))]
     pipe = load_pipeline(model_dir, device)
+    side = pipe.default_size  # a 256 px model is asked at its own size: the emoji drawn over the whole frame
+    images = [Image.fromarray(held_out.images[i].permute(1, 2, 0).numpy()) for i in range(min(count, len(held_out)))]
+    if images and images[0].size != (side, side):
+        images = [image.resize((side, side), Image.BILINEAR) for image in images]
+    captions = [held_out.records[i].captions()[1] for i in range(len(images))]
     references = [canny_edges(image) for image in images]
     size = images[0].size
     results: dict = {

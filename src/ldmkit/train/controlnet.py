@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
@@ -48,6 +49,13 @@ class ControlNetTrainConfig:
     caption_dropout: float = 0.5  # empty caption: the control map alone must give the shape
     max_shift: int = 3  # latent pixels (x8 image pixels) each pair is moved by at most, per axis; 0: none
     mirror: bool = True  # mirror half of the uncaptioned pairs left-right
+    # A model that draws larger than the 128 px emoji (the scene model: 256 px, a lone emoji at about half the side,
+    # scene objects and sketches up to the whole frame) learns from pairs drawn at its size: each image placed on a
+    # white canvas of this side, `placements` times, at a side drawn from `object_scale` (fractions of the canvas)
+    # and a random place; the maps are made from the placed images. None: the images as they are.
+    canvas: int | None = None
+    object_scale: tuple[float, float] = (0.45, 1.0)
+    placements: int = 2
     min_snr_gamma: float = 5.0  # as the UNet stage (diffusion_loss reads it)
     noise_discount: float = 0.0  # the training noise of its UNet (0: white; see unet.pyramid_noise)
     ema_decay: float = 0.995  # a run is ~1-2k steps: a shorter horizon than the UNet stage's 0.999
@@ -89,6 +97,27 @@ def augment_pairs(latents, control, white_latent, max_shift: int, mirrorable: to
         latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
         control = torch.where(flip[:, None, None, None], control.flip(-1), control)
     return latents, control
+
+
+def place_on_canvas(
+    images: torch.Tensor, side: int, object_scale: tuple[float, float], placements: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, s, s) uint8 images on white -> ((N * placements, 3, side, side) uint8, source index of each): every
+    image drawn `placements` times at a side drawn from `object_scale` times the canvas, at a random place, on white."""
+    low, high = object_scale
+    if not 0 < low <= high <= 1:
+        raise LdmError(f"object_scale must be 0 < low <= high <= 1 (fractions of the canvas), got {object_scale}")
+    if placements < 1:
+        raise LdmError(f"placements must be at least 1, got {placements}")
+    generator = torch.Generator().manual_seed(seed)
+    source = torch.arange(len(images)).repeat_interleave(placements)
+    sides = ((low + (high - low) * torch.rand(len(source), generator=generator)) * side).round().clamp(8, side)
+    placed = torch.full((len(source), 3, side, side), 255, dtype=torch.uint8)
+    for i, (j, size) in enumerate(zip(source.tolist(), sides.int().tolist())):
+        top, left = torch.randint(0, side - size + 1, (2,), generator=generator).tolist()
+        resized = F.interpolate(images[j : j + 1].float(), size=(size, size), mode="bilinear", antialias=True)
+        placed[i, :, top : top + size, left : left + size] = resized[0].round().clamp(0, 255).to(torch.uint8)
+    return placed, source
 
 
 def _shifted(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
@@ -144,8 +173,12 @@ def train(cfg: ControlNetTrainConfig) -> dict:
     dataset = dataset.subset(~held_out)
     if len(dataset) == 0:
         raise LdmError(f"no training images left in {cfg.data_dir} after holding out {cfg.holdout_fraction:.0%}")
+    images, image_captions = dataset.images, dataset.image_captions
+    if cfg.canvas:
+        images, source = place_on_canvas(images, cfg.canvas, cfg.object_scale, cfg.placements, cfg.seed)
+        image_captions = image_captions[source]
     # the map worker processes fork before this process touches the GPU
-    maps = control_maps.make_maps(dataset.images.permute(0, 2, 3, 1).numpy(), cfg.seed, cfg.map_workers)
+    maps = control_maps.make_maps(images.permute(0, 2, 3, 1).numpy(), cfg.seed, cfg.map_workers)
 
     accelerator = common.make_accelerator(cfg.mixed_precision)
     device = accelerator.device
@@ -156,22 +189,22 @@ def train(cfg: ControlNetTrainConfig) -> dict:
     with accelerator.autocast():
         text_states = encode_captions(text_encoder, dataset.captions, device)  # (C, 77, hidden)
     # fp32 latents, as the UNet stage trained on (it encodes them again outside autocast on a GPU)
-    posterior_mean, posterior_std = encode_posteriors(vae, dataset.images, device)  # (N, 4, h, w) each
+    posterior_mean, posterior_std = encode_posteriors(vae, images, device)  # (N, 4, h, w) each
     if device.type == "cuda":
         text_states = text_states.to(torch.bfloat16)
     scaling_factor = vae.config.scaling_factor
     with torch.no_grad(), accelerator.autocast():  # what shifted pairs are padded with: the white background
-        white = torch.ones(1, 3, *dataset.images.shape[-2:], device=device)
+        white = torch.ones(1, 3, *images.shape[-2:], device=device)
         white_latent = vae.encode(white).latent_dist.mean.float() * scaling_factor
     del text_encoder, vae
     unet.to(memory_format=torch.channels_last)
-    image_captions = dataset.image_captions.to(device)
+    image_captions = image_captions.to(device)
 
     model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(cfg.conditioning_channels))
     model = model.to(memory_format=torch.channels_last)
     model, optimizer, ema, schedule, step, elapsed = common.start_run(accelerator, model, cfg, "controlnet", out_dir)
 
-    n, kinds, batch = len(dataset), maps.shape[1], min(cfg.batch_size, len(dataset))
+    n, kinds, batch = len(images), maps.shape[1], min(cfg.batch_size, len(images))
     progress = common.Progress(accelerator, optimizer, schedule, "controlnet samples/s", cfg.log_every, step, elapsed)
     generator = common.process_generator(accelerator, cfg.seed, step)
     model.train()

@@ -1,0 +1,16 @@
+#!/bin/bash
+# Shape the working tree for device call N (a call carries at most 64 MiB); 0 restores it.
+#   1: the shipped VAE and text encoder stay   2: the shipped UNet stays   3: no weights
+cd "$(git rev-parse --show-toplevel)" || exit 1
+git checkout -- src/ldmkit/assets docs
+[ "$1" = 0 ] && exit 0
+M=src/ldmkit/assets/default-model
+rm -f docs/*.png docs/*.jpg docs/*.webp
+rm -rf $M/controlnets
+case $1 in
+  1) rm -f $M/unet/*.safetensors ;;
+  2) rm -f $M/vae/*.safetensors $M/text_encoder/*.safetensors ;;
+  3) rm -f $M/unet/*.safetensors $M/vae/*.safetensors $M/text_encoder/*.safetensors ;;
+  *) echo "prep.sh: N is 0, 1, 2 or 3" >&2; exit 2 ;;
+esac
+echo "tracked files left: $(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1) bytes"
