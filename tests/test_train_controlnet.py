@@ -202,7 +202,6 @@ def test_adherence_eval_and_grid(trained, data_dir, model_dir):
     assert grid.size == (3 * SIZE, 2 * SIZE)
 
 
-
 def test_adherence_eval_asks_the_model_at_its_own_size(trained, data_dir, model_dir, monkeypatch):
     """A model that draws larger than the data's images (a 256 px scene model, 128 px emoji) is asked at its own
     size, with the held-out images upsampled to it."""
@@ -226,6 +225,7 @@ def test_adherence_eval_asks_the_model_at_its_own_size(trained, data_dir, model_
         model_dir, result["export"], data_dir, count=1, steps=2, holdout_fraction=cfg.holdout_fraction
     )
     assert set(sizes) == {(2 * SIZE, 2 * SIZE)} and 0.0 <= metrics["empty_with"]["tol2"]["f1"] <= 1.0
+
 
 def test_cli_wires_the_stage_and_refuses_model_elsewhere(data_dir, model_dir):
     from ldmkit.train import cli
