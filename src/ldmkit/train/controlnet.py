@@ -20,6 +20,7 @@ from transformers import CLIPTextModel
 from ldmkit.errors import LdmError
 from ldmkit.loading import DEFAULT_MODEL_DIR
 from ldmkit.train import common, control_maps
+from ldmkit.train.clip import random_framing
 from ldmkit.train.unet import diffusion_loss, draw_pairs, encode_captions
 from ldmkit.train.vae import encode_posteriors
 
@@ -100,10 +101,11 @@ def augment_pairs(latents, control, white_latent, max_shift: int, mirrorable: to
 
 
 def place_on_canvas(
-    images: torch.Tensor, side: int, object_scale: tuple[float, float], placements: int, seed: int
+    images: torch.Tensor, side: int, object_scale: tuple[float, float], placements: int, seed: int, chunk: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 3, s, s) uint8 images on white -> ((N * placements, 3, side, side) uint8, source index of each): every
-    image drawn `placements` times at a side drawn from `object_scale` times the canvas, at a random place, on white."""
+    image drawn `placements` times at a side drawn from `object_scale` times the canvas, at a random place, on white
+    (the CLIP stage's `random_framing`, on the image first scaled to the canvas)."""
     low, high = object_scale
     if not 0 < low <= high <= 1:
         raise LdmError(f"object_scale must be 0 < low <= high <= 1 (fractions of the canvas), got {object_scale}")
@@ -111,12 +113,13 @@ def place_on_canvas(
         raise LdmError(f"placements must be at least 1, got {placements}")
     generator = torch.Generator().manual_seed(seed)
     source = torch.arange(len(images)).repeat_interleave(placements)
-    sides = ((low + (high - low) * torch.rand(len(source), generator=generator)) * side).round().clamp(8, side)
-    placed = torch.full((len(source), 3, side, side), 255, dtype=torch.uint8)
-    for i, (j, size) in enumerate(zip(source.tolist(), sides.int().tolist())):
-        top, left = torch.randint(0, side - size + 1, (2,), generator=generator).tolist()
-        resized = F.interpolate(images[j : j + 1].float(), size=(size, size), mode="bilinear", antialias=True)
-        placed[i, :, top : top + size, left : left + size] = resized[0].round().clamp(0, 255).to(torch.uint8)
+    placed = torch.empty((len(source), 3, side, side), dtype=torch.uint8)
+    for start in range(0, len(source), chunk):  # in chunks: a whole data set of float canvases is gigabytes
+        part = images[source[start : start + chunk]].float()
+        if part.shape[-1] != side:
+            part = F.interpolate(part, size=(side, side), mode="bilinear", antialias=True)
+        framed = random_framing(part / 127.5 - 1, object_scale, generator)
+        placed[start : start + chunk] = ((framed + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return placed, source
 
 
