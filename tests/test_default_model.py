@@ -16,7 +16,8 @@ def test_folder_layout_and_size_limits():
     files = [p for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 100_000_000  # the whole folder, its ControlNet included
     assert max(p.stat().st_size for p in files) <= 15_000_000
-    for part in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "LICENSES.md"):
+    parts = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "LICENSES.md", "ldmkit.json")
+    for part in parts:
         assert (DEFAULT_MODEL_DIR / part).exists(), part
     for weights in DEFAULT_MODEL_DIR.rglob("*.safetensors"):
         with safe_open(str(weights), "np") as f:
@@ -41,6 +42,11 @@ def generate(pipe, prompt, seed):
         height=pipe.default_size,
     )  # the model's own size (128 px today; a scene model's is 256)
     return np.asarray(result.images[0], dtype=np.float32)
+
+
+def test_the_model_draws_at_its_own_guidance_by_default(pipe):
+    """Measured with `ldm eval`: names 92.6% at guidance 3.5 against 81.3% at 7.5 (its folder's ldmkit.json)."""
+    assert pipe.default_guidance == 3.5
 
 
 def test_same_seed_same_image(pipe):

@@ -63,6 +63,17 @@ def test_resolved_fills_size_sampler_and_a_seed_that_fits_every_image():
     assert (plain.width, plain.height, plain.sampler, plain.seed) == (64, 64, "DPM++ 2M Karras", 5)
 
 
+def test_guidance_none_is_the_models_until_resolved_then_checked():
+    p = GenerationParams("a")
+    assert p.guidance is None
+    p.validate()  # None passes: the model's default is checked when its folder is read
+    assert p.resolved(64, default_guidance=3.5).guidance == 3.5
+    assert p.resolved(64).guidance == 7.5  # SD's, where no model names its own
+    assert GenerationParams("a", guidance=5.0).resolved(64, default_guidance=3.5).guidance == 5.0
+    with pytest.raises(InvalidRequest, match="guidance must be a finite number from 0 to 100.0, got 101"):
+        GenerationParams("a", guidance=101).validate()
+
+
 def test_seeds_run_over_prompts_images_and_batches():
     p = GenerationParams(["a", "b"], seed=10, num_images=2, batch_count=2)
     assert p.batch_seeds() == [[10, 11, 12, 13], [14, 15, 16, 17]]

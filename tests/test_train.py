@@ -175,6 +175,9 @@ def test_checkpoint_records_config_and_resumes(trained, data_dir):
 
 def test_export_assembles_the_pipeline_folder(trained, data_dir, tmp_path):
     runs, _ = trained
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "stale.bin").write_bytes(b"old")
+    (tmp_path / "model" / "ldmkit.json").write_text('{"default_guidance": 3.5}')  # the folder's own: kept
     folder = export.assemble(
         runs / "clip" / "text_encoder",
         runs / "vae" / "vae",
@@ -185,10 +188,11 @@ def test_export_assembles_the_pipeline_folder(trained, data_dir, tmp_path):
     )
     for part in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer/vocab.json", "scheduler", "LICENSES.md"):
         assert (folder / part).exists(), part
-    assert not (folder / "tokenizer" / "tokenizer.json").exists()
+    assert not (folder / "tokenizer" / "tokenizer.json").exists() and not (folder / "stale.bin").exists()
     from ldmkit.loading import load_components
 
     components = load_components(folder)
+    assert components.default_guidance == 3.5
     assert components.scheduler_config["prediction_type"] == "v_prediction"
     ids = components.tokenizer("red square", padding="max_length", max_length=77).input_ids
     assert len(ids) == 77 and ids[0] == 49406

@@ -192,6 +192,7 @@ def test_adherence_eval_and_grid(trained, data_dir, model_dir):
         model_dir, exported, data_dir, count=2, steps=3, holdout_fraction=cfg.holdout_fraction
     )
     assert metrics["images"] == 2 and metrics["held_out"]
+    assert metrics["guidance"] == 7.5  # the model's own (its folder names none), recorded as the number used
     for key in ("caption_without", "caption_with", "empty_without", "empty_with"):
         for tol in ("tol1", "tol2"):
             assert 0.0 <= metrics[key][tol]["f1"] <= 1.0

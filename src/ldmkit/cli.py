@@ -88,7 +88,13 @@ def add_generate(sub) -> None:
     gen.add_argument("-n", "--num-images", type=int, default=1, help="images to make (seeds seed, seed+1, ...)")
     gen.add_argument("--negative", default="", help="negative prompt (the unconditional text)")
     gen.add_argument("--steps", type=int, default=25)
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables it")
+    gen.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale; <= 1 disables it; default: the model's own (7.5, unless its folder's "
+        "ldmkit.json names another: the shipped model's is 3.5)",
+    )
     gen.add_argument("--sampler", default=DEFAULT_SAMPLER, help="see `ldm samplers`")
     gen.add_argument(
         "--scheduler",

@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from ldmkit import model_defaults
 from ldmkit.errors import ModelLoadError
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
@@ -76,6 +77,8 @@ class Components:
     text_encoder_2: CLIPTextModelWithProjection | None = None
     # SDXL model_index.json flags: force_zeros_for_empty_prompt, requires_aesthetics_score (the refiner's).
     pipeline_config: dict = field(default_factory=dict)
+    # The guidance the folder's ldmkit.json names (ldmkit.model_defaults); None: it names none (7.5 then applies).
+    default_guidance: float | None = None
 
 
 def load_tokenizer(pad_token: str = CLIP_END_TOKEN, model_max_length: int = 77) -> CLIPTokenizer:
@@ -122,10 +125,13 @@ def load_components(
 
 
 def save_pretrained(components: Components, folder: str | os.PathLike) -> Path:
-    """Write a diffusers-layout folder that both `load_components` and diffusers' pipelines load."""
+    """Write a diffusers-layout folder that both `load_components` and diffusers' pipelines load (with the
+    components' default guidance, if they name one, in its ldmkit.json)."""
     from ldmkit.families import reference_pipeline
 
     reference_pipeline(components).save_pretrained(folder)
+    if components.default_guidance is not None:
+        model_defaults.write_default_guidance(Path(folder), components.default_guidance)
     return Path(folder)
 
 
@@ -187,8 +193,14 @@ def _hub_cache_dir() -> str:
 
 
 def _load_folder(folder: Path, prediction_type: str | None, name: str | None = None) -> Components:
-    if _is_sdxl_folder(folder):
-        return _load_sdxl_folder(folder, prediction_type, name)
+    default_guidance = model_defaults.read_default_guidance(folder)  # first: a bad file is refused before the weights
+    load = _load_sdxl_folder if _is_sdxl_folder(folder) else _load_sd_folder
+    components = load(folder, prediction_type, name)
+    components.default_guidance = default_guidance
+    return components
+
+
+def _load_sd_folder(folder: Path, prediction_type: str | None, name: str | None) -> Components:
     _check_folder(folder, model_index=True)
     with _load_errors(folder):
         unet, vae = _load_unet_and_vae(folder)

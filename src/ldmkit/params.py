@@ -2,7 +2,8 @@
 
 Torch-free and model-free, so a request is checked before a model loads (the CLI) or before it takes a place in
 the server's queue. `GenerationParams.validate(limits)` is the one place the request's values are checked; what
-depends on the loaded model (the default size, clip skip's range, LoRA files, memory) `Pipeline.prepare` adds.
+depends on the loaded model (the default size and guidance, clip skip's range, LoRA files, memory) `Pipeline.prepare`
+adds.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ MAX_STEPS = 1000
 MAX_IMAGES = 64  # images in one batch (one UNet call per step holds them all)
 MAX_SIDE = 8192
 MAX_GUIDANCE = 100.0  # far past any useful scale; larger ones overflow the guided prediction into NaN
+DEFAULT_GUIDANCE = 7.5  # SD's usual scale: a model's unless its folder names its own (ldmkit.model_defaults)
 MAX_MASK_BLUR = 64
 MAX_HIRES_SCALE = 4.0
 HIRES_UPSCALERS = ("latent", "pixel")  # built in; any other name is one of the pipeline's upscalers (ldmkit.upscalers)
@@ -143,7 +145,7 @@ class GenerationParams:
     prompt: str | tuple[str, ...]  # several prompts: num_images images of each, in one batch
     negative_prompt: str = ""
     steps: int = 25
-    guidance: float = 7.5  # classifier-free guidance scale; <= 1 runs the conditional pass only
+    guidance: float | None = None  # classifier-free guidance scale; <= 1: the conditional pass only; None: the model's
     sampler: str | None = None  # a name of ldmkit.samplers (any case); None: its DEFAULT_SAMPLER
     seed: int | tuple[int, ...] | None = None  # image i uses seed + i; or one seed per image; None: random
     width: int | None = None  # None: the init image's size, else the model's native size
@@ -198,6 +200,7 @@ class GenerationParams:
 
     @property
     def use_guidance(self) -> bool:
+        """Whether the unconditional pass runs; needs a concrete guidance."""
         return self.guidance > 1.0
 
     @property
@@ -232,8 +235,8 @@ class GenerationParams:
     def validate(self, limits: RequestLimits | None = None) -> None:
         """Refuse (InvalidRequest, naming the value) what no model could run; `limits` adds a server's limits.
 
-        Sizes left None are checked once known: `Pipeline.prepare` validates again after filling them in. What
-        depends on the model (clip skip's range, LoRA files, memory) is `Pipeline.prepare`'s to check.
+        Sizes and guidance left None are checked once known: `Pipeline.prepare` validates again after filling them
+        in. What depends on the model (clip skip's range, LoRA files, memory) is `Pipeline.prepare`'s to check.
         """
         if limits is not None:  # first: they bound the work every later check does (the prompt's length)
             counts = (self.num_images, self.batch_count)
@@ -259,8 +262,8 @@ class GenerationParams:
         if limits is not None:
             self._check_limits(limits)
 
-    def resolved(self, default_size: int) -> GenerationParams:
-        """With the size, sampler name and seed made concrete (a random seed drawn where none is given)."""
+    def resolved(self, default_size: int, default_guidance: float = DEFAULT_GUIDANCE) -> GenerationParams:
+        """With the size, guidance, sampler name and seed made concrete (a random seed drawn where none is given)."""
         from ldmkit.samplers import DEFAULT_SAMPLER, get_sampler  # imports diffusers: only once a model is at hand
 
         fallback_w, fallback_h = self.init_image.size if self.init_image is not None else (default_size,) * 2
@@ -271,6 +274,7 @@ class GenerationParams:
             self,
             width=fallback_w // 8 * 8 if self.width is None else self.width,
             height=fallback_h // 8 * 8 if self.height is None else self.height,
+            guidance=default_guidance if self.guidance is None else self.guidance,
             sampler=get_sampler(self.sampler or DEFAULT_SAMPLER).name,
             seed=random_seed(self.total_images) if self.seed is None else self.seed,
             subseed=random_seed(self.total_images) if self.subseed is None and self.uses_variation else self.subseed,
@@ -331,7 +335,7 @@ class GenerationParams:
     def _check_sampling(self) -> None:
         from ldmkit import sampler_options
 
-        if not _is_number(self.guidance) or not 0 <= self.guidance <= MAX_GUIDANCE:
+        if self.guidance is not None and not is_guidance(self.guidance):  # None: the model's, checked at load
             raise InvalidRequest(f"guidance must be a finite number from 0 to {MAX_GUIDANCE}, got {self.guidance!r}")
         sampler_options.check_values(self.eta, self.s_churn, self.s_tmin, self.s_tmax, self.s_noise)
         if self.sampler is not None:
@@ -469,6 +473,11 @@ def check_size(width, height) -> None:
 def random_seed(count: int = 1) -> int:
     """The one random-seed rule: a seed whose `count` images (seed, seed + 1, ...) all stay within MAX_SEED."""
     return random.randrange(MAX_SEED + 2 - count)
+
+
+def is_guidance(value) -> bool:
+    """A classifier-free guidance scale ldmkit runs: a finite number from 0 to MAX_GUIDANCE."""
+    return _is_number(value) and 0 <= value <= MAX_GUIDANCE
 
 
 def is_int(value) -> bool:

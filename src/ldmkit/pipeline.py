@@ -37,7 +37,7 @@ from ldmkit.memory import Footprint, check_memory
 from ldmkit.metadata import format_infotext
 from ldmkit.model_state import ModelState
 from ldmkit.noise import NoiseRecipe, step_noise_generators, uses_ensd
-from ldmkit.params import HIRES_UPSCALERS, GenerationParams, HiresFix, RequestLimits
+from ldmkit.params import DEFAULT_GUIDANCE, HIRES_UPSCALERS, GenerationParams, HiresFix, RequestLimits
 from ldmkit.previews import fast_preview, latent_rgb_projection
 from ldmkit.prompts import MAX_PROMPT_CHUNKS, check_prompt_chunks, clip_skip_infotext
 from ldmkit.refiner import DEFAULT_SWITCH, check_refiner, checkpoint_shorthash, refined_pass, refiner_infotext
@@ -277,6 +277,12 @@ class Pipeline:
         return self.family.default_size(self._state)
 
     @property
+    def default_guidance(self) -> float:
+        """The guidance of requests that name none: the model folder's own (its ldmkit.json), else SD's 7.5."""
+        own = self.components.default_guidance
+        return DEFAULT_GUIDANCE if own is None else own
+
+    @property
     def max_clip_skip(self) -> int:
         """The largest clip skip every text encoder of the model takes (the SDXL refiner has bigG alone)."""
         encoders = (self._state.text_encoder, self._state.text_encoder_2)
@@ -288,7 +294,7 @@ class Pipeline:
         prompt: str | list[str],
         negative_prompt: str = "",
         steps: int = 25,
-        guidance: float = 7.5,
+        guidance: float | None = None,
         sampler: str = DEFAULT_SAMPLER,
         seed: int | list[int] | None = None,
         width: int | None = None,
@@ -399,13 +405,13 @@ class Pipeline:
         return result
 
     def prepare(self, params: GenerationParams, limits: RequestLimits | None = None) -> GenerationParams:
-        """The request made concrete for this model (size, sampler name, seed) and checked, before any compute.
+        """The request made concrete for this model (size, guidance, sampler name, seed), checked before any compute.
 
         `limits` adds a server's limits to GenerationParams.validate; the model's own checks follow: its family's
         (clip skip), a mask for an inpainting model, LoRA files, and the memory the request needs.
         """
         params.validate(limits)
-        p = params.resolved(self.default_size)
+        p = params.resolved(self.default_size, self.default_guidance)
         p.validate(limits)  # again, with the size known
         self.family.check(self._state, p)
         if p.hires is not None and p.hires.upscaler not in HIRES_UPSCALERS:  # the name as the folder spells it

@@ -65,7 +65,7 @@ def evaluate_controlnet(
     data_dir: Path,
     count: int = 32,
     steps: int = 25,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     seed: int = 0,
     holdout_fraction: float = 0.02,
     device=None,
@@ -77,6 +77,7 @@ def evaluate_controlnet(
     if len(held_out) == 0:
         raise LdmError(f"no held-out images in {data_dir} at holdout_fraction {holdout_fraction}")
     pipe = load_pipeline(model_dir, device)
+    guidance = pipe.default_guidance if guidance is None else guidance  # None: the model's own, recorded as a number
     side = pipe.default_size  # a 256 px model is asked at its own size: the emoji drawn over the whole frame
     images = [Image.fromarray(held_out.images[i].permute(1, 2, 0).numpy()) for i in range(min(count, len(held_out)))]
     if images and images[0].size != (side, side):
@@ -124,7 +125,7 @@ def load_pipeline(model_dir: Path, device=None) -> Pipeline:
     return Pipeline.from_pretrained(Path(model_dir), device=device, dtype=torch.float32)
 
 
-def _generate(pipe: Pipeline, prompts: list[str], seed: int, steps: int, guidance: float, size, unit=None):
+def _generate(pipe: Pipeline, prompts: list[str], seed: int, steps: int, guidance: float | None, size, unit=None):
     """(H, W, 3) uint8 arrays, one per prompt; one ControlNet unit (one map) per call, so then one prompt."""
     result = pipe.generate(
         prompts,
@@ -145,7 +146,7 @@ def control_grid(
     rows: list[tuple[Image.Image, str, str]],
     seeds=(0, 1, 2, 3, 4),
     steps: int = 25,
-    guidance: float = 7.5,
+    guidance: float | None = None,
 ) -> Image.Image:
     """One row per (image, preprocessor, prompt): the control map the ControlNet saw, then one image per seed."""
     size = pipe.default_size

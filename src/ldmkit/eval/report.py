@@ -39,7 +39,7 @@ def generate_eval_images(
     model_dir: Path | None,
     num_prompts: int | None = None,
     steps: int = 25,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     seed: int = 0,
     device=None,
     name_seeds: int = 1,
@@ -73,18 +73,20 @@ def evaluate(
     data_dir: Path,
     num_prompts: int | None = None,
     steps: int = 25,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     seed: int = 0,
     holdout_fraction: float = 0.02,
     device=None,
     images: dict | None = None,
     name_seeds: int = 1,
 ) -> dict:
-    """All metrics; `images` (from generate_eval_images, e.g. made on a GPU) skips generation here."""
+    """All metrics; `images` (from generate_eval_images, e.g. made on a GPU) skips generation here. `guidance`
+    None is the model's own, and the results record the number."""
     from transformers import CLIPModel
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(Path(model_dir or DEFAULT_MODEL_DIR), device)
+    guidance = model.default_guidance if guidance is None else guidance
     if images is None:
         images = generate_eval_images(model_dir, num_prompts, steps, guidance, seed, device, name_seeds)
     clip = CLIPModel.from_pretrained(clip_dir, torch_dtype=torch.float32).to(device).eval()

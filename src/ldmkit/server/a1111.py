@@ -80,7 +80,9 @@ class ProcessingRequest(BaseModel):
     batch_size: int = 1
     n_iter: int = Field(1, description="batches; they continue the seed sequence")
     steps: int = 50
-    cfg_scale: float = 7.0
+    cfg_scale: float | None = Field(
+        None, description="omitted: the model's default guidance where its folder names one (ldmkit.json), else 7"
+    )
     width: int = 512
     height: int = 512
     restore_faces: bool | None = Field(None, description="false only: no face restorer here")
@@ -417,7 +419,7 @@ def _generation_request(
         prompt=prompt,
         negative_prompt=negative_prompt,
         steps=body.steps,
-        guidance=body.cfg_scale,
+        guidance=a1111_fields.cfg_scale(body, pipe.components.default_guidance),
         sampler=_sampler(body.sampler_name or body.sampler_index, body.scheduler),
         seed=None if body.seed == -1 else body.seed,
         width=body.width,
@@ -460,7 +462,7 @@ async def _generate(
     images = await asyncio.to_thread(lambda: encode_all(result) + detected_maps(result, save_maps))
     return {
         "images": images if body.send_images else [],
-        "parameters": body.model_dump(),
+        "parameters": _parameters(body, queue.pipe),
         "info": json.dumps(_info(job, result, queue.pipe, body)),
     }
 
@@ -481,7 +483,16 @@ async def _generate_plot(
         all_subseeds=[-1] * len(cells),
         index_of_first_image=1 + (len(plot.sub_grids) if script.include_sub_grids else 0),
     )
-    return {"images": encoded if body.send_images else [], "parameters": body.model_dump(), "info": json.dumps(info)}
+    return {
+        "images": encoded if body.send_images else [],
+        "parameters": _parameters(body, queue.pipe),
+        "info": json.dumps(info),
+    }
+
+
+def _parameters(body: ProcessingRequest, pipe: Pipeline) -> dict:
+    """The request as A1111 echoes it: with the cfg_scale used where it was omitted, as A1111 shows its default."""
+    return body.model_dump() | {"cfg_scale": a1111_fields.cfg_scale(body, pipe.components.default_guidance)}
 
 
 def _sampler(name: str, scheduler: str | None) -> str:

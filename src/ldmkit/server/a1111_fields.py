@@ -26,6 +26,7 @@ VAE_SETTING = "sd_vae"
 # looks for a file named after the model); "None" is the model's own.
 OWN_VAE = ("Automatic", "None")
 ENSD_SETTING = "eta_noise_seed_delta"  # A1111's seed offset of the samplers' per-step noise (ldmkit.noise)
+A1111_CFG_SCALE = 7.0  # A1111's default cfg_scale
 SAME_SAMPLER = "Use same sampler"  # A1111's UI value of hr_sampler_name: the first pass's
 SAME_SCHEDULER = "Use same scheduler"
 # A1111's inpainting_fill and resize_mode numbers -> GenerationParams.masked_content and resize_mode
@@ -58,6 +59,14 @@ def seed_resize_from(body) -> tuple[int, int] | None:
     """A1111's seed_resize_from_w/_h as (width, height); either <= 0 turns it off, as in A1111."""
     width, height = body.seed_resize_from_w, body.seed_resize_from_h
     return None if width <= 0 or height <= 0 else (width, height)
+
+
+def cfg_scale(body, model_guidance: float | None) -> float:
+    """The request's cfg_scale; omitted: the guidance the model's folder names (Components.default_guidance), else
+    A1111's default 7 (not ldmkit's 7.5: clients that omit it get what A1111 would give them)."""
+    if body.cfg_scale is not None:
+        return body.cfg_scale
+    return A1111_CFG_SCALE if model_guidance is None else model_guidance
 
 
 def s_tmax(body) -> float:

@@ -72,7 +72,7 @@ HIRES_UPSCALERS = {"Latent": "latent", "Lanczos": "pixel"}  # A1111's names for 
 
 
 def _generation_tab(queue: GenerationQueue, mode: str, styles: StyleLibrary) -> None:
-    size = queue.pipe.default_size
+    size, guidance = queue.pipe.default_size, queue.pipe.default_guidance  # the served model's own
     fields: dict[str, gr.components.Component] = {}  # the handler's inputs, by name
     with gr.Row():
         with gr.Column(scale=2):
@@ -106,7 +106,9 @@ def _generation_tab(queue: GenerationQueue, mode: str, styles: StyleLibrary) -> 
                 fields["width"] = gr.Slider(8, 2048, value=size, step=8, label="Width", elem_id=f"{mode}-width")
                 fields["height"] = gr.Slider(8, 2048, value=size, step=8, label="Height", elem_id=f"{mode}-height")
             with gr.Row():
-                fields["guidance"] = gr.Slider(0.0, 30.0, value=7.5, step=0.5, label="CFG scale")
+                fields["guidance"] = gr.Slider(
+                    0.0, 30.0, value=guidance, step=0.5, label="CFG scale", elem_id=f"{mode}-cfg-scale"
+                )
                 fields["seed"] = gr.Number(
                     value=-1, precision=0, label="Seed (-1: random)", scale=2, elem_id=f"{mode}-seed"
                 )

@@ -81,7 +81,9 @@ def register(subparsers) -> None:
         help="score the bare names at N seeds (the first stays the headline figure; each is listed)",
     )
     evaluate.add_argument("--steps", type=int, default=25)
-    evaluate.add_argument("--guidance", type=float, default=7.5)
+    evaluate.add_argument(
+        "--guidance", type=float, default=None, help="default: the model's own (7.5 unless its ldmkit.json says)"
+    )
     evaluate.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
     evaluate.add_argument(
         "--generate-only",

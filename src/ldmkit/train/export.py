@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ldmkit import model_defaults
 from ldmkit.loading import CONFIGS_DIR, load_tokenizer
 
 MAX_SHARD = "10MB"  # no shipped file over 15 MB; a tensor larger than a shard gets its own file
@@ -21,7 +22,10 @@ def assemble(
     out_dir: Path,
     licenses: Path | None = None,
 ) -> Path:
-    """Write model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/ as save_pretrained does."""
+    """Write model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/ as save_pretrained does.
+
+    An ldmkit.json already in `out_dir` (the model's default guidance, ldmkit.model_defaults) is kept: it was
+    measured for the model exported there before, so measure again (`ldm eval --guidance`) after a new recipe."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -35,9 +39,13 @@ def assemble(
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    defaults = out_dir / model_defaults.FILE_NAME
+    kept_defaults = defaults.read_bytes() if defaults.is_file() else None
     if out_dir.exists():
         shutil.rmtree(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True, max_shard_size=MAX_SHARD)
+    if kept_defaults is not None:
+        defaults.write_bytes(kept_defaults)
     write_tokenizer(out_dir / "tokenizer")
     if licenses is not None:
         shutil.copy(licenses, out_dir / "LICENSES.md")
