@@ -205,3 +205,22 @@ def test_classic_size_sets_the_emoji_square(catalogue):
     assert default.objects[0].size == 1.0  # the old data set: the emoji fills the frame
     with pytest.raises(ValueError, match="classic_size"):
         scenes.SceneSampler(infos, classic_size=(0.8, 0.5))
+
+
+def test_classic_style_sets_the_share_of_styled_captions(catalogue):
+    _, infos, _ = catalogue
+
+    def styled_share(classic_style):
+        sampler = scenes.SceneSampler(infos, shares=(1, 0, 0, 0, 0, 0), classic_style=classic_style)
+        rng = random.Random(0)
+        drawn = [sampler.sample(rng) for _ in range(1000)]
+        return sum(any(style in s.caption for style in STYLES) for s in drawn) / len(drawn)
+
+    assert styled_share(1.0) == 1.0
+    assert styled_share(0.0) == 0.0
+    assert 0.52 < styled_share(None) < 0.64  # the mix of earlier runs: half bare names (2 of 3 styled), half 50%
+    assert 0.85 < styled_share(0.9) < 0.95
+    with pytest.raises(ValueError, match="classic_style"):
+        scenes.SceneSampler(infos, classic_style=1.5)
+    with pytest.raises(ValueError, match="classic_style"):
+        scenes.SceneSampler(infos, classic_style="most")

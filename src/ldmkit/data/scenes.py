@@ -211,13 +211,18 @@ class SceneSampler:
         animal_keys: set[str] | None = None,
         shares=DEFAULT_SHARES,
         classic_size: tuple[float, float] = (1.0, 1.0),
+        classic_style: float | None = None,
     ):
         """classic_size: the side of a classic emoji's square, drawn uniformly from this range (1.0 fills the
-        shorter side; 0.5 on a 256 px canvas is 128 px, the sprites' own resolution)."""
+        shorter side; 0.5 on a 256 px canvas is 128 px, the sprites' own resolution). classic_style: the share of
+        classic captions that carry the style phrase (None: the mix below, about 58%)."""
         if not 0 < classic_size[0] <= classic_size[1] <= 1:
             raise ValueError(f"classic_size: expected 0 < low <= high <= 1, got {classic_size}")
+        if classic_style is not None and not (isinstance(classic_style, (int, float)) and 0 <= classic_style <= 1):
+            raise ValueError(f"classic_style: expected a share from 0 to 1, got {classic_style}")
         self.infos = infos
         self.classic_size = tuple(classic_size)
+        self.classic_style = classic_style
         self.styles = sorted({i.record.style for i in infos})
         self.by_style: dict[str, list[int]] = {s: [] for s in self.styles}
         self.objects: dict[str, list[int]] = {s: [] for s in self.styles}
@@ -266,11 +271,14 @@ class SceneSampler:
         info = self.infos[index]
         low, high = self.classic_size
         placed = Placed(index, width / 2, height / 2, rng.uniform(low, high) if high > low else high)
+        styled = None if self.classic_style is None else rng.random() < self.classic_style
         if rng.random() < 0.5:
             name = info.record.name
-            caption = rng.choice([name, f"{name}, {style}", f"{style} of {name}"])
+            with_style = [f"{name}, {style}", f"{style} of {name}"]
+            caption = rng.choice([name, *with_style] if styled is None else with_style if styled else [name])
         else:
-            caption = self._finish(rng, self._noun(rng, info, allow_keyword=True), style, "white", "none", rng.random())
+            noun = self._noun(rng, info, allow_keyword=True)
+            caption = self._finish(rng, noun, style, "white", "none", rng.random(), styled)
         return Scene([placed], "white", "none", caption, "classic")
 
     def caption_pair(self, rng) -> tuple[str, str]:
@@ -525,10 +533,13 @@ class SceneSampler:
         r = rng.random()
         return "earth" if r < 0.06 else "pastel" if r < 0.1 else "none"
 
-    def _finish(self, rng, noun: str, style: str, background: str, grade: str, order: float) -> str:
-        """Frame, style phrase, background and grade phrases around the subject, in a random order."""
+    def _finish(
+        self, rng, noun: str, style: str, background: str, grade: str, order: float, styled: bool | None = None
+    ) -> str:
+        """Frame, style phrase (in half the captions, or as `styled` says), background and grade phrases around the
+        subject, in a random order."""
         text = rng.choice(FRAMES).format(x=noun)
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 if styled is None else styled:
             text = rng.choice(STYLE_TEMPLATES).format(x=text, s=style)
         extras = []
         if background != "white" and rng.random() < 0.9:
@@ -577,7 +588,7 @@ def _with_position(rng, noun: str, region: str) -> str:
 
 
 def load_sampler(
-    data_dir, limit: int | None = None, shares=SceneSampler.DEFAULT_SHARES, classic_size=(1.0, 1.0)
+    data_dir, limit: int | None = None, shares=SceneSampler.DEFAULT_SHARES, classic_size=(1.0, 1.0), classic_style=None
 ) -> tuple[np.ndarray, SceneSampler]:
     """The data set's sprites (N, S, S, 4) uint8 (in memory) and a scene sampler over them."""
     sprites, records = emoji.load_sprites(data_dir)
@@ -587,5 +598,5 @@ def load_sampler(
     raw = keywords.load_keywords(data_dir)
     animals = {k for k, tags in raw.items() if "animal" in tags}
     return sprites, SceneSampler(
-        measure_sprites(sprites, records, keywords.specific(raw)), animals, shares, classic_size
+        measure_sprites(sprites, records, keywords.specific(raw)), animals, shares, classic_size, classic_style
     )

@@ -41,6 +41,9 @@ class SceneTrainConfig:
     # a classic emoji's side, drawn from this range: 0.5 on a 256 px canvas is 128 px, the scale the sprites (and the
     # shipped 128 px UNet) have; 1.0 fills the canvas with a 2x-upsampled sprite
     classic_size: tuple[float, float] = (1.0, 1.0)
+    # the share of classic captions that carry the style phrase; None: about 58% (the tenth run mixed up the three
+    # flat sets' styles, docs/training.md)
+    classic_style: float | None = None
     # 16.9M params (34 MB fp16); no attention at the 32x32 level keeps 50 CPU forwards at ~2.2x the old 16x16 cost
     block_out_channels: tuple[int, ...] = (64, 128, 192, 192)
     layers_per_block: int = 1
@@ -143,7 +146,9 @@ def train(cfg: SceneTrainConfig) -> dict:
     device = accelerator.device
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out_dir)
-    sprites, sampler = scenes.load_sampler(Path(cfg.data_dir), cfg.limit, cfg.scene_shares, cfg.classic_size)
+    sprites, sampler = scenes.load_sampler(
+        Path(cfg.data_dir), cfg.limit, cfg.scene_shares, cfg.classic_size, cfg.classic_style
+    )
     compositor = Compositor(sprites, device)
     del sprites
 
