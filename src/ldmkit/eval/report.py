@@ -130,15 +130,21 @@ def evaluate(
         real_images=len(real_rows),
     )
 
-    # Style adherence: "name, style" prompts; CLIP picks among the same name in each of the 4 styles.
+    # Style adherence: "name, style" prompts; CLIP picks among the same name in each of the 4 styles, on the whole
+    # image and (as for the names) on the square around the drawn object.
     styles = [s.style for s in SOURCES]
     styled = styled_prompts(prompts, style_table())
-    styled_feats = metrics.image_features(clip, images["styled"][: len(prompts)], device)
-    hits = []
-    for i, (p, s) in enumerate(styled):
-        options = metrics.text_features(clip, [f"{p}, {o}" for o in styles], device)  # (4, D)
-        hits.append(int((styled_feats[i] @ options.T).argmax()) == styles.index(s))
-    results["style_top1_generated"] = sum(hits) / len(hits)
+    options = metrics.text_features(clip, [f"{p}, {o}" for p, _ in styled for o in styles], device)
+    options = options.view(len(styled), len(styles), -1)
+    truth = torch.tensor([styles.index(s) for _, s in styled])
+    styled_images = images["styled"][: len(prompts)]
+    for key, imgs in (
+        ("style_top1_generated", styled_images),
+        ("style_top1_object_crop", scenes.object_crops(styled_images)),
+    ):
+        feats = metrics.image_features(clip, imgs, device)
+        picked = torch.einsum("nd,nkd->nk", feats, options.to(feats.device)).argmax(1).cpu()
+        results[key] = float((picked == truth).float().mean())
 
     # Composition: prompts as people type them, spatial, colour, counting, seed diversity.
     if all(key in images for key in scenes.prompt_sets() if key != "typed_unseen"):  # (older image sets lack it)
