@@ -148,6 +148,25 @@ def tiny_pipe(default_guidance: float | None) -> Pipeline:
     return Pipeline(dataclasses.replace(make_tiny_components(), default_guidance=default_guidance), CPU, torch.float32)
 
 
+def test_ldm_eval_generate_only_saves_the_settings_and_scoring_keeps_them(own_folder, tmp_path, capsys):
+    """Images made on one machine and scored on another: the scores record the guidance and steps they were made at."""
+    from ldmkit.eval import report, scenes
+
+    prompts = {name: ps[:1] for name, ps in scenes.prompt_sets().items()}
+    out = tmp_path / "images"
+    with pytest.MonkeyPatch.context() as patch:  # one prompt per set keeps the tiny model's run short
+        patch.setattr(scenes, "prompt_sets", lambda: prompts)
+        patch.setattr(scenes, "seeds_for", lambda name, count: list(range(count)))
+        args = ["eval", "--model", str(own_folder), "--prompts", "1", "--steps", "2", "--generate-only", str(out)]
+        assert main(args) == 0
+    assert float(torch.load(out / "guidance.pt")) == 3.5 and int(torch.load(out / "steps.pt")) == 2
+    assert set(report.SETTINGS) <= {path.stem for path in out.glob("*.pt")}
+    capsys.readouterr()
+    assert main(["eval", "--model", str(own_folder), "--images", str(out), "--guidance", "7"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "were generated at guidance 3.5" in lines[0], lines
+
+
 @pytest.fixture
 def client():
     """A test client of a server over the tiny model with the given default guidance."""

@@ -16,6 +16,9 @@ from ldmkit.train.common import holdout_mask, load_dataset
 # The fixed evaluation prompts: 256 emoji names (a seeded draw from the names present in >= 3 of the 4 sets),
 # each with the styles it exists in, tab separated.
 PROMPTS_FILE = Path(__file__).parent.parent / "assets" / "eval-prompts.tsv"  # assets/ ships in the wheel
+# The entries of generate_eval_images' dict that are not images: how they were made (`ldm eval --generate-only`
+# saves them with the images, so that scoring elsewhere records the settings the images were made with).
+SETTINGS = ("seconds", "steps", "guidance")
 
 
 def style_table() -> dict[str, list[str]]:
@@ -45,9 +48,10 @@ def generate_eval_images(
     name_seeds: int = 1,
 ) -> dict[str, torch.Tensor]:
     """The images `evaluate` scores (no data set or CLIP needed): plain prompts and "name, style" prompts; with
-    name_seeds > 1 the plain prompts again at seeds seed+1, ... ("plain_seed1", ...)."""
+    name_seeds > 1 the plain prompts again at seeds seed+1, ... ("plain_seed1", ...); and SETTINGS."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(Path(model_dir or DEFAULT_MODEL_DIR), device)
+    guidance = model.default_guidance if guidance is None else guidance
     prompts = eval_prompts()[:num_prompts]
     styled = styled_prompts(prompts, style_table())
     size = model.default_size
@@ -57,6 +61,7 @@ def generate_eval_images(
     styled_prompts_ = [f"{p}, {s}" for p, s in styled]
     with_style = generate(model, styled_prompts_, [seed] * len(styled), steps, guidance, height=size, width=size)
     images = {"plain": plain, "styled": with_style, "seconds": seconds}
+    images |= {"steps": torch.tensor(steps), "guidance": torch.tensor(float(guidance))}
     for k in range(1, name_seeds):
         images[f"plain_seed{k}"] = generate(
             model, prompts, [seed + k] * len(prompts), steps, guidance, height=size, width=size
@@ -89,6 +94,9 @@ def evaluate(
     guidance = model.default_guidance if guidance is None else guidance
     if images is None:
         images = generate_eval_images(model_dir, num_prompts, steps, guidance, seed, device, name_seeds)
+    # images made elsewhere (--generate-only) were made with their own settings (older sets do not say)
+    steps = int(images["steps"]) if "steps" in images else steps
+    guidance = float(images["guidance"]) if "guidance" in images else guidance
     clip = CLIPModel.from_pretrained(clip_dir, torch_dtype=torch.float32).to(device).eval()
     dataset = load_dataset(Path(data_dir))
     results: dict = {

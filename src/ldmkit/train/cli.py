@@ -243,7 +243,7 @@ def run_eval(args) -> int:
         args.generate_only.mkdir(parents=True, exist_ok=True)
         for key, value in images.items():
             torch.save(value, args.generate_only / f"{key}.pt")
-        count = sum(len(v) for k, v in images.items() if k != "seconds")
+        count = sum(len(v) for k, v in images.items() if k not in report.SETTINGS)
         print(f"{count} images -> {args.generate_only}")
         return 0
     images = None
@@ -252,6 +252,9 @@ def run_eval(args) -> int:
         missing = {"plain", "styled", "seconds"} - set(images)
         if missing:
             raise LdmError(f"--images {args.images}: missing {', '.join(sorted(missing))}.pt")
+        if args.guidance is not None and "guidance" in images and float(images["guidance"]) != args.guidance:
+            made = float(images["guidance"])
+            raise LdmError(f"--guidance {args.guidance}: the images in {args.images} were generated at guidance {made}")
     metrics = report.evaluate(
         model_dir=args.model,
         clip_dir=args.clip,
