@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 
 from ldmkit.data.emoji import SOURCES
+from ldmkit.errors import LdmError
 from ldmkit.eval import metrics, scenes
 from ldmkit.eval.generate import generate, load_model
 from ldmkit.loading import DEFAULT_MODEL_DIR
+from ldmkit.pipeline import Pipeline
 from ldmkit.train.common import holdout_mask, load_dataset
 
 # The fixed evaluation prompts: 256 emoji names (a seeded draw from the names present in >= 3 of the 4 sets),
@@ -38,19 +40,22 @@ def styled_prompts(prompts: list[str], available: dict[str, list[str]]) -> list[
     return [(p, sorted(available[p])[i % len(available[p])]) for i, p in enumerate(prompts)]
 
 
+def load_eval_model(model_dir: Path | None, device=None) -> Pipeline:
+    """The model to evaluate (None: the shipped one), on the GPU where there is one."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return load_model(Path(model_dir or DEFAULT_MODEL_DIR), device)
+
+
 def generate_eval_images(
-    model_dir: Path | None,
+    model: Pipeline,
     num_prompts: int | None = None,
     steps: int = 25,
     guidance: float | None = None,
     seed: int = 0,
-    device=None,
     name_seeds: int = 1,
 ) -> dict[str, torch.Tensor]:
     """The images `evaluate` scores (no data set or CLIP needed): plain prompts and "name, style" prompts; with
     name_seeds > 1 the plain prompts again at seeds seed+1, ... ("plain_seed1", ...); and SETTINGS."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(Path(model_dir or DEFAULT_MODEL_DIR), device)
     guidance = model.default_guidance if guidance is None else guidance
     prompts = eval_prompts()[:num_prompts]
     styled = styled_prompts(prompts, style_table())
@@ -86,17 +91,20 @@ def evaluate(
     name_seeds: int = 1,
 ) -> dict:
     """All metrics; `images` (from generate_eval_images, e.g. made on a GPU) skips generation here. `guidance`
-    None is the model's own, and the results record the number."""
+    None is the model's own, and the results record the number; images that say how they were made (SETTINGS) are
+    recorded so, and a different `guidance` given with them is refused."""
     from transformers import CLIPModel
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(Path(model_dir or DEFAULT_MODEL_DIR), device)
-    guidance = model.default_guidance if guidance is None else guidance
+    if images is not None and "guidance" in images:  # made elsewhere (--generate-only), with their own settings
+        made = float(images["guidance"])
+        if guidance is not None and guidance != made:  # before any model loads
+            raise LdmError(f"--guidance {guidance}: the images were generated at guidance {made}")
+        guidance, steps = made, int(images["steps"])
+    model = load_eval_model(model_dir, device)
+    device = model.device
+    guidance = model.default_guidance if guidance is None else guidance  # also for image sets that do not say
     if images is None:
-        images = generate_eval_images(model_dir, num_prompts, steps, guidance, seed, device, name_seeds)
-    # images made elsewhere (--generate-only) were made with their own settings (older sets do not say)
-    steps = int(images["steps"]) if "steps" in images else steps
-    guidance = float(images["guidance"]) if "guidance" in images else guidance
+        images = generate_eval_images(model, num_prompts, steps, guidance, seed, name_seeds)
     clip = CLIPModel.from_pretrained(clip_dir, torch_dtype=torch.float32).to(device).eval()
     dataset = load_dataset(Path(data_dir))
     results: dict = {
