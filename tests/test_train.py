@@ -253,13 +253,19 @@ def test_scene_stage_trains_text_encoder_and_unet_together(trained, sprite_dir, 
     after = UNet2DConditionModel.from_pretrained(tmp_path / "next" / "unet").state_dict()
     assert all(torch.equal(start[k], after[k]) for k in start)
 
-    # text_lr_scale 0 keeps the text encoder exactly as it started (the UNet learns to read it)
+    # text_lr_scale 0 keeps the text encoder exactly as it started (the UNet learns to read it); close-up batches
+    # (single emoji on a 16 px canvas, 32 of them a step) train alongside
     frozen = dataclasses.replace(
-        cfg, out_dir=str(tmp_path / "frozen"), max_steps=3, text_lr_scale=0.0, classic_size=(0.5, 0.6)
-    )
-    scene.train(frozen)
+        cfg, out_dir=str(tmp_path / "frozen"), max_steps=3, text_lr_scale=0.0, classic_size=(0.5, 0.6), close_up=0.7,
+        close_up_side=16,
+    )  # fmt: skip
+    assert all(np.isfinite(losses(scene.train(frozen))))
     kept = CLIPTextModel.from_pretrained(tmp_path / "frozen" / "text_encoder")
     assert all(torch.equal(a.half(), b.half()) for a, b in zip(start_text.parameters(), kept.parameters()))
+    with pytest.raises(LdmError, match="close_up: expected a share"):
+        scene.train(dataclasses.replace(frozen, close_up=1.5))
+    with pytest.raises(LdmError, match="close_up_size"):
+        scene.train(dataclasses.replace(frozen, close_up_size=(0.9, 1.2)))
 
 
 def test_phrasing_targets_reachable_teacher_positions():

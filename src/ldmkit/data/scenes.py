@@ -249,6 +249,10 @@ class SceneSampler:
             raise ValueError(f"scene shares: expected {len(kinds)} non-negative numbers, got {shares}")
         self.generators = tuple(zip(shares, kinds))
 
+    def classic_only(self, classic_size: tuple[float, float]) -> SceneSampler:
+        """A sampler over the same sprites that draws only classic scenes, at this size and the same style share."""
+        return SceneSampler(self.infos, None, (1, 0, 0, 0, 0, 0), classic_size, self.classic_style)
+
     def sample(self, rng: random.Random, width: float = 1.0, height: float = 1.0) -> Scene:
         """A random scene for a canvas of (width, height) layout units (shorter side 1)."""
         pick = rng.random() * sum(p for p, _ in self.generators)

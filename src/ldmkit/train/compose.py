@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,16 +48,33 @@ class SceneBatch:
         self.grade = torch.tensor([GRADE_IDS[s.grade] for s in scenes], device=device)
 
 
+class CloseUp(NamedTuple):
+    """A share of batches of single emoji on a small square canvas (`sampler` draws only classic scenes)."""
+
+    share: float
+    side: int
+    sampler: SceneSampler
+
+
 class SceneStream(torch.utils.data.IterableDataset):
     """Endless (height, width, SceneBatch, tokens or None); each worker process draws its own seeded stream.
 
     sizes: ((height, width, share), ...); batch_size is for the first size and shrinks with the canvas area, so
-    every step costs about the same.
+    every step costs about the same. close_up: that share of batches is drawn by its sampler on its canvas instead.
     """
 
-    def __init__(self, sampler: SceneSampler, sizes, batch_size: int, seed: int, caption_dropout: float | None):
+    def __init__(
+        self,
+        sampler: SceneSampler,
+        sizes,
+        batch_size: int,
+        seed: int,
+        caption_dropout: float | None,
+        close_up: CloseUp | None = None,
+    ):
         self.sampler, self.sizes, self.batch_size, self.seed = sampler, sizes, batch_size, seed
         self.caption_dropout = caption_dropout  # None: no captions (the VAE needs only pixels)
+        self.close_up = close_up if close_up and close_up.share > 0 else None  # none: no draw, old streams unchanged
 
     def __iter__(self):
         from ldmkit.loading import load_tokenizer
@@ -67,10 +85,15 @@ class SceneStream(torch.utils.data.IterableDataset):
         tokenizer = load_tokenizer()
         shapes, weights = [(h, w) for h, w, _ in self.sizes], [p for _, _, p in self.sizes]
         while True:
-            height, width = rng.choices(shapes, weights)[0]
+            sampler = self.sampler
+            if self.close_up and rng.random() < self.close_up.share:
+                height = width = self.close_up.side
+                sampler = self.close_up.sampler
+            else:
+                height, width = rng.choices(shapes, weights)[0]
             batch = max(1, round(self.batch_size * shapes[0][0] * shapes[0][1] / (height * width)))
             unit = min(height, width)
-            drawn = [self.sampler.sample(rng, width / unit, height / unit) for _ in range(batch)]
+            drawn = [sampler.sample(rng, width / unit, height / unit) for _ in range(batch)]
             tokens = None
             if self.caption_dropout is not None:
                 captions = ["" if rng.random() < self.caption_dropout else s.caption for s in drawn]
@@ -78,9 +101,11 @@ class SceneStream(torch.utils.data.IterableDataset):
             yield height, width, SceneBatch(drawn, "cpu"), tokens
 
 
-def scene_batches(sampler, sizes, batch_size: int, workers: int, seed: int, caption_dropout: float | None):
+def scene_batches(
+    sampler, sizes, batch_size: int, workers: int, seed: int, caption_dropout: float | None, close_up=None
+):
     """An iterator over SceneStream batches, drawn by `workers` CPU processes (0: in this process)."""
-    stream = SceneStream(sampler, sizes, batch_size, seed, caption_dropout)
+    stream = SceneStream(sampler, sizes, batch_size, seed, caption_dropout, close_up)
     if workers == 0:
         return iter(stream)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
