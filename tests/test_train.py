@@ -198,6 +198,28 @@ def test_export_assembles_the_pipeline_folder(trained, data_dir, tmp_path):
     assert len(ids) == 77 and ids[0] == 49406
 
 
+def test_ldm_train_export_writes_the_default_guidance_it_is_given(trained, data_dir, tmp_path, capsys):
+    from ldmkit.cli import main
+    from ldmkit.loading import load_components
+
+    runs, _ = trained
+    out = tmp_path / "model"
+    export_args = ["train", "export", "--runs", str(runs), "--data", str(data_dir), "--out", str(out)]
+    assert main([*export_args, "--default-guidance", "4"]) == 0
+    assert load_components(out).default_guidance == 4.0
+    assert main(export_args) == 0  # without the option the folder's own is kept
+    assert load_components(out).default_guidance == 4.0
+    capsys.readouterr()
+    for bad, says in (
+        ([*export_args, "--default-guidance", "-1"], "--default-guidance must be a number from 0 to"),
+        (["train", "unet", "--runs", str(runs), "--default-guidance", "3"], "applies to `ldm train export` only"),
+    ):
+        assert main(bad) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and says in lines[0], lines
+    assert load_components(out).default_guidance == 4.0  # the refused export left the folder as it was
+
+
 def test_vae_fine_tunes_on_scenes(trained, sprite_dir, tmp_path):
     runs, _ = trained
     cfg = vae.VaeTrainConfig(

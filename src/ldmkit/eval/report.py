@@ -161,6 +161,10 @@ def evaluate(
         feats = metrics.image_features(clip, imgs, device)
         picked = torch.einsum("nd,nkd->nk", feats, options.to(feats.device)).argmax(1).cpu()
         results[key] = float((picked == truth).float().mean())
+    # which style is drawn for which is asked (object crop): rows asked, columns picked, in `styles` order
+    confusion = torch.zeros(len(styles), len(styles), dtype=torch.long)
+    confusion.index_put_((truth, picked), torch.ones_like(truth), accumulate=True)
+    results["style_confusion_object_crop"] = {"styles": styles, "counts": confusion.tolist()}
 
     # Composition: prompts as people type them, spatial, colour, counting, seed diversity.
     if all(key in images for key in scenes.prompt_sets() if key != "typed_unseen"):  # (older image sets lack it)

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from ldmkit import model_defaults
 from ldmkit.errors import LdmError
 
 STAGES = ("clip", "vae", "unet", "scene", "controlnet", "phrasing")
@@ -53,6 +54,13 @@ def register(subparsers) -> None:
     train.add_argument("--steps", type=int, default=None, help="step budget")
     train.add_argument("--out", type=Path, default=None, help="export: the model folder to write")
     train.add_argument("--vae", type=Path, default=None, help="export and scene: the VAE folder (default RUNS/vae/vae)")
+    train.add_argument(
+        "--default-guidance",
+        type=float,
+        default=None,
+        help="export: the guidance the model samples at unless asked otherwise, written to its ldmkit.json (pick it "
+        "with `ldm eval --guidance`); without it an ldmkit.json already in --out is kept",
+    )
     train.add_argument(
         "--model",
         type=Path,
@@ -184,9 +192,14 @@ def apply_overrides(cfg, assignments: list[str]):
 def run_train(args) -> int:
     if args.model is not None and args.stage not in ("controlnet", "phrasing"):
         raise LdmError(f"--model applies to `ldm train controlnet` and `phrasing` only, not to {args.stage}")
+    if args.default_guidance is not None and args.stage != "export":
+        raise LdmError(f"--default-guidance applies to `ldm train export` only, not to {args.stage}")
     if args.stage == "export":
+        from ldmkit.params import MAX_GUIDANCE, is_guidance
         from ldmkit.train import export
 
+        if args.default_guidance is not None and not is_guidance(args.default_guidance):
+            raise LdmError(f"--default-guidance must be a number from 0 to {MAX_GUIDANCE}, got {args.default_guidance}")
         out = args.out or Path(".runs/default-model")
         runs = args.runs
         licenses = args.data / "LICENSES.md"
@@ -201,6 +214,8 @@ def run_train(args) -> int:
             out,
             licenses if licenses.exists() else None,
         )
+        if args.default_guidance is not None:
+            model_defaults.write_default_guidance(out, args.default_guidance)
         print(json.dumps(export.folder_report(out)))
         return 0
     import importlib

@@ -25,7 +25,8 @@ def assemble(
     """Write model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/ as save_pretrained does.
 
     An ldmkit.json already in `out_dir` (the model's default guidance, ldmkit.model_defaults) is kept: it was
-    measured for the model exported there before, so measure again (`ldm eval --guidance`) after a new recipe."""
+    measured for the model exported there before, so measure again (`ldm eval --guidance`) after a new recipe and
+    write the new one (`ldm train export --default-guidance`)."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
