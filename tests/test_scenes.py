@@ -257,3 +257,55 @@ def test_without_close_up_the_stream_draws_as_before(catalogue):
 
     assert draws(None) == draws(CloseUp(0.0, 32, sampler.classic_only((1.0, 1.0))))
     assert draws(None) != draws(CloseUp(1.0, 32, sampler.classic_only((1.0, 1.0))))
+
+
+def animal_sprite(eyes=((24, 20), (40, 20)), side=64) -> np.ndarray:
+    """A light brown disc (a body) with dark 3x3 dots at the given (x, y) pixel centres."""
+    yy, xx = np.mgrid[:side, :side]
+    rgba = np.zeros((side, side, 4), np.uint8)
+    body = (yy - side / 2) ** 2 + (xx - side / 2) ** 2 < (0.45 * side) ** 2
+    rgba[body] = (200, 150, 100, 255)
+    for x, y in eyes:
+        rgba[y - 1 : y + 2, x - 1 : x + 2, :3] = 20
+    return rgba
+
+
+def test_find_eyes_takes_a_level_pair_of_dark_dots_inside_the_body():
+    from ldmkit.data.eyes import find_eyes
+
+    x, y, span = find_eyes(animal_sprite())
+    assert (x, y, span) == pytest.approx((32 / 64, 20 / 64, 16 / 64), abs=0.01)
+    # a tilted head (the otters'): the pair is still found, its span the distance between the dots
+    x, y, span = find_eyes(animal_sprite(((24, 16), (36, 26))))
+    assert (x, y) == pytest.approx((30 / 64, 21 / 64), abs=0.01) and span == pytest.approx(np.hypot(12, 10) / 64, 0.05)
+    # eyes over a nose: the level pair, not a pair with the nose
+    x, y, _ = find_eyes(animal_sprite(((24, 20), (40, 20), (32, 30))))
+    assert y == pytest.approx(20 / 64, abs=0.01)
+    assert find_eyes(animal_sprite(())) is None  # no eyes
+    assert find_eyes(animal_sprite(((24, 20),))) is None  # a side view: one eye, no pair
+    assert find_eyes(animal_sprite(((24, 56), (40, 56)))) is None  # near the bottom: not eyes
+
+
+def test_sunglasses_go_on_an_animals_found_eyes():
+    records = [
+        EmojiRecord(key="1f9a6", name="otter", style="flat icon", package="test"),
+        EmojiRecord(key="1f576", name="dark sunglasses", style="flat icon", package="test"),
+    ]
+    glasses = np.zeros((64, 64, 4), np.uint8)
+    glasses[28:36, 8:56] = (10, 10, 10, 255)  # opaque box x 8..56 of 64: 0.75 of the square wide
+    sprites = np.stack([animal_sprite(((20, 22), (34, 22))), glasses])
+    infos = scenes.measure_sprites(sprites, records, {}, eyes_for={"1f9a6"})
+    assert infos[0].eyes is not None and infos[1].eyes is None  # only the animals are searched
+    sampler = scenes.SceneSampler(infos, {"1f9a6"}, shares=(0, 0, 0, 0, 1, 0))
+    rng = random.Random(0)
+    for _ in range(20):
+        scene = sampler.sample(rng)
+        assert scene.kind == "wearing" and "otter" in scene.caption
+        body, worn = scene.objects[-2:]
+        eye_left, eye_y, eye_right, _ = sampler._map_box(body, (20 / 64, 22 / 64, 34 / 64, 22 / 64))
+        gx0, gy0, gx1, gy1 = sampler.box(worn)
+        assert (gx0 + gx1) / 2 == pytest.approx((eye_left + eye_right) / 2, abs=1e-6)  # centred on the eyes,
+        assert (gy0 + gy1) / 2 == pytest.approx(eye_y, abs=1e-6)  # at their height,
+        assert gx1 - gx0 == pytest.approx(2 * (eye_right - eye_left), rel=1e-6)  # twice as wide as they are apart
+    without = scenes.measure_sprites(sprites, records, {})  # eyes not searched: no glasses for the otter
+    assert scenes.SceneSampler(without, {"1f9a6"}, shares=(0, 0, 0, 0, 1, 0)).heads == {"flat icon": []}

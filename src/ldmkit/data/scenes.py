@@ -18,6 +18,7 @@ import numpy as np
 
 from ldmkit.data import emoji, keywords, words
 from ldmkit.data.emoji import EmojiRecord
+from ldmkit.data.eyes import find_eyes
 
 MAX_OBJECTS = 6
 
@@ -124,12 +125,17 @@ class SpriteInfo:
     head: tuple[float, float, float, float]  # where a hat or glasses go: the face, or the top of a body
     hue: float | None  # dominant hue in degrees if the sprite is mostly one saturated colour, else None
     keywords: list[str] = field(default_factory=list)
+    eyes: tuple[float, float, float] | None = None  # an animal's eyes: (x, y, span) in the sprite square (find_eyes)
 
 
 def measure_sprites(
-    sprites: np.ndarray, records: list[EmojiRecord], keywords: dict[str, list[str]]
+    sprites: np.ndarray,
+    records: list[EmojiRecord],
+    keywords: dict[str, list[str]],
+    eyes_for: frozenset[str] | set[str] = frozenset(),
 ) -> list[SpriteInfo]:
-    """Per sprite: opaque box, head box and dominant hue, from (N, S, S, 4) uint8 RGBA."""
+    """Per sprite: opaque box, head box and dominant hue, from (N, S, S, 4) uint8 RGBA; the eyes of the sprites
+    whose key is in `eyes_for` (animals; faces have theirs at a fixed place)."""
     infos = []
     for i in range(0, len(sprites), 512):
         chunk = np.asarray(sprites[i : i + 512])
@@ -145,6 +151,7 @@ def measure_sprites(
                     head=bbox if is_head(record.name) else _top_box(small[j, :, :, 3] > 0.5, bbox),
                     hue=_dominant_hue(small[j]),
                     keywords=[k for k in keywords.get(record.key, []) if k != record.name],
+                    eyes=find_eyes(chunk[j]) if record.key in eyes_for and not is_head(record.name) else None,
                 )
             )
     return infos
@@ -227,7 +234,7 @@ class SceneSampler:
         self.by_style: dict[str, list[int]] = {s: [] for s in self.styles}
         self.objects: dict[str, list[int]] = {s: [] for s in self.styles}
         self.wearers: dict[str, list[int]] = {s: [] for s in self.styles}  # faces, heads and animals
-        self.heads: dict[str, list[int]] = {s: [] for s in self.styles}  # faces and heads: where eyes are known
+        self.heads: dict[str, list[int]] = {s: [] for s in self.styles}  # where eyes are known: glasses can go
         self.accessories: dict[str, list[int]] = {s: [] for s in self.styles}
         self.rings: dict[str, int] = {}
         animal_keys = animal_keys or set()
@@ -242,7 +249,7 @@ class SceneSampler:
                 self.objects[style].append(index)
                 if is_head(name) or key in animal_keys:
                     self.wearers[style].append(index)
-                if is_head(name):
+                if is_head(name) or info.eyes is not None:
                     self.heads[style].append(index)
         kinds = (self.classic, self.single, self.pair, self.count, self.wearing, self.floating)
         if len(shares) != len(kinds) or min(shares) < 0 or sum(shares) <= 0:
@@ -477,8 +484,16 @@ class SceneSampler:
 
     def _accessory_on(self, body: Placed, accessory: int) -> Placed:
         anchor, width, y, _ = ACCESSORIES[self.infos[accessory].record.key]
-        hx0, hy0, hx1, hy1 = self._map_box(body, self.infos[body.sprite].head)
+        eyes = self.infos[body.sprite].eyes
         ax0, ay0, ax1, ay1 = self.infos[accessory].bbox
+        if anchor == "eyes" and eyes is not None:  # an animal's found eyes: glasses twice as wide as they are apart
+            ex, ey, span = eyes
+            left, centre_y, right, _ = self._map_box(body, (ex - span / 2, ey, ex + span / 2, ey))
+            bx0, _, bx1, _ = self.box(body)
+            side = min(2.0 * (right - left), 0.85 * (bx1 - bx0)) / max(ax1 - ax0, 1e-3)  # never wider than the body
+            cx = (left + right) / 2 - ((ax0 + ax1) / 2 - 0.5) * side
+            return Placed(accessory, cx, centre_y - ((ay0 + ay1) / 2 - 0.5) * side, side)
+        hx0, hy0, hx1, hy1 = self._map_box(body, self.infos[body.sprite].head)
         side = width * (hx1 - hx0) / max(ax1 - ax0, 1e-3)  # its opaque width is `width` of the head's
         half_h = (ay1 - ay0) * side / 2
         if anchor == "eyes":
@@ -602,5 +617,5 @@ def load_sampler(
     raw = keywords.load_keywords(data_dir)
     animals = {k for k, tags in raw.items() if "animal" in tags}
     return sprites, SceneSampler(
-        measure_sprites(sprites, records, keywords.specific(raw)), animals, shares, classic_size, classic_style
+        measure_sprites(sprites, records, keywords.specific(raw), animals), animals, shares, classic_size, classic_style
     )
