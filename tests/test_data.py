@@ -139,6 +139,7 @@ def test_build_renders_on_white_and_writes_files(packages, tmp_path):
     raw = keywords.load_keywords(out)
     assert raw["2764"] == ["red heart", "animal", "love"]  # keyed like the sprites: presentation selector dropped
     assert keywords.specific(raw)["2615"] == ["coffee", "hot beverage"]  # "animal" names 4 emoji: not a synonym
+    assert "rover" in keywords.specific(raw)["1f699"]  # a word emojilib lacks, for its nearest emoji
 
 
 def test_larger_sprites_for_scenes_and_the_same_128_px_images(packages, tmp_path):

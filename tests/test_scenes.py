@@ -309,3 +309,32 @@ def test_sunglasses_go_on_an_animals_found_eyes():
         assert gx1 - gx0 == pytest.approx(2 * (eye_right - eye_left), rel=1e-6)  # twice as wide as they are apart
     without = scenes.measure_sprites(sprites, records, {})  # eyes not searched: no glasses for the otter
     assert scenes.SceneSampler(without, {"1f9a6"}, shares=(0, 0, 0, 0, 1, 0)).heads == {"flat icon": []}
+
+
+def test_things_get_cartoon_eyes_and_the_caption_says_so():
+    records = [
+        EmojiRecord(key="1f699", name="sport utility vehicle", style="flat icon", package="test"),
+        EmojiRecord(key="1f431", name="cat face", style="flat icon", package="test"),
+        EmojiRecord(key="1f440", name="eyes", style="flat icon", package="test"),
+    ]
+    eyes = np.zeros((S, S, 4), np.uint8)
+    eyes[12:20, 4:28] = 255  # opaque box: x 4..28, y 12..20 of 32
+    sprites = np.stack([make_sprite((0.1, 0.4, 0.9)), make_sprite((0.9, 0.6, 0.1)), eyes])
+    infos = scenes.measure_sprites(sprites, records, {"1f699": ["rover"]})
+    sampler = scenes.SceneSampler(infos, shares=(0, 1, 0, 0, 0, 0))
+    assert sampler.eyeless == {0}  # the face has its own; the eyes emoji is not given eyes
+    rng = random.Random(1)
+    drawn = [sampler.sample(rng) for _ in range(600)]
+    with_eyes = [d for d in drawn if len(d.objects) == 2]
+    assert 0.05 < len(with_eyes) / sum(d.objects[0].sprite == 0 for d in drawn) < 0.3
+    for scene in drawn:
+        has_eyes = len(scene.objects) == 2
+        assert has_eyes == bool(re.search(r" with (\w+ )*eyes", scene.caption)), scene.caption
+        if has_eyes:
+            thing, worn = scene.objects
+            assert thing.sprite == 0 and worn.sprite == 2 and worn.hue == 0
+            tx0, ty0, tx1, ty1 = sampler.box(thing)
+            ex0, ey0, ex1, ey1 = sampler.box(worn)
+            assert (ex0 + ex1) / 2 == pytest.approx((tx0 + tx1) / 2) and ty0 < (ey0 + ey1) / 2 < (ty0 + ty1) / 2
+            assert ex1 - ex0 <= 0.5 * (tx1 - tx0) + 1e-9  # on the upper half, at most half as wide
+    assert any("rover" in d.caption and "eyes" in d.caption for d in with_eyes)

@@ -12,6 +12,8 @@ from ldmkit.data.codepoints import normalize_key
 PACKAGE = "emojilib"
 # A keyword shared by more emoji than this ("animal", "face") names a category, not a thing: it is not a synonym.
 MAX_EMOJI_PER_KEYWORD = 3
+# Words emojilib lacks, for the emoji nearest to them (added to its keywords): the issue's "space rover".
+EXTRA_KEYWORDS = {"1f699": ["rover", "space rover", "buggy"]}
 
 
 def read_emojilib(tgz: Path) -> dict[str, list[str]]:
@@ -30,10 +32,13 @@ def read_emojilib(tgz: Path) -> dict[str, list[str]]:
 def specific(raw: dict[str, list[str]]) -> dict[str, list[str]]:
     """Only the keywords that name a few emoji: synonyms ("coffee"), not categories ("animal")."""
     counts = Counter(w for words in raw.values() for w in set(words))
-    return {
+    found = {
         key: sorted({w for w in words if w and counts[w] <= MAX_EMOJI_PER_KEYWORD and w.isascii()})
         for key, words in raw.items()
     }
+    for key, words in EXTRA_KEYWORDS.items():
+        found[key] = sorted(set(found.get(key, [])) | set(words))
+    return found
 
 
 def load_keywords(data_dir: Path) -> dict[str, list[str]]:

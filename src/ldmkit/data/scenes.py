@@ -68,6 +68,16 @@ SYMBOL_WORDS = {
     "diamond", "heart", "suit", "exclamation", "question", "hundred", "id", "vs", "sos", "atm", "wc",
 }  # fmt: skip
 PEOPLE_HEADS = {"man", "woman", "person", "boy", "girl", "baby", "older man", "older woman", "older person"}
+# Words that make an emoji a person (with a face of its own: never given cartoon eyes), or an eye itself.
+HAS_EYES_WORDS = {
+    "person", "people", "man", "woman", "men", "women", "boy", "girl", "baby", "child", "adult", "santa", "claus",
+    "mx", "mage", "fairy", "vampire", "merperson", "merman", "mermaid", "elf", "genie", "zombie", "troll", "prince",
+    "princess", "ninja", "superhero", "supervillain", "detective", "guard", "worker", "cook", "farmer", "astronaut",
+    "pilot", "firefighter", "judge", "scientist", "teacher", "student", "singer", "artist", "technologist",
+    "mechanic", "officer", "family", "couple", "bride", "groom", "skier", "snowboarder", "golfer", "surfer",
+    "juggler", "pregnant", "eye", "eyes", "skull", "ghost", "alien", "robot", "clown", "ogre", "goblin", "snowman",
+    "struck", "head", "dancer", "dolls", "jack", "wedding", "hands", "hand", "fist", "fingers", "finger",
+}  # fmt: skip
 
 # Accessories by code point key: where they go on the wearer's head box and how wide they are, relative to it.
 #   anchor "eyes": centred at 42% of the head's height; "head": its bottom edge at `y` of the head's height;
@@ -92,6 +102,11 @@ RING_WORDS = [
     "a life ring", "a rubber ring", "a lifebuoy", "a pool ring",
 ]  # fmt: skip
 FLOAT_VERBS = ["floating on", "relaxing on", "lounging on", "resting on", "chilling on", "on"]
+# Cartoon eyes (the "eyes" emoji) on a thing that has none: "a rover with cute eyes"; in this share of single scenes
+# of such things, on the upper part of the thing, about half as wide.
+GOOGLY_EYES = "1f440"
+GOOGLY_SHARE = 0.15
+EYE_PHRASES = ["eyes", "cute eyes", "big eyes", "googly eyes", "cartoon eyes", "big cute eyes", "two eyes"]
 WEAR_TEMPLATES = ("{w} wearing {a}", "{w} with {a}", "{w} in {a}", "{w} who is wearing {a}", "{w} that wears {a}")
 
 
@@ -237,10 +252,14 @@ class SceneSampler:
         self.heads: dict[str, list[int]] = {s: [] for s in self.styles}  # where eyes are known: glasses can go
         self.accessories: dict[str, list[int]] = {s: [] for s in self.styles}
         self.rings: dict[str, int] = {}
+        self.googly: dict[str, int] = {}  # each style's eyes emoji
+        self.eyeless: set[int] = set()  # things, not faces, heads or animals: they may be given eyes
         animal_keys = animal_keys or set()
         for index, info in enumerate(infos):
             style, name, key = info.record.style, info.record.name, info.record.key
             self.by_style[style].append(index)
+            if key == GOOGLY_EYES:
+                self.googly[style] = index
             if key in ACCESSORIES:
                 self.accessories[style].append(index)
             elif key == RING_BUOY:
@@ -249,6 +268,8 @@ class SceneSampler:
                 self.objects[style].append(index)
                 if is_head(name) or key in animal_keys:
                     self.wearers[style].append(index)
+                elif not set(name.replace("-", " ").split()) & HAS_EYES_WORDS:
+                    self.eyeless.add(index)
                 if is_head(name) or info.eyes is not None:
                     self.heads[style].append(index)
         kinds = (self.classic, self.single, self.pair, self.count, self.wearing, self.floating)
@@ -317,11 +338,15 @@ class SceneSampler:
             "small " if size < 0.35 and rng.random() < 0.5 else "big " if size > 0.65 and rng.random() < 0.5 else ""
         )
         noun = self._noun(rng, info, colour=colour, prefix=size_word)
+        objects = [placed]
+        if index in self.eyeless and style in self.googly and rng.random() < GOOGLY_SHARE:
+            objects.append(self._eyes_on(placed, self.googly[style]))
+            noun = f"{noun} with {rng.choice(EYE_PHRASES)}"
         if region != "center" and rng.random() < 0.9:
             noun = _with_position(rng, noun, region)
         background, grade = self._background(rng), self._grade(rng)
         caption = self._finish(rng, noun, style, background, grade, rng.random())
-        return Scene([placed], background, grade, caption, "single")
+        return Scene(objects, background, grade, caption, "single")
 
     def pair(self, rng, width, height) -> Scene:
         style = rng.choice(self.styles)
@@ -504,6 +529,15 @@ class SceneSampler:
             centre_y = hy1 + half_h * 0.9
         cx = (hx0 + hx1) / 2 - ((ax0 + ax1) / 2 - 0.5) * side
         return Placed(accessory, cx, centre_y - ((ay0 + ay1) / 2 - 0.5) * side, side)
+
+    def _eyes_on(self, thing: Placed, eyes: int) -> Placed:
+        """The eyes emoji on the upper part of a thing's box, half as wide (at most 0.7 of its height)."""
+        x0, y0, x1, y1 = self.box(thing)
+        ex0, ey0, ex1, ey1 = self.infos[eyes].bbox
+        width = min(0.5 * (x1 - x0), 0.7 * (y1 - y0) * (ex1 - ex0) / max(ey1 - ey0, 1e-3))
+        side = width / max(ex1 - ex0, 1e-3)
+        cx, cy = (x0 + x1) / 2, y0 + 0.38 * (y1 - y0)
+        return Placed(eyes, cx - ((ex0 + ex1) / 2 - 0.5) * side, cy - ((ey0 + ey1) / 2 - 0.5) * side, side)
 
     def _ring_under(self, rng, body: Placed, style: str) -> Placed:
         ring = self.rings[style]
