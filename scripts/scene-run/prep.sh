@@ -2,6 +2,12 @@
 # Shape the working tree for device call N (a call carries at most 64 MiB); 0 restores it.
 #   1: the shipped VAE and text encoder stay   2: the shipped UNet stays   3: no weights
 cd "$(git rev-parse --show-toplevel)" || exit 1
+# It restores both folders from git (deletions are its own): edits or new files there would be lost, so refuse.
+if ! git diff --quiet --diff-filter=M -- src/ldmkit/assets docs ||
+  [ -n "$(git ls-files --others --exclude-standard -- src/ldmkit/assets docs)" ]; then
+  echo "prep.sh: uncommitted edits or new files in docs/ or src/ldmkit/assets; commit them first" >&2
+  exit 1
+fi
 git checkout -- src/ldmkit/assets docs
 [ "$1" = 0 ] && exit 0
 M=src/ldmkit/assets/default-model
