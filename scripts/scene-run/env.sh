@@ -12,7 +12,8 @@ ldm() { python3 -m ldmkit.cli "$@"; }
 # frozen)).
 SCENE_ARGS=(--vae .runs/base/vae --set max_steps=10000000 --set text_encoder_dir=.runs/base/text_encoder
   --set text_lr_scale=${TEXT_LR:-0} --set ${UNET_FROM:-init_unet_dir}=.runs/base/unet
-  --set 'block_out_channels=[64,128,192]' --set layers_per_block=2 --set 'attention_heads=[2,4,6]' --set top_attention=true --set lr=${LR:-2e-4}
+  --set 'block_out_channels=[64,128,192]' --set layers_per_block=2 --set 'attention_heads=[2,4,6]'
+  --set top_attention=true --set lr=${LR:-2e-4}
   --set warmup_steps=200 --set noise_discount=0.6 --set compile_vae=true
   --set "scene_shares=${SHARES:-[0.4,0.22,0.13,0.07,0.13,0.05]}" --set 'classic_size=[0.45,0.6]' --set workers=14
   --set "classic_style=${CLASSIC_STYLE:-null}" --set "close_up=${CLOSE_UP:-0}")
