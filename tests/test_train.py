@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -245,7 +246,7 @@ def test_vae_fine_tunes_on_scenes(trained, sprite_dir, tmp_path):
         vae.train(dataclasses.replace(decoder_cfg, init_dir=None))
 
 
-def test_scene_stage_trains_text_encoder_and_unet_together(trained, sprite_dir, tmp_path):
+def test_scene_stage_trains_text_encoder_and_unet_together(trained, sprite_dir, tmp_path, capsys):
     runs, _ = trained
     cfg = scene.SceneTrainConfig(
         data_dir=str(sprite_dir), out_dir=str(tmp_path / "scene"), vae_dir=str(runs / "vae" / "vae"),
@@ -276,18 +277,24 @@ def test_scene_stage_trains_text_encoder_and_unet_together(trained, sprite_dir, 
     assert all(torch.equal(start[k], after[k]) for k in start)
 
     # text_lr_scale 0 keeps the text encoder exactly as it started (the UNet learns to read it); close-up batches
-    # (single emoji on a 16 px canvas, 32 of them a step) train alongside
+    # (single emoji on a 16 px canvas, 32 of them a step) train alongside; steps 2 and 3 are profiled
     frozen = dataclasses.replace(
         cfg, out_dir=str(tmp_path / "frozen"), max_steps=3, text_lr_scale=0.0, classic_size=(0.5, 0.6), close_up=0.7,
-        close_up_side=16,
+        close_up_side=16, profile_steps=2, profile_skip=1,
     )  # fmt: skip
+    capsys.readouterr()
     assert all(np.isfinite(losses(scene.train(frozen))))
+    printed = capsys.readouterr().out
+    assert re.search(r"profile: 2 steps, \d+ ms a step under the profiler, \d+ ms of it waiting", printed), printed
+    assert "Self CPU" in printed and "aten::" in printed  # torch.profiler's operator table
     kept = CLIPTextModel.from_pretrained(tmp_path / "frozen" / "text_encoder")
     assert all(torch.equal(a.half(), b.half()) for a, b in zip(start_text.parameters(), kept.parameters()))
     with pytest.raises(LdmError, match="close_up: expected a share"):
         scene.train(dataclasses.replace(frozen, close_up=1.5))
     with pytest.raises(LdmError, match="close_up_size"):
         scene.train(dataclasses.replace(frozen, close_up_size=(0.9, 1.2)))
+    with pytest.raises(LdmError, match="profile_skip at least 1"):
+        scene.train(dataclasses.replace(frozen, profile_skip=0))
 
 
 def test_phrasing_targets_reachable_teacher_positions():

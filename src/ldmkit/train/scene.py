@@ -11,6 +11,7 @@ Canvas sizes vary per step (square, portrait, landscape, larger), with the layou
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from ldmkit.data import scenes
 from ldmkit.errors import LdmError
 from ldmkit.train import common
 from ldmkit.train.compose import CloseUp, Compositor, scene_batches, to_device
+from ldmkit.train.profiling import StepProfiler
 from ldmkit.train.unet import SCHEDULER_CONFIG, diffusion_loss
 
 
@@ -82,6 +84,9 @@ class SceneTrainConfig:
     workers: int = 6  # CPU processes drawing scenes and tokenizing captions
     checkpoint_minutes: float = 3.0
     log_every: int = 100
+    # profile this many steps after profile_skip more (compiles done) and print where the time went (train.profiling)
+    profile_steps: int = 0
+    profile_skip: int = 60
     seed: int = 0
     limit: int | None = None
     mixed_precision: str = "auto"
@@ -155,6 +160,10 @@ def train(cfg: SceneTrainConfig) -> dict:
         raise LdmError(f"close_up_size: expected 0 < low <= high <= 1, got {cfg.close_up_size}")
     accelerator = common.make_accelerator(cfg.mixed_precision)
     device = accelerator.device
+    try:
+        profiler = StepProfiler(cfg.profile_steps if accelerator.is_main_process else 0, cfg.profile_skip, device)
+    except ValueError as error:
+        raise LdmError(str(error)) from None
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out_dir)
     sprites, sampler = scenes.load_sampler(
@@ -203,7 +212,9 @@ def train(cfg: SceneTrainConfig) -> dict:
             break  # the agreed clock: every rank stops at the same step
         for group in optimizer.param_groups:
             group["lr"] *= group["scale"]
+        asked = time.perf_counter()
         height, width, scene_batch, tokens = next(stream)
+        profiler.waited(time.perf_counter() - asked)
         scene_batch = to_device(scene_batch, device)
         with torch.no_grad(), accelerator.autocast():
             images = compositor(scene_batch, height, width, generator).contiguous(memory_format=torch.channels_last)
@@ -214,6 +225,7 @@ def train(cfg: SceneTrainConfig) -> dict:
             loss = diffusion_loss(bound, latents, tokens.to(device), alphas_cumprod, cfg, generator)
         common.optimizer_step(accelerator, model, optimizer, loss, ema, step)
         progress.done(loss, latents.shape[0])
+        profiler.step_done()
         if progress.elapsed - last_save > 60 * cfg.checkpoint_minutes:
             last_save = progress.elapsed
             common.save_checkpoint(
