@@ -236,13 +236,14 @@ def test_close_up_batches_are_classic_emoji_filling_a_small_canvas(catalogue):
     batches = [next(b) for b in [iter(SceneStream(sampler, sizes, 8, 0, 0.0, close_up))] for _ in range(40)]
     small = [b for b in batches if b[:2] == (32, 32)]
     assert 8 < len(small) < 32 and all(b[:2] in ((32, 32), (64, 64)) for b in batches)
-    for _, _, batch, tokens in small:
+    for _, _, batch, tokens, canonical in small:
         assert len(tokens) == 32  # four times the batch: the same pixels a step
+        assert canonical.shape == tokens.shape  # the captions as the 128 px model's data words them, for a teacher
         assert batch.rows[1].numel() == 0  # one object each
         assert ((batch.size[:, 0] >= 0.9) & (batch.size[:, 0] <= 1.0)).all()
         assert (batch.cx[:, 0] == 0.5).all() and (batch.background == scenes.BACKGROUND_IDS["white"]).all()
-    for _, _, batch, _ in [b for b in batches if b[:2] == (64, 64)]:
-        assert len(batch.background) == 8
+    for _, _, batch, _, canonical in [b for b in batches if b[:2] == (64, 64)]:
+        assert len(batch.background) == 8 and canonical is None
 
 
 def test_without_close_up_the_stream_draws_as_before(catalogue):
@@ -253,7 +254,7 @@ def test_without_close_up_the_stream_draws_as_before(catalogue):
 
     def draws(close_up):
         stream = iter(SceneStream(sampler, sizes, 4, 3, 0.0, close_up))
-        return [(h, w, t.tolist()) for h, w, _, t in (next(stream) for _ in range(6))]
+        return [(h, w, t.tolist()) for h, w, _, t, _ in (next(stream) for _ in range(6))]
 
     assert draws(None) == draws(CloseUp(0.0, 32, sampler.classic_only((1.0, 1.0))))
     assert draws(None) != draws(CloseUp(1.0, 32, sampler.classic_only((1.0, 1.0))))

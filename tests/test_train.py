@@ -296,6 +296,25 @@ def test_scene_stage_trains_text_encoder_and_unet_together(trained, sprite_dir, 
     with pytest.raises(LdmError, match="profile_skip at least 1"):
         scene.train(dataclasses.replace(frozen, profile_skip=0))
 
+    # A teacher on close-up steps: a student that starts as the teacher and does not move (lr 0) matches it when the
+    # target is all teacher (all but where the teacher's canonical caption differs from the typed one), not when it
+    # is all data
+    exported = str(tmp_path / "scene" / "unet")
+    taught = dataclasses.replace(
+        frozen, out_dir=str(tmp_path / "taught"), unet_dir=exported, text_encoder_dir=str(tmp_path / "scene" /
+        "text_encoder"), close_up=1.0, close_up_teacher=exported, close_up_distill=1.0, lr=0.0, min_lr=0.0,
+        max_steps=2, profile_steps=0, log_every=1,
+    )  # fmt: skip
+    data_only = dataclasses.replace(taught, out_dir=str(tmp_path / "data-only"), close_up_teacher=None)
+    assert max(losses(scene.train(taught))) < 0.01 * min(losses(scene.train(data_only)))
+    for bad, says in (
+        (dict(close_up=0.0), "close_up_teacher needs close_up > 0"),
+        (dict(close_up_distill=0.0), "close_up_distill from 0"),
+        (dict(close_up_teacher=str(tmp_path)), "not a diffusers UNet folder"),
+    ):
+        with pytest.raises(LdmError, match=says):
+            scene.train(dataclasses.replace(taught, **bad))
+
 
 def test_phrasing_targets_reachable_teacher_positions():
     from ldmkit.loading import load_tokenizer

@@ -9,13 +9,15 @@ ldm() { python3 -m ldmkit.cli "$@"; }
 # a scene UNet to go on training); multi-resolution noise; 40% single emoji on white (SHARES, LR, CLASSIC_STYLE,
 # CLOSE_UP and TEXT_LR override the share list, the peak learning rate, the share of single-emoji captions with a
 # style phrase, the share of steps of single emoji filling a 128 px canvas, and the text encoder's LR scale (0:
-# frozen)); PROFILE=N prints where N steps' time went, after 60 (train.profiling).
+# frozen)); TEACHER (a UNet folder) and DISTILL set close_up_teacher and close_up_distill; PROFILE=N prints where
+# N steps' time went, after 60 (train.profiling).
 SCENE_ARGS=(--vae .runs/base/vae --set max_steps=10000000 --set text_encoder_dir=.runs/base/text_encoder
   --set text_lr_scale=${TEXT_LR:-0} --set ${UNET_FROM:-init_unet_dir}=.runs/base/unet
   --set 'block_out_channels=[64,128,192]' --set layers_per_block=2 --set 'attention_heads=[2,4,6]'
   --set top_attention=true --set lr=${LR:-2e-4}
   --set warmup_steps=200 --set noise_discount=0.6 --set compile_vae=true
   --set "scene_shares=${SHARES:-[0.4,0.22,0.13,0.07,0.13,0.05]}" --set 'classic_size=[0.45,0.6]' --set workers=14
-  --set "classic_style=${CLASSIC_STYLE:-null}" --set "close_up=${CLOSE_UP:-0}" --set "profile_steps=${PROFILE:-0}")
+  --set "classic_style=${CLASSIC_STYLE:-null}" --set "close_up=${CLOSE_UP:-0}" --set "profile_steps=${PROFILE:-0}"
+  --set "close_up_teacher=${TEACHER:-null}" --set "close_up_distill=${DISTILL:-0.5}")
 # ret FILE NAME: FILE into 15 MB parts $OUT/NAME.part-NN (a call returns files of at most 16 MB)
 ret() { split -b 15000000 -d "$1" "$OUT/$2.part-"; }

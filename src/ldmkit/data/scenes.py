@@ -129,6 +129,9 @@ class Scene:
     grade: str = "none"
     caption: str = ""
     kind: str = ""  # which generator made it (for tests and statistics)
+    # classic scenes: the caption of the 128 px model's data with the same meaning (the name, with the style phrase
+    # when the caption has one), which that model understands: what a teacher is asked (train.scene close_up_teacher)
+    canonical: str = ""
 
 
 @dataclass
@@ -311,18 +314,14 @@ class SceneSampler:
         else:
             noun = self._noun(rng, info, allow_keyword=True)
             caption = self._finish(rng, noun, style, "white", "none", rng.random(), styled)
-        return Scene([placed], "white", "none", caption, "classic")
+        forms = info.record.captions()  # "otter", "otter, 3d render", "3d render of otter"
+        canonical = caption if caption in forms else forms[1] if style in caption else forms[0]
+        return Scene([placed], "white", "none", caption, "classic", canonical)
 
     def caption_pair(self, rng) -> tuple[str, str]:
-        """A single emoji's caption as `classic` draws it, and its canonical form: the caption of the 128 px
-        model's data with the same meaning (the name, with the style phrase when the caption has one)."""
+        """A single emoji's caption as `classic` draws it, and its canonical form (Scene.canonical)."""
         scene = self.classic(rng, 1.0, 1.0)
-        record = self.infos[scene.objects[0].sprite].record
-        canonical = record.captions()
-        name, name_style = canonical[:2]  # "otter", "otter, 3d render"
-        if scene.caption in canonical:
-            return scene.caption, scene.caption
-        return scene.caption, name_style if record.style in scene.caption else name
+        return scene.caption, scene.canonical
 
     def single(self, rng, width, height) -> Scene:
         style = rng.choice(self.styles)

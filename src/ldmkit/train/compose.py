@@ -48,6 +48,17 @@ class SceneBatch:
         self.grade = torch.tensor([GRADE_IDS[s.grade] for s in scenes], device=device)
 
 
+class Drawn(NamedTuple):
+    """One batch of a SceneStream. canonical_tokens: close-up batches' captions as the 128 px model's data words them
+    (Scene.canonical; dropped captions stay dropped), for a teacher; None for other batches."""
+
+    height: int
+    width: int
+    batch: SceneBatch
+    tokens: torch.Tensor | None
+    canonical_tokens: torch.Tensor | None = None
+
+
 class CloseUp(NamedTuple):
     """A share of batches of single emoji on a small square canvas (`sampler` draws only classic scenes)."""
 
@@ -57,7 +68,7 @@ class CloseUp(NamedTuple):
 
 
 class SceneStream(torch.utils.data.IterableDataset):
-    """Endless (height, width, SceneBatch, tokens or None); each worker process draws its own seeded stream.
+    """Endless `Drawn` batches (tokens None without captions); each worker process draws its own seeded stream.
 
     sizes: ((height, width, share), ...); batch_size is for the first size and shrinks with the canvas area, so
     every step costs about the same. close_up: that share of batches is drawn by its sampler on its canvas instead.
@@ -94,11 +105,13 @@ class SceneStream(torch.utils.data.IterableDataset):
             batch = max(1, round(self.batch_size * shapes[0][0] * shapes[0][1] / (height * width)))
             unit = min(height, width)
             drawn = [sampler.sample(rng, width / unit, height / unit) for _ in range(batch)]
-            tokens = None
+            tokens = canonical = None
             if self.caption_dropout is not None:
-                captions = ["" if rng.random() < self.caption_dropout else s.caption for s in drawn]
-                tokens = tokenize(tokenizer, captions)
-            yield height, width, SceneBatch(drawn, "cpu"), tokens
+                kept = [rng.random() >= self.caption_dropout for _ in drawn]
+                tokens = tokenize(tokenizer, [s.caption if keep else "" for s, keep in zip(drawn, kept)])
+                if sampler is not self.sampler:  # a close-up batch
+                    canonical = tokenize(tokenizer, [s.canonical if keep else "" for s, keep in zip(drawn, kept)])
+            yield Drawn(height, width, SceneBatch(drawn, "cpu"), tokens, canonical)
 
 
 def scene_batches(

@@ -127,8 +127,13 @@ def pyramid_noise(shape, discount: float, device, generator: torch.Generator) ->
     return noise / noise.std(dim=(1, 2, 3), keepdim=True)
 
 
-def diffusion_loss(unet, latents, text_states, alphas_cumprod, cfg: UnetTrainConfig, generator) -> torch.Tensor:
-    """v-prediction MSE at uniformly drawn timesteps, Min-SNR weighted."""
+def diffusion_loss(
+    unet, latents, text_states, alphas_cumprod, cfg: UnetTrainConfig, generator, teacher=None, distill: float = 0.0,
+    teacher_states=None,
+) -> torch.Tensor:  # fmt: skip
+    """v-prediction MSE at uniformly drawn timesteps, Min-SNR weighted. With a `teacher` (called as `unet` is, on
+    the same noisy latents, with `teacher_states` or else `text_states`), the target is `distill` of the teacher's
+    prediction and the rest the data's v."""
     batch = latents.shape[0]
     timesteps = torch.randint(0, alphas_cumprod.shape[0], (batch,), device=latents.device, generator=generator)
     noise = pyramid_noise(latents.shape, cfg.noise_discount, latents.device, generator)
@@ -136,7 +141,12 @@ def diffusion_loss(unet, latents, text_states, alphas_cumprod, cfg: UnetTrainCon
     sigma = (1 - alphas_cumprod[timesteps]).sqrt().view(-1, 1, 1, 1)
     noisy = alpha * latents + sigma * noise
     target = alpha * noise - sigma * latents  # v
-    prediction = unet(noisy.contiguous(memory_format=torch.channels_last), timesteps, text_states).sample
+    noisy = noisy.contiguous(memory_format=torch.channels_last)
+    if teacher is not None and distill > 0:
+        with torch.no_grad():
+            taught = teacher(noisy, timesteps, text_states if teacher_states is None else teacher_states).sample.float()
+        target = (1 - distill) * target + distill * taught
+    prediction = unet(noisy, timesteps, text_states).sample
     snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
     weight = snr.clamp(max=cfg.min_snr_gamma) / (snr + 1)  # Min-SNR-gamma for v targets
     per_sample = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))

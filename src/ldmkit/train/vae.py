@@ -155,7 +155,7 @@ def scene_images(cfg: VaeTrainConfig, accelerator, step: int, generator):
     batch = max(1, cfg.batch_size * 128 * 128 // (size * size))
     seed = cfg.seed + step + 7919 * accelerator.process_index
     stream = scene_batches(sampler, ((size, size, 1.0),), batch, cfg.workers, seed, None)
-    for height, width, scene_batch, _ in stream:
+    for height, width, scene_batch, *_ in stream:
         with torch.no_grad():
             images = compositor(to_device(scene_batch, accelerator.device), height, width, generator)
         yield images.contiguous(memory_format=torch.channels_last)
