@@ -484,3 +484,41 @@ def test_pyramid_noise_adds_low_frequencies_at_unit_std():
     # the variance of a quadrant's mean: 1/256 for white noise, several times that with the coarse fields
     quadrant_var = {name: x[:, :, :16, :16].mean(dim=(2, 3)).var().item() for name, x in (("w", white), ("m", multi))}
     assert quadrant_var["w"] < 2 / 256 < 5 / 256 < quadrant_var["m"]
+
+
+def test_diffusion_loss_teacher_target_and_noise_override():
+    """The target is `distill` of the teacher's answer on the same noisy latents; a batch's noise can be white while
+    the run trains on multi-resolution noise (a teacher trained on white noise is asked on white noise)."""
+    from types import SimpleNamespace
+
+    from ldmkit.train.unet import diffusion_loss, pyramid_noise
+
+    cfg = SimpleNamespace(noise_discount=0.6, min_snr_gamma=5.0)
+    alphas_cumprod = torch.linspace(0.99, 0.01, 10)
+    seen = {}
+
+    def student(noisy, timesteps, states):
+        seen["noisy"] = noisy.clone()
+        return SimpleNamespace(sample=torch.zeros_like(noisy))
+
+    def teacher(noisy, timesteps, states):
+        seen["teacher_states"] = states
+        return SimpleNamespace(sample=torch.ones_like(noisy))
+
+    latents = torch.zeros(3, 4, 8, 8)
+    for discount, override in ((0.6, None), (0.0, 0.0)):
+        generator = torch.Generator().manual_seed(0)
+        timesteps = torch.randint(0, 10, (3,), generator=generator)
+        noise = pyramid_noise(latents.shape, discount, "cpu", generator)
+        diffusion_loss(student, latents, None, alphas_cumprod, cfg, torch.Generator().manual_seed(0),
+                       noise_discount=override)  # fmt: skip
+        sigma = (1 - alphas_cumprod[timesteps]).sqrt().view(-1, 1, 1, 1)
+        assert torch.allclose(seen["noisy"], sigma * noise, atol=1e-6), discount
+    # all teacher: the student's zeros miss its ones by 1 everywhere; the teacher was asked with its own states
+    args = (student, latents, "typed", alphas_cumprod, cfg, torch.Generator().manual_seed(1))
+    taught = diffusion_loss(*args, teacher=teacher, distill=1.0, teacher_states="canonical")
+    assert seen["teacher_states"] == "canonical"
+    generator = torch.Generator().manual_seed(1)
+    timesteps = torch.randint(0, 10, (3,), generator=generator)
+    snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+    assert taught == pytest.approx(float((snr.clamp(max=5.0) / (snr + 1)).mean()), rel=1e-5)

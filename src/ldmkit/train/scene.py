@@ -55,7 +55,7 @@ class SceneTrainConfig:
     close_up_size: tuple[float, float] = (0.9, 1.0)
     # a UNet that draws close-ups well (the shipped 128 px model's, with text_encoder_dir's encoder): on close-up
     # steps the target is close_up_distill of its prediction and the rest the data's, so the new model keeps what the
-    # old one does well (knowledge distillation; it costs one forward of the teacher on those steps)
+    # old one does well (knowledge distillation, on white noise, the teacher's; one forward of it on those steps)
     close_up_teacher: str | None = None
     close_up_distill: float = 0.5
     # 16.9M params (34 MB fp16); no attention at the 32x32 level keeps 50 CPU forwards at ~2.2x the old 16x16 cost
@@ -243,9 +243,11 @@ def train(cfg: SceneTrainConfig) -> dict:
             latents = (posterior.mean + posterior.std * noise).float() * scaling_factor
         with accelerator.autocast():
             asks = None if teacher is None or canonical_tokens is None else canonical_tokens.to(device)
+            # a taught step uses white noise, the noise the teacher (the 128 px model) was trained on: its answer to
+            # multi-resolution noise may read the coarse noise as a background, which it would then teach
             loss = diffusion_loss(
                 bound, latents, tokens.to(device), alphas_cumprod, cfg, generator,
-                teacher if asks is not None else None, cfg.close_up_distill, asks,
+                teacher if asks is not None else None, cfg.close_up_distill, asks, 0.0 if asks is not None else None,
             )  # fmt: skip
         common.optimizer_step(accelerator, model, optimizer, loss, ema, step)
         progress.done(loss, latents.shape[0])

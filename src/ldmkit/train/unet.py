@@ -129,14 +129,15 @@ def pyramid_noise(shape, discount: float, device, generator: torch.Generator) ->
 
 def diffusion_loss(
     unet, latents, text_states, alphas_cumprod, cfg: UnetTrainConfig, generator, teacher=None, distill: float = 0.0,
-    teacher_states=None,
+    teacher_states=None, noise_discount: float | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """v-prediction MSE at uniformly drawn timesteps, Min-SNR weighted. With a `teacher` (called as `unet` is, on
     the same noisy latents, with `teacher_states` or else `text_states`), the target is `distill` of the teacher's
-    prediction and the rest the data's v."""
+    prediction and the rest the data's v. `noise_discount` overrides cfg's for this batch."""
     batch = latents.shape[0]
     timesteps = torch.randint(0, alphas_cumprod.shape[0], (batch,), device=latents.device, generator=generator)
-    noise = pyramid_noise(latents.shape, cfg.noise_discount, latents.device, generator)
+    discount = cfg.noise_discount if noise_discount is None else noise_discount
+    noise = pyramid_noise(latents.shape, discount, latents.device, generator)
     alpha = alphas_cumprod[timesteps].sqrt().view(-1, 1, 1, 1)
     sigma = (1 - alphas_cumprod[timesteps]).sqrt().view(-1, 1, 1, 1)
     noisy = alpha * latents + sigma * noise
