@@ -158,13 +158,17 @@ def test_ldm_eval_generate_only_saves_the_settings_and_scoring_keeps_them(own_fo
         patch.setattr(scenes, "prompt_sets", lambda: prompts)
         patch.setattr(scenes, "seeds_for", lambda name, count: list(range(count)))
         args = ["eval", "--model", str(own_folder), "--prompts", "1", "--steps", "2", "--generate-only", str(out)]
-        assert main(args) == 0
+        assert main([*args, "--size", "48"]) == 0
     assert float(torch.load(out / "guidance.pt")) == 3.5 and int(torch.load(out / "steps.pt")) == 2
     assert set(report.SETTINGS) <= {path.stem for path in out.glob("*.pt")}
+    assert int(torch.load(out / "size.pt")) == 48 and torch.load(out / "plain.pt").shape[-2:] == (48, 48)
     capsys.readouterr()
-    assert main(["eval", "--model", str(own_folder), "--images", str(out), "--guidance", "7"]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "were generated at guidance 3.5" in lines[0], lines
+    for extra, says in ((["--guidance", "7"], "were generated at guidance 3.5"), (["--size", "64"], "at 48 px")):
+        assert main(["eval", "--model", str(own_folder), "--images", str(out), *extra]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and says in lines[0], lines
+    assert main(["eval", "--model", str(own_folder), "--size", "60"]) == 2  # refused before anything loads
+    assert "--size must be a positive multiple of 8" in capsys.readouterr().err
 
 
 @pytest.fixture

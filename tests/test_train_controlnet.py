@@ -248,6 +248,8 @@ def test_cli_wires_the_stage_and_refuses_model_elsewhere(data_dir, model_dir):
         cli.run_eval(parser.parse_args(["eval", "--controlnet", str(model_dir), "--prompts", "3"]))
     with pytest.raises(LdmError, match="--name-seeds does not apply to --controlnet"):
         cli.run_eval(parser.parse_args(["eval", "--controlnet", str(model_dir), "--name-seeds", "3"]))
+    with pytest.raises(LdmError, match="--size does not apply to --controlnet"):
+        cli.run_eval(parser.parse_args(["eval", "--controlnet", str(model_dir), "--size", "128"]))
     with pytest.raises(LdmError, match="--name-seeds must be at least 1"):
         cli.run_eval(parser.parse_args(["eval", "--name-seeds", "0"]))
     with pytest.raises(LdmError, match="--name-seeds applies when the images are generated"):

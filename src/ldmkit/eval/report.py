@@ -20,7 +20,7 @@ from ldmkit.train.common import holdout_mask, load_dataset
 PROMPTS_FILE = Path(__file__).parent.parent / "assets" / "eval-prompts.tsv"  # assets/ ships in the wheel
 # The entries of generate_eval_images' dict that are not images: how they were made (`ldm eval --generate-only`
 # saves them with the images, so that scoring elsewhere records the settings the images were made with).
-SETTINGS = ("seconds", "steps", "guidance")
+SETTINGS = ("seconds", "steps", "guidance", "size")
 
 
 def style_table() -> dict[str, list[str]]:
@@ -53,20 +53,22 @@ def generate_eval_images(
     guidance: float | None = None,
     seed: int = 0,
     name_seeds: int = 1,
+    size: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The images `evaluate` scores (no data set or CLIP needed): plain prompts and "name, style" prompts; with
-    name_seeds > 1 the plain prompts again at seeds seed+1, ... ("plain_seed1", ...); and SETTINGS."""
+    name_seeds > 1 the plain prompts again at seeds seed+1, ... ("plain_seed1", ...); and SETTINGS. `size` (square,
+    default the model's own) can ask a scene model how it draws at another scale, e.g. 128 px close-ups."""
     guidance = model.default_guidance if guidance is None else guidance
     prompts = eval_prompts()[:num_prompts]
     styled = styled_prompts(prompts, style_table())
-    size = model.default_size
+    size = size or model.default_size
     start = time.perf_counter()
     plain = generate(model, prompts, [seed] * len(prompts), steps, guidance, height=size, width=size)
     seconds = torch.tensor(time.perf_counter() - start)
     styled_prompts_ = [f"{p}, {s}" for p, s in styled]
     with_style = generate(model, styled_prompts_, [seed] * len(styled), steps, guidance, height=size, width=size)
     images = {"plain": plain, "styled": with_style, "seconds": seconds}
-    images |= {"steps": torch.tensor(steps), "guidance": torch.tensor(float(guidance))}
+    images |= {"steps": torch.tensor(steps), "guidance": torch.tensor(float(guidance)), "size": torch.tensor(size)}
     for k in range(1, name_seeds):
         images[f"plain_seed{k}"] = generate(
             model, prompts, [seed + k] * len(prompts), steps, guidance, height=size, width=size
@@ -89,6 +91,7 @@ def evaluate(
     device=None,
     images: dict | None = None,
     name_seeds: int = 1,
+    size: int | None = None,
 ) -> dict:
     """All metrics; `images` (from generate_eval_images, e.g. made on a GPU) skips generation here. `guidance`
     None is the model's own, and the results record the number; images that say how they were made (SETTINGS) are
@@ -100,11 +103,13 @@ def evaluate(
         if guidance is not None and guidance != made:  # before any model loads
             raise LdmError(f"--guidance {guidance}: the images were generated at guidance {made}")
         guidance, steps = made, int(images["steps"])
+        if size is not None and "size" in images and size != int(images["size"]):
+            raise LdmError(f"--size {size}: the images were generated at {int(images['size'])} px")
     model = load_eval_model(model_dir, device)
     device = model.device
     guidance = model.default_guidance if guidance is None else guidance  # also for image sets that do not say
     if images is None:
-        images = generate_eval_images(model, num_prompts, steps, guidance, seed, name_seeds)
+        images = generate_eval_images(model, num_prompts, steps, guidance, seed, name_seeds, size)
     clip = CLIPModel.from_pretrained(clip_dir, torch_dtype=torch.float32).to(device).eval()
     dataset = load_dataset(Path(data_dir))
     results: dict = {
@@ -112,6 +117,7 @@ def evaluate(
         "scored_on": str(device),
         "steps": steps,
         "guidance": guidance,
+        "size": int(images["size"]) if "size" in images else model.default_size,
         "sampler": "DPM++ 2M Karras",
     }
 

@@ -92,6 +92,12 @@ def register(subparsers) -> None:
     evaluate.add_argument(
         "--guidance", type=float, default=None, help="default: the model's own (7.5 unless its ldmkit.json says)"
     )
+    evaluate.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="draw the eval images at SIZE x SIZE (default: the model's own), e.g. a scene model at 128 px",
+    )
     evaluate.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
     evaluate.add_argument(
         "--generate-only",
@@ -251,9 +257,16 @@ def run_eval(args) -> int:
         raise LdmError(f"--name-seeds must be at least 1, got {args.name_seeds}")
     if args.images and args.name_seeds != 1:
         raise LdmError("--name-seeds applies when the images are generated; --images scores the seeds its files hold")
+    if args.size is not None and (args.size < 8 or args.size % 8):
+        raise LdmError(f"--size must be a positive multiple of 8, got {args.size}")
     if args.generate_only:
         images = report.generate_eval_images(
-            report.load_eval_model(args.model), args.prompts, args.steps, args.guidance, name_seeds=args.name_seeds
+            report.load_eval_model(args.model),
+            args.prompts,
+            args.steps,
+            args.guidance,
+            name_seeds=args.name_seeds,
+            size=args.size,
         )
         args.generate_only.mkdir(parents=True, exist_ok=True)
         for key, value in images.items():
@@ -276,6 +289,7 @@ def run_eval(args) -> int:
         guidance=args.guidance,
         images=images,
         name_seeds=args.name_seeds,
+        size=args.size,
     )
     text = json.dumps(metrics, indent=1)
     if args.out:
@@ -294,6 +308,7 @@ def run_eval_controlnet(args) -> int:
         ("--images", args.images),
         ("--prompts", args.prompts),
         ("--name-seeds", args.name_seeds if args.name_seeds != 1 else None),
+        ("--size", args.size),
     )
     for flag, value in model_only:
         if value is not None:
