@@ -68,7 +68,8 @@ SYMBOL_WORDS = {
     "diamond", "heart", "suit", "exclamation", "question", "hundred", "id", "vs", "sos", "atm", "wc",
 }  # fmt: skip
 PEOPLE_HEADS = {"man", "woman", "person", "boy", "girl", "baby", "older man", "older woman", "older person"}
-# Words that make an emoji a person (with a face of its own: never given cartoon eyes), or an eye itself.
+# Words that make an emoji a person or a creature (with eyes of its own: never given cartoon eyes), a face-like
+# thing, a hand or another body part, or an eye itself (animals are excluded by their keywords too).
 HAS_EYES_WORDS = {
     "person", "people", "man", "woman", "men", "women", "boy", "girl", "baby", "child", "adult", "santa", "claus",
     "mx", "mage", "fairy", "vampire", "merperson", "merman", "mermaid", "elf", "genie", "zombie", "troll", "prince",
@@ -77,6 +78,10 @@ HAS_EYES_WORDS = {
     "mechanic", "officer", "family", "couple", "bride", "groom", "skier", "snowboarder", "golfer", "surfer",
     "juggler", "pregnant", "eye", "eyes", "skull", "ghost", "alien", "robot", "clown", "ogre", "goblin", "snowman",
     "struck", "head", "dancer", "dolls", "jack", "wedding", "hands", "hand", "fist", "fingers", "finger",
+    "bison", "bird", "cat", "beetle", "cockroach", "donkey", "goose", "jellyfish", "mammoth", "moose", "phoenix",
+    "butterfly", "fly", "creature", "microbe", "bust", "busts", "moai", "joker", "arts", "kiss", "selfie", "gesture",
+    "salute", "thumbs", "handshake", "mouth", "nose", "ear", "tongue", "tooth", "leg", "foot", "lungs", "brain", "lip",
+    "biceps", "feeding", "palms", "index", "liberty", "poo", "teddy", "pinata", "hamsa", "nazar",
 }  # fmt: skip
 
 # Accessories by code point key: where they go on the wearer's head box and how wide they are, relative to it.
