@@ -520,8 +520,7 @@ class SceneSampler:
             left, centre_y, right, _ = self._map_box(body, (ex - span / 2, ey, ex + span / 2, ey))
             bx0, _, bx1, _ = self.box(body)
             side = min(2.0 * (right - left), 0.85 * (bx1 - bx0)) / max(ax1 - ax0, 1e-3)  # never wider than the body
-            cx = (left + right) / 2 - ((ax0 + ax1) / 2 - 0.5) * side
-            return Placed(accessory, cx, centre_y - ((ay0 + ay1) / 2 - 0.5) * side, side)
+            return self._box_centred(accessory, (left + right) / 2, centre_y, side)
         hx0, hy0, hx1, hy1 = self._map_box(body, self.infos[body.sprite].head)
         side = width * (hx1 - hx0) / max(ax1 - ax0, 1e-3)  # its opaque width is `width` of the head's
         half_h = (ay1 - ay0) * side / 2
@@ -531,17 +530,19 @@ class SceneSampler:
             centre_y = hy0 + y * (hy1 - hy0) - half_h
         else:
             centre_y = hy1 + half_h * 0.9
-        cx = (hx0 + hx1) / 2 - ((ax0 + ax1) / 2 - 0.5) * side
-        return Placed(accessory, cx, centre_y - ((ay0 + ay1) / 2 - 0.5) * side, side)
+        return self._box_centred(accessory, (hx0 + hx1) / 2, centre_y, side)
 
     def _eyes_on(self, thing: Placed, eyes: int) -> Placed:
         """The eyes emoji on the upper part of a thing's box, half as wide (at most 0.7 of its height)."""
         x0, y0, x1, y1 = self.box(thing)
         ex0, ey0, ex1, ey1 = self.infos[eyes].bbox
         width = min(0.5 * (x1 - x0), 0.7 * (y1 - y0) * (ex1 - ex0) / max(ey1 - ey0, 1e-3))
-        side = width / max(ex1 - ex0, 1e-3)
-        cx, cy = (x0 + x1) / 2, y0 + 0.38 * (y1 - y0)
-        return Placed(eyes, cx - ((ex0 + ex1) / 2 - 0.5) * side, cy - ((ey0 + ey1) / 2 - 0.5) * side, side)
+        return self._box_centred(eyes, (x0 + x1) / 2, y0 + 0.38 * (y1 - y0), width / max(ex1 - ex0, 1e-3))
+
+    def _box_centred(self, index: int, cx: float, cy: float, side: float) -> Placed:
+        """The sprite as a square of `side`, unmirrored, with its opaque box's centre at (cx, cy)."""
+        x0, y0, x1, y1 = self.infos[index].bbox
+        return Placed(index, cx - ((x0 + x1) / 2 - 0.5) * side, cy - ((y0 + y1) / 2 - 0.5) * side, side)
 
     def _ring_under(self, rng, body: Placed, style: str) -> Placed:
         ring = self.rings[style]

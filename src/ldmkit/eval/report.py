@@ -160,16 +160,17 @@ def evaluate(
     options = options.view(len(styled), len(styles), -1)
     truth = torch.tensor([styles.index(s) for _, s in styled])
     styled_images = images["styled"][: len(prompts)]
+    picked = {}
     for key, imgs in (
         ("style_top1_generated", styled_images),
         ("style_top1_object_crop", scenes.object_crops(styled_images)),
     ):
         feats = metrics.image_features(clip, imgs, device)
-        picked = torch.einsum("nd,nkd->nk", feats, options.to(feats.device)).argmax(1).cpu()
-        results[key] = float((picked == truth).float().mean())
+        picked[key] = torch.einsum("nd,nkd->nk", feats, options.to(feats.device)).argmax(1).cpu()
+        results[key] = float((picked[key] == truth).float().mean())
     # which style is drawn for which is asked (object crop): rows asked, columns picked, in `styles` order
     confusion = torch.zeros(len(styles), len(styles), dtype=torch.long)
-    confusion.index_put_((truth, picked), torch.ones_like(truth), accumulate=True)
+    confusion.index_put_((truth, picked["style_top1_object_crop"]), torch.ones_like(truth), accumulate=True)
     results["style_confusion_object_crop"] = {"styles": styles, "counts": confusion.tolist()}
 
     # Composition: prompts as people type them, spatial, colour, counting, seed diversity.

@@ -12,7 +12,6 @@ import os
 import sys
 from pathlib import Path
 
-from ldmkit import model_defaults
 from ldmkit.errors import LdmError
 
 STAGES = ("clip", "vae", "unet", "scene", "controlnet", "phrasing")
@@ -219,9 +218,8 @@ def run_train(args) -> int:
             denoiser / "scheduler",
             out,
             licenses if licenses.exists() else None,
+            args.default_guidance,
         )
-        if args.default_guidance is not None:
-            model_defaults.write_default_guidance(out, args.default_guidance)
         print(json.dumps(export.folder_report(out)))
         return 0
     import importlib

@@ -21,12 +21,13 @@ def assemble(
     scheduler_dir: Path,
     out_dir: Path,
     licenses: Path | None = None,
+    default_guidance: float | None = None,
 ) -> Path:
     """Write model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/ as save_pretrained does.
 
-    An ldmkit.json already in `out_dir` (the model's default guidance, ldmkit.model_defaults) is kept: it was
-    measured for the model exported there before, so measure again (`ldm eval --guidance`) after a new recipe and
-    write the new one (`ldm train export --default-guidance`)."""
+    `default_guidance` is written to the folder's ldmkit.json (ldmkit.model_defaults). Without it, an ldmkit.json
+    already in `out_dir` is kept: it was measured for the model exported there before, so measure again (`ldm eval
+    --guidance`) after a new recipe and give the new one (`ldm train export --default-guidance`)."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -45,7 +46,9 @@ def assemble(
     if out_dir.exists():
         shutil.rmtree(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True, max_shard_size=MAX_SHARD)
-    if kept_defaults is not None:
+    if default_guidance is not None:
+        model_defaults.write_default_guidance(out_dir, default_guidance)
+    elif kept_defaults is not None:
         defaults.write_bytes(kept_defaults)
     write_tokenizer(out_dir / "tokenizer")
     if licenses is not None:

@@ -242,13 +242,13 @@ def train(cfg: SceneTrainConfig) -> dict:
             noise = torch.randn(posterior.mean.shape, device=device, generator=generator)
             latents = (posterior.mean + posterior.std * noise).float() * scaling_factor
         with accelerator.autocast():
-            asks = None if teacher is None or canonical_tokens is None else canonical_tokens.to(device)
-            # a taught step uses white noise, the noise the teacher (the 128 px model) was trained on: its answer to
-            # multi-resolution noise may read the coarse noise as a background, which it would then teach
-            loss = diffusion_loss(
-                bound, latents, tokens.to(device), alphas_cumprod, cfg, generator,
-                teacher if asks is not None else None, cfg.close_up_distill, asks, 0.0 if asks is not None else None,
-            )  # fmt: skip
+            taught = {}
+            if teacher is not None and canonical_tokens is not None:  # a close-up, asked in the teacher's words
+                # on white noise, the noise the teacher (the 128 px model) was trained on: its answer to
+                # multi-resolution noise may read the coarse noise as a background, which it would then teach
+                taught = dict(teacher=teacher, distill=cfg.close_up_distill, teacher_states=canonical_tokens.to(device),
+                              noise_discount=0.0)  # fmt: skip
+            loss = diffusion_loss(bound, latents, tokens.to(device), alphas_cumprod, cfg, generator, **taught)
         common.optimizer_step(accelerator, model, optimizer, loss, ema, step)
         progress.done(loss, latents.shape[0])
         profiler.step_done()
