@@ -16,6 +16,9 @@ from diffusers import UNet2DConditionModel
 
 CONFIG = "src/ldmkit/assets/default-model/unet"
 OUT = os.path.join(os.environ.get("OUT", "."), "bench_step.txt")
+# on a machine without a GPU (a smoke run of the script itself): the CPU, and SCALE divides the batches
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SCALE = int(os.environ.get("SCALE", "1"))
 
 
 def report(line: str) -> None:
@@ -24,30 +27,36 @@ def report(line: str) -> None:
         f.write(line + "\n")
 
 
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, warmup: int = 5, steps: int = 20) -> float:
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         fn()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) / steps
 
 
 def train_step(channels_last: bool, fused: bool, compiled: bool, batch=256, side=32):
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIG)).cuda()
+    batch //= SCALE
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIG)).to(DEVICE)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     unet = unet.to(memory_format=layout)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=fused)
     forward = torch.compile(unet) if compiled else unet
-    x = torch.randn(batch, 4, side, side, device="cuda").contiguous(memory_format=layout)
-    t = torch.randint(0, 1000, (batch,), device="cuda")
-    states = torch.randn(batch, 77, 128, device="cuda")
+    x = torch.randn(batch, 4, side, side, device=DEVICE).contiguous(memory_format=layout)
+    t = torch.randint(0, 1000, (batch,), device=DEVICE)
+    states = torch.randn(batch, 77, 128, device=DEVICE)
     target = torch.randn_like(x)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             prediction = forward(x, t, states).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), target)
         optimizer.zero_grad(set_to_none=True)
@@ -59,14 +68,15 @@ def train_step(channels_last: bool, fused: bool, compiled: bool, batch=256, side
 
 
 def teacher_forward(batch=1024, side=16):
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIG)).cuda().eval()
+    batch //= SCALE
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIG)).to(DEVICE).eval()
     unet = unet.to(memory_format=torch.channels_last).requires_grad_(False)
-    x = torch.randn(batch, 4, side, side, device="cuda").contiguous(memory_format=torch.channels_last)
-    t = torch.randint(0, 1000, (batch,), device="cuda")
-    states = torch.randn(batch, 77, 128, device="cuda")
+    x = torch.randn(batch, 4, side, side, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 1000, (batch,), device=DEVICE)
+    states = torch.randn(batch, 77, 128, device=DEVICE)
 
     def step():
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
             unet(x, t, states)
 
     return step
@@ -83,7 +93,8 @@ VARIANTS = {
 }
 
 if __name__ == "__main__":
-    report(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU, batches / {SCALE}"
+    report(f"# {name}, torch {torch.__version__}")
     for name in sys.argv[1:] or VARIANTS:
         begin = time.perf_counter()
         seconds = timed(VARIANTS[name]())

@@ -167,10 +167,10 @@ def train(cfg: UnetTrainConfig) -> dict:
     vae = AutoencoderKL.from_pretrained(cfg.vae_dir, torch_dtype=torch.float32).to(device).eval()
     with accelerator.autocast():
         text_states = encode_captions(text_encoder, dataset.captions, device)  # (C, 77, hidden)
-        posterior_mean, posterior_std = encode_posteriors(vae, dataset.images, device)  # (N, 4, h, w) each
     if device.type == "cuda":
         text_states = text_states.to(torch.bfloat16)  # 16k captions x 77 x 128: 0.3 GB in bf16
-        posterior_mean, posterior_std = encode_posteriors(vae, dataset.images, device)  # (N, 4, h, w) each
+    # the latents in full precision, outside autocast (once: they were encoded twice on a GPU, the first discarded)
+    posterior_mean, posterior_std = encode_posteriors(vae, dataset.images, device)  # (N, 4, h, w) each
     scaling_factor = vae.config.scaling_factor
     del text_encoder, vae
     image_captions = dataset.image_captions.to(device)
