@@ -295,6 +295,18 @@ def test_scene_stage_trains_text_encoder_and_unet_together(trained, sprite_dir, 
         scene.train(dataclasses.replace(frozen, close_up_size=(0.9, 1.2)))
     with pytest.raises(LdmError, match="profile_skip at least 1"):
         scene.train(dataclasses.replace(frozen, profile_skip=0))
+    # the contiguous layout with AdamW's fused kernel trains too (the same start, 2 steps); a layout it does not know
+    # is refused before any work
+    plain = dataclasses.replace(
+        frozen, out_dir=str(tmp_path / "plain"), max_steps=2, unet_layout="contiguous", fused_adamw=True,
+        profile_steps=0,
+    )  # fmt: skip
+    plain_losses = losses(scene.train(plain))
+    assert all(np.isfinite(plain_losses)) and max(plain_losses) > 0
+    with pytest.raises(LdmError, match="unet_layout: expected one of channels_last, contiguous, got 'nhwc'"):
+        scene.train(dataclasses.replace(plain, unet_layout="nhwc"))
+    with pytest.raises(LdmError, match="fused_adamw: expected true or false, got 'yes'"):
+        scene.train(dataclasses.replace(plain, fused_adamw="yes"))
 
     # A teacher on close-up steps: a student that starts as the teacher and does not move (lr 0) matches it when the
     # target is all teacher (all but where the teacher's canonical caption differs from the typed one), not when it

@@ -291,14 +291,14 @@ def optimizer_step(accelerator, model, optimizer, loss, ema: EMA, step: int) -> 
     ema.update(accelerator.unwrap_model(model), step)
 
 
-def start_run(accelerator: Accelerator, model, cfg, stage: str, out_dir: Path, params=None):
+def start_run(accelerator: Accelerator, model, cfg, stage: str, out_dir: Path, params=None, fused: bool = False):
     """What every stage's loop starts from: the EMA of the weights, AdamW over `params` (default: the model's),
-    accelerate's wrapping, the LR schedule, and the resume from out_dir/ckpt.pt.
+    accelerate's wrapping, the LR schedule, and the resume from out_dir/ckpt.pt. fused: AdamW's fused kernel.
 
     Returns (model, optimizer, ema, schedule, step, elapsed)."""
     ema = EMA(model, cfg.ema_decay)
     params = model.parameters() if params is None else params
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=fused)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.params = [p.to(accelerator.device) for p in ema.params]
     schedule = Schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.max_minutes)

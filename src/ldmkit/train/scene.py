@@ -26,6 +26,8 @@ from ldmkit.train.compose import CloseUp, Compositor, scene_batches, to_device
 from ldmkit.train.profiling import StepProfiler
 from ldmkit.train.unet import SCHEDULER_CONFIG, diffusion_loss
 
+LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
 
 @dataclass
 class SceneTrainConfig:
@@ -83,6 +85,11 @@ class SceneTrainConfig:
     # backgrounds off the seed; 0.6 makes the mean of a quadrant or half ~3x noisier than white noise does
     noise_discount: float = 0.0
     ema_decay: float = 0.999
+    # the UNet's memory layout ("channels_last" or "contiguous") and AdamW's fused CUDA kernel: a step is bound by
+    # kernel launches and layout copies more than by the GPU (twelfth run's profile); scripts/scene-run/bench_step.py
+    # times each choice on its own
+    unet_layout: str = "channels_last"
+    fused_adamw: bool = False
     # torch.compile the frozen VAE encoder: on one H200 (batch 256 at 256 px, bf16) its encode took 96 ms eager and
     # 29 ms compiled (14 s to compile, once per canvas size), next to 126 ms for the UNet's step
     compile_vae: bool = False
@@ -167,6 +174,11 @@ def train(cfg: SceneTrainConfig) -> dict:
         raise LdmError("close_up_teacher needs close_up > 0 and close_up_distill from 0 (excluded) to 1")
     if cfg.close_up_teacher and not (Path(cfg.close_up_teacher) / "config.json").is_file():
         raise LdmError(f"close_up_teacher {cfg.close_up_teacher}: not a diffusers UNet folder (no config.json)")
+    if cfg.unet_layout not in LAYOUTS:
+        raise LdmError(f"unet_layout: expected one of {', '.join(LAYOUTS)}, got {cfg.unet_layout!r}")
+    if not isinstance(cfg.fused_adamw, bool):
+        raise LdmError(f"fused_adamw: expected true or false, got {cfg.fused_adamw!r}")
+    layout = LAYOUTS[cfg.unet_layout]
     accelerator = common.make_accelerator(cfg.mixed_precision)
     device = accelerator.device
     try:
@@ -198,14 +210,16 @@ def train(cfg: SceneTrainConfig) -> dict:
             if accelerator.is_main_process:
                 new = f": {', '.join(left[:4])}{', ...' if len(left) > 4 else ''}" if left else ""
                 print(f"init_unet_dir: {copied} tensors copied, {len(left)} new{new}", flush=True)
-    unet = unet.to(memory_format=torch.channels_last)
+    unet = unet.to(memory_format=layout)
     model = TextToNoise(text_encoder, unet).to(device)
     groups = [{"params": list(model.unet.parameters()), "scale": 1.0}]
     if cfg.text_lr_scale > 0:
         groups.append({"params": list(model.text_encoder.parameters()), "scale": cfg.text_lr_scale})
     else:  # frozen: no gradients, no optimizer state (and the EMA copy stays the weights it started from)
         model.text_encoder.requires_grad_(False)
-    model, optimizer, ema, schedule, step, elapsed = common.start_run(accelerator, model, cfg, "scene", out_dir, groups)
+    model, optimizer, ema, schedule, step, elapsed = common.start_run(
+        accelerator, model, cfg, "scene", out_dir, groups, fused=cfg.fused_adamw
+    )
     teacher = None
     if cfg.close_up_teacher:  # frozen, with a frozen copy of the text encoder the run started from
         teacher = _Bound(
@@ -238,6 +252,7 @@ def train(cfg: SceneTrainConfig) -> dict:
         scene_batch = to_device(scene_batch, device)
         with torch.no_grad(), accelerator.autocast():
             images = compositor(scene_batch, height, width, generator).contiguous(memory_format=torch.channels_last)
+            # (the VAE stays channels-last, the layout its compiled encode was measured in)
             posterior = vae.encode(images).latent_dist
             noise = torch.randn(posterior.mean.shape, device=device, generator=generator)
             latents = (posterior.mean + posterior.std * noise).float() * scaling_factor
@@ -248,7 +263,9 @@ def train(cfg: SceneTrainConfig) -> dict:
                 # multi-resolution noise may read the coarse noise as a background, which it would then teach
                 taught = dict(teacher=teacher, distill=cfg.close_up_distill, teacher_states=canonical_tokens.to(device),
                               noise_discount=0.0)  # fmt: skip
-            loss = diffusion_loss(bound, latents, tokens.to(device), alphas_cumprod, cfg, generator, **taught)
+            loss = diffusion_loss(
+                bound, latents, tokens.to(device), alphas_cumprod, cfg, generator, memory_format=layout, **taught
+            )
         common.optimizer_step(accelerator, model, optimizer, loss, ema, step)
         progress.done(loss, latents.shape[0])
         profiler.step_done()

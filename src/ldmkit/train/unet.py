@@ -129,11 +129,12 @@ def pyramid_noise(shape, discount: float, device, generator: torch.Generator) ->
 
 def diffusion_loss(
     unet, latents, text_states, alphas_cumprod, cfg: UnetTrainConfig, generator, teacher=None, distill: float = 0.0,
-    teacher_states=None, noise_discount: float | None = None,
+    teacher_states=None, noise_discount: float | None = None, memory_format=torch.channels_last,
 ) -> torch.Tensor:  # fmt: skip
     """v-prediction MSE at uniformly drawn timesteps, Min-SNR weighted. With a `teacher` (called as `unet` is, on
     the same noisy latents, with `teacher_states` or else `text_states`), the target is `distill` of the teacher's
-    prediction and the rest the data's v. `noise_discount` overrides cfg's for this batch."""
+    prediction and the rest the data's v. `noise_discount` overrides cfg's for this batch; `memory_format` is the
+    UNet's layout."""
     batch = latents.shape[0]
     timesteps = torch.randint(0, alphas_cumprod.shape[0], (batch,), device=latents.device, generator=generator)
     discount = cfg.noise_discount if noise_discount is None else noise_discount
@@ -142,7 +143,7 @@ def diffusion_loss(
     sigma = (1 - alphas_cumprod[timesteps]).sqrt().view(-1, 1, 1, 1)
     noisy = alpha * latents + sigma * noise
     target = alpha * noise - sigma * latents  # v
-    noisy = noisy.contiguous(memory_format=torch.channels_last)
+    noisy = noisy.contiguous(memory_format=memory_format)
     if teacher is not None and distill > 0:
         with torch.no_grad():
             taught = teacher(noisy, timesteps, text_states if teacher_states is None else teacher_states).sample.float()
