@@ -1,9 +1,10 @@
 #!/bin/bash
 # Keep a returned scene UNet for the next session: `keep.sh DIR` (DIR: the unet folder unpacked from call 3's
 # unet.part-*) rewrites it as checkpoints/scene-unet (fp16, shards <= 14 MB), checked tensor by tensor. Commit it.
-cd "$(git rev-parse --show-toplevel)" || exit 1
 [ -f "$1/config.json" ] || { echo "keep.sh: $1 is not a UNet folder" >&2; exit 2; }
-exec .venv/bin/python - "$1" <<'PY'
+source=$(realpath "$1")
+cd "$(dirname "$0")/../.." || exit 1
+exec .venv/bin/python - "$source" <<'PY'
 import shutil, sys
 from pathlib import Path
 import torch
