@@ -69,7 +69,8 @@ def main() -> None:
     print(f"{'':<44}" + "".join(f"{f't={t}':>8}" for t in TIMESTEPS))
     for side, share in CANVASES:
         rng = random.Random(args.seed)
-        drawn = [sampler.classic_only(share).sample(rng) for _ in range(args.count)]
+        classic = sampler.classic_only(share)  # built once a canvas, not once an emoji
+        drawn = [classic.sample(rng) for _ in range(args.count)]
         with torch.no_grad():
             images = compositor(SceneBatch(drawn, "cpu"), side, side, torch.Generator().manual_seed(args.seed))
         for name, unet in unets.items():
