@@ -172,6 +172,10 @@ def test_compositor_places_recolours_and_mirrors(side):
     red = (image[0] > 0.5) & (image[1] < -0.5)
     cols = red.any(0).nonzero().squeeze(1)
     assert cols.min().item() == 64 and cols.max().item() == 79  # x from 1.0 to 1.25 units: pixels 64..79
+    # coverage: the same image, and the object's own pixels (its opaque half) and nothing else
+    again, covered = compositor(SceneBatch([scenes.Scene(small)], "cpu"), 64, 128, gen, coverage=True)
+    assert torch.equal(again[0], image) and covered.shape == (1, 1, 64, 128)
+    assert torch.equal(covered[0, 0] > 0.5, red) and covered.min() == 0 and covered.max() == 1
 
 
 def test_hue_rotation_and_backgrounds():

@@ -307,6 +307,11 @@ def test_scene_stage_trains_text_encoder_and_unet_together(trained, sprite_dir, 
         scene.train(dataclasses.replace(plain, unet_layout="nhwc"))
     with pytest.raises(LdmError, match="fused_adamw: expected true or false, got 'yes'"):
         scene.train(dataclasses.replace(plain, fused_adamw="yes"))
+    # the objects' pixels weighed more (object_weight): trains; a negative weight is refused before any work
+    weighed = dataclasses.replace(plain, out_dir=str(tmp_path / "weighed"), object_weight=4.0)
+    assert all(np.isfinite(losses(scene.train(weighed))))
+    with pytest.raises(LdmError, match="object_weight: expected a number from 0 up, got -1"):
+        scene.train(dataclasses.replace(weighed, object_weight=-1))
 
     # A teacher on close-up steps: a student that starts as the teacher and does not move (lr 0) matches it when the
     # target is all teacher (all but where the teacher's canonical caption differs from the typed one), not when it
@@ -496,6 +501,35 @@ def test_pyramid_noise_adds_low_frequencies_at_unit_std():
     # the variance of a quadrant's mean: 1/256 for white noise, several times that with the coarse fields
     quadrant_var = {name: x[:, :, :16, :16].mean(dim=(2, 3)).var().item() for name, x in (("w", white), ("m", multi))}
     assert quadrant_var["w"] < 2 / 256 < 5 / 256 < quadrant_var["m"]
+
+
+def test_diffusion_loss_pixel_weight_shifts_each_samples_loss_toward_the_weighted_pixels():
+    """Each sample's pixel weights are normalised to mean 1: uniform weights change nothing, and an error only on the
+    object's pixels counts (1 + w) / mean(1 + w x cover) times as much as without weights."""
+    from types import SimpleNamespace
+
+    from ldmkit.train.unet import diffusion_loss
+
+    cfg = SimpleNamespace(noise_discount=0.0, min_snr_gamma=5.0)
+    alphas_cumprod = torch.linspace(0.99, 0.01, 10)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    cover = torch.zeros(2, 1, 8, 8)
+    cover[:, :, :2, :2] = 1  # the object: 4 of 64 latent pixels
+
+    def wrong_on_the_object(noisy, timesteps, states):  # the exact v target, off by 1 on the object's pixels only
+        alpha = alphas_cumprod[timesteps].sqrt().view(-1, 1, 1, 1)
+        sigma = (1 - alphas_cumprod[timesteps]).sqrt().view(-1, 1, 1, 1)
+        noise = (noisy - alpha * latents) / sigma
+        return SimpleNamespace(sample=alpha * noise - sigma * latents + cover)
+
+    def loss(weight):
+        return diffusion_loss(wrong_on_the_object, latents, None, alphas_cumprod, cfg,
+                              torch.Generator().manual_seed(0), pixel_weight=weight)  # fmt: skip
+
+    plain = loss(None)
+    assert plain > 0 and loss(torch.full((2, 1, 8, 8), 3.0)) == pytest.approx(float(plain), rel=1e-5)
+    weighted = loss(1 + 4 * cover)
+    assert weighted == pytest.approx(float(plain) * 5 / (1 + 4 * 4 / 64), rel=1e-4)
 
 
 def test_diffusion_loss_teacher_target_and_noise_override():

@@ -149,11 +149,15 @@ class Compositor:
         self.bank = torch.cat(levels, dim=1)  # (3, N, 4, S, S) uint8 premultiplied
         self.sprite_size = self.bank.shape[-1]
 
-    def __call__(self, batch: SceneBatch, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
-        """(B, 3, height, width) float in [-1, 1]."""
+    def __call__(
+        self, batch: SceneBatch, height: int, width: int, generator: torch.Generator, coverage: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, height, width) float in [-1, 1]; with `coverage`, also (B, 1, height, width): how much of each
+        pixel the objects cover (0: background only, 1: opaque object)."""
         device = self.bank.device
         unit = min(height, width)  # pixels per layout unit
         canvas = paint_backgrounds(batch.background, height, width, generator, batch.background_rows)
+        covered = canvas.new_zeros(canvas.shape[0], 1, height, width) if coverage else None
         for k, rows in enumerate(batch.rows):
             if len(rows) == 0:  # a shape, not a value: no wait for the GPU
                 continue
@@ -174,8 +178,10 @@ class Compositor:
             grid = F.affine_grid(theta, [len(rows), 4, height, width], align_corners=False)
             layer = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
             canvas[rows] = canvas[rows] * (1 - layer[:, 3:]) + layer[:, :3]
-        canvas = apply_grades(canvas, batch.grade)
-        return canvas.clamp(0, 1) * 2 - 1
+            if covered is not None:
+                covered[rows] = covered[rows] * (1 - layer[:, 3:]) + layer[:, 3:]
+        canvas = apply_grades(canvas, batch.grade).clamp(0, 1) * 2 - 1
+        return (canvas, covered.clamp(0, 1)) if covered is not None else canvas
 
 
 def hue_rotate(rgb: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:

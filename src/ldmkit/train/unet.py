@@ -129,12 +129,13 @@ def pyramid_noise(shape, discount: float, device, generator: torch.Generator) ->
 
 def diffusion_loss(
     unet, latents, text_states, alphas_cumprod, cfg: UnetTrainConfig, generator, teacher=None, distill: float = 0.0,
-    teacher_states=None, noise_discount: float | None = None, memory_format=torch.channels_last,
+    teacher_states=None, noise_discount: float | None = None, memory_format=torch.channels_last, pixel_weight=None,
 ) -> torch.Tensor:  # fmt: skip
     """v-prediction MSE at uniformly drawn timesteps, Min-SNR weighted. With a `teacher` (called as `unet` is, on
     the same noisy latents, with `teacher_states` or else `text_states`), the target is `distill` of the teacher's
     prediction and the rest the data's v. `noise_discount` overrides cfg's for this batch; `memory_format` is the
-    UNet's layout."""
+    UNet's layout. `pixel_weight` (B, 1, h, w) at the latents' size weighs each latent pixel's error within its own
+    sample (each sample's weights are normalised to mean 1, so samples keep equal shares)."""
     batch = latents.shape[0]
     timesteps = torch.randint(0, alphas_cumprod.shape[0], (batch,), device=latents.device, generator=generator)
     discount = cfg.noise_discount if noise_discount is None else noise_discount
@@ -151,7 +152,11 @@ def diffusion_loss(
     prediction = unet(noisy, timesteps, text_states).sample
     snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
     weight = snr.clamp(max=cfg.min_snr_gamma) / (snr + 1)  # Min-SNR-gamma for v targets
-    per_sample = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
+    squared = F.mse_loss(prediction.float(), target, reduction="none")
+    if pixel_weight is None:
+        per_sample = squared.mean(dim=(1, 2, 3))
+    else:
+        per_sample = (squared * pixel_weight).mean(dim=(1, 2, 3)) / pixel_weight.mean(dim=(1, 2, 3))
     return (weight * per_sample).mean()
 
 
