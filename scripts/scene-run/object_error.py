@@ -36,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--unet", default="checkpoints/scene-unet", help="a UNet folder")
     parser.add_argument("--data", default=".data/emoji", help="`ldm data emoji --resolution 256` output")
-    parser.add_argument("--count", type=int, default=32, help="scenes of each kind")
+    parser.add_argument("--count", type=int, default=24, help="scenes of each kind")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
 
