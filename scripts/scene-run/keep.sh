@@ -11,6 +11,8 @@ import torch
 from diffusers import UNet2DConditionModel
 source, target = Path(sys.argv[1]), Path("checkpoints/scene-unet")
 unet = UNet2DConditionModel.from_pretrained(source, torch_dtype=torch.float16)
+# where it came from, relative to the repository when inside it (not this machine's absolute path)
+unet.register_to_config(_name_or_path=str(source.relative_to(Path.cwd()) if source.is_relative_to(Path.cwd()) else source))
 shutil.rmtree(target, ignore_errors=True)
 unet.save_pretrained(target, max_shard_size="14MB")
 kept = UNet2DConditionModel.from_pretrained(target, torch_dtype=torch.float16).state_dict()
