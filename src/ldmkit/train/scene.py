@@ -91,8 +91,8 @@ class SceneTrainConfig:
     noise_discount: float = 0.0
     ema_decay: float = 0.999
     # the UNet's memory layout ("channels_last" or "contiguous") and AdamW's fused CUDA kernel: a step is bound by
-    # kernel launches and layout copies more than by the GPU (twelfth run's profile); scripts/scene-run/bench_step.py
-    # times each choice on its own
+    # kernel launches and layout copies more than by the GPU (twelfth run's profile); `python -m benchmarks scene-step
+    # --variants` times each choice on its own
     unet_layout: str = "channels_last"
     fused_adamw: bool = False
     # torch.compile the frozen VAE encoder: on one H200 (batch 256 at 256 px, bf16) its encode took 96 ms eager and
@@ -258,15 +258,17 @@ def train(cfg: SceneTrainConfig) -> dict:
         profiler.waited(time.perf_counter() - asked)
         scene_batch = to_device(scene_batch, device)
         with torch.no_grad(), accelerator.autocast():
-            images, covered = compositor(scene_batch, height, width, generator, coverage=True)
+            if cfg.object_weight:  # the objects' cover too, drawn only when the loss weighs it
+                images, covered = compositor(scene_batch, height, width, generator, coverage=True)
+            else:
+                images, covered = compositor(scene_batch, height, width, generator), None
             # (the VAE stays channels-last, the layout its compiled encode was measured in)
             posterior = vae.encode(images.contiguous(memory_format=torch.channels_last)).latent_dist
             noise = torch.randn(posterior.mean.shape, device=device, generator=generator)
             latents = (posterior.mean + posterior.std * noise).float() * scaling_factor
             pixel_weight = None
-            if cfg.object_weight:  # the objects' cover of each latent pixel (the VAE's 8x8 pixels)
-                cover = F.adaptive_avg_pool2d(covered.float(), latents.shape[-2:])
-                pixel_weight = 1 + cfg.object_weight * cover
+            if covered is not None:  # the objects' cover of each latent pixel (the VAE's 8x8 pixels)
+                pixel_weight = 1 + cfg.object_weight * F.adaptive_avg_pool2d(covered.float(), latents.shape[-2:])
         with accelerator.autocast():
             taught = {}
             if teacher is not None and canonical_tokens is not None:  # a close-up, asked in the teacher's words
