@@ -14,17 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel
+from probe import SHIPPED, Frozen, load_unet
 
 from ldmkit.data import emoji, scenes
 from ldmkit.data.scenes import Placed, Scene
-from ldmkit.loading import load_tokenizer
-from ldmkit.train.common import tokenize
 from ldmkit.train.compose import Compositor, SceneBatch
-from ldmkit.train.unet import SCHEDULER_CONFIG
 
-SHIPPED = "src/ldmkit/assets/default-model"
 TIMESTEPS = (50, 200, 400, 600, 800, 950)
 CANVASES = ((256, (0.45, 0.6)), (128, (0.9, 1.0)))  # (side, the emoji's share of it)
 
@@ -38,27 +33,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
 
-    fp32 = dict(torch_dtype=torch.float32)
-    vae = AutoencoderKL.from_pretrained(f"{SHIPPED}/vae", **fp32).eval()
-    text_encoder = CLIPTextModel.from_pretrained(f"{SHIPPED}/text_encoder", **fp32).eval()
-    unets = {
-        name: UNet2DConditionModel.from_pretrained(path, **fp32).eval() for name, path in (("a", args.a), ("b", args.b))
-    }
-    alphas_cumprod = DDPMScheduler.from_config(SCHEDULER_CONFIG).alphas_cumprod
+    frozen = Frozen()
+    unets = {"a": load_unet(args.a), "b": load_unet(args.b)}
     sprites, sampler = scenes.load_sampler(Path(args.data), None, (1, 0, 0, 0, 0, 0), (0.45, 0.6), 0.8)
-    compositor, tokenizer = Compositor(sprites, "cpu"), load_tokenizer()
+    compositor = Compositor(sprites, "cpu")
     print(f"a: {args.a}\nb: {args.b}\nv-prediction MSE, {args.count} single emoji per canvas, seed {args.seed}")
 
     @torch.no_grad()
     def errors(images: torch.Tensor, captions: list[str], unet) -> list[float]:
         """unet's v-prediction MSE on these images (B, 3, H, W) in [-1, 1], at each of TIMESTEPS."""
-        latents = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
-        states = text_encoder(tokenize(tokenizer, captions)).last_hidden_state
+        latents, states = frozen.latents(images), frozen.states(captions)
         found = []
         for t in TIMESTEPS:
-            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(args.seed + t))
-            alpha, sigma = alphas_cumprod[t].sqrt(), (1 - alphas_cumprod[t]).sqrt()
-            noisy, target = alpha * latents + sigma * noise, alpha * noise - sigma * latents
+            noisy, target = frozen.noised(latents, t, args.seed)
             prediction = unet(noisy, torch.full((len(captions),), t), states).sample
             found.append(float(((prediction - target) ** 2).mean()))
         return found

@@ -17,16 +17,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel
+from probe import Frozen, load_unet
 
 from ldmkit.data import scenes
-from ldmkit.loading import load_tokenizer
-from ldmkit.train.common import tokenize
 from ldmkit.train.compose import Compositor, SceneBatch
-from ldmkit.train.unet import SCHEDULER_CONFIG
 
-SHIPPED = "src/ldmkit/assets/default-model"
 KINDS = ("classic", "small", "single", "pair", "count", "wearing", "float")
 TIMESTEPS = (200, 400, 600, 800)
 SIDE = 256
@@ -40,13 +35,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
 
-    fp32 = dict(torch_dtype=torch.float32)
-    vae = AutoencoderKL.from_pretrained(f"{SHIPPED}/vae", **fp32).eval()
-    text_encoder = CLIPTextModel.from_pretrained(f"{SHIPPED}/text_encoder", **fp32).eval()
-    unet = UNet2DConditionModel.from_pretrained(args.unet, **fp32).eval()
-    alphas_cumprod = DDPMScheduler.from_config(SCHEDULER_CONFIG).alphas_cumprod
+    frozen, unet = Frozen(), load_unet(args.unet)
     sprites, sampler = scenes.load_sampler(Path(args.data), None, scenes.SceneSampler.DEFAULT_SHARES, (0.45, 0.6), 0.8)
-    compositor, tokenizer = Compositor(sprites, "cpu"), load_tokenizer()
+    compositor = Compositor(sprites, "cpu")
 
     rng = random.Random(args.seed)
     drawn: dict[str, list[scenes.Scene]] = {kind: [] for kind in KINDS}
@@ -61,21 +52,19 @@ def main() -> None:
     print("v-prediction MSE on the objects' latent pixels (obj) and the background's (bg), with the caption and with")
     print("the empty caption; gain = 1 - caption / empty. Averaged over t in " + ", ".join(map(str, TIMESTEPS)))
     print("kind      obj share      obj obj empty obj gain       bg bg empty  bg gain")
-    empty = text_encoder(tokenize(tokenizer, [""])).last_hidden_state
+    empty = frozen.states([""])
     for kind, found in drawn.items():
         with torch.no_grad():
             images, covered = compositor(
                 SceneBatch(found, "cpu"), SIDE, SIDE, torch.Generator().manual_seed(args.seed), coverage=True
             )
-            latents = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+            latents = frozen.latents(images)
             # a latent pixel is the object's when the objects cover most of its 8x8 pixels
             objects = (F.avg_pool2d(covered, 8) > 0.5).float()
-            states = text_encoder(tokenize(tokenizer, [s.caption for s in found])).last_hidden_state
+            states = frozen.states([s.caption for s in found])
             sums = torch.zeros(4)  # obj caption, obj empty, bg caption, bg empty
             for t in TIMESTEPS:
-                noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(args.seed + t))
-                alpha, sigma = alphas_cumprod[t].sqrt(), (1 - alphas_cumprod[t]).sqrt()
-                noisy, target = alpha * latents + sigma * noise, alpha * noise - sigma * latents
+                noisy, target = frozen.noised(latents, t, args.seed)
                 timesteps = torch.full((len(found),), t)
                 for column, given in enumerate((states, empty.expand_as(states))):
                     error = ((unet(noisy, timesteps, given).sample - target) ** 2).mean(1, keepdim=True)
