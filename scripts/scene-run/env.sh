@@ -11,7 +11,7 @@ ldm() { python3 -m ldmkit.cli "$@"; }
 # style phrase, the share of steps of single emoji filling a 128 px canvas, and the text encoder's LR scale (0:
 # frozen)); TEACHER (a UNet folder) and DISTILL set close_up_teacher and close_up_distill; PROFILE=N prints where
 # N steps' time went, after 60 (train.profiling); LAYOUT (contiguous) and FUSED set unet_layout and fused_adamw
-# (FUSED defaults to true: bench_step.py measured 139 ms a step fused against 190 ms, thirteenth run); OBJECT_WEIGHT
+# (FUSED defaults to true: the step alone took 139 ms a step fused against 190 ms, thirteenth run); OBJECT_WEIGHT
 # sets object_weight (the objects' pixels' extra loss weight; object_error.py) and CLASSIC_SIZE classic_size.
 SCENE_ARGS=(--vae .runs/base/vae --set max_steps=10000000 --set text_encoder_dir=.runs/base/text_encoder
   --set text_lr_scale=${TEXT_LR:-0} --set ${UNET_FROM:-init_unet_dir}=.runs/base/unet
