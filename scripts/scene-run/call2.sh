@@ -3,5 +3,5 @@
 source scripts/scene-run/env.sh
 set -x
 mkdir -p .runs/base/unet && cp ${UNET_SRC:-src/ldmkit/assets/default-model/unet}/* .runs/base/unet/
-ldm train scene --minutes "$MIN" --set session_minutes="$SESS" "${SCENE_ARGS[@]}" 2>&1 | tee $OUT/train2.txt
+ldm_train train scene --minutes "$MIN" --set session_minutes="$SESS" "${SCENE_ARGS[@]}" 2>&1 | tee $OUT/train2.txt
 tar cf /tmp/unet.tar -C .runs/scene unet && ret /tmp/unet.tar unet2

@@ -5,6 +5,11 @@ if [ ! -d /tmp/site/diffusers ]; then
 fi
 export PYTHONPATH=$PWD/src:/tmp/site
 ldm() { python3 -m ldmkit.cli "$@"; }
+# GPUS=2 (on nvidia-h200-x2): the scene stage runs under torchrun, one process a GPU (DDP; batch_size and workers
+# are per process, so a step trains twice the scenes). Checked on this repo's CPU with two gloo processes.
+ldm_train() {
+  if [ "${GPUS:-1}" -gt 1 ]; then python3 -m torch.distributed.run --standalone --nproc_per_node "$GPUS" -m ldmkit.cli "$@"; else ldm "$@"; fi
+}
 # The shipped model's VAE latents and (frozen) text encoder, and its UNet to start from (UNET_FROM=unet_dir instead:
 # a scene UNet to go on training); multi-resolution noise; 40% single emoji on white (SHARES, LR, CLASSIC_STYLE,
 # CLOSE_UP and TEXT_LR override the share list, the peak learning rate, the share of single-emoji captions with a
