@@ -17,14 +17,15 @@ ldm_train() {
 # frozen)); TEACHER (a UNet folder) and DISTILL set close_up_teacher and close_up_distill; PROFILE=N prints where
 # N steps' time went, after 60 (train.profiling); LAYOUT (contiguous) and FUSED set unet_layout and fused_adamw
 # (FUSED defaults to true: the step alone took 139 ms a step fused against 190 ms, thirteenth run); OBJECT_WEIGHT
-# sets object_weight (the objects' pixels' extra loss weight; object_error.py) and CLASSIC_SIZE classic_size.
+# sets object_weight (the objects' pixels' extra loss weight; object_error.py) and CLASSIC_SIZE classic_size; BATCH
+# sets batch_size (256: the scenes a step at 256x256, fewer at the larger canvases).
 SCENE_ARGS=(--vae .runs/base/vae --set max_steps=10000000 --set text_encoder_dir=.runs/base/text_encoder
   --set text_lr_scale=${TEXT_LR:-0} --set ${UNET_FROM:-init_unet_dir}=.runs/base/unet
   --set 'block_out_channels=[64,128,192]' --set layers_per_block=2 --set 'attention_heads=[2,4,6]'
   --set top_attention=true --set lr=${LR:-2e-4}
   --set warmup_steps=200 --set noise_discount=0.6 --set compile_vae=true
   --set "scene_shares=${SHARES:-[0.4,0.22,0.13,0.07,0.13,0.05]}" --set "classic_size=${CLASSIC_SIZE:-[0.45,0.6]}"
-  --set workers=14
+  --set workers=14 --set "batch_size=${BATCH:-256}"
   --set "classic_style=${CLASSIC_STYLE:-null}" --set "close_up=${CLOSE_UP:-0}" --set "profile_steps=${PROFILE:-0}"
   --set "close_up_teacher=${TEACHER:-null}" --set "close_up_distill=${DISTILL:-0.5}"
   --set "unet_layout=${LAYOUT:-channels_last}" --set "fused_adamw=${FUSED:-true}"
