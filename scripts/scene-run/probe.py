@@ -8,7 +8,7 @@ from transformers import CLIPTextModel
 
 from ldmkit.loading import load_tokenizer
 from ldmkit.train.common import tokenize
-from ldmkit.train.unet import SCHEDULER_CONFIG
+from ldmkit.train.unet import SCHEDULER_CONFIG, noised_with_v
 
 SHIPPED = "src/ldmkit/assets/default-model"
 FP32 = dict(torch_dtype=torch.float32)
@@ -37,5 +37,4 @@ class Frozen:
     def noised(self, latents: torch.Tensor, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(noisy latents, v target) at timestep t, the noise drawn from seed + t."""
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + t))
-        alpha, sigma = self.alphas_cumprod[t].sqrt(), (1 - self.alphas_cumprod[t]).sqrt()
-        return alpha * latents + sigma * noise, alpha * noise - sigma * latents
+        return noised_with_v(latents, noise, self.alphas_cumprod, torch.full((latents.shape[0],), t))

@@ -127,6 +127,13 @@ def pyramid_noise(shape, discount: float, device, generator: torch.Generator) ->
     return noise / noise.std(dim=(1, 2, 3), keepdim=True)
 
 
+def noised_with_v(latents, noise, alphas_cumprod, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noisy latents, v target) at each sample's timestep: x_t = alpha x + sigma eps, v = alpha eps - sigma x."""
+    alpha = alphas_cumprod[timesteps].sqrt().view(-1, 1, 1, 1)
+    sigma = (1 - alphas_cumprod[timesteps]).sqrt().view(-1, 1, 1, 1)
+    return alpha * latents + sigma * noise, alpha * noise - sigma * latents
+
+
 def diffusion_loss(
     unet, latents, text_states, alphas_cumprod, cfg: UnetTrainConfig, generator, teacher=None, distill: float = 0.0,
     teacher_states=None, noise_discount: float | None = None, memory_format=torch.channels_last, pixel_weight=None,
@@ -140,10 +147,7 @@ def diffusion_loss(
     timesteps = torch.randint(0, alphas_cumprod.shape[0], (batch,), device=latents.device, generator=generator)
     discount = cfg.noise_discount if noise_discount is None else noise_discount
     noise = pyramid_noise(latents.shape, discount, latents.device, generator)
-    alpha = alphas_cumprod[timesteps].sqrt().view(-1, 1, 1, 1)
-    sigma = (1 - alphas_cumprod[timesteps]).sqrt().view(-1, 1, 1, 1)
-    noisy = alpha * latents + sigma * noise
-    target = alpha * noise - sigma * latents  # v
+    noisy, target = noised_with_v(latents, noise, alphas_cumprod, timesteps)
     noisy = noisy.contiguous(memory_format=memory_format)
     if teacher is not None and distill > 0:
         with torch.no_grad():
